@@ -1,0 +1,40 @@
+# The two commands: `make demo` (verify and profile a CLIP model) and `make test` (the test suite).
+# Both create .venv on first use and install the project into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+EXTRAS ?= test
+
+.PHONY: demo test test-gpu aot aot-full bench gpu-suite clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+
+# Re-install only when the packaging changes.
+$(VENV)/.installed-$(EXTRAS): setup.py | $(PY)
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m clipfast.cli verify --tiny
+
+test: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m pytest tests -q
+
+aot: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m clipfast.aot --quick
+
+aot-full: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m clipfast.aot
+
+bench: $(VENV)/.installed-$(EXTRAS)
+	$(PY) -m clipfast.cli bench all
+
+# On a GPU machine: GPU tests plus every benchmark, results under OUT (default bench/results/<gpu>-<date>).
+gpu-suite:
+	bash bench/gpu_suite.sh $(OUT)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

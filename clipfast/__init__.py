@@ -1,0 +1,11 @@
+"""clipfast: fused Triton kernels for CLIP models.
+
+Functional ops run the Triton kernels on CUDA tensors, through the Triton interpreter on CPU tensors
+when ``TRITON_INTERPRET=1`` is set before import, and the eager reference otherwise.
+"""
+from . import nn, ops
+from .ops import add_layer_norm, layer_norm
+
+__version__ = "0.1.0"
+
+__all__ = ["nn", "ops", "layer_norm", "add_layer_norm"]

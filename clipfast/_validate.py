@@ -1,0 +1,48 @@
+"""Argument checks shared by the ops: clear ``TypeError``/``ValueError`` messages naming the argument,
+and one-time warnings for the cases that fall back to eager PyTorch."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    """Warn the first time ``key`` is seen in this process (fallbacks must be visible, not noisy)."""
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"clipfast: {message}", RuntimeWarning, stacklevel=3)
+
+
+def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, min_dim: int = 0, ndim: int | None = None,
+                 optional: bool = False) -> None:
+    if t is None:
+        if optional:
+            return
+        raise TypeError(f"{op}: `{name}` must be a tensor, got None")
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{op}: `{name}` has dtype {str(t.dtype).replace('torch.', '')}; expected one of {names}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: `{name}` must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{op}: `{name}` must have at least {min_dim} dimension(s), got shape {tuple(t.shape)}")
+
+
+def check_same_device(op: str, **tensors) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+
+
+def check_shape(op: str, name: str, t, expected: tuple) -> None:
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: `{name}` must have shape {tuple(expected)}, got {tuple(t.shape)}")

@@ -1,0 +1,150 @@
+"""Ahead-of-time compile check: every kernel at its shipped configurations, for sm_80 and sm_90, fp16
+and bf16, on a machine without a GPU.
+
+Each kernel module in ``clipfast.kernels`` declares ``aot_cases()``. The compile runs in a child process
+without ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit``), and the cubins are inspected with
+the ``cuobjdump`` that ships with Triton: registers, spill bytes (STACK/LOCAL), shared memory and whether
+tensor-core instructions (HGMMA on sm_90, HMMA on sm_80) are present where the kernel has a ``tl.dot``.
+
+Exit status is non-zero on any compile error, any spill, or a missing tensor-core instruction.
+
+    python -m clipfast.aot [--quick] [--arch 80 90] [--filter NAME] [--json PATH]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ARCHS = (80, 90)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+
+def _inspect_cubin(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", path], capture_output=True, text=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", path], capture_output=True, text=True).stdout
+    finally:
+        os.unlink(path)
+
+    def field(name):
+        m = re.search(rf"\b{name}:(\d+)", usage)
+        return int(m.group(1)) if m else 0
+
+    return {"registers": field("REG"), "stack": field("STACK"), "local": field("LOCAL"),
+            "hgmma": "HGMMA" in sass, "hmma": "HMMA" in sass}
+
+
+def _compile_case(case, dtype: str, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {k: v.format(dtype=dtype) for k, v in case.signature.items()}
+    signature.update({k: "constexpr" for k in case.constexprs})
+    src = ASTSource(fn=case.kernel, signature=signature, constexprs=dict(case.constexprs))
+    options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    info = _inspect_cubin(compiled.asm["cubin"])
+    info["shared"] = int(compiled.metadata.shared)
+    return info
+
+
+def _worker(args) -> int:
+    from clipfast.kernels import kernel_modules
+
+    for module in kernel_modules():
+        family = module.__name__.rsplit(".", 1)[-1]
+        for case in module.aot_cases():
+            if args.quick and not case.quick:
+                continue
+            if args.filter and args.filter not in case.name and args.filter != family:
+                continue
+            for dtype in case.dtypes:
+                for arch in args.arch:
+                    row = {"family": family, "kernel": case.name, "config": case.config_text(), "dtype": dtype,
+                           "arch": f"sm_{arch}", "expects_mma": case.expects_mma}
+                    t0 = time.time()
+                    try:
+                        row.update(_compile_case(case, dtype, arch))
+                        row["error"] = None
+                    except Exception as exc:  # reported, and fails the run
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+                    row["seconds"] = round(time.time() - t0, 2)
+                    print(json.dumps(row), flush=True)
+    return 0
+
+
+def _problems(row: dict) -> list[str]:
+    if row["error"]:
+        return [row["error"]]
+    found = []
+    if row["stack"] or row["local"]:
+        found.append(f"spills {row['stack'] + row['local']} bytes")
+    if row["expects_mma"]:
+        want = "hgmma" if row["arch"] == "sm_90" else "hmma"
+        if not row[want]:
+            found.append(f"no {want.upper()} tensor-core instructions")
+    return found
+
+
+def run(arch=ARCHS, quick=False, name_filter=None, json_path=None, stream=sys.stdout) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "clipfast.aot", "--worker", "--arch", *map(str, arch)]
+    if quick:
+        cmd.append("--quick")
+    if name_filter:
+        cmd += ["--filter", name_filter]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not rows:
+        stream.write(proc.stderr[-4000:] + "\n")
+        stream.write("clipfast aot: the compile worker failed\n")
+        return 1
+
+    header = f"{'kernel':<44} {'config':<34} {'dtype':<5} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':<6} status"
+    stream.write(header + "\n" + "-" * len(header) + "\n")
+    failures = 0
+    for row in rows:
+        problems = _problems(row)
+        failures += bool(problems)
+        row["status"] = "FAIL: " + "; ".join(problems) if problems else "ok"
+        mma = ("HGMMA" if row.get("hgmma") else "HMMA" if row.get("hmma") else "-") if not row["error"] else "?"
+        stream.write(f"{row['kernel']:<44} {row['config']:<34} {row['dtype']:<5} {row['arch']:<6} "
+                     f"{row.get('registers', 0):>4} {row.get('stack', 0) + row.get('local', 0):>5} "
+                     f"{row.get('shared', 0):>7} {mma:<6} {row['status']}\n")
+    stream.write(f"\n{len(rows)} compiles, {failures} failing\n")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 1 if failures else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="clipfast aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="only the quick subset of cases (CI)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--filter", default=None, help="only kernels whose name contains this text, or a family")
+    parser.add_argument("--json", default=None, help="also write the rows as JSON")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    return run(args.arch, args.quick, args.filter, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Drop-in modules: same constructor, parameters, state_dict keys and isinstance relations as the
+modules they replace."""
+from .layer_norm import LayerNorm
+
+__all__ = ["LayerNorm"]

@@ -1,0 +1,161 @@
+"""LayerNorm and residual-add + LayerNorm as torch custom ops with Triton forward and backward.
+
+Pattern every op in clipfast follows:
+- ``clipfast::<op>_fwd`` / ``clipfast::<op>_bwd`` custom ops (``torch.library.custom_op``) that run the
+  Triton launcher when ``runtime.uses_triton`` says so and the eager reference otherwise;
+- ``register_fake`` for both, so ``torch.compile(fullgraph=True)`` traces them without a graph break;
+- ``register_autograd`` on the forward op calling the backward op (fused Triton backward, no eager
+  recomputation);
+- a thin public function that validates arguments and calls the forward op.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from clipfast.kernels import layer_norm as kernel
+from clipfast.kernels import runtime
+
+from .._validate import check_same_device, check_shape, check_tensor, warn_once
+
+
+def _use_kernel(x: Tensor) -> bool:
+    if not runtime.uses_triton(x):
+        return False
+    if x.shape[-1] > kernel.MAX_COLS:
+        warn_once("layer_norm_wide", f"layer_norm over {x.shape[-1]} > {kernel.MAX_COLS} features runs in eager PyTorch")
+        return False
+    return True
+
+
+def _empty() -> Tensor:
+    return torch.empty(0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eager reference (also the CPU path without the interpreter): same math, fp32 statistics.
+# ----------------------------------------------------------------------------------------------
+
+def _eager_fwd(x, residual, weight, bias, eps):
+    h = x + residual if residual is not None else x
+    hf = h.float()
+    var, mean = torch.var_mean(hf, dim=-1, unbiased=False)
+    rstd = torch.rsqrt(var + eps)
+    y = (hf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype), (h if residual is not None else None), mean.reshape(-1), rstd.reshape(-1)
+
+
+def _eager_bwd(dy, dh, x, weight, has_bias, mean, rstd):
+    n = x.shape[-1]
+    xf, dyf = x.float().reshape(-1, n), dy.float().reshape(-1, n)
+    xhat = (xf - mean[:, None]) * rstd[:, None]
+    g = dyf * weight.float() if weight is not None else dyf
+    dx = (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True)) * rstd[:, None]
+    if dh is not None:
+        dx = dx + dh.float().reshape(-1, n)
+    dweight = (dyf * xhat).sum(0) if weight is not None else None
+    dbias = dyf.sum(0) if has_bias else None
+    return dx.reshape(x.shape).to(x.dtype), dweight, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+# ----------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("clipfast::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, h, mean, rstd); h is empty when there is no residual."""
+    impl = kernel.layer_norm_fwd if _use_kernel(x) else _eager_fwd
+    y, h, mean, rstd = impl(x, residual, weight, bias, eps)
+    if h is None:
+        h = x.new_empty(0)
+    elif h is x or h is residual:  # custom ops may not return their inputs
+        h = h.clone()
+    return y, h, mean, rstd
+
+
+@layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps):
+    n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    stats = x.new_empty((n_rows,), dtype=torch.float32)
+    return torch.empty_like(x), (torch.empty_like(x) if residual is not None else x.new_empty(0)), stats, stats.clone()
+
+
+@torch.library.custom_op("clipfast::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor], has_bias: bool,
+                   mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight, dbias) with the parameter gradients in the parameters' dtypes (fp32 for
+    bias when its dtype is unknown here, cast by the caller); empty tensors where absent."""
+    impl = kernel.layer_norm_bwd if _use_kernel(x) else _eager_bwd
+    dx, dweight, dbias = impl(dy, dh, x, weight, has_bias, mean, rstd)
+    return (dx, dweight.to(weight.dtype) if dweight is not None else x.new_empty(0),
+            dbias if dbias is not None else x.new_empty(0))
+
+
+@layer_norm_bwd.register_fake
+def _(dy, dh, x, weight, has_bias, mean, rstd):
+    n = x.shape[-1]
+    return (torch.empty_like(x), torch.empty_like(weight) if weight is not None else x.new_empty(0),
+            x.new_empty((n,), dtype=torch.float32) if has_bias else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps = inputs
+    y, h, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+
+
+def _backward(ctx, dy, dh, dmean, drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    has_bias = ctx.bias_dtype is not None
+    dx, dweight, dbias = layer_norm_bwd(dy, dh if ctx.has_residual else None, x, weight, has_bias, mean, rstd)
+    return (dx, dx if ctx.has_residual else None, dweight if weight is not None else None,
+            dbias.to(ctx.bias_dtype) if has_bias else None, None)
+
+
+layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------
+
+def _check(op, x, residual, weight, bias):
+    check_tensor(op, "x", x, min_dim=1)
+    n = x.shape[-1]
+    if residual is not None or op == "add_layer_norm":
+        check_tensor(op, "residual", residual)
+        check_shape(op, "residual", residual, x.shape)
+        if residual.dtype != x.dtype:
+            raise TypeError(f"{op}: `residual` dtype {residual.dtype} differs from `x` dtype {x.dtype}")
+    check_tensor(op, "weight", weight, optional=True, ndim=1)
+    check_tensor(op, "bias", bias, optional=True, ndim=1)
+    check_shape(op, "weight", weight, (n,))
+    check_shape(op, "bias", bias, (n,))
+    check_same_device(op, x=x, residual=residual, weight=weight, bias=bias)
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
+    """LayerNorm over the last dimension with fp32 statistics; returns x's dtype.
+
+    ``weight``/``bias`` may be None or of another float dtype than ``x`` (fp32 parameters with fp16/bf16
+    activations, as under autocast)."""
+    _check("layer_norm", x, None, weight, bias)
+    return layer_norm_fwd(x, None, weight, bias, float(eps))[0]
+
+
+def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
+    """``h = x + residual`` and ``layer_norm(h)`` in one pass; returns ``(h, y)``."""
+    _check("add_layer_norm", x, residual, weight, bias)
+    y, h, _, _ = layer_norm_fwd(x, residual, weight, bias, float(eps))
+    return h, y

@@ -1,0 +1,214 @@
+"""Fused (residual-add +) LayerNorm, forward and backward.
+
+Algorithm
+---------
+Forward: each program normalizes a [BLOCK_M, BLOCK_N] tile of whole rows (BLOCK_N >= N, so a row is
+read once): optional ``h = x + residual`` (rounded to the input dtype, as eager does, and stored),
+mean and variance in fp32 from registers, ``y = (h - mean) * rstd * w + b``. Memory traffic: read x
+(and residual), write y (and h), plus 8 bytes of statistics per row: the minimum for the op.
+
+Backward: a persistent grid of G programs; each walks a contiguous run of rows, recomputes
+``xhat = (h - mean) * rstd`` from the saved statistics and writes
+``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * w`` (plus the incoming gradient of
+``h`` for the residual variant). Weight and bias gradients are accumulated per program in fp32
+registers and written to fp32 partial buffers [G, N], reduced over G afterwards, so they are never
+accumulated in fp16/bf16 and need no atomics (deterministic). Traffic: read h, dy (and dh), write dx.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime
+
+# Rows wider than this do not fit the registers of one program (the backward spills at 16384 with 16
+# warps, see `clipfast aot`); the ops fall back to eager above it.
+MAX_COLS = 8192
+
+
+@triton.jit
+def _layer_norm_fwd_kernel(
+    X, RES, H, Y, W, B, MEAN, RSTD,
+    n_rows, n_cols, stride_x, stride_res, stride_h, stride_y, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = rows.to(tl.int64)
+
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(RES + rows[:, None] * stride_res + cols[None, :], mask=mask, other=0.0)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + rows[:, None] * stride_h + cols[None, :], x, mask=mask)
+    x = x.to(tl.float32)
+
+    mean = tl.sum(x, axis=1) / n_cols
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / n_cols
+    rstd = 1.0 / tl.sqrt(var + eps)
+    y = xc * rstd[:, None]
+    if HAS_WEIGHT:
+        y = y * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y = y + tl.load(B + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=row_ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _layer_norm_bwd_kernel(
+    DY, DH, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
+    n_rows, n_cols, rows_per_program, stride_dy, stride_dh, stride_x, stride_dx,
+    HAS_DH: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    if HAS_WEIGHT:
+        w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+
+    first_row = pid * rows_per_program
+    end_row = tl.minimum(first_row + rows_per_program, n_rows)
+    for start in range(first_row, end_row, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end_row
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows = rows.to(tl.int64)
+
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=row_ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy
+        if HAS_WEIGHT:
+            g = dy * w[None, :]
+        mean_g_xhat = tl.sum(g * xhat, axis=1) / n_cols
+        mean_g = tl.sum(g, axis=1) / n_cols
+        dx = (g - xhat * mean_g_xhat[:, None] - mean_g[:, None]) * rstd[:, None]
+        if HAS_DH:
+            dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+        if HAS_WEIGHT:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+        if HAS_BIAS:
+            db_acc += tl.sum(dy, axis=0)
+
+    if HAS_WEIGHT:
+        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + pid * n_cols + cols, db_acc, mask=col_ok)
+
+
+def row_tile(n_cols: int) -> dict:
+    """Tile and warp count for a row-wise kernel over ``n_cols`` columns: a whole row per tile, a few
+    rows per tile when rows are short (about 4K elements a tile), ~16 fp32 values per thread."""
+    block_n = runtime.next_power_of_2(n_cols)
+    block_m = max(1, min(16, 4096 // block_n))
+    num_warps = max(4, min(16, block_m * block_n // 512))
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+
+
+def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """[..., N] -> [M, N] view with unit column stride (copies only when no such view exists)."""
+    t = t.reshape(-1, n_cols)
+    return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
+
+
+def layer_norm_fwd(x, residual, weight, bias, eps: float):
+    """Launch the forward kernel. Returns ``(y, h, mean, rstd)`` with ``h`` None without a residual.
+    ``x``/``residual`` are [..., N]; ``y``/``h`` have x's shape and dtype; statistics are fp32 [M]."""
+    n_cols = x.shape[-1]
+    x2 = _as_rows(x, n_cols)
+    n_rows = x2.shape[0]
+    y = runtime.empty(x.shape, x.dtype, x.device)
+    h = runtime.empty(x.shape, x.dtype, x.device) if residual is not None else None
+    mean = runtime.empty((n_rows,), torch.float32, x.device)
+    rstd = runtime.empty((n_rows,), torch.float32, x.device)
+    if n_rows == 0:
+        return y, h, mean, rstd
+    res2 = _as_rows(residual, n_cols) if residual is not None else x2
+    h2 = h.view(-1, n_cols) if h is not None else x2
+    y2 = y.view(-1, n_cols)
+    tile = row_tile(n_cols)
+    grid = (runtime.cdiv(n_rows, tile["BLOCK_M"]),)
+    _layer_norm_fwd_kernel[grid](
+        x2, res2, h2, y2, weight if weight is not None else x2, bias if bias is not None else x2, mean, rstd,
+        n_rows, n_cols, x2.stride(0), res2.stride(0), h2.stride(0), y2.stride(0), eps,
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], num_warps=tile["num_warps"],
+    )
+    return y, h, mean, rstd
+
+
+def layer_norm_bwd(dy, dh, x, weight, has_bias: bool, mean, rstd):
+    """Launch the backward kernel. ``x`` is the normalized input (``h`` for the residual variant),
+    ``dh`` the incoming gradient of ``h`` or None. Returns ``(dx, dweight, dbias)``, the parameter gradients
+    in fp32 (None where absent)."""
+    n_cols = x.shape[-1]
+    x2, dy2 = _as_rows(x, n_cols), _as_rows(dy, n_cols)
+    n_rows = x2.shape[0]
+    dx = runtime.empty(x.shape, x.dtype, x.device)
+    has_weight = weight is not None
+    tile = row_tile(n_cols)
+    n_programs = max(1, min(runtime.cdiv(n_rows, tile["BLOCK_M"]), 2 * runtime.sm_count(x.device)))
+    rows_per_program = max(1, runtime.cdiv(runtime.cdiv(n_rows, n_programs), tile["BLOCK_M"])) * tile["BLOCK_M"]
+    n_programs = max(1, runtime.cdiv(n_rows, rows_per_program))
+    dw_partial = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device) if has_weight else None
+    db_partial = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device) if has_bias else None
+    if n_rows > 0:
+        dh2 = _as_rows(dh, n_cols) if dh is not None else dy2
+        dx2 = dx.view(-1, n_cols)
+        _layer_norm_bwd_kernel[(n_programs,)](
+            dy2, dh2, x2, weight if has_weight else x2, mean, rstd, dx2,
+            dw_partial if has_weight else mean, db_partial if has_bias else mean,
+            n_rows, n_cols, rows_per_program, dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0),
+            HAS_DH=dh is not None, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+            BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], num_warps=tile["num_warps"],
+        )
+    dweight = dw_partial.sum(0) if has_weight else None
+    dbias = db_partial.sum(0) if has_bias else None
+    return dx, dweight, dbias
+
+
+def aot_cases() -> list[runtime.AotCase]:
+    """The shipped configurations at CLIP widths (512..1280), plus the widest rows we hold in registers."""
+    cases = []
+    for n_cols in (512, 768, 1024, 1280, MAX_COLS):
+        tile = row_tile(n_cols)
+        meta = {"BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"]}
+        quick = n_cols in (768, MAX_COLS)
+        for residual in (False, True):
+            cases.append(runtime.AotCase(
+                name=f"layer_norm_fwd{'_residual' if residual else ''}[N={n_cols}]",
+                kernel=_layer_norm_fwd_kernel,
+                signature={"X": "*{dtype}", "RES": "*{dtype}", "H": "*{dtype}", "Y": "*{dtype}", "W": "*fp32",
+                           "B": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "n_rows": "i32", "n_cols": "i32",
+                           "stride_x": "i32", "stride_res": "i32", "stride_h": "i32", "stride_y": "i32", "eps": "fp32"},
+                constexprs={"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, **meta},
+                num_warps=tile["num_warps"], quick=quick,
+            ))
+            cases.append(runtime.AotCase(
+                name=f"layer_norm_bwd{'_residual' if residual else ''}[N={n_cols}]",
+                kernel=_layer_norm_bwd_kernel,
+                signature={"DY": "*{dtype}", "DH": "*{dtype}", "X": "*{dtype}", "W": "*fp32", "MEAN": "*fp32",
+                           "RSTD": "*fp32", "DX": "*{dtype}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                           "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", "stride_dy": "i32",
+                           "stride_dh": "i32", "stride_x": "i32", "stride_dx": "i32"},
+                constexprs={"HAS_DH": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, **meta},
+                num_warps=tile["num_warps"], quick=quick,
+            ))
+    return cases

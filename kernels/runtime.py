@@ -1,0 +1,156 @@
+"""Runtime helpers shared by every kernel: one place for the interpreter switch, autotuning,
+device queries, dtype names, output allocation (with poisoning for tests) and AOT case records.
+
+Nothing here knows about autograd or nn; ``clipfast`` builds on these.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import triton
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so the value at import time is what counts.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Triton's names for pointer element types in AOT signatures.
+TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8"}
+
+# The largest grid dimension 1 and 2 CUDA accepts; dimension 0 takes 2**31 - 1.
+MAX_GRID_YZ = 65535
+
+
+def next_power_of_2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning
+# ---------------------------------------------------------------------------------------------
+
+def autotune(configs: list[triton.Config], key: list[str], **kwargs: Any) -> Callable:
+    """``triton.autotune`` that collapses to the first config under the interpreter.
+
+    Several configs crash the interpreter (it has no driver to benchmark with); a single config skips
+    benchmarking, so the interpreter runs exactly the first shipped config. Every kernel that autotunes
+    goes through here. The full list stays reachable as ``kernel.shipped_configs`` for the AOT check.
+    """
+    chosen = configs[:1] if INTERPRET else configs
+
+    def decorate(fn):
+        tuned = triton.autotune(chosen, key=key, **kwargs)(fn)
+        tuned.shipped_configs = list(configs)
+        return tuned
+
+    return decorate
+
+
+def jit_function(kernel) -> "triton.runtime.jit.JITFunction":
+    """The bare ``@triton.jit`` function under any number of autotune/heuristics wrappers."""
+    while not isinstance(kernel, triton.runtime.jit.JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether a tensor's op should run the Triton kernels: CUDA tensors, or CPU tensors under the
+    interpreter. Anything else (CPU without the interpreter, MPS, ...) takes the eager reference."""
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+@functools.lru_cache(maxsize=None)
+def _device_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors on ``device`` (a small fixed number on CPU, to keep grids small)."""
+    if device.type != "cuda":
+        return 4
+    return _device_properties(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    if device.type != "cuda":
+        return (0, 0)
+    return torch.cuda.get_device_capability(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output allocation
+# ---------------------------------------------------------------------------------------------
+
+_POISON = os.environ.get("CLIPFAST_POISON_OUTPUTS", "0") == "1"
+
+
+def set_poison_outputs(enabled: bool) -> bool:
+    """Fill every kernel output with NaN (ints with -1) before the kernel writes it, so an element a
+    kernel forgets to write fails a test instead of passing by luck. Returns the previous setting."""
+    global _POISON
+    previous, _POISON = _POISON, bool(enabled)
+    return previous
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel output (poisoned when testing)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _POISON:
+        out.fill_(float("nan") if dtype.is_floating_point else -1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# AOT cases
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class AotCase:
+    """One compile of one kernel at one shipped configuration, declared next to the kernel.
+
+    ``signature`` maps every non-constexpr argument to a Triton type ("*fp16", "i32", "fp32", ...);
+    ``{dtype}`` in a type is replaced by the case's dtype ("fp16" / "bf16"). ``constexprs`` holds the
+    constexpr arguments, including the config's meta-parameters.
+    """
+
+    name: str
+    kernel: Any
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 3
+    expects_mma: bool = False
+    dtypes: tuple[str, ...] = ("fp16", "bf16")
+    quick: bool = True  # part of the quick subset CI runs
+    tags: dict[str, Any] = field(default_factory=dict)
+
+    def config_text(self) -> str:
+        # tile meta-parameters only; feature flags (HAS_*, IS_*) are part of the case name
+        meta = ",".join(f"{k}={v}" for k, v in self.constexprs.items()
+                        if k.isupper() and not k.startswith(("HAS_", "IS_")))
+        return f"{meta},w{self.num_warps},s{self.num_stages}"
+
+
+def cases_from_configs(name: str, kernel, signature: dict[str, str], constexprs: dict[str, Any],
+                       expects_mma: bool = False, quick_first_only: bool = True) -> list[AotCase]:
+    """One AOT case per shipped autotune config of ``kernel``."""
+    cases = []
+    for i, cfg in enumerate(kernel.shipped_configs):
+        cases.append(AotCase(
+            name=name, kernel=jit_function(kernel), signature=signature,
+            constexprs={**constexprs, **cfg.kwargs}, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            expects_mma=expects_mma, quick=(i == 0) or not quick_first_only,
+        ))
+    return cases

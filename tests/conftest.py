@@ -1,0 +1,50 @@
+"""Test harness: on a machine without CUDA the real Triton kernels run on CPU tensors through the Triton
+interpreter. TRITON_INTERPRET must be set before triton is imported, so this runs first."""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from clipfast.kernels import runtime  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+# bf16 is silently wrong in the interpreter (triton issue #11584): tested on GPU and by the AOT check.
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device")
+    config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+
+
+def pytest_collection_modifyitems(config, items):
+    if ON_GPU:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    """Every kernel output starts as NaN, so an element a kernel does not write fails the test."""
+    previous = runtime.set_poison_outputs(True)
+    yield
+    runtime.set_poison_outputs(previous)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # A different seed per test (fresh inputs) that is still reproducible from the test id.
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))

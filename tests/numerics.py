@@ -1,0 +1,128 @@
+"""The numerics standard (GUIDE §2) as one helper.
+
+Every op is compared, forward and every gradient, against a float64 reference computed from the same
+already-rounded inputs. A result passes when its error is no worse than eager PyTorch's own error in the
+same dtype: ``err_fused <= factor * err_eager + floor`` for both the max-abs error and the relative
+Frobenius error. NaN or inf never passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+# unit roundoff of each dtype
+EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
+
+
+def randn(*shape, dtype=torch.float32, device="cpu", outliers: int = 0, outlier_scale: float = 20.0):
+    """Standard normal inputs, with ``outliers`` channels of the last dim scaled up (trained CLIP has a
+    few large channels; they are where fp16 overflows)."""
+    x = torch.randn(*shape, dtype=torch.float64, device=device)
+    if outliers and x.dim() >= 1 and x.shape[-1] > 0:
+        idx = torch.randperm(x.shape[-1], device=device)[:outliers]
+        x[..., idx] *= outlier_scale
+    return x.to(dtype)
+
+
+@dataclass
+class Errors:
+    max_abs: float
+    rel_fro: float
+    where: tuple
+    finite: bool
+
+
+def errors(out: torch.Tensor, ref: torch.Tensor) -> Errors:
+    out64, ref64 = out.detach().double(), ref.detach().double()
+    finite = bool(torch.isfinite(out64).all())
+    if out64.numel() == 0:
+        return Errors(0.0, 0.0, (), finite)
+    diff = (out64 - ref64).abs()
+    diff = torch.where(torch.isfinite(diff), diff, torch.full_like(diff, float("inf")))
+    flat = int(torch.argmax(diff))
+    where = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    ref_norm = float(ref64.norm())
+    rel = float((out64 - ref64).norm()) / ref_norm if ref_norm > 0 else float(diff.max())
+    return Errors(float(diff.max()), rel, where, finite)
+
+
+def check(name: str, fused: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+          factor: float = 2.0, floor_ulps: float = 8.0) -> str | None:
+    """None when ``fused`` meets the standard, else a readable report."""
+    if fused is None or ref is None:
+        if fused is None and ref is None:
+            return None
+        return f"{name}: one side has no value (fused {fused is None}, reference {ref is None})"
+    if tuple(fused.shape) != tuple(ref.shape):
+        return f"{name}: shape {tuple(fused.shape)} != reference {tuple(ref.shape)}"
+    ef, ee = errors(fused, ref), errors(eager, ref)
+    scale = float(ref.detach().double().abs().max()) if ref.numel() else 0.0
+    abs_floor = floor_ulps * EPS[dtype] * max(scale, 1e-30)
+    rel_floor = floor_ulps * EPS[dtype]
+    ok = ef.finite and ef.max_abs <= factor * ee.max_abs + abs_floor and ef.rel_fro <= factor * ee.rel_fro + rel_floor
+    if ok:
+        return None
+    at = ef.where
+    return (f"{name} [{str(dtype).replace('torch.', '')}, shape {tuple(ref.shape)}]: "
+            f"fused max-abs {ef.max_abs:.3e} rel {ef.rel_fro:.3e} vs eager max-abs {ee.max_abs:.3e} rel {ee.rel_fro:.3e} "
+            f"(allowed {factor}x eager + floor {abs_floor:.1e} / {rel_floor:.1e}); worst at {at}: "
+            f"fused {float(fused.detach().double()[at]) if at else float('nan'):.6g}, "
+            f"eager {float(eager.detach().double()[at]) if at else float('nan'):.6g}, "
+            f"reference {float(ref.detach().double()[at]) if at else float('nan'):.6g}"
+            + ("" if ef.finite else "; fused output has NaN/inf"))
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def assert_op_matches(name: str, fused_fn: Callable, eager_fn: Callable, inputs: Sequence, dtype: torch.dtype,
+                      reference_fn: Callable | None = None, backward: bool = True,
+                      differentiable: Sequence[bool] | None = None, factor: float = 2.0, floor_ulps: float = 8.0,
+                      param_dtype_inputs: Sequence[int] = ()) -> None:
+    """Run ``fused_fn`` and ``eager_fn`` on ``inputs`` rounded to ``dtype`` and ``reference_fn`` (default
+    ``eager_fn``) on float64 copies of the same rounded values; compare outputs and, with ``backward``,
+    the gradient of every floating input for the same random upstream gradients.
+
+    Inputs listed in ``param_dtype_inputs`` stay in their own dtype (e.g. fp32 parameters with fp16
+    activations, as under autocast)."""
+    reference_fn = reference_fn or eager_fn
+    differentiable = list(differentiable) if differentiable is not None else [True] * len(inputs)
+    rounded = []
+    for i, t in enumerate(inputs):
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and i not in param_dtype_inputs:
+            t = t.to(dtype)
+        rounded.append(t)
+
+    def call(fn, cast):
+        leaves = []
+        for i, (t, diff) in enumerate(zip(rounded, differentiable)):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                target = torch.float64 if cast == torch.float64 else t.dtype
+                t = t.detach().to(target).requires_grad_(backward and diff)
+            leaves.append(t)
+        outs = _as_tuple(fn(*leaves))
+        return leaves, outs
+
+    ref_leaves, ref_outs = call(reference_fn, torch.float64)
+    grad_outs64 = [torch.randn_like(o, dtype=torch.float64) if o.is_floating_point() else None for o in ref_outs]
+    # round the upstream gradients to the output dtype first, so every side sees the same values
+    fused_leaves, fused_outs = call(fused_fn, dtype)
+    eager_leaves, eager_outs = call(eager_fn, dtype)
+    grad_outs64 = [g.to(o.dtype).double() if g is not None else None for g, o in zip(grad_outs64, fused_outs)]
+
+    problems = []
+    for i, (f, e, r) in enumerate(zip(fused_outs, eager_outs, ref_outs)):
+        problems.append(check(f"{name} output {i}", f, e, r, dtype, factor, floor_ulps))
+
+    if backward:
+        for leaves, outs in ((ref_leaves, ref_outs), (fused_leaves, fused_outs), (eager_leaves, eager_outs)):
+            pairs = [(o, g.to(o.dtype)) for o, g in zip(outs, grad_outs64) if g is not None and o.requires_grad]
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        for i, (f, e, r) in enumerate(zip(fused_leaves, eager_leaves, ref_leaves)):
+            if isinstance(r, torch.Tensor) and r.requires_grad:
+                problems.append(check(f"{name} grad of input {i}", f.grad, e.grad, r.grad, dtype, factor, floor_ulps))
+    problems = [p for p in problems if p]
+    assert not problems, "\n".join(problems)
