@@ -1,0 +1,56 @@
+"""LayerNorm (+ residual add) at CLIP widths: [B*L, 512/768/1024/1280], B*L up to 256*257."""
+import torch
+import torch.nn.functional as F
+
+import clipfast
+
+from .harness import BenchCase
+
+SHAPES = {  # label -> (rows, width)
+    "text B=256 L=77 w512": (256 * 77, 512),
+    "ViT-B/16 B=256 L=197 w768": (256 * 197, 768),
+    "ViT-L/14 B=128 L=257 w1024": (128 * 257, 1024),
+    "ViT-H/14 B=64 L=257 w1280": (64 * 257, 1280),
+}
+SMOKE_SHAPES = {"smoke 37x96": (37, 96)}
+
+
+def _eager_add_ln(x, residual, weight, bias):
+    h = x + residual
+    return h, F.layer_norm(h, h.shape[-1:], weight, bias)
+
+
+def cases(smoke: bool):
+    found = []
+    for label, (rows, width) in (SMOKE_SHAPES if smoke else SHAPES).items():
+        for dtype in ([torch.float32] if smoke else [torch.bfloat16]):
+            def make(device, dtype, rows=rows, width=width):
+                x = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True)
+                return {"x": x, "weight": torch.ones(width, device=device, dtype=dtype, requires_grad=True),
+                        "bias": torch.zeros(width, device=device, dtype=dtype, requires_grad=True)}
+
+            size = torch.finfo(dtype).bits // 8
+            # fwd: read x, write y; bwd: read x, dy, write dx (parameters are negligible)
+            traffic = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}
+            found.append(BenchCase(
+                family="layer_norm", name=label, dtype=dtype, make_inputs=make,
+                impls={"clipfast": lambda x, weight, bias: clipfast.layer_norm(x, weight, bias),
+                       "eager": lambda x, weight, bias: F.layer_norm(x, x.shape[-1:], weight, bias)},
+                bytes=lambda mode, rows=rows, width=width, size=size: traffic[mode] * rows * width * size,
+                shape={"rows": rows, "width": width},
+            ))
+
+            def make_res(device, dtype, rows=rows, width=width):
+                inputs = make(device, dtype)
+                inputs["residual"] = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True)
+                return inputs
+
+            res_traffic = {"fwd": 4, "bwd": 4, "fwd+bwd": 8}
+            found.append(BenchCase(
+                family="layer_norm", name=f"add+LN {label}", dtype=dtype, make_inputs=make_res,
+                impls={"clipfast": lambda x, residual, weight, bias: clipfast.add_layer_norm(x, residual, weight, bias),
+                       "eager": _eager_add_ln},
+                bytes=lambda mode, rows=rows, width=width, size=size: res_traffic[mode] * rows * width * size,
+                shape={"rows": rows, "width": width, "residual": True},
+            ))
+    return found
