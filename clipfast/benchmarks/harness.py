@@ -103,11 +103,33 @@ def _implementations(case: BenchCase) -> dict[str, Callable]:
     return impls
 
 
+def _first_tensor(result) -> torch.Tensor:
+    return result[0] if isinstance(result, (tuple, list)) else result
+
+
+def compare_with_eager(case: BenchCase, device: torch.device) -> float:
+    """Relative max-abs difference between the clipfast and eager forward outputs on the same inputs.
+    The smoke pass fails a case whose clipfast output drifts from eager, so cases cannot rot."""
+    inputs = case.make_inputs(device, case.dtype)
+    with torch.no_grad():
+        fast = _first_tensor(case.impls["clipfast"](**inputs)).double()
+        ref = _first_tensor(case.impls["eager"](**inputs)).double()
+    scale = max(float(ref.abs().max()), 1e-12) if ref.numel() else 1.0
+    return float((fast - ref).abs().max()) / scale if ref.numel() else 0.0
+
+
+SMOKE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
+
 def run_case(case: BenchCase, device: torch.device | None = None, smoke: bool | None = None) -> list[dict]:
     """Rows of results, one per implementation and mode."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     smoke = (device.type != "cuda") if smoke is None else smoke
     rows = []
+    if smoke:
+        drift = compare_with_eager(case, device)
+        if not drift <= SMOKE_TOLERANCE[case.dtype]:
+            raise AssertionError(f"{case.family} {case.name}: clipfast differs from eager by {drift:.2e} (relative)")
     peaks = gpu_peaks()
     for mode in case.modes:
         medians = {}

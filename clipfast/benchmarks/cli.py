@@ -1,0 +1,133 @@
+"""``clipfast bench``: run benchmark cases, print a table, save JSON/CSV and optional PNG charts."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import sys
+
+import torch
+
+from . import all_cases, case_modules
+from .harness import environment, run_case
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def results_dir(env: dict) -> str:
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"] or "cpu").strip("-")
+    return os.path.join("bench", "results", f"{gpu}_{env['date']}_torch{env['torch'].split('+')[0]}_triton{env['triton']}")
+
+
+def format_rows(rows: list[dict]) -> str:
+    lines = []
+    smoke = all(r.get("smoke") for r in rows)
+    if smoke:
+        header = f"{'family':<18}{'case':<34}{'impl':<16}{'mode':<9}{'status':<10}{'seconds (interpreter)':>22}"
+    else:
+        header = (f"{'family':<18}{'case':<34}{'impl':<16}{'mode':<9}{'ms':>9}{'p20-p80':>16}"
+                  f"{'TFLOP/s':>9}{'GB/s':>8}{'%peak':>7}{'clipfast x':>11}{'MiB':>8}")
+    lines += [header, "-" * len(header)]
+    for r in rows:
+        head = f"{r['family'][:17]:<18}{r['case'][:33]:<34}{r['impl'][:15]:<16}{r['mode']:<9}"
+        if r.get("error"):
+            lines.append(head + f"error: {r['error'][:80]}")
+        elif smoke:
+            lines.append(head + f"{'ok':<10}{r.get('smoke_seconds', 0):>22.3f}")
+        else:
+            pct = r.get("pct_peak_flops", r.get("pct_peak_bw"))
+            lines.append(head + f"{r['ms_median']:>9.3f}{r['ms_p20']:>8.3f}-{r['ms_p80']:<7.3f}"
+                         f"{r.get('tflops', float('nan')):>9.1f}{r.get('gbs', float('nan')):>8.0f}"
+                         f"{pct if pct is not None else float('nan'):>7.1f}"
+                         f"{r.get('speedup_of_clipfast', float('nan')):>10.2f}x{r.get('peak_mem_mb', float('nan')):>8.0f}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    keys = sorted({k for r in rows for k in r if k != "shape"}) + ["shape"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "shape": json.dumps(r.get("shape", {}))})
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Speedup of clipfast over each alternative per case (fwd+bwd); smoke rows plot interpreter seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    smoke = all(r.get("smoke") for r in rows)
+    mode = "fwd+bwd" if any(r["mode"] == "fwd+bwd" for r in rows) else rows[0]["mode"]
+    picked = [r for r in rows if r["mode"] == mode and not r.get("error")]
+    cases = list(dict.fromkeys(f"{r['family']}: {r['case']}" for r in picked))
+    impls = [i for i in dict.fromkeys(r["impl"] for r in picked) if smoke or i != "clipfast"]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cases) + 3), 4.5))
+    width = 0.8 / max(1, len(impls))
+    for j, impl in enumerate(impls):
+        values = []
+        for c in cases:
+            match = [r for r in picked if f"{r['family']}: {r['case']}" == c and r["impl"] == impl]
+            values.append((match[0].get("smoke_seconds") if smoke else match[0].get("speedup_of_clipfast")) if match else 0)
+        ax.bar([i + j * width for i in range(len(cases))], [v or 0 for v in values], width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
+    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
+    if smoke:
+        ax.set_ylabel("seconds in the Triton interpreter (smoke run, not a timing)")
+    else:
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_ylabel(f"clipfast speedup over implementation ({mode})")
+    ax.legend(fontsize=7)
+    env = environment()
+    ax.set_title(f"clipfast {mode} — {env['gpu'] or 'CPU smoke'}, torch {env['torch']}, triton {env['triton']}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main_bench(args) -> int:
+    on_gpu = torch.cuda.is_available()
+    smoke = args.smoke or not on_gpu
+    families = [m.__name__.rsplit(".", 1)[-1] for m in case_modules()]
+    if args.target not in ("all", *families):
+        print(f"clipfast bench: unknown target {args.target!r}; choose 'all' or one of: {', '.join(families)}",
+              file=sys.stderr)
+        return 2
+    if not on_gpu:
+        print("clipfast bench: no GPU found: timings need a GPU. Running the smoke pass (tiny shapes through the "
+              "Triton interpreter) so the harness and every case are exercised.", file=sys.stderr)
+    cases = all_cases(smoke=smoke, family=args.target)
+    if args.dtype:
+        if smoke and args.dtype == "bf16":
+            print("clipfast bench: bf16 cannot run in the Triton interpreter", file=sys.stderr)
+            return 2
+        for c in cases:
+            c.dtype = DTYPES[args.dtype]
+    env = environment()
+    rows = []
+    for i, case in enumerate(cases):
+        print(f"[{i + 1}/{len(cases)}] {case.family}: {case.name}", file=sys.stderr, flush=True)
+        rows.extend(run_case(case, smoke=smoke))
+    print(format_rows(rows))
+    json_path, csv_path = args.json, args.csv
+    if on_gpu and not smoke and not json_path:
+        out = results_dir(env)
+        os.makedirs(out, exist_ok=True)
+        json_path = os.path.join(out, f"bench_{args.target}.json")
+        csv_path = csv_path or os.path.join(out, f"bench_{args.target}.csv")
+    if json_path:
+        os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
+        with open(json_path, "w") as f:
+            json.dump({"environment": env, "smoke": smoke, "rows": rows}, f, indent=1)
+        print(f"wrote {json_path}")
+    if csv_path:
+        write_csv(rows, csv_path)
+        print(f"wrote {csv_path}")
+    if args.plot:
+        plot(rows, args.plot)
+        print(f"wrote {args.plot}")
+    failed = [r for r in rows if r.get("error") and r["impl"] in ("clipfast", "eager")]
+    return 1 if failed else 0

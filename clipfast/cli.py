@@ -1,0 +1,79 @@
+"""The ``clipfast`` command line: ``verify``, ``bench`` and ``aot``.
+
+    clipfast verify [MODEL] [--tiny] [--dtype fp32|fp16|bf16] [--batch N] [--json PATH]
+    clipfast bench [KERNEL|all|model] [--dtype ...] [--json PATH] [--plot PATH] [--smoke]
+    clipfast aot [--quick] [--arch 80 90] [--filter FAMILY] [--json PATH]
+
+Without a GPU the kernels run on CPU through the Triton interpreter. ``TRITON_INTERPRET`` must be set
+before triton is imported, so the command re-executes itself with it set when needed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _ensure_interpreter_without_gpu(argv: list[str]) -> None:
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if os.environ.get("CLIPFAST_NO_REEXEC") == "1":
+        return
+    env = dict(os.environ, TRITON_INTERPRET="1", CLIPFAST_NO_REEXEC="1")
+    os.execve(sys.executable, [sys.executable, "-m", "clipfast.cli", *argv], env)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipfast", description="Fused Triton kernels for CLIP: verify, bench, aot")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("verify", help="patch a model and report forward/backward errors module by module")
+    v.add_argument("model", nargs="?", default=None,
+                   help="reference model name (e.g. ViT-B-16, RN50, tiny), or open_clip:NAME, hf:clip")
+    v.add_argument("--tiny", action="store_true", help="a tiny configuration (the default on CPU)")
+    v.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--json", default=None, help="write the full report as JSON")
+    v.add_argument("--no-progress", action="store_true")
+
+    b = sub.add_parser("bench", help="time kernels and models against eager and torch.compile")
+    b.add_argument("target", nargs="?", default="all", help="kernel family, 'all', or 'model'")
+    b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
+    b.add_argument("--json", default=None, help="results JSON path (default: bench/results/<gpu>-<date>/)")
+    b.add_argument("--csv", default=None)
+    b.add_argument("--plot", default=None, help="write PNG charts to this path")
+    b.add_argument("--smoke", action="store_true", help="tiny shapes, no timings (the default without a GPU)")
+
+    a = sub.add_parser("aot", help="compile every kernel for sm_80/sm_90 without a GPU; registers, spills, MMA")
+    a.add_argument("--quick", action="store_true")
+    a.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
+    a.add_argument("--filter", default=None)
+    a.add_argument("--json", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)  # bad arguments exit with status 2 and a usage message
+    if args.command == "aot":
+        from .aot import run
+
+        return run(args.arch, args.quick, args.filter, args.json)
+    if args.batch < 1 if args.command == "verify" else False:
+        print("clipfast verify: --batch must be at least 1", file=sys.stderr)
+        return 2
+    _ensure_interpreter_without_gpu(argv)
+    if args.command == "verify":
+        from .verify_models import main_verify
+
+        return main_verify(args)
+    from .benchmarks.cli import main_bench
+
+    return main_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""``clipfast verify``: a model's numerics under clipfast, module by module, against eager PyTorch.
+
+The model is built three times from the same weights: eager in the chosen dtype, patched in the chosen
+dtype, and eager in float64 (the reference). All three run forward and backward on the same random
+inputs and upstream gradients. For every swapped module (and the model's final outputs and parameter
+gradients) the report gives the max-abs and relative (Frobenius) errors of clipfast vs eager, clipfast vs
+float64 and eager vs float64, and pass/fail against the numerics standard: clipfast's error against
+float64 is at most ``factor`` times eager's own error in that dtype, plus a floor of a few units of
+roundoff; NaN or inf never passes.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    name: str
+    kind: str  # "module", "output" or "grad"
+    clipfast_vs_eager: dict
+    clipfast_vs_fp64: dict
+    eager_vs_fp64: dict
+    passed: bool
+
+
+@dataclass
+class VerifyResult:
+    model: str
+    dtype: str
+    device: str
+    interpreter: bool
+    batch: int
+    swapped: list[str]
+    skipped: list[str]
+    rows: list[Row] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rows)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["passed"] = self.passed
+        return d
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> dict:
+    a64, b64 = a.detach().double(), b.detach().double()
+    if a64.shape != b64.shape:
+        return {"max_abs": float("inf"), "rel": float("inf"), "finite": False}
+    finite = bool(torch.isfinite(a64).all())
+    if a64.numel() == 0:
+        return {"max_abs": 0.0, "rel": 0.0, "finite": finite}
+    diff = (a64 - b64).abs()
+    norm = float(b64.norm())
+    return {"max_abs": float(diff.max()) if finite else float("inf"),
+            "rel": (float((a64 - b64).norm()) / norm if norm > 0 else float(diff.max())) if finite else float("inf"),
+            "finite": finite}
+
+
+def _judge(fused: dict, eager: dict, dtype: torch.dtype, scale: float, factor: float, floor_ulps: float) -> bool:
+    if not fused["finite"]:
+        return False
+    eps = EPS[dtype]
+    return (fused["max_abs"] <= factor * eager["max_abs"] + floor_ulps * eps * max(scale, 1e-30)
+            and fused["rel"] <= factor * eager["rel"] + floor_ulps * eps)
+
+
+def _first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    if isinstance(out, dict):
+        for item in out.values():
+            t = _first_tensor(item)
+            if t is not None:
+                return t
+    if hasattr(out, "to_tuple"):
+        return _first_tensor(out.to_tuple())
+    return None
+
+
+def _record(model: torch.nn.Module, paths: list[str]) -> tuple[dict, list]:
+    """Forward hooks that keep the (first tensor) output of each module in ``paths``."""
+    store, handles = {}, []
+    modules = dict(model.named_modules())
+    for path in paths:
+        if path in modules:
+            def hook(_m, _i, out, path=path):
+                t = _first_tensor(out)
+                if t is not None:
+                    store.setdefault(path, t.detach().clone())
+            handles.append(modules[path].register_forward_hook(hook))
+    return store, handles
+
+
+def verify(name: str, build: Callable[[], torch.nn.Module], make_inputs: Callable[[int, torch.device], tuple],
+           forward: Callable[[torch.nn.Module, tuple], dict], dtype: torch.dtype, device: torch.device,
+           batch: int = 2, factor: float = 2.0, floor_ulps: float = 16.0, progress=sys.stderr,
+           patch_options: dict | None = None) -> VerifyResult:
+    """Patch a copy of ``build()`` and compare it with eager and float64 copies, module by module.
+
+    ``forward(model, inputs)`` returns a dict of named output tensors; their sum against random upstream
+    gradients is what the backward pass differentiates."""
+    import clipfast
+    from clipfast.kernels import runtime
+
+    t0 = time.time()
+    steps = ["build", "float64 reference", "eager", "clipfast", "compare"]
+
+    def step(i):
+        if progress:
+            bar = "#" * (i + 1) + "." * (len(steps) - i - 1)
+            progress.write(f"\r[{bar}] {steps[i]:<20}")
+            progress.flush()
+
+    step(0)
+    torch.manual_seed(0)
+    base = build().to(device).float()
+    eager = copy.deepcopy(base).to(dtype)
+    ref = copy.deepcopy(base).double()
+    fast = copy.deepcopy(base).to(dtype)
+    report = clipfast.patch(fast, **(patch_options or {}))
+    swapped = [s.path for s in report.swapped]
+    inputs = make_inputs(batch, device)
+
+    def run(model, cast):
+        cast_inputs = tuple(t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in inputs)
+        store, handles = _record(model, swapped)
+        try:
+            outs = forward(model, cast_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return outs, store
+
+    step(1)
+    ref_outs, ref_store = run(ref, torch.float64)
+    grads = {k: torch.randn_like(v) for k, v in ref_outs.items()}
+
+    def backward(model, outs):
+        model.zero_grad(set_to_none=True)
+        torch.autograd.backward([outs[k] for k in grads], [grads[k].to(outs[k].dtype) for k in grads])
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    ref_grads = backward(ref, ref_outs)
+    step(2)
+    eager_outs, eager_store = run(eager, dtype)
+    eager_grads = backward(eager, eager_outs)
+    step(3)
+    fast_outs, fast_store = run(fast, dtype)
+    fast_grads = backward(fast, fast_outs)
+    step(4)
+
+    result = VerifyResult(name, str(dtype).replace("torch.", ""), str(device), runtime.INTERPRET and device.type == "cpu",
+                          batch, swapped, [f"{s.path}: {s.reason}" for s in report.skipped])
+
+    def add(row_name, kind, f, e, r):
+        cf, ce, er = _err(f, e), _err(f, r), _err(e, r)
+        scale = float(r.detach().double().abs().max()) if r.numel() else 0.0
+        result.rows.append(Row(row_name, kind, cf, ce, er, _judge(ce, er, dtype, scale, factor, floor_ulps)))
+
+    for path in swapped:
+        if path in fast_store and path in eager_store and path in ref_store:
+            add(path, "module", fast_store[path], eager_store[path], ref_store[path])
+    for key in ref_outs:
+        add(key, "output", fast_outs[key], eager_outs[key], ref_outs[key])
+    for pname in ref_grads:
+        if pname in fast_grads and pname in eager_grads:
+            add(pname, "grad", fast_grads[pname], eager_grads[pname], ref_grads[pname])
+    result.seconds = round(time.time() - t0, 2)
+    if progress:
+        progress.write("\n")
+    return result
+
+
+def format_table(result: VerifyResult) -> str:
+    lines = [f"clipfast verify: {result.model}  dtype={result.dtype}  device={result.device}"
+             + ("  (CPU: Triton interpreter, small configuration)" if result.interpreter else "")
+             + f"  batch={result.batch}",
+             f"swapped {len(result.swapped)} modules, left {len(result.skipped)} alone"]
+    for s in result.skipped[:20]:
+        lines.append(f"  left alone: {s}")
+    header = f"{'':<2}{'kind':<7}{'name':<52}{'clipfast-eager':>15}{'clipfast-fp64':>15}{'eager-fp64':>13}  rel(cf/eager vs fp64)"
+    lines += ["", header, "-" * len(header)]
+    for r in result.rows:
+        mark = "ok" if r.passed else "XX"
+        lines.append(f"{mark:<2}{r.kind:<7}{r.name[-51:]:<52}{r.clipfast_vs_eager['max_abs']:>15.2e}"
+                     f"{r.clipfast_vs_fp64['max_abs']:>15.2e}{r.eager_vs_fp64['max_abs']:>13.2e}  "
+                     f"{r.clipfast_vs_fp64['rel']:.1e} / {r.eager_vs_fp64['rel']:.1e}")
+    n_fail = sum(not r.passed for r in result.rows)
+    lines += ["", f"{len(result.rows)} checks, {n_fail} failing: {'PASS' if result.passed else 'FAIL'} "
+                  f"(clipfast's error vs float64 must be <= 2x eager's own error in {result.dtype} + a small floor)",
+              f"took {result.seconds:.1f} s"]
+    return "\n".join(lines)
+
+
+def write_json(result: VerifyResult, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result.to_json(), f, indent=1)

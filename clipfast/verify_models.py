@@ -1,0 +1,142 @@
+"""Models ``clipfast verify`` can build (random init, no downloads) and how to feed them.
+
+- reference names (``ViT-B-16``, ``RN50``, ``tiny``, ...): ``clipfast.models.create``;
+- ``open_clip:NAME``: ``open_clip.create_model(NAME)`` when open_clip is installed;
+- ``hf:clip``: a Hugging Face ``CLIPModel`` from a config when transformers is installed.
+
+On CPU (the Triton interpreter) full-size models take far too long, so ``--tiny`` is implied for
+reference models and a small configuration is used.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .verify import DTYPES, format_table, verify, write_json
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    build: Callable[[], torch.nn.Module]
+    make_inputs: Callable[[int, torch.device], tuple]
+    forward: Callable[[torch.nn.Module, tuple], dict]
+
+
+def _clip_inputs(image_size: int, context_length: int, vocab_size: int):
+    def make(batch, device):
+        g = torch.Generator().manual_seed(1)
+        images = torch.randn(batch, 3, image_size, image_size, generator=g).to(device)
+        lengths = torch.randint(2, context_length, (batch,), generator=g)
+        tokens = torch.randint(1, vocab_size - 1, (batch, context_length), generator=g)
+        for i, n in enumerate(lengths.tolist()):  # end-of-text (the largest id) ends each caption; zeros after
+            tokens[i, n] = vocab_size - 1
+            tokens[i, n + 1:] = 0
+        return images, tokens.to(device)
+    return make
+
+
+def _openai_style_forward(model, inputs):
+    images, tokens = inputs
+    image_features = model.encode_image(images)
+    text_features = model.encode_text(tokens)
+    logits_per_image, _ = model(images, tokens)
+    return {"image_features": image_features, "text_features": text_features, "logits_per_image": logits_per_image}
+
+
+def reference_spec(name: str) -> ModelSpec:
+    from . import models
+
+    def build():
+        return models.create(name)
+
+    probe = build()
+    visual = probe.visual
+    image_size = getattr(visual, "input_resolution", 224)
+    spec = ModelSpec(f"reference {name}", build,
+                     _clip_inputs(image_size, probe.context_length, probe.vocab_size), _openai_style_forward)
+    return spec
+
+
+def open_clip_spec(name: str) -> ModelSpec:
+    try:
+        import open_clip
+    except ImportError as exc:
+        raise SystemExit(f"clipfast verify: open_clip is not installed ({exc}); pip install 'clipfast[integrations]'")
+
+    def build():
+        return open_clip.create_model(name, pretrained=None)
+
+    probe = build()
+    size = probe.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return ModelSpec(f"open_clip {name}", build, _clip_inputs(size, probe.context_length, probe.vocab_size),
+                     _openai_style_forward)
+
+
+def hf_clip_spec(tiny: bool) -> ModelSpec:
+    try:
+        from transformers import CLIPConfig, CLIPModel
+    except ImportError as exc:
+        raise SystemExit(f"clipfast verify: transformers is not installed ({exc}); pip install 'clipfast[integrations]'")
+    text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=16, vocab_size=100) if tiny else {}
+    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=32, patch_size=8) if tiny else {}
+    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32 if tiny else 512)
+
+    def build():
+        return CLIPModel(config)
+
+    make = _clip_inputs(config.vision_config.image_size, config.text_config.max_position_embeddings,
+                        config.text_config.vocab_size)
+
+    def forward(model, inputs):
+        images, tokens = inputs
+        out = model(input_ids=tokens, pixel_values=images)
+        return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits_per_image": out.logits_per_image}
+
+    return ModelSpec("hf CLIPModel" + (" (tiny)" if tiny else ""), build, make, forward)
+
+
+def resolve(model: str | None, tiny: bool) -> ModelSpec:
+    model = model or ("tiny" if tiny else "ViT-B-16")
+    if model.startswith("open_clip:"):
+        return open_clip_spec(model.split(":", 1)[1])
+    if model in ("hf:clip", "hf"):
+        return hf_clip_spec(tiny)
+    from . import models
+
+    if tiny and model != "tiny":
+        print(f"clipfast verify: --tiny replaces {model} with the tiny reference configuration", file=sys.stderr)
+        model = "tiny"
+    if model not in models.available_models():
+        raise SystemExit(f"clipfast verify: unknown model {model!r}; choose from {', '.join(models.available_models())}, "
+                         "open_clip:NAME or hf:clip")
+    return reference_spec(model)
+
+
+def main_verify(args) -> int:
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    tiny = args.tiny or not on_gpu
+    if not on_gpu:
+        print("clipfast verify: no GPU found: the Triton kernels run through the interpreter on CPU, "
+              "on a tiny configuration", file=sys.stderr)
+    dtype_name = args.dtype or ("bf16" if on_gpu else "fp32")
+    dtype = DTYPES[dtype_name]
+    if dtype == torch.bfloat16 and not on_gpu:
+        print("clipfast verify: bf16 cannot be checked in the Triton interpreter (it computes bf16 wrongly); "
+              "use --dtype fp32 or fp16 on CPU", file=sys.stderr)
+        return 2
+    spec = resolve(args.model, tiny)
+    result = verify(spec.name, spec.build, spec.make_inputs, spec.forward, dtype, device, batch=args.batch,
+                    progress=None if args.no_progress else sys.stderr)
+    print(format_table(result))
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0 if result.passed else 1

@@ -1,0 +1,51 @@
+"""The command line on CPU: bench smoke pass, plots, argument errors, aot quick subset."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from clipfast.cli import main
+
+
+def test_bench_smoke_writes_valid_json_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "bench.json", tmp_path / "speedup.png"
+    assert main(["bench", "layer_norm", "--smoke", "--json", str(out), "--plot", str(png)]) == 0
+    data = json.loads(out.read_text())
+    assert data["smoke"] is True and data["environment"]["torch"]
+    impls = {(r["case"], r["impl"], r["mode"]) for r in data["rows"]}
+    assert any(i == "clipfast" for _, i, _ in impls) and any(i == "eager" for _, i, _ in impls)
+    assert not [r for r in data["rows"] if r["error"]]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_unknown_target_is_a_clear_error(capsys):
+    assert main(["bench", "no_such_kernel", "--smoke"]) == 2
+    assert "unknown target" in capsys.readouterr().err
+
+
+def test_bad_arguments_exit_non_zero(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", "--dtype", "fp8"])
+    assert exc.value.code != 0
+    with pytest.raises(SystemExit) as exc:
+        main(["frobnicate"])
+    assert exc.value.code != 0
+
+
+def test_aot_quick_subset_compiles_every_kernel_family(tmp_path):
+    """The quick AOT subset of every kernel family: sm_80 and sm_90, fp16 and bf16, no spills, and tensor
+    cores (HMMA / HGMMA) wherever a kernel has a tl.dot."""
+    from clipfast.kernels import kernel_modules
+
+    out = tmp_path / "aot.json"
+    proc = subprocess.run([sys.executable, "-m", "clipfast.aot", "--quick", "--json", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {r["family"] for r in rows} == {m.__name__.rsplit(".", 1)[-1] for m in kernel_modules()}
+    assert {r["arch"] for r in rows} == {"sm_80", "sm_90"} and {r["dtype"] for r in rows} == {"fp16", "bf16"}
+    for r in rows:
+        assert r["error"] is None and r["stack"] == 0 and r["local"] == 0 and r["registers"] > 0, r
+        if r["expects_mma"]:
+            assert r["hgmma"] if r["arch"] == "sm_90" else r["hmma"], r
