@@ -17,8 +17,11 @@ $(VENV)/.installed-$(EXTRAS): setup.py | $(PY)
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# verify (numerics, module by module) then profile: ViT-B-16 in bf16 on a GPU, a tiny model through the
+# Triton interpreter on CPU.
 demo: $(VENV)/.installed-$(EXTRAS)
-	$(PY) -m clipfast.cli verify --tiny
+	$(PY) -m clipfast.cli verify
+	$(PY) -m clipfast.cli bench model
 
 test: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m pytest tests -q

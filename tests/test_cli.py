@@ -49,3 +49,20 @@ def test_aot_quick_subset_compiles_every_kernel_family(tmp_path):
         assert r["error"] is None and r["stack"] == 0 and r["local"] == 0 and r["registers"] > 0, r
         if r["expects_mma"]:
             assert r["hgmma"] if r["arch"] == "sm_90" else r["hmma"], r
+
+
+def test_readme_results_section_is_generated_from_committed_results():
+    import os
+
+    from clipfast.benchmarks import summary
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        with open("README.md") as f:
+            readme = f.read()
+        assert summary.render_readme(readme, summary.section(summary.load_results())) == readme, \
+            "README results section is stale: run python -m clipfast.benchmarks.summary --write-readme"
+    finally:
+        os.chdir(cwd)
