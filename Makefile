@@ -23,8 +23,9 @@ demo: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m clipfast.cli verify
 	$(PY) -m clipfast.cli bench model
 
+# tests/ (interpreter kernels vs float64, AOT quick subset, CLI) and bench/ (the benchmark smoke pass)
 test: $(VENV)/.installed-$(EXTRAS)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest -q
 
 aot: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m clipfast.aot --quick
