@@ -191,3 +191,20 @@ def test_too_wide_rows_fall_back_with_a_warning():
     with pytest.warns(RuntimeWarning, match="eager"):
         y = clipfast.layer_norm(x, None, None)
     torch.testing.assert_close(y, F.layer_norm(x, x.shape[-1:]), atol=1e-5, rtol=1e-5)
+
+
+def test_under_autocast_takes_what_eager_code_gets():
+    # autocast hands a LayerNorm the low-precision output of a matmul and its fp32 parameters
+    device_type = "cuda" if ON_GPU else "cpu"
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    lin = torch.nn.Linear(64, 64).to(DEVICE)
+    ln = clipfast.nn.LayerNorm(64).to(DEVICE)
+    x = torch.randn(9, 64, device=DEVICE)
+    with torch.autocast(device_type, dtype=dtype):
+        h = lin(x)
+        y = ln(h)
+    assert h.dtype == dtype and y.dtype == dtype
+    y.float().sum().backward()
+    assert ln.weight.grad is not None and ln.weight.grad.dtype == torch.float32
+    ref = F.layer_norm(h.double(), (64,), ln.weight.double(), ln.bias.double())
+    torch.testing.assert_close(y.double(), ref, atol=4e-2, rtol=1e-2)

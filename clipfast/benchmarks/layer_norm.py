@@ -7,6 +7,7 @@ import clipfast
 from .harness import BenchCase
 
 SHAPES = {  # label -> (rows, width)
+    "dispatch overhead 8x768": (8, 768),  # time here is launch + custom-op dispatch, not bandwidth
     "text B=256 L=77 w512": (256 * 77, 512),
     "ViT-B/16 B=256 L=197 w768": (256 * 197, 768),
     "ViT-L/14 B=128 L=257 w1024": (128 * 257, 1024),
