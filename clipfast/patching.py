@@ -1,0 +1,349 @@
+"""Switching clipfast on in an existing model: ``clipfast.patch(model)`` / ``clipfast.unpatch(model)``.
+
+Swaps are per instance and driven by a registry of rules. A rule (``PatchRule``) belongs to a kernel
+family ("layer_norm", "attention", "mlp", "patch_embed", ...), has a cheap ``match`` test on one module
+and a ``convert`` that builds the replacement. Rules live in ``clipfast/patch_rules/<family>.py`` and are
+imported automatically the first time ``patch`` runs.
+
+What a replacement must be (``clone_as`` and ``fast_subclass`` make this the easy path):
+- an instance of a subclass of the original's class, so ``isinstance`` checks elsewhere (OpenAI's
+  ``convert_weights``, Hugging Face output hooks) keep working;
+- sharing the original's ``Parameter`` and buffer objects (no copies: an optimizer built before patching
+  keeps training the same tensors) and keeping its ``state_dict`` keys.
+
+Nothing global changes: no class inside ``torch.nn`` or another library is reassigned. The original of
+every swapped module is kept on its replacement, so ``unpatch`` puts the very same module objects back
+(with whatever happened to the parameters, buffers and train/eval flag while patched).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+#: Families every installation knows about; ``patch`` takes a keyword for each, and for any other
+#: family a registered rule names.
+DEFAULT_FAMILIES = ("layer_norm", "attention", "mlp", "patch_embed")
+
+# The attribute (in the replacement's __dict__, not a submodule) holding the module it replaced.
+_ORIGINAL = "_clipfast_original"
+
+
+class Unsupported(Exception):
+    """Raised by a rule's ``convert`` to leave a module alone; the message is the reason the report shows."""
+
+
+@dataclass(frozen=True)
+class PatchRule:
+    """One way of swapping a fast module in.
+
+    family: the option users enable or disable (a keyword of ``patch``).
+    name: what the report shows, e.g. ``"OpenAI ResidualAttentionBlock.mlp -> fused MLP"``.
+    match: cheap type/structural test on one module.
+    convert: returns the replacement (see the module docstring) or raises ``Unsupported(reason)``.
+    """
+
+    family: str
+    name: str
+    match: Callable[[nn.Module], bool]
+    convert: Callable[[nn.Module], nn.Module]
+
+
+_RULES: list[PatchRule] = []
+
+
+def register_rule(rule: PatchRule) -> PatchRule:
+    """Add ``rule`` to the registry (after the rules already there: the first matching rule wins).
+    Registering a rule with the family and name of one already registered replaces it in place, so
+    re-importing a rules module does not duplicate its rules."""
+    if not isinstance(rule, PatchRule):
+        raise TypeError(f"register_rule: expected a PatchRule, got {type(rule).__name__}")
+    if not rule.family.isidentifier():
+        raise ValueError(f"register_rule: family {rule.family!r} must be a valid keyword name")
+    for i, existing in enumerate(_RULES):
+        if (existing.family, existing.name) == (rule.family, rule.name):
+            _RULES[i] = rule
+            return rule
+    _RULES.append(rule)
+    return rule
+
+
+def registered_rules(family: str | None = None) -> list[PatchRule]:
+    """The registered rules (of one family), in the order ``patch`` tries them."""
+    _load_rules()
+    return [r for r in _RULES if family is None or r.family == family]
+
+
+def known_families() -> list[str]:
+    _load_rules()
+    families = list(DEFAULT_FAMILIES)
+    families += [r.family for r in _RULES if r.family not in families]
+    return list(dict.fromkeys(families))
+
+
+def _load_rules() -> None:
+    from . import patch_rules  # noqa: F401  (imports every rules module, which registers its rules)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building replacements
+# ----------------------------------------------------------------------------------------------
+
+def clone_as(module: nn.Module, cls: type) -> nn.Module:
+    """A new instance of ``cls`` (a subclass of ``type(module)``) sharing ``module``'s parameters,
+    buffers, submodules and attributes.
+
+    The containers (``_parameters``, ``_buffers``, ``_modules``, ...) are fresh dicts holding the same
+    objects, so swapping a child of the clone leaves the original's children untouched. Hook
+    dictionaries are shared, so removing a hook through its handle works on both."""
+    if not (isinstance(cls, type) and issubclass(cls, type(module))):
+        raise TypeError(f"clone_as: {getattr(cls, '__name__', cls)!r} is not a subclass of {type(module).__name__}")
+    new = cls.__new__(cls)
+    state = {}
+    for key, value in module.__dict__.items():
+        if key == _ORIGINAL:
+            continue
+        if isinstance(value, (dict, set)) and "hook" not in key:
+            value = type(value)(value)
+        state[key] = value
+    new.__dict__.update(state)
+    return new
+
+
+_SUBCLASSES: dict[tuple, type] = {}
+
+
+def fast_subclass(original_cls: type, forward: Callable, name: str) -> type:
+    """The subclass of ``original_cls`` whose ``forward`` is ``forward`` (cached: one class per
+    original class, forward and name). Its instances are recognized as already patched."""
+    key = (original_cls, forward, name)
+    cls = _SUBCLASSES.get(key)
+    if cls is None:
+        cls = type(name, (original_cls,), {
+            "forward": forward,
+            "__module__": getattr(forward, "__module__", __name__),
+            "__qualname__": name,
+            "__doc__": f"{original_cls.__name__} with its forward running clipfast kernels "
+                       f"(made by clipfast.patching.fast_subclass).",
+            "_clipfast_fast": True,
+        })
+        _SUBCLASSES[key] = cls
+    return cls
+
+
+def is_fast(module: nn.Module) -> bool:
+    """Whether ``module`` is a clipfast replacement (swapped in by ``patch`` or built by ``fast_subclass``)."""
+    return _ORIGINAL in module.__dict__ or bool(getattr(type(module), "_clipfast_fast", False))
+
+
+# ----------------------------------------------------------------------------------------------
+# The report
+# ----------------------------------------------------------------------------------------------
+
+def _class_name(obj) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return cls.__qualname__
+
+
+@dataclass
+class Swapped:
+    path: str              # module path in the model ("" is the model itself)
+    original: str          # class name of the original module
+    replacement: str       # class name of the replacement
+    family: str
+    rule: str
+    already: bool = False  # swapped by an earlier ``patch`` call
+    order: int = field(default=0, repr=False, compare=False)  # position in the walk
+
+
+@dataclass
+class Skipped:
+    path: str
+    original: str
+    family: str
+    rule: str
+    reason: str
+    order: int = field(default=0, repr=False, compare=False)
+
+
+@dataclass
+class PatchReport:
+    """What ``patch`` did: ``swapped`` and ``skipped`` entries, and the state of every family
+    (``"enabled"``, ``"disabled"`` or ``"no rules registered"``). ``str(report)`` is a table."""
+
+    swapped: list[Swapped] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    families: dict[str, str] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.swapped:
+            out[s.family] = out.get(s.family, 0) + 1
+        return out
+
+    def __str__(self) -> str:
+        # in model order (the order ``patch`` visited the modules)
+        entries = sorted(self.swapped + self.skipped, key=lambda e: e.order)
+        rows = [(e.path or "(model)", e.original,
+                 (e.replacement + (" (already patched)" if e.already else "")) if isinstance(e, Swapped)
+                 else f"left alone: {e.reason}") for e in entries]
+        header = ("module", "original", "replacement")
+        widths = [max([len(header[i])] + [len(r[i]) for r in rows]) for i in range(2)]
+        lines = [f"clipfast.patch: {len(self.swapped)} module(s) swapped, {len(self.skipped)} left alone"]
+        if rows:
+            lines.append(f"  {header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]}")
+            lines.append(f"  {'-' * widths[0]}  {'-' * widths[1]}  {'-' * len(header[2])}")
+            lines += [f"  {p:<{widths[0]}}  {o:<{widths[1]}}  {r}" for p, o, r in rows]
+        counts = self.counts()
+        fam = []
+        for name, state in self.families.items():
+            fam.append(f"{name}: {counts.get(name, 0)} swapped" if state == "enabled" else f"{name}: {state}")
+        lines.append("  families: " + "; ".join(fam))
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"PatchReport(swapped={len(self.swapped)}, skipped={len(self.skipped)}, families={self.families})"
+
+
+# ----------------------------------------------------------------------------------------------
+# patch / unpatch
+# ----------------------------------------------------------------------------------------------
+
+def _resolve_families(options: dict) -> tuple[list[PatchRule], dict[str, str]]:
+    known = known_families()
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise TypeError(f"clipfast.patch() got unknown kernel family {', '.join(map(repr, unknown))}; "
+                        f"known families: {', '.join(known)}")
+    for k, v in options.items():
+        if not isinstance(v, bool):
+            raise TypeError(f"clipfast.patch(): `{k}` must be True or False, got {v!r}")
+    families = {}
+    for name in known:
+        if not options.get(name, True):
+            families[name] = "disabled"
+        elif not any(r.family == name for r in _RULES):
+            families[name] = "no rules registered"
+        else:
+            families[name] = "enabled"
+    rules = [r for r in _RULES if families[r.family] == "enabled"]
+    return rules, families
+
+
+def _convert(module: nn.Module, rules: list[PatchRule]):
+    """(replacement, rule) for the first matching rule that converts ``module``; otherwise
+    (None, [(rule, reason)...]) for the matching rules that declined."""
+    declined = []
+    for rule in rules:
+        if not rule.match(module):
+            continue
+        try:
+            new = rule.convert(module)
+        except Unsupported as e:
+            declined.append((rule, str(e) or "unsupported configuration"))
+            continue
+        if not isinstance(new, type(module)):
+            raise TypeError(f"patch rule {rule.name!r} returned {type(new).__name__}, which is not a subclass of "
+                            f"{type(module).__name__}")
+        return new, rule
+    return None, declined
+
+
+def _swap_root(model: nn.Module, new: nn.Module) -> None:
+    """Make ``model`` itself the replacement (keeping the object the caller holds): its original state
+    moves to a shell object of the original class kept on it for ``unpatch``."""
+    shell = type(model).__new__(type(model))
+    shell.__dict__ = model.__dict__
+    model.__class__ = type(new)
+    model.__dict__ = new.__dict__
+    model.__dict__[_ORIGINAL] = shell
+
+
+def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, mlp: bool = True,
+          patch_embed: bool = True, **other_families: bool) -> PatchReport:
+    """Swap clipfast modules into ``model`` in place and return a report of what was swapped and what
+    was left alone (and why).
+
+    Modules are visited top-down; the first matching rule of an enabled family that accepts a module
+    replaces it, and the children of the replacement are visited too. Patching again changes nothing
+    (already swapped modules stay as they are); to turn a family off, ``unpatch`` and patch again.
+    Unknown family names raise ``TypeError``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"clipfast.patch: `model` must be a torch.nn.Module, got {type(model).__name__}")
+    options = dict(layer_norm=layer_norm, attention=attention, mlp=mlp, patch_embed=patch_embed, **other_families)
+    rules, families = _resolve_families(options)
+    report = PatchReport(families=families)
+    order = iter(range(1 << 62))
+
+    def visit(module: nn.Module, path: str, parent: nn.Module | None, name: str | None) -> None:
+        if is_fast(module):
+            original = module.__dict__.get(_ORIGINAL)
+            if original is not None:
+                report.swapped.append(Swapped(path, _class_name(original), _class_name(module),
+                                              getattr(module, "_clipfast_family", "?"),
+                                              getattr(module, "_clipfast_rule", "?"), already=True,
+                                              order=next(order)))
+        else:
+            new, result = _convert(module, rules)
+            if new is not None:
+                rule = result
+                new.__dict__["_clipfast_family"] = rule.family
+                new.__dict__["_clipfast_rule"] = rule.name
+                if parent is None:
+                    _swap_root(module, new)
+                else:
+                    new.__dict__[_ORIGINAL] = module
+                    setattr(parent, name, new)
+                    module = new
+                report.swapped.append(Swapped(path, _class_name(module.__dict__[_ORIGINAL]), _class_name(module),
+                                              rule.family, rule.name, order=next(order)))
+            elif result:  # every matching rule declined: report their reasons
+                rule = result[0][0]
+                reason = "; ".join(dict.fromkeys(r for _, r in result))
+                report.skipped.append(Skipped(path, _class_name(module), rule.family, rule.name, reason,
+                                              order=next(order)))
+        for child_name, child in list(module._modules.items()):
+            if child is not None:
+                visit(child, f"{path}.{child_name}" if path else child_name, module, child_name)
+
+    visit(model, "", None, None)
+    return report
+
+
+def _restore(fast: nn.Module) -> nn.Module:
+    """The original of ``fast``, brought up to date with what changed while patched: the current
+    parameter/buffer/submodule objects (``.to()``, ``.half()`` may have replaced buffers) and the
+    values of the original's plain attributes (``training``, ...)."""
+    original = fast.__dict__[_ORIGINAL]
+    for key, value in list(original.__dict__.items()):
+        if key not in fast.__dict__:
+            continue
+        current = fast.__dict__[key]
+        if key in ("_parameters", "_buffers", "_modules"):
+            original.__dict__[key] = type(value)((k, current.get(k, v)) for k, v in value.items())
+        else:
+            original.__dict__[key] = current
+    return original
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Put back every module ``patch`` swapped in ``model`` (the very same objects). Returns ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"clipfast.unpatch: `model` must be a torch.nn.Module, got {type(model).__name__}")
+
+    def visit(module: nn.Module) -> None:
+        # children first, so a restored parent gets back the original children
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            visit(child)
+            if _ORIGINAL in child.__dict__:
+                module._modules[child_name] = _restore(child)
+
+    visit(model)
+    if _ORIGINAL in model.__dict__:
+        shell = _restore(model)
+        model.__class__ = type(shell)
+        model.__dict__ = shell.__dict__
+    return model

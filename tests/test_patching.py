@@ -1,0 +1,343 @@
+"""The patching mechanism (clipfast.patch / unpatch, rules, report) and the LayerNorm rule."""
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn as nn
+
+import clipfast
+from clipfast import patching
+from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, patch, register_rule, unpatch
+
+from .conftest import DEVICE, DTYPES, ON_GPU
+from .numerics import assert_op_matches, randn
+
+
+class Fp32LayerNorm(nn.LayerNorm):
+    """OpenAI CLIP's LayerNorm: computes in fp32 (float64 for the float64 reference), returns the input dtype."""
+
+    def forward(self, x):
+        return super().forward(x.to(torch.promote_types(x.dtype, torch.float32))).to(x.dtype)
+
+
+Fp32LayerNorm.__module__, Fp32LayerNorm.__qualname__ = "clip.model", "LayerNorm"  # what OpenAI's class is named
+
+
+class CustomLayerNorm(nn.LayerNorm):
+    """A subclass with semantics the rule cannot know: must be left alone."""
+
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class Net(nn.Module):
+    def __init__(self, width=48):
+        super().__init__()
+        self.ln_pre = Fp32LayerNorm(width)
+        self.blocks = nn.ModuleList([nn.Sequential(OrderedDict(fc=nn.Linear(width, width), ln=nn.LayerNorm(width)))
+                                     for _ in range(2)])
+        self.heads = nn.ModuleDict({"custom": CustomLayerNorm(width), "plain": nn.LayerNorm(width)})
+        self.register_buffer("scale", torch.ones(()))
+
+    def forward(self, x):
+        x = self.ln_pre(x)
+        for block in self.blocks:
+            x = x + block(x)
+        return (self.heads["custom"](x) + self.heads["plain"](x)) * self.scale
+
+
+def make_net(width=48):
+    net = Net(width).to(DEVICE)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def layer_norm_paths(model):
+    return sorted(name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm))
+
+
+# ------------------------------------------------------------------------------------------------
+# Swapping, sharing, restoring
+# ------------------------------------------------------------------------------------------------
+
+def test_patch_swaps_instances_sharing_parameters():
+    net = make_net()
+    before = {n: m for n, m in net.named_modules()}
+    params = dict(net.named_parameters())
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    report = patch(net)
+    swapped = sorted(s.path for s in report.swapped)
+    assert swapped == ["blocks.0.ln", "blocks.1.ln", "heads.plain", "ln_pre"]
+    assert [(s.path, s.original) for s in report.skipped] == [("heads.custom", "CustomLayerNorm")]
+    assert "unknown semantics" in report.skipped[0].reason
+    for path in swapped:
+        new, old = net.get_submodule(path), before[path]
+        assert new is not old and type(new) is not type(old)
+        assert isinstance(new, type(old)) and patching.is_fast(new)
+        assert new.weight is old.weight and new.bias is old.bias
+    assert net.heads["custom"] is before["heads.custom"]
+    # no copies, same keys and values, nothing global changed
+    assert all(p is params[n] for n, p in net.named_parameters())
+    after = net.state_dict()
+    assert list(after) == list(state) and all(torch.equal(after[k], state[k]) for k in state)
+    assert nn.LayerNorm.forward is not None and type(nn.LayerNorm(4)) is nn.LayerNorm
+    assert type(nn.LayerNorm(4)).forward is torch.nn.modules.normalization.LayerNorm.forward
+
+
+def test_patched_module_matches_float64_reference():
+    net = make_net()
+    patched = copy.deepcopy(net)
+    patch(patched)
+    ref = copy.deepcopy(net).double()
+    names = [n for n, _ in net.named_parameters()]
+
+    def run(model):
+        def fn(x, *params):
+            return torch.func.functional_call(model, dict(zip(names, params)), (x,))
+        return fn
+
+    # LayerNorm parameters stay fp32 with low-precision activations (as after OpenAI's convert_weights)
+    fp32_params = [i + 1 for i, n in enumerate(names) if ".fc." not in n]
+    for dtype in DTYPES:
+        x = randn(3, 11, 48, device=DEVICE, outliers=2)
+        params = [p.detach() for p in net.parameters()]
+        assert_op_matches("patched net", run(patched), run(net), [x, *params], dtype,
+                          reference_fn=run(ref), param_dtype_inputs=fp32_params)
+
+
+def test_patched_layer_norm_runs_the_kernel(monkeypatch):
+    from clipfast.kernels import layer_norm as kernel
+
+    net = make_net()
+    patch(net)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel launcher called")
+
+    monkeypatch.setattr(kernel, "layer_norm_fwd", boom)
+    with pytest.raises(RuntimeError, match="kernel launcher called"):
+        net(torch.randn(2, 3, 48, device=DEVICE))
+
+
+def test_output_dtypes_follow_each_original_class():
+    x = torch.randn(4, 16, device=DEVICE).half()
+    fp32_ln = Fp32LayerNorm(16).to(DEVICE)  # fp32 parameters, fp16 input -> fp16 (OpenAI)
+    plain_half = nn.LayerNorm(16).to(DEVICE).half()  # fp16 parameters -> fp16
+    expected = [fp32_ln(x), plain_half(x)]
+    for module, ref in zip([fp32_ln, plain_half], expected):
+        patch(module)
+        out = module(x)
+        assert patching.is_fast(module) and out.dtype == ref.dtype == torch.float16
+        torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.gpu
+def test_plain_layer_norm_under_cuda_autocast_returns_fp32_like_torch():
+    ln = nn.LayerNorm(64).cuda()
+    x = torch.randn(8, 64, device="cuda", dtype=torch.float16)
+    with torch.autocast("cuda", dtype=torch.float16):
+        ref = ln(x)
+        patch(ln)
+        out = ln(x)
+    assert ref.dtype == out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_too_wide_rows_are_left_alone_with_a_reason():
+    from clipfast.kernels import layer_norm as kernel
+
+    model = nn.Sequential(nn.LayerNorm(kernel.MAX_COLS + 1))
+    report = patch(model)
+    assert not report.swapped and type(model[0]) is nn.LayerNorm
+    assert str(kernel.MAX_COLS) in report.skipped[0].reason
+
+
+def test_patch_is_idempotent():
+    net = make_net()
+    first = patch(net)
+    modules = list(net.modules())
+    second = patch(net)
+    assert list(net.modules()) == modules and all(a is b for a, b in zip(net.modules(), modules))
+    assert sorted(s.path for s in second.swapped) == sorted(s.path for s in first.swapped)
+    assert all(s.already for s in second.swapped) and not any(s.already for s in first.swapped)
+    assert "already patched" in str(second)
+
+
+def test_unpatch_restores_the_original_objects_with_current_state():
+    net = make_net()
+    before = list(net.modules())
+    params = list(net.parameters())
+    patch(net)
+    # things users do to a patched model before unpatching: dtype/device moves (replace buffers), eval()
+    net.half().eval()
+    with torch.no_grad():
+        net.blocks[0].ln.weight.fill_(3)
+    assert unpatch(net) is net
+    after = list(net.modules())
+    assert len(after) == len(before) and all(a is b for a, b in zip(after, before))
+    assert all(type(m).__module__.startswith(("torch.", "clip.", __name__)) for m in after)
+    assert all(a is b for a, b in zip(net.parameters(), params))
+    assert all(not m.training for m in net.modules())
+    assert net.scale.dtype == torch.float16 and net.blocks[0].ln.weight.dtype == torch.float16
+    assert torch.all(net.blocks[0].ln.weight == 3)
+    assert not any("_clipfast" in k for m in net.modules() for k in m.__dict__)
+    unpatch(net)  # unpatching an unpatched model does nothing
+    assert all(a is b for a, b in zip(net.modules(), before))
+
+
+def test_patch_and_unpatch_the_model_itself():
+    ln = Fp32LayerNorm(32).to(DEVICE)
+    weight = ln.weight
+    x = torch.randn(5, 32, device=DEVICE)
+    expected = ln(x)
+    report = patch(ln)
+    assert [s.path for s in report.swapped] == [""] and "(model)" in str(report)
+    assert patching.is_fast(ln) and isinstance(ln, Fp32LayerNorm) and ln.weight is weight
+    torch.testing.assert_close(ln(x), expected, atol=1e-5, rtol=1e-5)
+    unpatch(ln)
+    assert type(ln) is Fp32LayerNorm and ln.weight is weight and not patching.is_fast(ln)
+
+
+def test_optimizer_built_before_patching_keeps_training_the_same_tensors():
+    net = make_net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    patch(net)
+    w0 = net.ln_pre.weight.detach().clone()
+    net(torch.randn(2, 5, 48, device=DEVICE)).square().mean().backward()
+    assert net.ln_pre.weight.grad is not None
+    opt.step()
+    assert not torch.equal(net.ln_pre.weight.detach(), w0)
+
+
+def test_hooks_and_deepcopy_survive_patching():
+    net = make_net()
+    seen = []
+    net.blocks[1].ln.register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    patch(net)
+    net(torch.randn(1, 2, 48, device=DEVICE))
+    assert seen == ["FastLayerNorm"]
+    twin = copy.deepcopy(net)
+    assert patching.is_fast(twin.ln_pre) and twin.ln_pre.weight is not net.ln_pre.weight
+    unpatch(twin)
+    assert type(twin.ln_pre) is Fp32LayerNorm and twin.ln_pre.weight is twin.ln_pre.weight
+    assert dict(twin.named_parameters()).keys() == dict(net.named_parameters()).keys()
+
+
+# ------------------------------------------------------------------------------------------------
+# Options, registry, report
+# ------------------------------------------------------------------------------------------------
+
+def test_families_can_be_disabled_and_unknown_ones_are_rejected():
+    net = make_net()
+    report = patch(net, layer_norm=False)
+    assert not report.swapped and not report.skipped and report.families["layer_norm"] == "disabled"
+    assert all(not patching.is_fast(m) for m in net.modules())
+    with pytest.raises(TypeError, match="unknown kernel family 'layer_nrom'"):
+        patch(net, layer_nrom=False)
+    with pytest.raises(TypeError, match="`mlp` must be True or False"):
+        patch(net, mlp="yes")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        patch(object())
+    for family in patching.DEFAULT_FAMILIES:
+        state = report.families[family]
+        has_rules = bool(patching.registered_rules(family))
+        assert state == ("disabled" if family == "layer_norm" else "enabled" if has_rules else "no rules registered")
+
+
+@pytest.fixture
+def scratch_rules():
+    saved = list(patching._RULES)
+    yield
+    patching._RULES[:] = saved
+
+
+def test_registered_rules_first_match_wins_and_unsupported_falls_through(scratch_rules):
+    calls = []
+
+    def refuse(m):
+        calls.append("refuse")
+        raise Unsupported("need_weights requested")
+
+    def to_fast_linear(m):
+        calls.append("take")
+        return clone_as(m, fast_subclass(type(m), lambda self, x: nn.Linear.forward(self, x) + 1, "PlusOneLinear"))
+
+    is_linear = lambda m: type(m) is nn.Linear  # noqa: E731
+    register_rule(PatchRule("toy", "Linear refuses", is_linear, refuse))
+    register_rule(PatchRule("toy", "Linear -> PlusOneLinear", is_linear, to_fast_linear))
+    register_rule(PatchRule("toy", "Linear -> PlusOneLinear", is_linear, to_fast_linear))  # replaced, not added
+    assert len(patching.registered_rules("toy")) == 2 and "toy" in patching.known_families()
+
+    net = make_net()
+    x = torch.randn(2, 48, device=DEVICE)
+    expected = net.blocks[0].fc(x) + 1
+    report = patch(net, layer_norm=False)
+    assert calls == ["refuse", "take", "refuse", "take"]
+    assert [s.rule for s in report.swapped] == ["Linear -> PlusOneLinear"] * 2
+    torch.testing.assert_close(net.blocks[0].fc(x), expected)
+    assert report.families["toy"] == "enabled"
+
+    # a family turned off; a rule that refuses everything is reported with its reason
+    unpatch(net)
+    patching._RULES[:] = [r for r in patching._RULES if r.name != "Linear -> PlusOneLinear"]
+    report = patch(net, layer_norm=False)
+    assert not report.swapped and [s.path for s in report.skipped] == ["blocks.0.fc", "blocks.1.fc"]
+    assert "left alone: need_weights requested" in str(report)
+    assert not patch(net, layer_norm=False, toy=False).skipped
+
+
+def test_rule_returning_a_non_subclass_is_an_error(scratch_rules):
+    register_rule(PatchRule("toy", "bad", lambda m: type(m) is nn.Linear, lambda m: nn.Identity()))
+    with pytest.raises(TypeError, match="not a subclass of Linear"):
+        patch(make_net(), layer_norm=False)
+    with pytest.raises(TypeError, match="PatchRule"):
+        register_rule("not a rule")
+
+
+def test_clone_as_and_fast_subclass():
+    ln = nn.LayerNorm(8)
+    ln.custom_attr = [1]
+    fwd = lambda self, x: x  # noqa: E731
+    cls = fast_subclass(nn.LayerNorm, fwd, "Identityish")
+    assert fast_subclass(nn.LayerNorm, fwd, "Identityish") is cls and issubclass(cls, nn.LayerNorm)
+    clone = clone_as(ln, cls)
+    assert clone.weight is ln.weight and clone.custom_attr is ln.custom_attr
+    assert clone._parameters is not ln._parameters and clone._modules is not ln._modules
+    clone.extra = nn.Linear(2, 2)
+    assert "extra" not in ln._modules
+    with pytest.raises(TypeError, match="not a subclass"):
+        clone_as(ln, nn.Linear)
+
+
+def test_report_prints_a_readable_table():
+    report = patch(make_net())
+    text = str(report)
+    lines = text.splitlines()
+    assert lines[0].startswith("clipfast.patch: 4 module(s) swapped, 1 left alone")
+    assert lines[1].split() == ["module", "original", "replacement"]
+    body = {line.split()[0]: line for line in lines[3:-1]}
+    assert list(body) == ["ln_pre", "blocks.0.ln", "blocks.1.ln", "heads.custom", "heads.plain"]
+    assert body["ln_pre"].split()[1:] == ["LayerNorm", "FastFp32LayerNorm"]
+    assert "left alone:" in body["heads.custom"]
+    assert lines[-1].strip().startswith("families: layer_norm: 4 swapped")
+    assert repr(report).startswith("PatchReport(swapped=4, skipped=1")
+
+
+def test_compile_fullgraph_of_patched_module():
+    net = make_net()
+    patch(net)
+    x = torch.randn(2, 3, 48, device=DEVICE, requires_grad=True)
+    expected = net(x)
+    expected.sum().backward()
+    gx, gw = x.grad.clone(), net.ln_pre.weight.grad.clone()
+    x.grad = None
+    net.zero_grad()
+    torch._dynamo.reset()
+    out = torch.compile(net, fullgraph=True, backend="aot_eager")(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, gx)
+    torch.testing.assert_close(net.ln_pre.weight.grad, gw)
