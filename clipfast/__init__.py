@@ -4,8 +4,10 @@ Functional ops run the Triton kernels on CUDA tensors, through the Triton interp
 when ``TRITON_INTERPRET=1`` is set before import, and the eager reference otherwise.
 """
 from . import nn, ops
+from . import models
+from .patching import patch, unpatch
 from .ops import add_layer_norm, layer_norm
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "ops", "layer_norm", "add_layer_norm"]
+__all__ = ["nn", "ops", "models", "patch", "unpatch", "layer_norm", "add_layer_norm"]
