@@ -1,0 +1,175 @@
+"""Hugging Face transformers: a ``"clipfast"`` attention implementation.
+
+transformers (4.57+, 5.x) looks attention functions up by name in ``ALL_ATTENTION_FUNCTIONS`` and mask
+builders in ``ALL_MASK_ATTENTION_FUNCTIONS``. After ``import clipfast``,
+
+    model = CLIPModel(config)                       # or from_pretrained(...)
+    model.set_attn_implementation("clipfast")       # or attn_implementation="clipfast" when loading
+
+runs every CLIP / ChineseCLIP / CLIPSeg / SigLIP attention through ``clipfast.flash_attention``.
+
+The function follows transformers' attention-interface contract:
+``(module, query, key, value, attention_mask, scaling, dropout, **kwargs) -> (out [B, L, H, D], weights)``
+with ``query`` [B, H, Lq, D]. Masks are built by the sdpa mask builder (boolean, True = takes part, or
+``None`` when ``is_causal`` alone describes the mask), so the causal text tower runs ``is_causal`` in the
+kernel and padded batches pass a boolean mask. What the kernel does not take falls back, with a one-time
+warning: attention weights requested (``output_attentions``) -> the model's eager attention; dropout in
+training, soft-capping, position biases, paged caches, unsupported head dims -> sdpa.
+
+Registration is cheap and lazy: importing ``transformers.modeling_utils`` costs seconds, so clipfast does
+not import it; if transformers is already loaded the function is registered now, otherwise an import hook
+registers it the moment transformers loads its attention registry.
+"""
+from __future__ import annotations
+
+import importlib.abc
+import sys
+from typing import Optional
+
+import torch
+
+from .._validate import warn_once
+
+NAME = "clipfast"
+
+# kwargs of the attention interface that change the math in ways the kernel does not implement
+_SDPA_ONLY_KWARGS = ("softcap", "position_bias", "sliding_window", "s_aux", "cache")
+
+
+def _eager_fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """The model's own eager attention (it returns the weights), else transformers' sdpa-like math."""
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    if eager is not None:
+        return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool \
+            else scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("output_attentions", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _wants_weights(module, kwargs) -> bool:
+    if kwargs.get("output_attentions"):
+        return True
+    # transformers 5.x records attentions with hooks when asked through the forward kwargs or the config
+    config = getattr(module, "config", None)
+    return bool(getattr(config, "output_attentions", False))
+
+
+def _mask_taken_by_kernel(mask: Optional[torch.Tensor], query, key) -> bool:
+    if mask is None:
+        return True
+    if not (mask.dtype == torch.bool or mask.is_floating_point()) or mask.dim() > 4:
+        return False
+    target = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    return all(s == 1 or s == t for s, t in zip(shape, target))
+
+
+def clipfast_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
+                               dropout: float = 0.0, **kwargs):
+    """transformers attention function running ``clipfast.flash_attention``; returns ``(out [B, Lq, H, D], None)``
+    (or the eager weights when they are requested)."""
+    if _wants_weights(module, kwargs):
+        warn_once("hf_output_attentions", "attention weights requested: this call runs the model's eager attention")
+        return _eager_fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+    flash_attention = getattr(sys.modules.get("clipfast"), "flash_attention", None)
+    reason = None
+    if flash_attention is None:
+        reason = "clipfast.flash_attention is not available"
+    elif dropout and module.training:
+        reason = "attention dropout in training"
+    elif any(kwargs.get(k) is not None for k in _SDPA_ONLY_KWARGS):
+        reason = "soft-capping / position bias / sliding window / sink / paged cache"
+    elif not (16 <= query.shape[-1] <= 256) or value.shape[-1] != query.shape[-1]:
+        reason = f"head dim {query.shape[-1]}"
+    elif not _mask_taken_by_kernel(attention_mask, query, key):
+        reason = f"attention mask of shape {tuple(attention_mask.shape)} and dtype {attention_mask.dtype}"
+    if reason is not None:
+        warn_once(f"hf_fallback:{reason}", f"transformers attention runs in sdpa: {reason}")
+        return _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1:  # grouped-query attention: the kernel takes equal head counts
+        from transformers.integrations.sdpa_attention import repeat_kv
+
+        key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    # the same is_causal resolution as transformers' sdpa: an explicit kwarg wins over the module flag, and a
+    # mask, when there is one, already holds the causal structure
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", False)
+    is_causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
+    out = flash_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling)
+    return out.transpose(1, 2), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration
+# ----------------------------------------------------------------------------------------------
+
+_REGISTRY_MODULES = ("transformers.modeling_utils", "transformers.masking_utils")
+
+
+def register() -> bool:
+    """Register ``"clipfast"`` in transformers' attention and mask registries (idempotent). Returns whether
+    transformers' registries were found."""
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.modeling_utils import AttentionInterface
+    except ImportError:  # transformers absent or older than the attention interface
+        return False
+    AttentionInterface.register(NAME, clipfast_attention_forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+    return True
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Runs :func:`register` right after ``transformers.modeling_utils`` finishes loading."""
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != _REGISTRY_MODULES[0]:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
+            register()
+
+        loader.exec_module = exec_then_register  # this loader object belongs to this one spec
+        return spec
+
+
+def install() -> None:
+    """Register now when transformers' registry is loaded, else when it gets imported."""
+    if _REGISTRY_MODULES[0] in sys.modules:
+        register()
+    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterOnImport())
