@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-EXTRAS ?= test
+EXTRAS ?= test,integrations
 
 .PHONY: demo test test-gpu aot aot-full bench gpu-suite clean
 
