@@ -73,20 +73,24 @@ def paths_of(model, predicate: Callable) -> set[str]:
 
 def check_patch(build: Callable[[], torch.nn.Module], run: Callable, inputs: Iterable, *,
                 dtype=torch.float32, expected: dict[str, set[str]] | None = None, factor: float = 4.0,
-                floor_ulps: float | None = None, grads: bool = True, patch_kwargs: dict | None = None):
+                floor_ulps: float | None = None, grads: bool = True, patch_kwargs: dict | None = None,
+                cast: Callable | None = None):
     """Patched vs unpatched ``build()`` model (see the module docstring). ``run(model, *inputs)`` returns the
     outputs to compare (floating tensors, any nesting flattened by the caller); ``inputs`` are float64 or
     integer tensors, rounded to ``dtype`` once so every copy sees the same values. ``expected`` maps a
     family to the module paths it must swap (checked for the families that have rules registered).
-    Returns ``(patched model, report)``."""
+    ``cast(model, dtype)`` puts a model in ``dtype`` (default ``model.to(dtype)``; e.g. a codebase's own
+    low-precision conversion, which keeps LayerNorm parameters in fp32). Returns ``(patched model, report)``."""
+    cast = cast or (lambda model, dt: model.to(dt))
     if floor_ulps is None:
         floor_ulps = 64.0 if dtype == torch.float32 else 8.0
     base = build().to(DEVICE)
     inputs = [t.to(DEVICE) if isinstance(t, torch.Tensor) else t for t in inputs]
     rounded = _cast_inputs(inputs, dtype)
-    ref_model = float64_reference(copy.deepcopy(base).to(dtype))  # the same rounded parameters
-    eager_model = copy.deepcopy(base).to(dtype)
-    fast_model = copy.deepcopy(base).to(dtype)
+    base = cast(base, dtype) or base
+    ref_model = float64_reference(copy.deepcopy(base))  # the same rounded parameters
+    eager_model = copy.deepcopy(base)
+    fast_model = copy.deepcopy(base)
 
     types_before = module_types(fast_model)
     state_before = fast_model.state_dict()
