@@ -196,11 +196,11 @@ def format_table(result: VerifyResult) -> str:
              f"swapped {len(result.swapped)} modules, left {len(result.skipped)} alone"]
     for s in result.skipped[:20]:
         lines.append(f"  left alone: {s}")
-    header = f"{'':<2}{'kind':<7}{'name':<52}{'clipfast-eager':>15}{'clipfast-fp64':>15}{'eager-fp64':>13}  rel(cf/eager vs fp64)"
+    header = f"{'':<4}{'kind':<7}{'name':<52}{'clipfast-eager':>15}{'clipfast-fp64':>15}{'eager-fp64':>13}  rel(cf/eager vs fp64)"
     lines += ["", header, "-" * len(header)]
     for r in result.rows:
         mark = "ok" if r.passed else "XX"
-        lines.append(f"{mark:<2}{r.kind:<7}{r.name[-51:]:<52}{r.clipfast_vs_eager['max_abs']:>15.2e}"
+        lines.append(f"{mark:<4}{r.kind:<7}{r.name[-51:]:<52}{r.clipfast_vs_eager['max_abs']:>15.2e}"
                      f"{r.clipfast_vs_fp64['max_abs']:>15.2e}{r.eager_vs_fp64['max_abs']:>13.2e}  "
                      f"{r.clipfast_vs_fp64['rel']:.1e} / {r.eager_vs_fp64['rel']:.1e}")
     n_fail = sum(not r.passed for r in result.rows)

@@ -110,12 +110,12 @@ def resolve(model: str | None, tiny: bool) -> ModelSpec:
         return hf_clip_spec(tiny)
     from . import models
 
-    if tiny and model != "tiny":
-        print(f"clipfast verify: --tiny replaces {model} with the tiny reference configuration", file=sys.stderr)
-        model = "tiny"
     if model not in models.available_models():
         raise SystemExit(f"clipfast verify: unknown model {model!r}; choose from {', '.join(models.available_models())}, "
                          "open_clip:NAME or hf:clip")
+    if tiny and model != "tiny":
+        print(f"clipfast verify: using the tiny reference configuration instead of {model}", file=sys.stderr)
+        model = "tiny"
     return reference_spec(model)
 
 

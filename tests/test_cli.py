@@ -66,3 +66,31 @@ def test_readme_results_section_is_generated_from_committed_results():
             "README results section is stale: run python -m clipfast.benchmarks.summary --write-readme"
     finally:
         os.chdir(cwd)
+
+
+def test_verify_tiny_reference_model_passes_and_reports_every_swapped_module(tmp_path):
+    import clipfast
+
+    out = tmp_path / "verify.json"
+    assert main(["verify", "tiny", "--json", str(out), "--no-progress"]) == 0
+    data = json.loads(out.read_text())
+    assert data["passed"] and data["interpreter"] == (not torch_cuda())
+    model = clipfast.models.create("tiny")
+    expected_swaps = [s.path for s in clipfast.patch(model).swapped]
+    assert data["swapped"] == expected_swaps and expected_swaps
+    module_rows = {r["name"] for r in data["rows"] if r["kind"] == "module"}
+    assert module_rows == set(expected_swaps)
+    grads = {r["name"] for r in data["rows"] if r["kind"] == "grad"}
+    assert grads == {n for n, _ in model.named_parameters()}
+    assert {r["name"] for r in data["rows"] if r["kind"] == "output"} >= {"image_features", "text_features"}
+
+
+def test_verify_unknown_model_is_a_clear_error():
+    with pytest.raises(SystemExit, match="unknown model"):
+        main(["verify", "ViT-Z-99"])
+
+
+def torch_cuda():
+    import torch
+
+    return torch.cuda.is_available()
