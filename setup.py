@@ -23,7 +23,7 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout"],
+        "test": ["pytest>=8", "pytest-benchmark>=4", "pytest-timeout", "matplotlib"],
         "integrations": [
             "torchvision",
             "open_clip_torch>=3.0",
