@@ -94,3 +94,15 @@ def torch_cuda():
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_loss_scaling_plot_from_timed_rows(tmp_path):
+    from clipfast.benchmarks.cli import plot_loss_scaling
+
+    rows = [{"family": "contrastive_loss", "mode": "fwd+bwd", "impl": impl, "error": None, "ms_median": ms * n / 1024,
+             "peak_mem_mb": mem * n, "shape": {"N": n, "d": 512}}
+            for impl, ms, mem in (("clipfast", 1.0, 0.01), ("eager", 2.0, 0.5)) for n in (1024, 4096, 16384)]
+    png = tmp_path / "loss.png"
+    assert plot_loss_scaling(rows, str(png))
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert not plot_loss_scaling([{**r, "family": "mlp"} for r in rows], str(tmp_path / "none.png"))

@@ -88,6 +88,38 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def plot_loss_scaling(rows: list[dict], path: str) -> bool:
+    """Contrastive-loss time and peak memory against batch size N (fwd+bwd), one line per implementation.
+    Returns False when there are no timed loss rows to plot."""
+    picked = [r for r in rows if r["family"] == "contrastive_loss" and r["mode"] == "fwd+bwd"
+              and not r.get("error") and "ms_median" in r and "N" in r.get("shape", {})]
+    if not picked:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
+    for impl in dict.fromkeys(r["impl"] for r in picked):
+        mine = sorted((r for r in picked if r["impl"] == impl), key=lambda r: r["shape"]["N"])
+        ns = [r["shape"]["N"] for r in mine]
+        ax_t.plot(ns, [r["ms_median"] for r in mine], marker="o", label=impl)
+        ax_m.plot(ns, [r.get("peak_mem_mb", float("nan")) for r in mine], marker="o", label=impl)
+    for ax, label in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "peak extra memory (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size N")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    env = environment()
+    fig.suptitle(f"contrastive loss — {env['gpu']}, torch {env['torch']}, triton {env['triton']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def main_bench(args) -> int:
     on_gpu = torch.cuda.is_available()
     smoke = args.smoke or not on_gpu
@@ -129,5 +161,8 @@ def main_bench(args) -> int:
     if args.plot:
         plot(rows, args.plot)
         print(f"wrote {args.plot}")
+        loss_plot = os.path.splitext(args.plot)[0] + "_loss_scaling.png"
+        if plot_loss_scaling(rows, loss_plot):
+            print(f"wrote {loss_plot}")
     failed = [r for r in rows if r.get("error") and r["impl"] in ("clipfast", "eager")]
     return 1 if failed else 0
