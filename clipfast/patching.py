@@ -276,7 +276,14 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
     report = PatchReport(families=families)
     order = iter(range(1 << 62))
 
+    seen: dict[int, nn.Module] = {}  # id of a visited module -> what it is now (shared modules swap once)
+
     def visit(module: nn.Module, path: str, parent: nn.Module | None, name: str | None) -> None:
+        if id(module) in seen:
+            if seen[id(module)] is not module:
+                setattr(parent, name, seen[id(module)])
+            return
+        seen[id(module)] = module
         if is_fast(module):
             original = module.__dict__.get(_ORIGINAL)
             if original is not None:
@@ -295,6 +302,7 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
                 else:
                     new.__dict__[_ORIGINAL] = module
                     setattr(parent, name, new)
+                    seen[id(module)] = new
                     module = new
                 report.swapped.append(Swapped(path, _class_name(module.__dict__[_ORIGINAL]), _class_name(module),
                                               rule.family, rule.name, order=next(order)))

@@ -462,3 +462,13 @@ def test_short_training_run_patched_and_eager_agree():
     # same seed, same data: the curves differ only by rounding (~1e-6 in fp32)
     assert all(abs(a - b) <= 1e-4 + 1e-3 * abs(a) for a, b in zip(eager_losses, patched_losses)), \
         list(zip(eager_losses, patched_losses))
+
+
+def test_a_module_shared_by_two_parents_is_swapped_once():
+    shared = nn.LayerNorm(16)
+    model = nn.ModuleDict({"a": nn.Sequential(shared), "b": nn.Sequential(shared)})
+    report = patch(model)
+    assert [s.path for s in report.swapped] == ["a.0"]
+    assert model["a"][0] is model["b"][0] and patching.is_fast(model["a"][0])
+    unpatch(model)
+    assert model["a"][0] is shared and model["b"][0] is shared
