@@ -1,0 +1,465 @@
+"""Fused patch embedding: pixels -> tokens (conv with kernel = stride = patch, class token, positional
+embedding, optional uint8 normalization), forward and backward.
+
+Algorithm
+---------
+The convolution is a GEMM ``tokens = A @ W^T`` whose operand A is never materialized: row ``r = (b, patch)``
+and column ``k = (c, ky, kx)`` of A is the pixel ``pixels[b, c, py * P + ky, px * P + kx]``, so the im2col
+happens in the loads (``_patch_tile``). W is the conv weight viewed as ``[width, C * P * P]``.
+
+Forward (``_patch_embed_fwd_kernel``): one program per ``[BLOCK_M patches, BLOCK_N channels]`` tile of the
+flattened ``B * N`` patch rows; the K loop gathers pixel tiles (uint8 pixels are normalized in registers,
+``x * scale[c] + shift[c]`` in fp32, then rounded to the compute dtype), accumulates in fp32, and the
+epilogue adds the positional-embedding row and stores into ``tokens[b, 1 + patch]``. The programs of the
+first patch tile also write the class-token rows ``tokens[:, 0] = class_embedding + pos[0]``, so the
+output is built by one kernel (no ``torch.cat``). Memory traffic: pixels read once (uint8: 1 byte a pixel),
+tokens written once, W and the positional embedding re-read from L2.
+
+ln_pre is NOT fused into the GEMM epilogue. Normalizing in the epilogue needs a whole row per program,
+i.e. BLOCK_N = next_power_of_2(width) (1024 for both ViT-B's 768 and ViT-L's 1024): a 64 x 1024 fp32
+accumulator is 256 KiB, the entire register file of an SM, and with 768 a quarter of the tensor-core work
+is padding. Compiled for sm_90 (``clipfast aot``), that configuration spills (BLOCK_M=64, BLOCK_N=1024,
+8 warps: 255 registers and several KiB of stack), while the 128 x 128 / 128 x 256 GEMM tiles do not. So
+the op runs the LayerNorm kernels of ``layer_norm.py`` as a second pass over the tokens (one extra read
+and write of the tokens, which are the same size as the pixels), forward and backward.
+
+Backward, from ``dtokens`` (the gradient of the pre-LN tokens):
+- ``_patch_embed_dweight_kernel``: ``dW = dT^T @ A`` over all patch rows, A gathered from the pixels again
+  (no saved im2col). The M = B * N reduction is split over a few programs per output tile so the grid fills
+  the GPU; each split writes an fp32 partial ``[S, width, K]`` that is summed afterwards (deterministic, no
+  atomics). Traffic: read dT and the pixels once per output column tile.
+- ``_patch_embed_dpixels_kernel``: ``dA = dT @ W``, scattered back into the image (col2im). Patches do
+  not overlap (stride == kernel), so every pixel belongs to exactly one (row, column) of A: a plain
+  scatter store, no atomics. Normalized float pixels get the ``scale[c]`` chain factor. Only run when the
+  pixels require grad.
+- ``_sum_over_batch_kernel``: ``d pos = sum_b dT[b]`` and ``d class_embedding = sum_b dT[b, 0]`` in fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime
+
+PATCH_SIZES_TESTED = (14, 16, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# im2col addressing, shared by the three GEMM kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _row_offsets(rows, n_patches, n_patches_w, stride_b, stride_h, stride_w, PATCH: tl.constexpr):
+    """Patch rows r = b * N + patch -> (pixel offset of the patch's top-left corner, b, patch)."""
+    b = rows // n_patches
+    patch = rows % n_patches
+    py = patch // n_patches_w
+    px = patch % n_patches_w
+    offset = b.to(tl.int64) * stride_b + (py * PATCH).to(tl.int64) * stride_h + (px * PATCH).to(tl.int64) * stride_w
+    return offset, b, patch
+
+
+@triton.jit
+def _col_offsets(k, stride_c, stride_h, stride_w, PATCH: tl.constexpr):
+    """Columns k = (c * P + ky) * P + kx -> (pixel offset inside a patch, channel)."""
+    c = k // (PATCH * PATCH)
+    rem = k % (PATCH * PATCH)
+    return c * stride_c + (rem // PATCH) * stride_h + (rem % PATCH) * stride_w, c
+
+
+@triton.jit
+def _ptrs(BASE, offs0, offs1, VEC: tl.constexpr, AXIS: tl.constexpr):
+    """``BASE + offs0[:, None] + offs1[None, :]``, declared to run in aligned groups of VEC contiguous
+    elements along AXIS when VEC > 1. The launchers check that this holds (``_vec``); it lets the gathers
+    load 16-byte vectors instead of single elements, which also keeps the per-element addresses from
+    spilling. (The hint must be made where the pointers are computed: Triton drops hints on values that
+    arrive as function arguments.)"""
+    ptrs = BASE + offs0[:, None] + offs1[None, :]
+    if VEC > 1:
+        nbytes: tl.constexpr = VEC * (BASE.dtype.element_ty.primitive_bitwidth // 8)
+        if AXIS == 1:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, nbytes]), [1, VEC])
+        else:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [nbytes, 1]), [VEC, 1])
+    return ptrs
+
+
+@triton.jit
+def _patch_tile(PIX, SCALE, SHIFT, row_off, row_ok, k, K, stride_c, stride_h, stride_w,
+                PATCH: tl.constexpr, HAS_NORM: tl.constexpr, VEC: tl.constexpr, DTYPE: tl.constexpr):
+    """A [BLOCK_M, BLOCK_K] tile of the implicit im2col matrix, normalized and rounded to DTYPE;
+    zero outside the matrix."""
+    col_off, c = _col_offsets(k, stride_c, stride_h, stride_w, PATCH)
+    col_ok = k < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    a = tl.load(_ptrs(PIX, row_off, col_off, VEC, 1), mask=mask, other=0)
+    if HAS_NORM:
+        scale = tl.load(SCALE + c, mask=col_ok, other=0.0)
+        shift = tl.load(SHIFT + c, mask=col_ok, other=0.0)
+        a = tl.where(mask, a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+    return a.to(DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+def _gemm_configs(bm_bn_bk_warps_stages):
+    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
+    return [triton.Config(dict(zip(keys, c[:3])), num_warps=c[3], num_stages=c[4]) for c in bm_bn_bk_warps_stages]
+
+
+# The first config is what the interpreter runs (large tiles keep it fast).
+FWD_CONFIGS = _gemm_configs([(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)])
+
+
+@runtime.autotune(FWD_CONFIGS, key=["width", "K"])
+@triton.jit
+def _patch_embed_fwd_kernel(
+    PIX, W, CLS, POS, SCALE, SHIFT, OUT,
+    n_rows, n_patches, n_patches_w, n_batch, width, K,
+    stride_pb, stride_pc, stride_ph, stride_pw,
+    PATCH: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
+    VEC: tl.constexpr, W_VEC: tl.constexpr, N_VEC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_tiles_n = tl.cdiv(width, BLOCK_N)
+    pid_m = pid // n_tiles_n  # consecutive programs share a pixel tile (L2 reuse)
+    pid_n = pid % n_tiles_n
+    dtype = OUT.dtype.element_ty
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    row_off, b, patch = _row_offsets(rows, n_patches, n_patches_w, stride_pb, stride_ph, stride_pw, PATCH)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < width
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        a = _patch_tile(PIX, SCALE, SHIFT, row_off, row_ok, k, K, stride_pc, stride_ph, stride_pw,
+                        PATCH, HAS_NORM, VEC, dtype)
+        w = tl.load(_ptrs(W, k, cols * K, W_VEC, 0), mask=col_ok[None, :] & (k < K)[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+    if HAS_CLS:
+        tok = patch + 1
+    else:
+        tok = patch
+    n_tokens = n_patches + HAS_CLS
+    mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_POS:
+        pos_ptrs = _ptrs(POS, tok * width, cols, N_VEC, 1)
+        acc += tl.load(pos_ptrs, mask=mask, other=0.0).to(tl.float32)
+    out_rows = b.to(tl.int64) * n_tokens + tok
+    tl.store(_ptrs(OUT, out_rows * width, cols, N_VEC, 1), acc.to(dtype), mask=mask)
+
+    if HAS_CLS:
+        if pid_m == 0:  # row 0 of every image: class_embedding + pos[0]
+            first = tl.load(CLS + cols, mask=col_ok, other=0.0).to(tl.float32)
+            if HAS_POS:
+                first += tl.load(POS + cols, mask=col_ok, other=0.0).to(tl.float32)
+            first_tile = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32) + first[None, :]
+            for b0 in range(0, n_batch, BLOCK_M):
+                bs = b0 + tl.arange(0, BLOCK_M)
+                cls_rows = bs.to(tl.int64) * n_tokens
+                tl.store(OUT + cls_rows[:, None] * width + cols[None, :], first_tile.to(dtype),
+                         mask=(bs < n_batch)[:, None] & col_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+DWEIGHT_CONFIGS = _gemm_configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (32, 128, 128, 4, 3)])
+
+
+@runtime.autotune(DWEIGHT_CONFIGS, key=["width", "K"])
+@triton.jit
+def _patch_embed_dweight_kernel(
+    PIX, SCALE, SHIFT, DT, DW_PARTIAL,
+    n_rows, n_patches, n_patches_w, width, K, n_splits,
+    stride_pb, stride_pc, stride_ph, stride_pw, stride_db, stride_dt, stride_dn,
+    PATCH: tl.constexpr, HAS_CLS: tl.constexpr, HAS_NORM: tl.constexpr,
+    VEC: tl.constexpr, W_VEC: tl.constexpr, DT_VEC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dW[n, k] = sum over patch rows r of dT[r, n] * A[r, k]; program (tile, split) covers one run of rows
+    and writes its fp32 partial."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_tiles_k = tl.cdiv(K, BLOCK_K)
+    pid_n = pid // n_tiles_k
+    pid_k = pid % n_tiles_k
+    dtype = DT.dtype.element_ty
+
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < width
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+
+    rows_per_split = tl.cdiv(tl.cdiv(n_rows, n_splits), BLOCK_M) * BLOCK_M
+    first_row = split * rows_per_split
+    end_row = tl.minimum(first_row + rows_per_split, n_rows)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for start in range(first_row, end_row, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        row_ok = rows < end_row
+        row_off, b, patch = _row_offsets(rows, n_patches, n_patches_w, stride_pb, stride_ph, stride_pw, PATCH)
+        if HAS_CLS:
+            tok = patch + 1
+        else:
+            tok = patch
+        dt_ptrs = _ptrs(DT, b.to(tl.int64) * stride_db + tok * stride_dt, cols * stride_dn, DT_VEC, 1)
+        dt = tl.load(dt_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        a = _patch_tile(PIX, SCALE, SHIFT, row_off, row_ok, k, K, stride_pc, stride_ph, stride_pw,
+                        PATCH, HAS_NORM, VEC, dtype)
+        acc = tl.dot(tl.trans(dt), a, acc, input_precision=DOT_PRECISION)
+
+    out = _ptrs(DW_PARTIAL + split.to(tl.int64) * width * K, cols * K, k, W_VEC, 1)
+    tl.store(out, acc, mask=col_ok[:, None] & (k < K)[None, :])
+
+
+DPIXELS_CONFIGS = _gemm_configs([(128, 64, 128, 8, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 3)])
+
+
+@runtime.autotune(DPIXELS_CONFIGS, key=["width", "K"])
+@triton.jit
+def _patch_embed_dpixels_kernel(
+    DT, W, SCALE, DPIX,
+    n_rows, n_patches, n_patches_w, width, K,
+    stride_db, stride_dt, stride_dn, stride_xb, stride_xc, stride_xh, stride_xw,
+    PATCH: tl.constexpr, HAS_CLS: tl.constexpr, HAS_NORM: tl.constexpr,
+    VEC: tl.constexpr, W_VEC: tl.constexpr, DT_VEC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """dA = dT @ W for a [BLOCK_M, BLOCK_K] tile, stored straight into the image (col2im)."""
+    pid = tl.program_id(0)
+    n_tiles_k = tl.cdiv(K, BLOCK_K)
+    pid_m = pid // n_tiles_k
+    pid_k = pid % n_tiles_k
+    dtype = DT.dtype.element_ty
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    row_off, b, patch = _row_offsets(rows, n_patches, n_patches_w, stride_xb, stride_xh, stride_xw, PATCH)
+    if HAS_CLS:
+        tok = patch + 1
+    else:
+        tok = patch
+    dt_rows = b.to(tl.int64) * stride_db + tok * stride_dt
+    k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = k < K
+
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, width, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < width
+        dt = tl.load(_ptrs(DT, dt_rows, n * stride_dn, DT_VEC, 1),
+                     mask=row_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(_ptrs(W, n * K, k, W_VEC, 1),
+                    mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dtype)
+        acc = tl.dot(dt, w, acc, input_precision=DOT_PRECISION)
+
+    col_off, c = _col_offsets(k, stride_xc, stride_xh, stride_xw, PATCH)
+    if HAS_NORM:  # d/dx of (x * scale + shift)
+        acc *= tl.load(SCALE + c, mask=k_ok, other=0.0)[None, :]
+    tl.store(_ptrs(DPIX, row_off, col_off, VEC, 1), acc.to(DPIX.dtype.element_ty),
+             mask=row_ok[:, None] & k_ok[None, :])
+
+
+@triton.jit
+def _sum_over_batch_kernel(DT, OUT, n_batch, n_elems, width, stride_db, stride_dt, stride_dn,
+                           DT_VEC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[t * width + n] = sum_b DT[b, t, n] in fp32 (the positional / class embedding gradients)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e_ok = e < n_elems
+    offsets = (e // width) * stride_dt + (e % width) * stride_dn
+    acc = tl.zeros([BLOCK_B, BLOCK], dtype=tl.float32)
+    for b0 in range(0, n_batch, BLOCK_B):
+        bs = b0 + tl.arange(0, BLOCK_B)
+        ptrs = _ptrs(DT, bs.to(tl.int64) * stride_db, offsets, DT_VEC, 1)
+        acc += tl.load(ptrs, mask=(bs < n_batch)[:, None] & e_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(OUT + e, tl.sum(acc, axis=0), mask=e_ok)
+
+
+SUM_TILE = {"BLOCK_B": 8, "BLOCK": 512, "num_warps": 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _dot_precision(dtype: torch.dtype):
+    # fp32 runs full-precision (no TF32) so fp32 results meet the float64 standard like cuDNN's fp32 path
+    return "ieee" if dtype == torch.float32 else None
+
+
+def _vec(t: torch.Tensor, strides, run: int, inner_stride: int = 1) -> int:
+    """Elements per aligned contiguous group the kernels may assume for ``t`` (see ``_ptrs``): the largest
+    power of two v <= 8 with v * itemsize <= 16 bytes that divides ``run`` (the contiguous run length), every
+    outer stride, and the base address; 1 when the innermost stride is not 1."""
+    if inner_stride != 1:
+        return 1
+    v = max(1, min(8, 16 // t.element_size()))  # 16-byte vectors; 8-byte for uint8 (register pressure)
+    while v > 1 and (run % v or any(s % v for s in strides) or t.data_ptr() % (v * t.element_size())):
+        v //= 2
+    return v
+
+
+def _geometry(pixels: torch.Tensor, weight: torch.Tensor) -> dict:
+    batch, channels, height, width_px = pixels.shape
+    patch = weight.shape[-1]
+    n_patches_w = width_px // patch
+    n_patches = (height // patch) * n_patches_w
+    return {"batch": batch, "patch": patch, "n_patches": n_patches, "n_patches_w": n_patches_w,
+            "n_rows": batch * n_patches, "width": weight.shape[0], "K": channels * patch * patch}
+
+
+def patch_embed_fwd(pixels, weight, class_embedding, positional_embedding, scale, shift) -> torch.Tensor:
+    """Tokens ``[B, (1 if class) + N, width]`` in ``weight``'s dtype. ``pixels`` [B, C, H, W] in any
+    layout (float, or uint8 with ``scale``/``shift``: fp32 [C]); H and W multiples of the patch size."""
+    g = _geometry(pixels, weight)
+    has_cls = class_embedding is not None
+    n_tokens = g["n_patches"] + int(has_cls)
+    out = runtime.empty((g["batch"], n_tokens, g["width"]), weight.dtype, weight.device)
+    if out.numel() == 0:
+        return out
+    w2 = weight.reshape(g["width"], g["K"]).contiguous()
+    pos = positional_embedding.contiguous() if positional_embedding is not None else None
+    has_norm = scale is not None
+    grid = lambda meta: (runtime.cdiv(g["n_rows"], meta["BLOCK_M"]) * runtime.cdiv(g["width"], meta["BLOCK_N"]),)  # noqa: E731
+    _patch_embed_fwd_kernel[grid](
+        pixels, w2, class_embedding if has_cls else w2, pos if pos is not None else w2,
+        scale if has_norm else w2, shift if has_norm else w2, out,
+        g["n_rows"], g["n_patches"], g["n_patches_w"], g["batch"], g["width"], g["K"],
+        *pixels.stride(),
+        PATCH=g["patch"], HAS_CLS=has_cls, HAS_POS=pos is not None, HAS_NORM=has_norm,
+        VEC=_vec(pixels, pixels.stride()[:3], g["patch"], pixels.stride(3)), W_VEC=_vec(w2, (g["K"],), g["K"]),
+        N_VEC=min(_vec(out, (g["width"],), g["width"]), _vec(pos, (g["width"],), g["width"]) if pos is not None else 16),
+        DOT_PRECISION=_dot_precision(weight.dtype),
+    )
+    return out
+
+
+def _dweight_splits(n_rows: int, width: int, K: int, device: torch.device) -> int:
+    """Split the patch-row reduction so that (output tiles x splits) is about two waves of programs."""
+    tiles = runtime.cdiv(width, 128) * runtime.cdiv(K, 128)
+    return max(1, min(runtime.cdiv(n_rows, 256), runtime.cdiv(2 * runtime.sm_count(device), tiles)))
+
+
+def patch_embed_bwd(dtokens, pixels, weight, scale, shift, has_cls: bool, need_pixels: bool, need_weight: bool,
+                    sum_rows: int):
+    """Gradients from ``dtokens`` (the gradient of the tokens): ``(dpixels, dweight, dsum)``.
+
+    ``dpixels`` (pixels' dtype and shape) only with ``need_pixels``; ``dweight`` (fp32, weight's shape)
+    only with ``need_weight``; ``dsum`` = fp32 ``sum_b dtokens[b, :sum_rows]`` of shape [sum_rows, width]
+    (``sum_rows`` 0 skips it). Absent results are None."""
+    g = _geometry(pixels, weight)
+    width, K = g["width"], g["K"]
+    precision = _dot_precision(dtokens.dtype)
+    db, dt, dn = dtokens.stride()
+    dt_vec = _vec(dtokens, (db, dt), width, dn)
+    dpixels = dweight = dsum = None
+
+    if need_weight:
+        splits = _dweight_splits(g["n_rows"], width, K, pixels.device)
+        partial = runtime.empty((splits, width, K), torch.float32, pixels.device)
+        has_norm = scale is not None
+        grid = lambda meta: (runtime.cdiv(width, meta["BLOCK_N"]) * runtime.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
+        _patch_embed_dweight_kernel[grid](
+            pixels, scale if has_norm else partial, shift if has_norm else partial, dtokens, partial,
+            g["n_rows"], g["n_patches"], g["n_patches_w"], width, K, splits,
+            *pixels.stride(), db, dt, dn,
+            PATCH=g["patch"], HAS_CLS=has_cls, HAS_NORM=has_norm,
+            VEC=_vec(pixels, pixels.stride()[:3], g["patch"], pixels.stride(3)), W_VEC=_vec(partial, (K,), K),
+            DT_VEC=dt_vec, DOT_PRECISION=precision,
+        )
+        dweight = partial.sum(0).reshape(weight.shape)
+
+    if need_pixels:
+        dpixels = runtime.empty(pixels.shape, pixels.dtype, pixels.device)
+    if need_pixels and dpixels.numel() > 0:
+        w2 = weight.reshape(width, K).contiguous()
+        has_norm = scale is not None
+        grid = lambda meta: (runtime.cdiv(g["n_rows"], meta["BLOCK_M"]) * runtime.cdiv(K, meta["BLOCK_K"]),)  # noqa: E731
+        _patch_embed_dpixels_kernel[grid](
+            dtokens, w2, scale if has_norm else w2, dpixels,
+            g["n_rows"], g["n_patches"], g["n_patches_w"], width, K,
+            db, dt, dn, *dpixels.stride(),
+            PATCH=g["patch"], HAS_CLS=has_cls, HAS_NORM=has_norm,
+            VEC=_vec(dpixels, dpixels.stride()[:3], g["patch"], dpixels.stride(3)), W_VEC=_vec(w2, (K,), K),
+            DT_VEC=dt_vec, DOT_PRECISION=precision,
+        )
+
+    if sum_rows:
+        n_elems = sum_rows * width
+        dsum = runtime.empty((sum_rows, width), torch.float32, dtokens.device)
+        _sum_over_batch_kernel[(runtime.cdiv(n_elems, SUM_TILE["BLOCK"]),)](
+            dtokens, dsum, g["batch"], n_elems, width, db, dt, dn, DT_VEC=dt_vec,
+            BLOCK_B=SUM_TILE["BLOCK_B"], BLOCK=SUM_TILE["BLOCK"], num_warps=SUM_TILE["num_warps"],
+        )
+    return dpixels, dweight, dsum
+
+
+# ---------------------------------------------------------------------------------------------
+# AOT cases
+# ---------------------------------------------------------------------------------------------
+
+def _clip_vecs(label: str, patch: int, uint8: bool) -> dict:
+    """The alignment constexprs ``_vec`` picks at CLIP shapes (contiguous 224/336 images, widths 768/1024,
+    16-bit activations): 16 bytes wherever the patch size allows."""
+    pix = min(8, patch & -patch)  # largest power of two dividing the patch, capped as in `_vec`
+    k = 3 * patch * patch
+    w_vec = min(4 if label == "dweight" else 8, k & -k)  # dweight stores fp32 partials
+    vecs = {"VEC": pix, "W_VEC": w_vec}
+    vecs.update({"N_VEC": 8} if label == "fwd" else {"DT_VEC": 8})
+    return vecs
+
+
+def aot_cases() -> list[runtime.AotCase]:
+    """Every shipped GEMM config at patch 16 (ViT-B/16), the first config at patches 14 and 32, the uint8
+    forward, and the batch-sum kernel. Quick subset: the first config of each kernel at patch 16."""
+    geometry = {"n_rows": "i32", "n_patches": "i32", "n_patches_w": "i32"}
+    pix_strides = {"stride_pb": "i32", "stride_pc": "i32", "stride_ph": "i32", "stride_pw": "i32"}
+    dt_strides = {"stride_db": "i32", "stride_dt": "i32", "stride_dn": "i32"}
+    kernels = {
+        "fwd": (_patch_embed_fwd_kernel,
+                {"PIX": "{pix}", "W": "*{dtype}", "CLS": "*{dtype}", "POS": "*{dtype}", "SCALE": "*fp32",
+                 "SHIFT": "*fp32", "OUT": "*{dtype}", **geometry, "n_batch": "i32", "width": "i32", "K": "i32",
+                 **pix_strides},
+                {"HAS_POS": True}),
+        "dweight": (_patch_embed_dweight_kernel,
+                    {"PIX": "{pix}", "SCALE": "*fp32", "SHIFT": "*fp32", "DT": "*{dtype}", "DW_PARTIAL": "*fp32",
+                     **geometry, "width": "i32", "K": "i32", "n_splits": "i32", **pix_strides, **dt_strides},
+                    {}),
+        "dpixels": (_patch_embed_dpixels_kernel,
+                    {"DT": "*{dtype}", "W": "*{dtype}", "SCALE": "*fp32", "DPIX": "*{dtype}", **geometry,
+                     "width": "i32", "K": "i32", **dt_strides, "stride_xb": "i32", "stride_xc": "i32",
+                     "stride_xh": "i32", "stride_xw": "i32"},
+                    {}),
+    }
+    cases = []
+    for label, (fn, signature, flags) in kernels.items():
+        variants = [(16, False, i) for i in range(len(fn.shipped_configs))] + [(14, False, 0), (32, False, 0)]
+        if label != "dpixels":  # uint8 pixels have no gradient
+            variants.append((16, True, 0))
+        for patch, uint8, config in variants:
+            cfg = fn.shipped_configs[config]
+            sig = {k: v.replace("{pix}", "*u8" if uint8 else "*{dtype}") for k, v in signature.items()}
+            cases.append(runtime.AotCase(
+                name=f"patch_embed_{label}[p={patch}{',u8' if uint8 else ''}]",
+                kernel=runtime.jit_function(fn), signature=sig,
+                constexprs={"PATCH": patch, "HAS_CLS": True, "HAS_NORM": uint8, **flags,
+                            **_clip_vecs(label, patch, uint8), "DOT_PRECISION": None, **cfg.kwargs},
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=True,
+                quick=(patch == 16 and config == 0 and not uint8),
+            ))
+    cases.append(runtime.AotCase(
+        name="patch_embed_sum_over_batch", kernel=_sum_over_batch_kernel,
+        signature={"DT": "*{dtype}", "OUT": "*fp32", "n_batch": "i32", "n_elems": "i32", "width": "i32", **dt_strides},
+        constexprs={"DT_VEC": 8, "BLOCK_B": SUM_TILE["BLOCK_B"], "BLOCK": SUM_TILE["BLOCK"]},
+        num_warps=SUM_TILE["num_warps"], quick=True,
+    ))
+    return cases
