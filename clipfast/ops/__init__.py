@@ -1,4 +1,5 @@
 """Differentiable ops (torch custom ops) over the Triton kernels."""
 from .layer_norm import add_layer_norm, layer_norm
+from .patch_embed import patch_embed
 
-__all__ = ["layer_norm", "add_layer_norm"]
+__all__ = ["layer_norm", "add_layer_norm", "patch_embed"]
