@@ -1,0 +1,406 @@
+"""Fused MLP: one GEMM kernel with constexpr epilogues, plus the standalone activation kernel.
+
+GEMM
+----
+``C[m, n] = epilogue(sum_k A[m, k] * B[n, k])`` with ``B`` in ``nn.Linear`` layout ([N, K]). Both operands
+are addressed through their strides, so every product the MLP needs is this one kernel over views, with
+no transposed copy materialized:
+
+====================  =================  =================  =========================================
+product               A [M, K]           B [N, K]           epilogue
+====================  =================  =================  =========================================
+fc forward            x                  W1                 + b1, store Z (training), act -> H
+proj forward          H                  W2                 + b2 (+ residual) -> Y
+proj dgrad            dY                 W2.T (a view)      * act'(Z) -> dZ   (dH is never stored)
+proj wgrad            dY.T (a view)      H.T (a view)       -> dW2, and row sums of A -> db2
+fc wgrad              dZ.T (a view)      x.T (a view)       -> dW1, and row sums of A -> db1
+fc dgrad              dZ                 W1.T (a view)      -> dx
+====================  =================  =================  =========================================
+
+Each program computes one [BLOCK_M, BLOCK_N] tile with an fp32 accumulator, walking K in BLOCK_K steps
+(``tl.dot`` on tensor cores: HMMA on sm_80, HGMMA on sm_90). Programs are ordered in groups of GROUP_M
+tile rows, so the B tiles a group reads stay in L2 while the group sweeps N. fp32 inputs use
+``input_precision="ieee"`` (exact fp32 products, as eager without TF32) unless TF32 is enabled in torch
+(``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision("high")``), which is when
+eager cuBLAS uses TF32 too.
+
+Memory traffic: the GEMM reads A and B once per tile row/column (the L2 grouping keeps the re-reads on
+chip) and writes C once; the epilogue adds reads of the bias (N), the residual or Z (M x N) only when
+the variant needs them. Compared with eager Linear -> act -> Linear, the fused forward skips the separate
+activation pass (read Z, write H), and the fused dgrad skips storing dH and the activation-backward pass
+(read dH and Z, write dZ).
+
+What the backward keeps
+-----------------------
+Training needs H (the operand of the proj wgrad) and act'(Z) (for dZ). We save H and the pre-activation
+Z, the same two M x 4D tensors eager autograd keeps, and recompute act'(Z) in the dgrad epilogue: a few
+fp32 flops per element hidden behind the tensor-core loop. The alternatives cost more: recomputing H
+from Z would need an activation prologue on a GEMM operand (a register round trip on the path the
+tensor cores read from shared memory, repeated for every tile column), and saving act'(Z) instead of Z
+is the same size while the forward would have to compute it for every inference call too. Without
+grad the forward writes H only.
+
+Bias gradients: db2 = sum_m dY and db1 = sum_m dZ are the row sums of the A operand of the wgrad GEMMs
+(dY.T, dZ.T). The programs of the first tile column already load every A tile, so they add its row sums
+to an fp32 register vector and store it once: no extra pass over dY or dZ, fp32 accumulation, no atomics.
+
+Activation kernel
+-----------------
+``quick_gelu`` (and the other activations) elementwise, forward ``act(x)`` and backward
+``dy * act'(x)`` computed in fp32 from the input: one read and one write per element (two reads in
+the backward), the minimum.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime
+
+# Activation codes (constexpr in the kernels).
+ACTIVATIONS = {"none": 0, "quick_gelu": 1, "gelu": 2, "gelu_tanh": 3}
+
+# Constants in the kernels: 0.7071... = 1/sqrt(2), 0.3989... = 1/sqrt(2 pi), 1.5957... = 2 sqrt(2/pi),
+# 0.134145 = 3 * 0.044715.
+
+
+@triton.jit
+def _sigmoid_pair(x):
+    """(sigmoid(x), 1 - sigmoid(x)) without cancellation or overflow: both from exp(-|x|) <= 1."""
+    e = tl.exp(-tl.abs(x))
+    big = 1.0 / (1.0 + e)
+    small = e * big
+    pos = x >= 0
+    return tl.where(pos, big, small), tl.where(pos, small, big)
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """act(z) in fp32. gelu_tanh uses 0.5 * (1 + tanh(u)) == sigmoid(2u)."""
+    y = z
+    if ACTIVATION == 1:
+        s, _ = _sigmoid_pair(1.702 * z)
+        y = z * s
+    elif ACTIVATION == 2:
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 3:
+        s, _ = _sigmoid_pair(1.5957691216057308 * (z + 0.044715 * z * z * z))
+        y = z * s
+    return y
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    """act'(z) in fp32."""
+    d = tl.full(z.shape, 1.0, tl.float32)
+    if ACTIVATION == 1:
+        s, s_neg = _sigmoid_pair(1.702 * z)
+        d = s + 1.702 * z * s * s_neg
+    elif ACTIVATION == 2:
+        d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 3:
+        s, s_neg = _sigmoid_pair(1.5957691216057308 * (z + 0.044715 * z * z * z))
+        d = s + z * s * s_neg * 1.5957691216057308 * (1.0 + 0.134145 * z * z)
+    return d
+
+
+@triton.jit
+def _tile_ptrs(BASE, rows, cols, stride, ROW_MAJOR: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers to the [rows, cols] tile of a matrix with leading stride ``stride`` and unit stride along
+    cols (ROW_MAJOR) or along rows.
+
+    ALIGNED declares the tile as 16-byte vectors along its unit-stride axis: the launcher checked that the
+    base address and the leading stride are 16-byte multiples and that no vector straddles a wrapped edge.
+    The JIT would otherwise only learn this from its argument specialization; without vectors every
+    element needs its own 64-bit address and the large tiles spill. (Hints must be made where the
+    pointers are computed: Triton drops them on values passed into a function.)"""
+    VEC: tl.constexpr = 128 // BASE.dtype.element_ty.primitive_bitwidth
+    if ROW_MAJOR:
+        ptrs = BASE + rows[:, None] * stride + cols[None, :]
+        if ALIGNED:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16]), [1, VEC])
+    else:
+        ptrs = BASE + rows[:, None] + cols[None, :] * stride
+        if ALIGNED:
+            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [16, 1]), [VEC, 1])
+    return ptrs
+
+
+# Shipped tile configurations. The first one is what the interpreter runs (large tiles keep it fast)
+# and a good default on both architectures. Every entry compiles without spills with tensor cores for
+# fp16/bf16 on sm_80 and sm_90 for every epilogue on aligned operands (see ``aot_cases``); operands
+# that are not 16-byte aligned load element by element, which needs more registers, so they are tuned
+# over the small tiles only (``_prune``).
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+UNALIGNED_MAX_TILE = 64 * 64
+
+
+def _prune(configs, named_args, **kwargs):
+    if named_args.get("ALIGNED", kwargs.get("ALIGNED", True)):
+        return configs
+    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= UNALIGNED_MAX_TILE]
+    return small or configs
+
+
+@runtime.autotune(GEMM_CONFIGS, key=["M", "N", "K", "A_ROW_MAJOR", "B_ROW_MAJOR", "ALIGNED"],
+                  prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _gemm_kernel(
+    A, B, C, BIAS, RES, Z, ROWSUM,
+    M, N, K, stride_a, stride_b, stride_c,
+    A_ROW_MAJOR: tl.constexpr, B_ROW_MAJOR: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, ACT_GRAD: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, ROWSUM_A: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """A: [M, K], unit stride along K (A_ROW_MAJOR) or M; B: [N, K], unit stride along K (B_ROW_MAJOR,
+    nn.Linear layout) or N. C, and Z / RES when used, are [M, N] with row stride stride_c."""
+    # Grouped tile order: GROUP_M tile rows sweep the tile columns together (B stays in L2).
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Rows/columns past the edge load wrapped (valid) addresses and are never stored, so only K is masked.
+    rm_load = (rm % M).to(tl.int64)
+    rn_load = (rn % N).to(tl.int64)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        kk = k * BLOCK_K + rk
+        a = tl.load(_tile_ptrs(A, rm_load, kk, stride_a, A_ROW_MAJOR, ALIGNED), mask=kk[None, :] < K, other=0.0)
+        b = tl.load(_tile_ptrs(B, kk, rn_load, stride_b, not B_ROW_MAJOR, ALIGNED), mask=kk[:, None] < K, other=0.0)
+        if ALLOW_TF32:
+            acc = tl.dot(a, b, acc, input_precision="tf32")
+        else:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        if ROWSUM_A:
+            if pid_n == 0:
+                rowsum += tl.sum(a.to(tl.float32), axis=1)
+
+    # Epilogue on the fp32 accumulator. C, Z and RES share one layout (row stride stride_c).
+    m_ok = rm < M
+    mask = m_ok[:, None] & (rn < N)[None, :]
+    rm64 = rm.to(tl.int64)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        tl.store(_tile_ptrs(Z, rm64, rn, stride_c, True, ALIGNED), acc.to(Z.dtype.element_ty), mask=mask)
+    if ACT_GRAD:
+        z = tl.load(_tile_ptrs(Z, rm64, rn, stride_c, True, ALIGNED), mask=mask, other=0.0).to(tl.float32)
+        acc *= _activation_grad(z, ACTIVATION)
+    else:
+        acc = _activation(acc, ACTIVATION)
+    if HAS_RESIDUAL:
+        acc += tl.load(_tile_ptrs(RES, rm64, rn, stride_c, True, ALIGNED), mask=mask, other=0.0).to(tl.float32)
+    tl.store(_tile_ptrs(C, rm64, rn, stride_c, True, ALIGNED), acc.to(C.dtype.element_ty), mask=mask)
+    if ROWSUM_A:
+        if pid_n == 0:
+            tl.store(ROWSUM + rm, rowsum, mask=m_ok)
+
+
+@triton.jit
+def _activation_kernel(X, DY, OUT, n, ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    x = tl.load(X + offs, mask=ok, other=0.0).to(tl.float32)
+    if BACKWARD:
+        out = tl.load(DY + offs, mask=ok, other=0.0).to(tl.float32) * _activation_grad(x, ACTIVATION)
+    else:
+        out = _activation(x, ACTIVATION)
+    tl.store(OUT + offs, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+ELEMENTWISE_BLOCK = 4096
+ELEMENTWISE_WARPS = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _allow_tf32(t: torch.Tensor) -> bool:
+    """fp32 GEMMs use TF32 exactly when eager cuBLAS would."""
+    return t.dtype == torch.float32 and t.is_cuda and torch.get_float32_matmul_precision() != "highest"
+
+
+def _layout(t: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
+    """(matrix, row_major, leading stride) for a 2-D view; copies only a view with no unit stride."""
+    if t.stride(1) == 1:
+        return t, True, t.stride(0)
+    if t.stride(0) == 1:
+        return t, False, t.stride(1)
+    t = t.contiguous()
+    return t, True, t.stride(0)
+
+
+def _aligned(*operands) -> bool:
+    """Whether every (tensor, row_major, stride, wrapped extent) operand moves in 16-byte vectors: base
+    and leading stride are 16-byte multiples, and a unit-stride axis that wraps at the matrix edge (the
+    M or N axis of a column-major operand) is a multiple of the vector length."""
+    for t, row_major, stride, extent in operands:
+        vec = 16 // t.element_size()
+        if t.data_ptr() % 16 or stride % vec or (not row_major and extent % vec):
+            return False
+    return True
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none", residual=None,
+         save_pre: bool = False, pre=None, rowsum: bool = False):
+    """``epilogue(a @ b.T)`` for 2-D views ``a`` [M, K] and ``b`` [N, K] with a unit stride along either
+    axis (other views are copied).
+
+    - ``bias`` [N] is added, then ``activation`` applied (``save_pre`` also returns the value before it);
+    - ``pre`` [M, N] given (contiguous): the product is multiplied by ``activation'(pre)`` instead (dgrad);
+    - ``residual`` [M, N] is added last;
+    - ``rowsum``: also returns the fp32 row sums of ``a`` ([M]).
+
+    Returns ``(c, pre_activation or None, rowsum or None)``; ``c`` is contiguous in ``a``'s dtype.
+    """
+    M, K = a.shape
+    N = b.shape[0]
+    c = runtime.empty((M, N), a.dtype, a.device)
+    z = runtime.empty((M, N), a.dtype, a.device) if save_pre else None
+    sums = runtime.empty((M,), torch.float32, a.device) if rowsum else None
+    if M == 0 or N == 0:
+        return c, z, sums
+    # K == 0 (e.g. the weight gradient of an empty batch) runs no loop step and writes the epilogue of 0.
+    a, a_row_major, stride_a = _layout(a)
+    b, b_row_major, stride_b = _layout(b)
+    if residual is not None and residual.stride() != (N, 1):
+        residual = residual.contiguous()
+    zz = z if z is not None else pre
+    if zz is not None:
+        assert zz.stride() == (N, 1)
+    epilogue = [(t, True, N, N) for t in (c, zz, residual) if t is not None]
+    aligned = _aligned((a, a_row_major, stride_a, M), (b, b_row_major, stride_b, N), *epilogue)
+
+    def grid(meta):
+        return (runtime.cdiv(M, meta["BLOCK_M"]) * runtime.cdiv(N, meta["BLOCK_N"]),)
+
+    _gemm_kernel[grid](
+        a, b, c, bias if bias is not None else c, residual if residual is not None else c,
+        zz if zz is not None else c, sums if sums is not None else c,
+        M, N, K, stride_a, stride_b, N,
+        A_ROW_MAJOR=a_row_major, B_ROW_MAJOR=b_row_major, ALIGNED=aligned,
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], STORE_PRE=save_pre,
+        ACT_GRAD=pre is not None, HAS_RESIDUAL=residual is not None, ROWSUM_A=rowsum,
+        ALLOW_TF32=_allow_tf32(a),
+    )
+    return c, z, sums
+
+
+def mlp_fwd(x2, w1, b1, w2, b2, residual2, activation: str, save_for_backward: bool):
+    """Forward over 2-D ``x2`` [M, D]. Returns ``(y [M, D_out], h [M, hidden], z [M, hidden] or None)``."""
+    h, z, _ = gemm(x2, w1, bias=b1, activation=activation, save_pre=save_for_backward)
+    y, _, _ = gemm(h, w2, bias=b2, residual=residual2)
+    return y, h, z
+
+
+def mlp_bwd(dy2, x2, w1, w2, h, z, activation: str, need_dx: bool, need_fc_grads: bool, need_proj_grads: bool,
+            has_b1: bool, has_b2: bool):
+    """Backward over 2-D tensors. Returns ``(dx, dw1, db1, dw2, db2)``: weight gradients in the weights'
+    dtype, bias gradients in fp32, None where not requested."""
+    dw2 = db2 = dx = dw1 = db1 = None
+    if need_proj_grads:
+        dw2, _, db2 = gemm(dy2.t(), h.t(), rowsum=has_b2)
+    if need_dx or need_fc_grads:
+        dz, _, _ = gemm(dy2, w2.t(), activation=activation, pre=z)
+        if need_fc_grads:
+            dw1, _, db1 = gemm(dz.t(), x2.t(), rowsum=has_b1)
+        if need_dx:
+            dx, _, _ = gemm(dz, w1.t())
+    return dx, dw1, db1, dw2, db2
+
+
+def activation_fwd(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(x)`` elementwise; ``x`` contiguous."""
+    out = runtime.empty(x.shape, x.dtype, x.device)
+    n = x.numel()
+    if n:
+        _activation_kernel[(runtime.cdiv(n, ELEMENTWISE_BLOCK),)](
+            x, x, out, n, ACTIVATION=ACTIVATIONS[activation], BACKWARD=False, BLOCK=ELEMENTWISE_BLOCK,
+            num_warps=ELEMENTWISE_WARPS)
+    return out
+
+
+def activation_bwd(dy: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
+    """``dy * act'(x)`` elementwise; ``dy`` and ``x`` contiguous, same shape."""
+    dx = runtime.empty(x.shape, x.dtype, x.device)
+    n = x.numel()
+    if n:
+        _activation_kernel[(runtime.cdiv(n, ELEMENTWISE_BLOCK),)](
+            x, dy, dx, n, ACTIVATION=ACTIVATIONS[activation], BACKWARD=True, BLOCK=ELEMENTWISE_BLOCK,
+            num_warps=ELEMENTWISE_WARPS)
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# AOT cases
+# ---------------------------------------------------------------------------------------------
+
+_GEMM_SIGNATURE = {
+    "A": "*{dtype}", "B": "*{dtype}", "C": "*{dtype}", "BIAS": "*{dtype}", "RES": "*{dtype}", "Z": "*{dtype}",
+    "ROWSUM": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_a": "i32", "stride_b": "i32", "stride_c": "i32",
+}
+
+_NO_EPILOGUE = {"HAS_BIAS": False, "ACTIVATION": 0, "STORE_PRE": False, "ACT_GRAD": False, "HAS_RESIDUAL": False,
+                "ROWSUM_A": False, "ALLOW_TF32": False}
+
+# The products of the MLP (see the table at the top) with the operand layouts they run with.
+_FWD = {"A_ROW_MAJOR": True, "B_ROW_MAJOR": True}
+_DGRAD = {"A_ROW_MAJOR": True, "B_ROW_MAJOR": False}
+_WGRAD = {"A_ROW_MAJOR": False, "B_ROW_MAJOR": False}
+_GEMM_VARIANTS = {
+    "fc_fwd_quick_gelu": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 1, "STORE_PRE": True},
+    "fc_fwd_gelu": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 2, "STORE_PRE": True},
+    "fc_fwd_gelu_tanh": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 3, "STORE_PRE": True},
+    "proj_fwd_residual": {**_FWD, "HAS_BIAS": True, "HAS_RESIDUAL": True},
+    "dgrad_quick_gelu": {**_DGRAD, "ACTIVATION": 1, "ACT_GRAD": True},
+    "dgrad_gelu": {**_DGRAD, "ACTIVATION": 2, "ACT_GRAD": True},
+    "dgrad_gelu_tanh": {**_DGRAD, "ACTIVATION": 3, "ACT_GRAD": True},
+    "wgrad_bias": {**_WGRAD, "ROWSUM_A": True},
+    "dgrad_input": {**_DGRAD},
+}
+_QUICK_VARIANTS = ("fc_fwd_quick_gelu", "proj_fwd_residual", "dgrad_quick_gelu", "wgrad_bias")
+
+
+def aot_cases() -> list[runtime.AotCase]:
+    """Every MLP product at every shipped config on aligned operands (CLIP widths), and on unaligned
+    operands at the configs they are tuned over; plus the elementwise activation kernel."""
+    cases = []
+    for variant, flags in _GEMM_VARIANTS.items():
+        for aligned in (True, False):
+            constexprs = {**_NO_EPILOGUE, **flags, "ALIGNED": aligned}
+            configs = _prune(_gemm_kernel.shipped_configs, constexprs)
+            for i, cfg in enumerate(configs):
+                cases.append(runtime.AotCase(
+                    name=f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}", kernel=runtime.jit_function(_gemm_kernel),
+                    signature=_GEMM_SIGNATURE, constexprs={**constexprs, **cfg.kwargs}, num_warps=cfg.num_warps,
+                    num_stages=cfg.num_stages, expects_mma=True,
+                    quick=aligned and i == 0 and variant in _QUICK_VARIANTS,
+                ))
+    for backward in (False, True):
+        cases.append(runtime.AotCase(
+            name=f"quick_gelu_{'bwd' if backward else 'fwd'}", kernel=_activation_kernel,
+            signature={"X": "*{dtype}", "DY": "*{dtype}", "OUT": "*{dtype}", "n": "i32"},
+            constexprs={"ACTIVATION": 1, "BACKWARD": backward, "BLOCK": ELEMENTWISE_BLOCK},
+            num_warps=ELEMENTWISE_WARPS, quick=True,
+        ))
+    return cases

@@ -1,0 +1,300 @@
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clipfast
+from clipfast.kernels import runtime
+from clipfast.ops.mlp import eager_activation
+
+from .conftest import DEVICE, DTYPES, ON_GPU
+from .numerics import assert_op_matches, randn
+
+ACTIVATIONS = ["quick_gelu", "gelu", "gelu_tanh"]
+
+
+def eager_act(z, activation):
+    """What eager CLIP code computes, in the input dtype (float64 for the reference)."""
+    if activation == "quick_gelu":
+        return z * torch.sigmoid(1.702 * z)
+    return F.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def eager_mlp(activation, with_residual=False):
+    def fn(x, w1, b1, w2, b2, residual=None):
+        y = F.linear(eager_act(F.linear(x, w1, b1), activation), w2, b2)
+        return y + residual if with_residual else y
+    return fn
+
+
+def fused_mlp(activation, with_residual=False):
+    def fn(x, w1, b1, w2, b2, residual=None):
+        return clipfast.mlp(x, w1, b1, w2, b2, activation, residual=residual if with_residual else None)
+    return fn
+
+
+def mlp_inputs(rows, width, hidden, out=None, outliers=2, lead=()):
+    """x with a few outlier channels (trained CLIP has them), Linear-scaled weights, non-trivial biases."""
+    out = out or width
+    x = randn(*lead, rows, width, device=DEVICE, outliers=outliers)
+    w1 = randn(hidden, width, device=DEVICE) / width ** 0.5
+    b1 = 0.5 * randn(hidden, device=DEVICE)
+    w2 = randn(out, hidden, device=DEVICE) / hidden ** 0.5
+    b2 = 0.5 * randn(out, device=DEVICE)
+    return [x, w1, b1, w2, b2]
+
+
+# Awkward token counts (1, a prime, CLIP's 77 text and 197 ViT-B/16 tokens) at a small width with
+# hidden = 4x; the interpreter's cost grows with the number of tiles, so widths stay small on CPU.
+CASES = [(1, "quick_gelu"), (7, "quick_gelu"), (77, "quick_gelu"), (197, "quick_gelu"), (7, "gelu"), (77, "gelu"),
+         (7, "gelu_tanh"), (197, "gelu_tanh")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,activation", CASES)
+def test_mlp_matches_float64(dtype, rows, activation):
+    width = 64 if rows != 77 else 96
+    assert_op_matches(f"mlp[{activation}]", fused_mlp(activation), eager_mlp(activation),
+                      mlp_inputs(rows, width, 4 * width), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_with_residual_matches_float64(dtype):
+    inputs = mlp_inputs(23, 64, 256, lead=(2,)) + [randn(2, 23, 64, device=DEVICE)]
+    assert_op_matches("mlp+residual", fused_mlp("quick_gelu", True), eager_mlp("quick_gelu", True), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mlp_k_not_a_multiple_of_16(dtype):
+    # width 40 and hidden 100: both GEMMs have a K tail, and the unaligned (element-wise load) path runs
+    assert_op_matches("mlp odd K", fused_mlp("gelu"), eager_mlp("gelu"), mlp_inputs(13, 40, 100, out=24), dtype)
+
+
+def test_mlp_without_biases():
+    x, w1, _, w2, _ = mlp_inputs(9, 64, 256)
+    assert_op_matches("mlp no bias", lambda x, w1, w2: clipfast.mlp(x, w1, None, w2, None),
+                      lambda x, w1, w2: eager_mlp("quick_gelu")(x, w1, None, w2, None), [x, w1, w2], torch.float32)
+
+
+def test_mlp_non_contiguous_inputs():
+    x, w1, b1, w2, b2 = mlp_inputs(10, 64, 256)
+    base = randn(10, 3, 64, device=DEVICE)
+    strided = base[:, 1, :]                      # row stride 192: read in place
+    transposed = randn(64, 10, device=DEVICE).t()  # unit stride along rows: read as a column-major operand
+    residual = randn(64, 10, device=DEVICE).t()
+    for xs in (strided, transposed):
+        assert not xs.is_contiguous()
+        assert_op_matches("mlp strided x", fused_mlp("quick_gelu", True), eager_mlp("quick_gelu", True),
+                          [xs, w1, b1, w2, b2, residual], torch.float32)
+    # transposed weight views (e.g. tied or stored transposed)
+    w1t = randn(64, 256, device=DEVICE).t() / 8
+    torch.testing.assert_close(clipfast.mlp(x, w1t, b1, w2, b2), eager_mlp("quick_gelu")(x, w1t, b1, w2, b2),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_gradient_subsets():
+    """Frozen weights skip their GEMMs; a frozen input skips dx; every requested gradient is still right."""
+    x, w1, b1, w2, b2 = mlp_inputs(17, 64, 256)
+    dy = randn(17, 64, device=DEVICE)
+    ref = [t.detach().double().requires_grad_() for t in (x, w1, b1, w2, b2)]
+    eager_mlp("quick_gelu")(*ref).backward(dy.double())
+    for trainable in ([0], [1, 2], [3, 4], [0, 3], [2]):
+        leaves = [t.detach().clone().requires_grad_(i in trainable) for i, t in enumerate((x, w1, b1, w2, b2))]
+        clipfast.mlp(*leaves).backward(dy)
+        for i, (leaf, r) in enumerate(zip(leaves, ref)):
+            if i in trainable:
+                torch.testing.assert_close(leaf.grad.double(), r.grad, atol=1e-4, rtol=1e-4)
+            else:
+                assert leaf.grad is None
+
+
+def test_mlp_no_grad_does_not_save_the_pre_activation():
+    x, w1, b1, w2, b2 = mlp_inputs(5, 64, 256)
+    with torch.no_grad():
+        y, h, z = torch.ops.clipfast.mlp_fwd(x, w1, b1, w2, b2, None, "quick_gelu", False)
+    assert z.numel() == 0 and h.shape == (5, 256)
+    torch.testing.assert_close(y, eager_mlp("quick_gelu")(x, w1, b1, w2, b2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_GPU else []))
+def test_mlp_fp32_parameters_with_low_precision_activations(dtype):
+    # fp32 master weights with fp16/bf16 activations: weights are cast like autocast casts nn.Linear's;
+    # their gradients arrive in fp32
+    x, w1, b1, w2, b2 = mlp_inputs(12, 64, 256)
+    x = x.to(dtype).requires_grad_()
+    params = [t.clone().requires_grad_() for t in (w1, b1, w2, b2)]
+    y = clipfast.mlp(x, *params)
+    assert y.dtype == dtype
+    y.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    ref = eager_mlp("quick_gelu")(x.detach().double(), *[p.detach().double() for p in params])
+    torch.testing.assert_close(y.double(), ref, atol=3e-2, rtol=2e-2)
+
+
+def test_mlp_empty_batch():
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in mlp_inputs(0, 64, 256)]
+    y = clipfast.mlp(x, w1, b1, w2, b2)
+    assert y.shape == (0, 64)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64)
+    for p in (w1, b1, w2, b2):
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_mlp_bad_input_errors():
+    x, w1, b1, w2, b2 = mlp_inputs(4, 16, 64)
+    with pytest.raises(ValueError, match="`activation` must be one of"):
+        clipfast.mlp(x, w1, b1, w2, b2, "relu")
+    with pytest.raises(ValueError, match="`fc_weight` must have shape \\(64, 15\\)"):
+        clipfast.mlp(x[:, :15], w1, b1, w2, b2)
+    with pytest.raises(ValueError, match="`proj_weight` must have shape"):
+        clipfast.mlp(x, w1, b1, w2[:, :63], b2)
+    with pytest.raises(ValueError, match="`fc_bias` must have shape \\(64,\\)"):
+        clipfast.mlp(x, w1, b1[:3], w2, b2)
+    with pytest.raises(ValueError, match="`fc_weight` must have 2 dimensions"):
+        clipfast.mlp(x, w1[0], b1, w2, b2)
+    with pytest.raises(ValueError, match="`residual` must have shape"):
+        clipfast.mlp(x, w1, b1, w2, b2, residual=torch.zeros(4, 15, device=DEVICE))
+    with pytest.raises(TypeError, match="`residual` dtype"):
+        clipfast.mlp(x, w1, b1, w2, b2, residual=torch.zeros(4, 16, device=DEVICE, dtype=torch.float16))
+    with pytest.raises(TypeError, match="`x` has dtype int64"):
+        clipfast.mlp(x.long(), w1, b1, w2, b2)
+    with pytest.raises(TypeError, match="`x` must be a torch.Tensor"):
+        clipfast.quick_gelu([1.0])
+    if ON_GPU:
+        with pytest.raises(ValueError, match="one device"):
+            clipfast.mlp(x, w1.cpu(), b1, w2, b2)
+
+
+def test_mlp_kernels_actually_run(monkeypatch):
+    # guards against the suite silently testing the eager fallback instead of the kernels
+    from clipfast.kernels import mlp as kernel
+
+    calls = []
+    real = kernel.gemm
+    monkeypatch.setattr(kernel, "gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in mlp_inputs(3, 32, 128)]
+    clipfast.mlp(x, w1, b1, w2, b2).sum().backward()
+    # fc (+act), proj; proj wgrad (+db2), dgrad (*act'), fc wgrad (+db1), dx
+    assert len(calls) == 6
+    assert calls[0]["activation"] == "quick_gelu" and calls[0]["save_pre"]
+    assert sum(bool(c.get("rowsum")) for c in calls) == 2 and sum(c.get("pre") is not None for c in calls) == 1
+
+
+def test_poisoned_outputs_are_fully_written():
+    assert runtime._POISON
+    x, w1, b1, w2, b2 = mlp_inputs(130, 48, 136)  # ragged tiles in M, N and K
+    assert torch.isfinite(clipfast.mlp(x, w1, b1, w2, b2)).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# quick_gelu alone
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quick_gelu_matches_float64(dtype):
+    x = randn(3, 1001, device=DEVICE, outliers=3, outlier_scale=8.0)  # 3003 elements: a ragged last block
+    assert_op_matches("quick_gelu", clipfast.quick_gelu, lambda x: eager_act(x, "quick_gelu"), [x], dtype)
+
+
+def test_quick_gelu_non_contiguous_and_empty():
+    x = randn(40, 30, device=DEVICE).t()
+    assert_op_matches("quick_gelu strided", clipfast.quick_gelu, lambda x: eager_act(x, "quick_gelu"), [x],
+                      torch.float32)
+    e = torch.zeros(0, 5, device=DEVICE, requires_grad=True)
+    clipfast.quick_gelu(e).sum().backward()
+    assert e.grad.shape == (0, 5)
+
+
+def test_quick_gelu_kernel_actually_runs(monkeypatch):
+    from clipfast.kernels import mlp as kernel
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel launcher called")
+
+    monkeypatch.setattr(kernel, "activation_fwd", boom)
+    with pytest.raises(RuntimeError, match="kernel launcher called"):
+        clipfast.quick_gelu(torch.randn(8, device=DEVICE))
+
+
+def test_eager_reference_activations_match_torch():
+    # the CPU fallback's activations (and thus the kernels' formulas, which the tests compare with
+    # torch's) agree with torch for every activation
+    z = torch.linspace(-8, 8, 1001, dtype=torch.float64)
+    for activation in ACTIVATIONS:
+        torch.testing.assert_close(eager_activation(z, activation), eager_act(z, activation))
+
+
+# ----------------------------------------------------------------------------------------------
+# Module, compile, custom-op registration
+# ----------------------------------------------------------------------------------------------
+
+def openai_mlp(width, activation_module):
+    return torch.nn.Sequential(OrderedDict([
+        ("c_fc", torch.nn.Linear(width, 4 * width)), ("gelu", activation_module),
+        ("c_proj", torch.nn.Linear(4 * width, width))])).to(DEVICE)
+
+
+@pytest.mark.parametrize("activation,module", [("quick_gelu", clipfast.models.QuickGELU()),
+                                               ("gelu", torch.nn.GELU()),
+                                               ("gelu_tanh", torch.nn.GELU(approximate="tanh"))])
+def test_module_is_drop_in_for_openai_sequential(activation, module):
+    ref = openai_mlp(64, module)
+    fast = clipfast.nn.MLP(64, activation=activation).to(DEVICE)
+    assert isinstance(fast, torch.nn.Sequential)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    fast.load_state_dict(ref.state_dict())
+    x = randn(2, 11, 64, device=DEVICE).requires_grad_()
+    torch.testing.assert_close(fast(x), ref(x), atol=1e-5, rtol=1e-5)
+    r = randn(2, 11, 64, device=DEVICE)
+    torch.testing.assert_close(fast(x, residual=r), ref(x) + r, atol=1e-5, rtol=1e-5)
+    fast(x).sum().backward()
+    g_fast = [p.grad.clone() for p in fast.parameters()]
+    x.grad = None
+    ref(x).sum().backward()
+    for gf, p in zip(g_fast, ref.parameters()):
+        torch.testing.assert_close(gf, p.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_fullgraph_matches_eager():
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in mlp_inputs(10, 32, 128)]
+
+    def block(x):
+        h = clipfast.mlp(x, w1, b1, w2, b2, residual=x)
+        return clipfast.quick_gelu(h) * 2
+
+    expected = block(x)
+    expected.sum().backward()
+    grads = [t.grad.clone() for t in (x, w1, b1, w2, b2)]
+    for t in (x, w1, b1, w2, b2):
+        t.grad = None
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, expected)
+    for t, g in zip((x, w1, b1, w2, b2), grads):
+        torch.testing.assert_close(t.grad, g)
+
+
+def test_custom_op_registration_is_valid():
+    x, w1, b1, w2, b2 = mlp_inputs(4, 32, 128)
+    r = torch.randn(4, 32, device=DEVICE)
+    checks = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.clipfast.mlp_fwd, (x, w1, b1, w2, b2, r, "gelu", True), test_utils=checks)
+    torch.library.opcheck(torch.ops.clipfast.mlp_fwd, (x, w1, None, w2, None, None, "quick_gelu", False),
+                          test_utils=checks)
+    torch.library.opcheck(torch.ops.clipfast.activation_fwd, (x, "quick_gelu"), test_utils=checks)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: CLIP widths, bf16 included through DTYPES
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,width", [(197, 768), (257, 1024), (77, 512), (50, 1280), (3, 1664)])
+def test_mlp_clip_widths_on_gpu(dtype, rows, width):
+    inputs = mlp_inputs(rows, width, 4 * width, lead=(2,)) + [randn(2, rows, width, device=DEVICE)]
+    assert_op_matches("mlp clip width", fused_mlp("quick_gelu", True), eager_mlp("quick_gelu", True), inputs, dtype)
