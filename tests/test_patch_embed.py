@@ -254,3 +254,90 @@ def test_poisoned_outputs_are_fully_written():
     assert runtime._POISON
     pixels, weight, cls, pos = make_inputs(3, 28, 42, 14)
     assert torch.isfinite(clipfast.patch_embed(pixels, weight, cls, pos)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Patch rules
+# ---------------------------------------------------------------------------------------------
+
+def _compare_patched(model, make_input, params, call=None, atol=1e-4, **families):
+    """Patched vs unpatched outputs and parameter gradients on the same input (fp32)."""
+    import copy
+
+    call = call or (lambda m, x: m(x))
+    reference = copy.deepcopy(model)
+    report = clipfast.patch(model, **families)
+    x = make_input()
+    out, ref = call(model, x), call(reference, x)
+    g = torch.randn_like(ref)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=1e-4)
+    for name in params:
+        got, want = model.get_parameter(name).grad, reference.get_parameter(name).grad
+        torch.testing.assert_close(got, want, atol=atol, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+    return report
+
+
+def test_rule_reference_vision_transformer():
+    from clipfast.models.model import VisionTransformer
+
+    model = clipfast.models.create("tiny").to(DEVICE)
+    visual = model.visual
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    params = ["visual.conv1.weight", "visual.class_embedding", "visual.positional_embedding",
+              "visual.ln_pre.weight", "visual.ln_pre.bias"]
+    report = _compare_patched(model, lambda: randn(2, 3, 32, 32, device=DEVICE), params,
+                              call=lambda m, x: m.encode_image(x), layer_norm=True, attention=False, mlp=False)
+    assert "patch_embed" in str(report)
+    assert isinstance(model.visual, VisionTransformer) and type(model.visual) is not VisionTransformer
+    assert model.visual.conv1.weight is visual.conv1.weight  # parameters shared, not copied
+    assert set(model.state_dict()) == set(state)
+    # an image size the positional embedding does not fit falls back to the original code (which raises)
+    with pytest.raises(RuntimeError):
+        model.encode_image(randn(1, 3, 40, 40, device=DEVICE))
+    clipfast.unpatch(model)
+    assert type(model.visual) is VisionTransformer
+
+
+def test_rule_open_clip_vision_transformer():
+    transformer = pytest.importorskip("open_clip.transformer")
+    vit = transformer.VisionTransformer(image_size=32, patch_size=16, width=64, layers=1, heads=2, mlp_ratio=2.0,
+                                        output_dim=32).to(DEVICE).eval()
+    params = ["conv1.weight", "class_embedding", "positional_embedding", "ln_pre.weight"]
+    _compare_patched(vit, lambda: randn(2, 3, 32, 32, device=DEVICE), params,
+                     layer_norm=False, attention=False, mlp=False)
+    assert type(vit).__name__.startswith("Fast") and isinstance(vit, transformer.VisionTransformer)
+
+    # active patch dropout in training: only the embedding is fused, dropout and ln_pre run after it
+    vit = transformer.VisionTransformer(image_size=32, patch_size=16, width=64, layers=1, heads=2, mlp_ratio=2.0,
+                                        output_dim=32, patch_dropout=0.5).to(DEVICE).train()
+    import copy
+
+    reference = copy.deepcopy(vit)
+    clipfast.patch(vit, layer_norm=False, attention=False, mlp=False)
+    x = randn(2, 3, 32, 32, device=DEVICE)
+    torch.manual_seed(0)
+    out = vit(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(out, reference(x), atol=1e-4, rtol=1e-4)
+
+
+def test_rule_hf_clip_vision_embeddings():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                           num_attention_heads=2, image_size=32, patch_size=16)
+    model = transformers.CLIPVisionModel(config).to(DEVICE).eval()
+    # the embeddings' path differs between transformers versions
+    prefix = next(name for name, m in model.named_modules() if type(m).__name__ == "CLIPVisionEmbeddings")
+    params = [f"{prefix}.patch_embedding.weight", f"{prefix}.class_embedding", f"{prefix}.position_embedding.weight"]
+    report = _compare_patched(model, lambda: randn(2, 3, 32, 32, device=DEVICE), params,
+                              call=lambda m, x: m(pixel_values=x).last_hidden_state,
+                              layer_norm=False, attention=False, mlp=False)
+    assert "CLIPVisionEmbeddings" in str(report)
+    embeddings = model.get_submodule(prefix)
+    assert type(embeddings).__name__ == "FastCLIPVisionEmbeddings"
+    # interpolate_pos_encoding runs the original forward
+    x = randn(1, 3, 48, 48, device=DEVICE)
+    out = embeddings(x, interpolate_pos_encoding=True)
+    assert out.shape == (1, 10, 64)
