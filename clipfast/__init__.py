@@ -9,7 +9,8 @@ from .patching import patch, unpatch
 from . import integrations  # registers attn_implementation="clipfast" for transformers
 from .ops import add_layer_norm, layer_norm
 from .ops import patch_embed
+from .ops import flash_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "ops", "models", "patch", "unpatch", "integrations", "layer_norm", "add_layer_norm", "patch_embed"]
+__all__ = ["nn", "ops", "models", "patch", "unpatch", "integrations", "layer_norm", "add_layer_norm", "patch_embed", "flash_attention"]

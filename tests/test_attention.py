@@ -1,0 +1,397 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clipfast
+from clipfast.kernels import attention as kernel
+from clipfast.kernels import runtime
+
+from .conftest import DEVICE, DTYPES, ON_GPU
+from .numerics import assert_op_matches, randn
+
+# CLIP's sequence lengths (text 77; ViT-B/32 50, B/16 197, L/14 257, L/14@336 577) and block-boundary sizes
+SEQ_LENS = [1, 2, 50, 63, 65, 77, 129, 197, 257, 577]
+HEAD_DIMS = [32, 64, 80, 128]
+
+
+def eager_attention(q, k, v, mask=None, is_causal=False, scale=None):
+    """SDPA in the inputs' dtype (float64 for the reference), with the kernel's convention for rows whose
+    keys are all masked: output 0 and no gradient (SDPA itself returns NaN there)."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+    if is_causal:
+        keep = keep.tril()
+    if mask is not None:
+        if mask.dim() == 2 and mask.shape[0] != lq and mask.shape[0] != 1:
+            mask = mask[:, None, None, :]  # [B, Lk] key padding
+        keep = keep & (mask if mask.dtype == torch.bool else torch.isfinite(mask))
+    keep = keep.expand(q.shape[:-2] + (lq, lk))
+    row_live = keep.any(-1, keepdim=True)
+    keep = keep | ~row_live  # dead rows attend everything, then are zeroed
+    bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill(~keep, float("-inf"))
+    if mask is not None and mask.dtype != torch.bool:
+        bias = bias + torch.where(torch.isfinite(mask), mask, 0).to(q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return out * row_live.to(out.dtype)
+
+
+def qkv(b, h, lq, lk, d, **kw):
+    return (randn(b, h, lq, d, device=DEVICE, **kw), randn(b, h, lk, d, device=DEVICE, **kw),
+            randn(b, h, lk, d, device=DEVICE))
+
+
+def check(q, k, v, dtype, mask=None, is_causal=False, scale=None, name="flash_attention"):
+    # fp32 floor: the flash backward's ds = p * (dp - rowsum(dO * O)) cancels to a few ulps of |dO||v| on rows
+    # that one key dominates (outlier channels), where eager's p * (dp - sum(p * dp)) cancels exactly; the
+    # error is tiny in absolute terms but can be several times eager's when both are near zero.
+    assert_op_matches(
+        name, lambda q, k, v: clipfast.flash_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale),
+        lambda q, k, v: eager_attention(q, k, v, mask, is_causal, scale), [q, k, v], dtype,
+        floor_ulps=64.0 if dtype == torch.float32 else 8.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seqlen", SEQ_LENS)
+def test_matches_float64(dtype, causal, seqlen):
+    d = HEAD_DIMS[SEQ_LENS.index(seqlen) % len(HEAD_DIMS)]  # every head dim meets several lengths
+    b, h = (1, 2) if seqlen < 100 or ON_GPU else (1, 1)
+    # outlier channels saturate the softmax of one or two keys completely (every gradient is cancellation
+    # noise), so they are used where rows have more keys to spread over
+    q, k, v = qkv(b, h, seqlen, seqlen, d, outliers=2 if seqlen > 2 else 0)
+    if seqlen > 1:
+        check(q, k, v, dtype, is_causal=causal)
+        return
+    # one key: softmax is exactly 1, dq and dk are 0 up to cancellation noise (no relative error to speak of)
+    assert_op_matches("flash_attention", lambda q, k, v: clipfast.flash_attention(q, k, v, is_causal=causal),
+                      eager_attention, [q, k, v], dtype, differentiable=[False, False, True])
+    q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
+    out = clipfast.flash_attention(q, k, v, is_causal=causal)
+    torch.testing.assert_close(out, v, atol=0, rtol=0)
+    do = torch.randn_like(out)
+    dq, dk = torch.autograd.grad(out, (q, k), do)
+    bound = 16 * d * float(do.abs().max() * v.abs().max()) * (2.0**-24 if dtype == torch.float32 else 2.0**-11)
+    assert dq.abs().max() <= bound and dk.abs().max() <= bound
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lq,lk,causal", [(1, 50, False), (1, 197, False), (77, 50, True), (50, 129, False),
+                                          (129, 65, True)])
+def test_query_and_key_lengths_differ(dtype, lq, lk, causal):
+    # Lq=1: attention pooling (one mean-token query over every position); causal is top-left aligned (SDPA)
+    check(*qkv(2, 1, lq, lk, 64), dtype, is_causal=causal)
+
+
+@pytest.mark.parametrize("head_dim", [16, 88, 104, 256] + ([8, 40] if ON_GPU else []))
+def test_head_dims_padded_to_power_of_two(head_dim):
+    check(*qkv(1, 2, 33, 33, head_dim), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_custom_scale(dtype):
+    check(*qkv(1, 2, 77, 77, 64), dtype, scale=0.3)
+    check(*qkv(1, 2, 50, 50, 64), dtype, is_causal=True, scale=1.0 / 64)
+
+
+def _padding(b, lk, n_dead_batches=1):
+    """bool [B, Lk], True = takes part; the first batches keep a few keys, the last keeps none."""
+    keep = torch.ones(b, lk, dtype=torch.bool, device=DEVICE)
+    for i in range(b):
+        keep[i, max(1, lk - 7 * (i + 1)):] = False
+    keep[b - n_dead_batches:] = False
+    return keep
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["bool [B,Lk]", "bool [B,1,1,Lk]", "float [B,1,1,Lk]", "float [B,Lk] +causal"])
+def test_key_padding_masks(dtype, form):
+    b, lq, lk = 3, 77, 77
+    keep = _padding(b, lk)
+    if form.startswith("float"):
+        mask = torch.where(keep, 0.5 * torch.randn(b, lk, device=DEVICE), torch.tensor(float("-inf"), device=DEVICE))
+    else:
+        mask = keep
+    if "[B,1,1,Lk]" in form:
+        mask = mask[:, None, None, :]
+    check(*qkv(b, 1, lq, lk, 64), dtype, mask=mask, is_causal="causal" in form)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["bool [Lq,Lk]", "float [B,1,Lq,Lk]", "float [B,H,Lq,Lk] +causal"])
+def test_general_masks(dtype, form):
+    b, h, lq, lk = 2, 2 if ON_GPU else 1, 65, 129
+    shape = {"bool [Lq,Lk]": (lq, lk), "float [B,1,Lq,Lk]": (b, 1, lq, lk), "float [B,H,Lq,Lk] +causal": (b, h, lq, lk)}[form]
+    keep = torch.rand(shape, device=DEVICE) > 0.3
+    keep[..., 5, :] = False  # a fully masked row
+    mask = keep if form.startswith("bool") else torch.where(keep, torch.randn(shape, device=DEVICE), float("-inf"))
+    check(*qkv(b, h, lq, lk, 64), dtype, mask=mask, is_causal="causal" in form)
+
+
+def test_fully_masked_rows_give_zero_output_and_zero_gradients():
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 65, 65, 64))
+    keep = _padding(2, 65)  # batch 1 has no key at all
+    out = clipfast.flash_attention(q, k, v, attn_mask=keep)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    out.sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+        assert torch.equal(t.grad[1], torch.zeros_like(t.grad[1]))
+    assert q.grad[0].abs().sum() > 0
+    # keys masked out of every row get no gradient either
+    assert torch.equal(k.grad[0, :, 65 - 7:], torch.zeros_like(k.grad[0, :, 65 - 7:]))
+
+
+def test_in_projection_split_views_are_read_in_place(monkeypatch):
+    # x @ in_proj.T gives [B, L, 3*H*D]; its [B, L, 3, H, D] split permuted to [B, H, L, D] is strided on
+    # every dim. The kernel must read those views directly.
+    b, lq, h, d = 2, 77, 2, 64
+    qkv_buf = randn(b, lq, 3, h, d, device=DEVICE)
+    q, k, v = (t.permute(0, 2, 1, 3) for t in qkv_buf.unbind(2))
+    seen = []
+    launcher = kernel.attention_fwd
+
+    def spy(q, k, v, *args):
+        seen.append((q.data_ptr(), k.data_ptr(), v.data_ptr()))
+        return launcher(q, k, v, *args)
+
+    monkeypatch.setattr(kernel, "attention_fwd", spy)
+    check(q, k, v, torch.float32, is_causal=True)
+    assert (q.data_ptr(), k.data_ptr(), v.data_ptr()) in seen
+    # head dim not unit-stride, and an expanded (stride 0) key/value
+    qt = randn(b, h, d, lq, device=DEVICE).transpose(-1, -2)
+    kv = randn(b, 1, lq, d, device=DEVICE).expand(b, h, lq, d)
+    check(qt, kv, kv, torch.float16)
+
+
+def test_large_batch_times_heads_uses_axis_zero():
+    # B=1024, H=16: 16384 (batch, head) pairs, beyond the 65535 limit of grid axes 1 and 2 when combined
+    # with sequence blocks; they go on axis 0
+    g = kernel.grid(1024, 16, 197, 64)
+    assert g == (1024 * 16, 4) and g[1] <= runtime.MAX_GRID_YZ
+    assert kernel.grid(8192, 16, 77, 64)[0] == 8192 * 16
+
+
+@pytest.mark.gpu
+def test_large_batch_times_heads_runs_on_gpu():
+    q, k, v = (randn(1024, 16, 77, 64, device=DEVICE, dtype=torch.bfloat16).requires_grad_() for _ in range(3))
+    out = clipfast.flash_attention(q, k, v, is_causal=True)
+    ref = F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), is_causal=True)
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+
+
+def test_unbatched_three_dim_inputs():
+    q, k, v = qkv(1, 2, 50, 50, 32)
+    out = clipfast.flash_attention(q[0], k[0], v[0])
+    assert out.shape == (2, 50, 32)
+    torch.testing.assert_close(out, eager_attention(q, k, v)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_empty_inputs():
+    q = torch.randn(0, 2, 5, 32, device=DEVICE, requires_grad=True)
+    out = clipfast.flash_attention(q, q, q)
+    assert out.shape == (0, 2, 5, 32)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    q = torch.randn(1, 2, 0, 32, device=DEVICE)
+    assert clipfast.flash_attention(q, torch.randn(1, 2, 3, 32, device=DEVICE), torch.randn(1, 2, 3, 32, device=DEVICE)).shape == (1, 2, 0, 32)
+
+
+def test_bad_input_errors():
+    q = torch.randn(1, 2, 5, 32, device=DEVICE)
+    with pytest.raises(TypeError, match="`q` must be a torch.Tensor"):
+        clipfast.flash_attention([1.0], q, q)
+    with pytest.raises(TypeError, match="`k` has dtype int64"):
+        clipfast.flash_attention(q, q.long(), q)
+    with pytest.raises(TypeError, match="one dtype"):
+        clipfast.flash_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="`q` must be \\[B, H, L, D\\]"):
+        clipfast.flash_attention(q[0, 0], q[0, 0], q[0, 0])
+    with pytest.raises(ValueError, match="same head dim"):
+        clipfast.flash_attention(q, torch.randn(1, 2, 5, 16, device=DEVICE), q)
+    with pytest.raises(ValueError, match="same length"):
+        clipfast.flash_attention(q, q, torch.randn(1, 2, 6, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="batch and head"):
+        clipfast.flash_attention(q, torch.randn(1, 3, 5, 32, device=DEVICE), torch.randn(1, 3, 5, 32, device=DEVICE))
+    with pytest.raises(ValueError, match="`attn_mask` of shape"):
+        clipfast.flash_attention(q, q, q, attn_mask=torch.ones(4, 5, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(TypeError, match="`attn_mask` has dtype int64"):
+        clipfast.flash_attention(q, q, q, attn_mask=torch.ones(5, 5, dtype=torch.long, device=DEVICE))
+    with pytest.raises(TypeError, match="`scale`"):
+        clipfast.flash_attention(q, q, q, scale="0.1")
+    if ON_GPU:
+        with pytest.raises(ValueError, match="one device"):
+            clipfast.flash_attention(q, q.cpu(), q)
+
+
+def test_unsupported_cases_run_sdpa_with_a_warning():
+    q, k, v = qkv(1, 1, 9, 9, 320)
+    with pytest.warns(RuntimeWarning, match="head dim 320"):
+        out = clipfast.flash_attention(q, k, v)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), atol=1e-5, rtol=1e-5)
+    mask = torch.randn(9, 9, device=DEVICE, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="requires grad"):
+        out = clipfast.flash_attention(q[..., :64], k[..., :64], v[..., :64], attn_mask=mask)
+    out.sum().backward()
+    assert mask.grad is not None
+
+
+def test_poisoned_outputs_are_fully_written():
+    assert runtime._POISON
+    q, k, v = (t.requires_grad_() for t in qkv(1, 3, 70, 33, 24))
+    out = clipfast.flash_attention(q, k, v)
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_interpreter_or_gpu_runs_the_triton_kernels(monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("kernel launcher called")
+
+    q = torch.randn(1, 1, 4, 16, device=DEVICE, requires_grad=True)
+    monkeypatch.setattr(kernel, "attention_fwd", boom)
+    with pytest.raises(RuntimeError, match="kernel launcher called"):
+        clipfast.flash_attention(q, q, q)
+    monkeypatch.undo()
+    monkeypatch.setattr(kernel, "attention_bwd", boom)
+    with pytest.raises(RuntimeError, match="kernel launcher called"):
+        clipfast.flash_attention(q, q, q).sum().backward()
+
+
+def test_compile_fullgraph_matches_eager():
+    def block(q, k, v, mask):
+        return clipfast.flash_attention(q, k, v, attn_mask=mask).square().sum() + \
+            clipfast.flash_attention(q, k, v, is_causal=True).sum()
+
+    q, k, v = (t.requires_grad_() for t in qkv(2, 2, 20, 20, 32))
+    mask = _padding(2, 20, n_dead_batches=0)
+    expected = block(q, k, v, mask)
+    expected_grads = torch.autograd.grad(expected, (q, k, v))
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v, mask)
+    grads = torch.autograd.grad(out, (q, k, v))
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+
+
+def test_custom_op_registration_is_valid():
+    q, k, v = qkv(1, 2, 9, 7, 16)
+    bias = torch.zeros(1, 1, 1, 7, device=DEVICE)
+    torch.library.opcheck(torch.ops.clipfast.flash_attention_fwd, (q, k, v, bias, True, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+    out, lse = torch.ops.clipfast.flash_attention_fwd(q, k, v, None, False, 0.25)
+    torch.library.opcheck(torch.ops.clipfast.flash_attention_bwd, (torch.randn_like(out), q, k, v, None, out, lse,
+                                                                   False, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------------------------
+# clipfast.nn.MultiheadAttention
+# ----------------------------------------------------------------------------------------------
+
+def _mha_pair(embed, heads, **kw):
+    ref = torch.nn.MultiheadAttention(embed, heads, **kw).to(DEVICE)
+    with torch.no_grad():
+        ref.in_proj_bias.normal_(std=0.1) if ref.in_proj_bias is not None else None
+        ref.out_proj.bias.normal_(std=0.1)
+    fast = clipfast.nn.MultiheadAttention(embed, heads, **kw).to(DEVICE)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _compare_mha(ref, fast, args, kwargs, atol=2e-5):
+    leaves = [a for a in args if a.is_floating_point()]
+    ref_out = ref(*args, need_weights=False, **kwargs)[0]
+    fast_out, weights = fast(*args, need_weights=False, **kwargs)
+    assert weights is None and fast_out.shape == ref_out.shape
+    torch.testing.assert_close(fast_out, ref_out, atol=atol, rtol=1e-4)
+    g = torch.randn_like(ref_out)
+    params_ref = [p for p in ref.parameters()]
+    params_fast = [p for p in fast.parameters()]
+    grads_ref = torch.autograd.grad(ref_out, params_ref + leaves, g)
+    grads_fast = torch.autograd.grad(fast_out, params_fast + leaves, g)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, atol=10 * atol, rtol=1e-3)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_mha_module_matches_torch_with_openai_causal_mask(batch_first, monkeypatch):
+    ref, fast = _mha_pair(64, 2, batch_first=batch_first)
+    assert isinstance(fast, torch.nn.MultiheadAttention)
+    assert list(fast.state_dict()) == list(ref.state_dict())
+    l, b = 77, 2
+    x = torch.randn((b, l, 64) if batch_first else (l, b, 64), device=DEVICE, requires_grad=True)
+    mask = torch.empty(l, l, device=DEVICE).fill_(float("-inf")).triu_(1)  # OpenAI CLIP's build_attention_mask
+    calls = []
+    flash = clipfast.nn.attention.flash_attention
+    monkeypatch.setattr(clipfast.nn.attention, "flash_attention",
+                        lambda *a, **kw: calls.append(kw) or flash(*a, **kw))
+    _compare_mha(ref, fast, (x, x, x), {"attn_mask": mask})
+    assert calls and calls[0]["is_causal"] and calls[0]["attn_mask"] is None  # recognised, not read per call
+
+
+def test_mha_module_key_padding_and_general_masks():
+    ref, fast = _mha_pair(64, 2, batch_first=True)
+    b, l = 3, 33
+    x = torch.randn(b, l, 64, device=DEVICE, requires_grad=True)
+    pad = torch.zeros(b, l, dtype=torch.bool, device=DEVICE)
+    pad[0, 30:] = True  # True = ignore (MultiheadAttention's convention)
+    pad[2, 10:] = True
+    _compare_mha(ref, fast, (x, x, x), {"key_padding_mask": pad})
+    general = torch.rand(l, l, device=DEVICE) > 0.5
+    general.fill_diagonal_(False)
+    _compare_mha(ref, fast, (x, x, x), {"attn_mask": general, "key_padding_mask": pad})
+    per_head = torch.randn(b * 2, l, l, device=DEVICE)
+    _compare_mha(ref, fast, (x, x, x), {"attn_mask": per_head})
+
+
+def test_mha_module_cross_attention_and_separate_kv_dims():
+    ref, fast = _mha_pair(64, 2, kdim=32, vdim=48)
+    q = torch.randn(1, 3, 64, device=DEVICE, requires_grad=True)  # one query (attention pooling), seq-first
+    kv_k = torch.randn(50, 3, 32, device=DEVICE, requires_grad=True)
+    kv_v = torch.randn(50, 3, 48, device=DEVICE, requires_grad=True)
+    _compare_mha(ref, fast, (q, kv_k, kv_v), {})
+    ref, fast = _mha_pair(64, 2)
+    x = torch.randn(20, 64, device=DEVICE, requires_grad=True)  # unbatched
+    _compare_mha(ref, fast, (x[:5], x, x), {})
+
+
+def test_mha_module_need_weights_falls_back_to_torch():
+    ref, fast = _mha_pair(32, 2)
+    x = torch.randn(9, 2, 32, device=DEVICE)
+    with pytest.warns(RuntimeWarning, match="need_weights=True"):
+        out, weights = fast(x, x, x)
+    ref_out, ref_weights = ref(x, x, x)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(weights, ref_weights)
+
+
+def test_causal_mask_detection():
+    from clipfast.nn.attention import is_causal_mask
+
+    m = torch.full((7, 7), float("-inf"), device=DEVICE).triu(1)
+    assert is_causal_mask(m) and is_causal_mask(m.half())
+    assert is_causal_mask(torch.ones(7, 7, dtype=torch.bool, device=DEVICE).triu(1))
+    assert not is_causal_mask(m.triu(2))
+    m[0, 0] = -1.0
+    assert not is_causal_mask(m)  # in-place change bumps the version: checked again
+    assert not is_causal_mask(torch.zeros(7, 7, device=DEVICE))
+    assert not is_causal_mask(torch.full((7, 8), float("-inf"), device=DEVICE).triu(1))
+
+
+def test_mha_module_compiles_without_graph_break():
+    _, fast = _mha_pair(32, 2, batch_first=True)
+    x = torch.randn(2, 11, 32, device=DEVICE)
+    mask = torch.full((11, 11), float("-inf"), device=DEVICE).triu(1)
+    expected = fast(x, x, x, need_weights=False, attn_mask=mask)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: fast(x, x, x, need_weights=False, attn_mask=mask)[0], fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
