@@ -176,3 +176,21 @@ def test_hf_clipseg_patched():
 
     check_patch(build, run, [torch.randn(2, 3, 32, 32, dtype=torch.float64), ids, mask],
                 expected=expected_swaps(build(), mod.CLIPSegAttention, mod.CLIPSegMLP))
+
+
+def test_hf_florence2_davit_vision_tower_patched():
+    """Florence-2's DaViT vision tower: its LayerNorms (and MLPs where the MLP family takes them) swap."""
+    mod = pytest.importorskip("transformers.models.florence2.modeling_florence2",
+                              reason="this transformers version has no Florence-2")
+    config = transformers.Florence2VisionConfig(
+        depths=(1, 1), patch_size=(7, 3), patch_stride=(4, 2), patch_padding=(3, 1), patch_prenorm=(False, True),
+        embed_dim=(32, 64), num_heads=(2, 4), num_groups=(2, 4), window_size=2, drop_path_rate=0.0, projection_dim=32)
+    build = lambda: perturbed(mod.Florence2VisionBackbone(config))  # noqa: E731
+
+    def run(model, pixels):
+        out = model(pixels)
+        return (out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0],)
+
+    _, report = check_patch(build, run, [torch.randn(1, 3, 16, 16, dtype=torch.float64)],
+                            expected=expected_swaps(build(), (), mod.Florence2VisionMLP))
+    assert report.counts().get("layer_norm", 0) >= 4
