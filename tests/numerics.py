@@ -61,7 +61,13 @@ def check(name: str, fused: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor
     scale = float(ref.detach().double().abs().max()) if ref.numel() else 0.0
     abs_floor = floor_ulps * EPS[dtype] * max(scale, 1e-30)
     rel_floor = floor_ulps * EPS[dtype]
-    ok = ef.finite and ef.max_abs <= factor * ee.max_abs + abs_floor and ef.rel_fro <= factor * ee.rel_fro + rel_floor
+    if ee.rel_fro > 0.5:
+        # Eager has no correct digits: the exact value is ~0 (e.g. the gradient of a bias that a norm layer
+        # cancels) and both sides are rounding noise of terms far larger than the result. Relative errors
+        # mean nothing there; the noise amplitude is still held to eager's, with room for its randomness.
+        ok = ef.finite and ef.max_abs <= 2 * factor * ee.max_abs + abs_floor
+    else:
+        ok = ef.finite and ef.max_abs <= factor * ee.max_abs + abs_floor and ef.rel_fro <= factor * ee.rel_fro + rel_floor
     if ok:
         return None
     at = ef.where
