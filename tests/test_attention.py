@@ -395,3 +395,62 @@ def test_mha_module_compiles_without_graph_break():
     compiled = torch.compile(lambda x: fast(x, x, x, need_weights=False, attn_mask=mask)[0], fullgraph=True,
                              backend="aot_eager")
     torch.testing.assert_close(compiled(x), expected, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch rules: the reference model's text/vision blocks and ModifiedResNet's attention pooling
+# ----------------------------------------------------------------------------------------------
+
+def _attention_only_patch(model):
+    return clipfast.patch(model, layer_norm=False, mlp=False, patch_embed=False, attention=True)
+
+
+def _outputs_and_grads(model, image, text):
+    model.zero_grad()
+    img, txt = model.encode_image(image), model.encode_text(text)
+    (img.square().sum() + txt.square().sum()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return img.detach(), txt.detach(), grads
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-RN"])
+def test_patch_rules_match_the_unpatched_reference_model(name, monkeypatch):
+    model = clipfast.models.create(name).to(DEVICE)
+    res = model.visual.input_resolution if hasattr(model.visual, "input_resolution") else 32
+    image = torch.randn(2, 3, res, res, device=DEVICE)
+    text = torch.randint(1, 100, (2, model.context_length), device=DEVICE)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = _outputs_and_grads(model, image, text)
+
+    report = _attention_only_patch(model)
+    swapped = {s.path for s in report.swapped}
+    mha_paths = {p for p, m in model.named_modules() if isinstance(m, torch.nn.MultiheadAttention)}
+    assert mha_paths and mha_paths <= swapped
+    if name == "tiny-RN":
+        assert "visual.attnpool" in swapped
+    assert list(model.state_dict()) == list(state)
+
+    calls = []
+    flash = clipfast.flash_attention
+    for module_name in ("clipfast.nn.attention", "clipfast.patch_rules.attention"):
+        monkeypatch.setattr(f"{module_name}.flash_attention", lambda *a, **kw: calls.append(kw) or flash(*a, **kw))
+    got = _outputs_and_grads(model, image, text)
+    assert any(kw.get("is_causal") for kw in calls)        # the text tower's float mask ran as causal
+    assert len(calls) == len(mha_paths) + (name == "tiny-RN")
+    for a, b in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert got[2].keys() == expected[2].keys()
+    for key in expected[2]:
+        torch.testing.assert_close(got[2][key], expected[2][key], atol=1e-3, rtol=1e-3, msg=key)
+
+    clipfast.unpatch(model)
+    assert not any(type(m).__name__.startswith("Fast") for m in model.modules())
+
+
+def test_attention_pool_rule_leaves_unknown_layouts_alone():
+    from clipfast.models import AttentionPool2d
+
+    pool = AttentionPool2d(4, 64, 128 // 64 * 2, 32).to(DEVICE)  # 4 heads of 16
+    pool.q_proj = torch.nn.Sequential(pool.q_proj)
+    report = _attention_only_patch(torch.nn.Sequential(pool))
+    assert not report.swapped and "q_proj" in report.skipped[0].reason
