@@ -18,16 +18,19 @@ tokens written once, W and the positional embedding re-read from L2.
 ln_pre is NOT fused into the GEMM epilogue. Normalizing in the epilogue needs a whole row per program,
 i.e. BLOCK_N = next_power_of_2(width) (1024 for both ViT-B's 768 and ViT-L's 1024): a 64 x 1024 fp32
 accumulator is 256 KiB, the entire register file of an SM, and with 768 a quarter of the tensor-core work
-is padding. Compiled for sm_90 (``clipfast aot``), that configuration spills (BLOCK_M=64, BLOCK_N=1024,
-8 warps: 255 registers and several KiB of stack), while the 128 x 128 / 128 x 256 GEMM tiles do not. So
-the op runs the LayerNorm kernels of ``layer_norm.py`` as a second pass over the tokens (one extra read
-and write of the tokens, which are the same size as the pixels), forward and backward.
+is padding. Measured with the AOT compile (this kernel at BLOCK_M=64, BLOCK_N=1024, BLOCK_K=32, before any
+LayerNorm code is even added): 8 warps spill 2056 bytes on sm_90 and 5184 on sm_80; 16 warps spill 2408
+bytes on sm_80 and do not compile on sm_90 (ptxas needs more than the 128 registers a thread can have).
+The shipped 128 x 128 / 64 x 256 tiles do not spill. So the op runs the LayerNorm kernels of
+``layer_norm.py`` as a second pass over the tokens (one extra read and write of the tokens, which are
+about the size of the pixels), forward and backward.
 
 Backward, from ``dtokens`` (the gradient of the pre-LN tokens):
 - ``_patch_embed_dweight_kernel``: ``dW = dT^T @ A`` over all patch rows, A gathered from the pixels again
   (no saved im2col). The M = B * N reduction is split over a few programs per output tile so the grid fills
   the GPU; each split writes an fp32 partial ``[S, width, K]`` that is summed afterwards (deterministic, no
-  atomics). Traffic: read dT and the pixels once per output column tile.
+  atomics). Traffic: each output tile re-reads its slices of dT and of the pixels, so dT is read
+  K / BLOCK_K times and the pixels width / BLOCK_N times (6 each at ViT-B/16), partly from L2.
 - ``_patch_embed_dpixels_kernel``: ``dA = dT @ W``, scattered back into the image (col2im). Patches do
   not overlap (stride == kernel), so every pixel belongs to exactly one (row, column) of A: a plain
   scatter store, no atomics. Normalized float pixels get the ``scale[c]`` chain factor. Only run when the
@@ -41,9 +44,6 @@ import triton
 import triton.language as tl
 
 from . import runtime
-
-PATCH_SIZES_TESTED = (14, 16, 32)
-
 
 # ---------------------------------------------------------------------------------------------
 # im2col addressing, shared by the three GEMM kernels
