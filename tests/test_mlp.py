@@ -298,3 +298,141 @@ def test_custom_op_registration_is_valid():
 def test_mlp_clip_widths_on_gpu(dtype, rows, width):
     inputs = mlp_inputs(rows, width, 4 * width, lead=(2,)) + [randn(2, rows, width, device=DEVICE)]
     assert_op_matches("mlp clip width", fused_mlp("quick_gelu", True), eager_mlp("quick_gelu", True), inputs, dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patch rules
+# ----------------------------------------------------------------------------------------------
+
+MLP_ONLY = dict(layer_norm=False, attention=False, patch_embed=False, mlp=True)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self, mlp):
+        super().__init__()
+        self.mlp = mlp
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+def _check_patched_matches(block, x, atol=1e-5):
+    import copy
+
+    ref = copy.deepcopy(block)
+    keys = list(block.state_dict())
+    report = clipfast.patch(block, **MLP_ONLY)
+    assert list(block.state_dict()) == keys
+    xr = x.detach().clone().requires_grad_()
+    xf = x.detach().clone().requires_grad_()
+    out_ref, out = ref(xr), block(xf)
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=atol)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    torch.testing.assert_close(xf.grad, xr.grad, atol=10 * atol, rtol=10 * atol)
+    for (name, p), (_, q) in zip(block.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=10 * atol, rtol=10 * atol, msg=name)
+    return report
+
+
+def test_patch_rule_fuses_openai_sequential_and_unpatch_restores():
+    mlp = openai_mlp(64, clipfast.models.QuickGELU())
+    block = _Block(mlp)
+    report = _check_patched_matches(block, randn(2, 9, 64, device=DEVICE))
+    assert report.counts() == {"mlp": 1}
+    assert isinstance(block.mlp, torch.nn.Sequential) and block.mlp is not mlp
+    assert block.mlp.c_fc.weight is mlp.c_fc.weight  # shares the parameters
+    assert block.mlp._clipfast_mlp == ("c_fc", "c_proj", "quick_gelu")
+    clipfast.unpatch(block)
+    assert block.mlp is mlp
+
+
+def test_patched_sequential_runs_the_fused_op(monkeypatch):
+    import clipfast.nn.mlp as nn_mlp
+
+    block = _Block(openai_mlp(32, torch.nn.GELU()))
+    clipfast.patch(block, **MLP_ONLY)
+    calls = []
+    real = nn_mlp.mlp
+    monkeypatch.setattr(nn_mlp, "mlp", lambda *a, **k: calls.append(a[5]) or real(*a, **k))
+    block(torch.randn(3, 32, device=DEVICE))
+    assert calls == ["gelu"]
+
+
+def test_patch_rule_open_clip_identity_ln_and_tanh_gelu():
+    # open_clip's custom block: c_fc, gelu, ln (Identity without scale_fc), c_proj
+    mlp = torch.nn.Sequential(OrderedDict([
+        ("c_fc", torch.nn.Linear(48, 96)), ("gelu", torch.nn.GELU(approximate="tanh")), ("ln", torch.nn.Identity()),
+        ("c_proj", torch.nn.Linear(96, 48))])).to(DEVICE)
+    report = _check_patched_matches(_Block(mlp), randn(5, 48, device=DEVICE))
+    assert report.counts() == {"mlp": 1}
+
+
+class QuickGELUActivation(torch.nn.Module):  # named like transformers' class
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class FakeQuickGELU(torch.nn.Module):  # the name says QuickGELU, the behaviour does not
+    def forward(self, x):
+        return torch.relu(x)
+
+
+class MyGELU(torch.nn.Module):
+    def forward(self, x):
+        return F.gelu(x)
+
+
+@pytest.mark.parametrize("module,expected", [
+    (torch.nn.GELU(), "gelu"), (torch.nn.GELU(approximate="tanh"), "gelu_tanh"),
+    (clipfast.models.QuickGELU(), "quick_gelu"), (QuickGELUActivation(), "quick_gelu"), (MyGELU(), "gelu"),
+    (F.gelu, "gelu"), (FakeQuickGELU(), None), (torch.nn.ReLU(), None), (torch.nn.SiLU(), None),
+    (torch.nn.PReLU(), None)])
+def test_activation_detection_by_type_confirmed_by_behaviour(module, expected):
+    from clipfast.patch_rules.mlp import detect_activation
+
+    assert detect_activation(module) == expected
+
+
+def test_unknown_activation_and_hooked_linear_are_left_alone_and_reported():
+    relu = _Block(openai_mlp(32, torch.nn.ReLU()))
+    report = clipfast.patch(relu, **MLP_ONLY)
+    assert report.counts() == {} and len(report.skipped) == 1
+    assert "unknown activation ReLU" in report.skipped[0].reason and "unknown activation" in str(report)
+    assert type(relu.mlp) is torch.nn.Sequential
+
+    hooked = _Block(openai_mlp(32, torch.nn.GELU()))
+    hooked.mlp.c_fc.register_forward_hook(lambda *args: None)
+    report = clipfast.patch(hooked, **MLP_ONLY)
+    assert report.counts() == {} and "hooks" in report.skipped[0].reason
+
+
+def test_patch_rule_on_reference_clip_blocks():
+    model = clipfast.models.create("tiny").to(DEVICE)
+    image = torch.randn(2, 3, 32, 32, device=DEVICE)
+    text = torch.randint(0, 101, (2, 13), device=DEVICE)
+    with torch.no_grad():
+        ref_image, ref_text = model.encode_image(image), model.encode_text(text)
+    report = clipfast.patch(model, **MLP_ONLY)
+    assert report.counts() == {"mlp": 4}  # two vision and two text blocks
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(image), ref_image, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model.encode_text(text), ref_text, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("hidden_act,expected", [("quick_gelu", "quick_gelu"), ("gelu", "gelu"),
+                                                 ("gelu_pytorch_tanh", "gelu_tanh"), ("relu", None)])
+def test_patch_rule_hugging_face_clip_mlp(hidden_act, expected):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.clip.modeling_clip import CLIPMLP
+
+    config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_attention_heads=2, hidden_act=hidden_act)
+    mlp = CLIPMLP(config).to(DEVICE)
+    block = _Block(mlp)
+    if expected is None:
+        report = clipfast.patch(block, **MLP_ONLY)
+        assert report.counts() == {} and "unknown activation" in report.skipped[0].reason
+        return
+    report = _check_patched_matches(block, randn(2, 7, 64, device=DEVICE))
+    assert report.counts() == {"mlp": 1}
+    assert isinstance(block.mlp, CLIPMLP) and block.mlp._clipfast_mlp[2] == expected
