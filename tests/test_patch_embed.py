@@ -204,6 +204,21 @@ def test_interpreter_or_gpu_runs_the_triton_kernels(monkeypatch):
         clipfast.patch_embed(pixels, weight, cls, pos)
 
 
+@pytest.mark.parametrize("normalized", [False, True])
+def test_eager_fallback_matches_float64(monkeypatch, normalized):
+    # CPU without the interpreter runs the eager reference of both custom ops (a patched model on a laptop)
+    monkeypatch.setattr(runtime, "uses_triton", lambda t: False)
+    kwargs = {"mean": (0.5, 0.25, -0.125), "std": (2.0, 0.5, 1.5)} if normalized else {}
+
+    def fused_eager(pixels, weight, cls, pos, ln_w, ln_b):
+        return clipfast.patch_embed(pixels, weight, cls, pos, ln_weight=ln_w, ln_bias=ln_b, **kwargs)
+
+    def eager(pixels, weight, cls, pos, ln_w, ln_b):
+        return eager_patch_embed(pixels, weight, cls, pos, ln_w, ln_b, **kwargs)
+
+    assert_op_matches("patch_embed eager path", fused_eager, eager, make_inputs(2, 28, 42, 14, ln=True), torch.float32)
+
+
 def test_vector_width_checks():
     # the alignment the kernels may assume is derived from the actual strides and addresses
     from clipfast.kernels.patch_embed import _vec
