@@ -182,6 +182,16 @@ def test_mlp_kernels_actually_run(monkeypatch):
     assert sum(bool(c.get("rowsum")) for c in calls) == 2 and sum(c.get("pre") is not None for c in calls) == 1
 
 
+def test_eager_fallback_matches_float64(monkeypatch):
+    # CPU without the interpreter (a laptop) runs the eager reference: same ops, same numerics standard
+    monkeypatch.setattr(runtime, "uses_triton", lambda t: False)
+    for dtype in (torch.float32, torch.float16):
+        assert_op_matches("mlp eager fallback", fused_mlp("gelu", True), eager_mlp("gelu", True),
+                          mlp_inputs(9, 32, 128) + [randn(9, 32, device=DEVICE)], dtype)
+        assert_op_matches("quick_gelu eager fallback", clipfast.quick_gelu, lambda x: eager_act(x, "quick_gelu"),
+                          [randn(5, 33, device=DEVICE)], dtype)
+
+
 def test_poisoned_outputs_are_fully_written():
     assert runtime._POISON
     x, w1, b1, w2, b2 = mlp_inputs(130, 48, 136)  # ragged tiles in M, N and K
