@@ -72,7 +72,7 @@ def test_matches_float64(dtype, causal, seqlen):
     torch.testing.assert_close(out, v, atol=0, rtol=0)
     do = torch.randn_like(out)
     dq, dk = torch.autograd.grad(out, (q, k), do)
-    bound = 16 * d * float(do.abs().max() * v.abs().max()) * (2.0**-24 if dtype == torch.float32 else 2.0**-11)
+    bound = 16 * d * float(do.abs().max() * v.detach().abs().max()) * (2.0**-24 if dtype == torch.float32 else 2.0**-11)
     assert dq.abs().max() <= bound and dk.abs().max() <= bound
 
 
@@ -238,6 +238,19 @@ def test_unsupported_cases_run_sdpa_with_a_warning():
         out = clipfast.flash_attention(q[..., :64], k[..., :64], v[..., :64], attn_mask=mask)
     out.sum().backward()
     assert mask.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_eager_path_without_the_interpreter_matches_float64(dtype, monkeypatch):
+    # what CPU tensors run when TRITON_INTERPRET is not set: the same forward statistics and backward math
+    import clipfast.ops.attention as op
+
+    monkeypatch.setattr(op.runtime, "uses_triton", lambda t: False)
+    monkeypatch.setattr(kernel, "attention_fwd", None)  # must not be reached
+    b, lq, lk = 2, 33, 40
+    keep = _padding(b, lk)
+    check(*qkv(b, 2, lq, lk, 32, outliers=2), dtype, mask=keep, is_causal=True)
+    check(*qkv(b, 2, lq, lk, 32), dtype, mask=torch.randn(lq, lk, device=DEVICE))
 
 
 def test_poisoned_outputs_are_fully_written():
