@@ -127,6 +127,19 @@ def _tile_ptrs(BASE, rows, cols, stride, ROW_MAJOR: tl.constexpr, ALIGNED: tl.co
     return ptrs
 
 
+@triton.jit
+def _mma_step(a, b, acc, rowsum, pid_n, ROWSUM_A: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """acc += a @ b on tensor cores; the first tile column also adds the row sums of a (bias gradients)."""
+    if ALLOW_TF32:
+        acc = tl.dot(a, b, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    if ROWSUM_A:
+        if pid_n == 0:
+            rowsum += tl.sum(a.to(tl.float32), axis=1)
+    return acc, rowsum
+
+
 # Shipped tile configurations. The first one is what the interpreter runs (large tiles keep it fast)
 # and a good default on both architectures. Every entry compiles without spills with tensor cores for
 # fp16/bf16 on sm_80 and sm_90 for every epilogue on aligned operands (see ``aot_cases``); operands
@@ -182,17 +195,22 @@ def _gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k in range(0, tl.cdiv(K, BLOCK_K)):
-        kk = k * BLOCK_K + rk
-        a = tl.load(_tile_ptrs(A, rm_load, kk, stride_a, A_ROW_MAJOR, ALIGNED), mask=kk[None, :] < K, other=0.0)
-        b = tl.load(_tile_ptrs(B, kk, rn_load, stride_b, not B_ROW_MAJOR, ALIGNED), mask=kk[:, None] < K, other=0.0)
-        if ALLOW_TF32:
-            acc = tl.dot(a, b, acc, input_precision="tf32")
-        else:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        if ROWSUM_A:
-            if pid_n == 0:
-                rowsum += tl.sum(a.to(tl.float32), axis=1)
+    a_ptrs = _tile_ptrs(A, rm_load, rk, stride_a, A_ROW_MAJOR, ALIGNED)
+    b_ptrs = _tile_ptrs(B, rk, rn_load, stride_b, not B_ROW_MAJOR, ALIGNED)
+    a_step = BLOCK_K if A_ROW_MAJOR else BLOCK_K * stride_a
+    b_step = BLOCK_K if B_ROW_MAJOR else BLOCK_K * stride_b
+    # Whole K tiles load without a mask, so they move in vectors and the loop is software-pipelined
+    # whatever K is; a K tail (K % BLOCK_K) takes one masked step after the loop.
+    k_tiles = K // BLOCK_K
+    for _ in range(0, k_tiles):
+        acc, rowsum = _mma_step(tl.load(a_ptrs), tl.load(b_ptrs), acc, rowsum, pid_n, ROWSUM_A, ALLOW_TF32)
+        a_ptrs += a_step
+        b_ptrs += b_step
+    k_left = K - k_tiles * BLOCK_K
+    if k_left > 0:
+        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        acc, rowsum = _mma_step(a, b, acc, rowsum, pid_n, ROWSUM_A, ALLOW_TF32)
 
     # Epilogue on the fp32 accumulator. C, Z and RES share one layout (row stride stride_c).
     m_ok = rm < M
