@@ -4,6 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+import clipfast
+
 from ..conftest import DEVICE
 from .common import check_patch, paths_of
 
@@ -13,13 +15,15 @@ CONTEXT, VOCAB = 16, 100
 TEXT = dict(context_length=CONTEXT, vocab_size=VOCAB, width=32, heads=2, layers=2)
 
 
-def create(name, precision="fp32", ls_init_value=None, grad_checkpointing=False):
+def create(name, precision="fp32", ls_init_value=None, grad_checkpointing=False, **block):
+    """``block``: options of both towers' blocks (block_type, qk_norm, scale_heads, scaled_cosine_attn, ...)."""
     if name.startswith("RN"):
         vision = dict(layers=[1, 1, 1, 1], width=16, image_size=64, patch_size=None)
     else:
-        vision = dict(layers=2, width=64, head_width=32, image_size=32, patch_size=8, ls_init_value=ls_init_value)
+        vision = dict(layers=2, width=64, head_width=32, image_size=32, patch_size=8, ls_init_value=ls_init_value,
+                      **block)
     model = open_clip.create_model(name, pretrained=None, precision=precision, embed_dim=32, vision_cfg=vision,
-                                   text_cfg=dict(TEXT, ls_init_value=ls_init_value))
+                                   text_cfg=dict(TEXT, ls_init_value=ls_init_value, **block))
     with torch.no_grad():  # move every parameter off its init (LayerNorm (1, 0), zero biases) a little
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p).to(p.dtype))
@@ -51,6 +55,8 @@ def expected_swaps(model):
 CASES = {
     "vit-quickgelu": dict(name="ViT-B-32-quickgelu"),
     "vit-gelu-layerscale-checkpointing": dict(name="ViT-B-32", ls_init_value=0.1, grad_checkpointing=True),
+    # open_clip's own Attention class: QK-norm (LayerNormFp32 on q and k), per-head output scale
+    "vit-custom-attention": dict(name="ViT-B-32", block_type="custom", qk_norm=True, scale_heads=True),
     "rn50": dict(name="RN50"),
 }
 
@@ -64,6 +70,15 @@ def test_open_clip_patched_matches_unpatched(case):
     model, report = check_patch(build, run, [image, tokens()], expected=expected_swaps(build()))
     if kwargs.get("grad_checkpointing"):
         assert model.transformer.grad_checkpointing and model.visual.transformer.grad_checkpointing
+    if kwargs.get("block_type") == "custom":
+        assert {s.original for s in report.swapped if s.family == "attention"} == {"Attention"}, str(report)
+
+
+def test_open_clip_scaled_cosine_attention_left_alone():
+    model = create("ViT-B-32", block_type="custom", scaled_cosine_attn=True)
+    report = clipfast.patch(model)
+    reasons = {s.reason for s in report.skipped if s.family == "attention"}
+    assert any("scaled-cosine" in r for r in reasons), str(report)
 
 
 def test_open_clip_fp16_with_layer_norm_fp32():
@@ -79,8 +94,6 @@ def test_open_clip_fp16_with_layer_norm_fp32():
 def test_open_clip_loss_replaceable():
     """clipfast.nn.ClipLoss / SigLipLoss take open_clip's constructor and forward arguments and give the same
     loss and gradients."""
-    import clipfast
-
     if not hasattr(clipfast.nn, "ClipLoss"):
         pytest.fail("clipfast.nn.ClipLoss is missing")
     image = torch.randn(12, 32, device=DEVICE, dtype=torch.float64)
