@@ -384,6 +384,12 @@ def test_mha_module_need_weights_falls_back_to_torch():
     ref_out, ref_weights = ref(x, x, x)
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(weights, ref_weights)
+    # attention dropout exists only in torch's implementation: used while training, with a warning
+    ref, fast = _mha_pair(32, 2, dropout=0.5)
+    with pytest.warns(RuntimeWarning, match="dropout"):
+        fast(x, x, x, need_weights=False)
+    ref.eval(), fast.eval()
+    _compare_mha(ref, fast, (x.requires_grad_(),) * 3, {})
 
 
 def test_causal_mask_detection():

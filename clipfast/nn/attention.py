@@ -11,7 +11,7 @@ projection output (no copies). Masks:
   ``key_padding_mask`` ([B, S], bool True = ignored, or additive float) run inside the kernel.
 
 ``need_weights=True``, ``add_bias_kv``, ``add_zero_attn`` and dropout while training run the parent's
-forward (with a one-time warning for the first three).
+forward, with a one-time warning each.
 """
 from __future__ import annotations
 
@@ -107,8 +107,7 @@ def mha_forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mas
     """``nn.MultiheadAttention.forward`` with the attention in the flash kernel (see the module doc)."""
     reason = _unsupported(self, query, key_padding_mask, need_weights, attn_mask)
     if reason is not None:
-        if reason != "attention dropout while training":
-            warn_once(f"mha_{reason}", f"MultiheadAttention with {reason} runs the PyTorch implementation")
+        warn_once(f"mha_{reason}", f"MultiheadAttention with {reason} runs the PyTorch implementation")
         return _parent_forward(self)(self, query, key, value, key_padding_mask=key_padding_mask,
                                      need_weights=need_weights, attn_mask=attn_mask,
                                      average_attn_weights=average_attn_weights, is_causal=is_causal)
