@@ -1,6 +1,8 @@
 """Chinese-CLIP (``cn_clip``) rules.
 
-Its vision tower is OpenAI's (the family rules cover it); its text tower is an old-style BERT whose
+Its vision tower is OpenAI's (the family rules cover its blocks); its ``VisualTransformer`` adds a
+``mask_ratio`` argument (random token masking between the embedding and ln_pre), so it gets the OpenAI
+patch-embedding forward of ``patch_embed.py`` whenever ``mask_ratio`` is 0. Its text tower is an old-style BERT whose
 ``BertSelfAttention`` computes ``softmax(q k^T / sqrt(d) + mask) v`` with explicit matmuls and a
 ``(1 - mask) * -10000`` additive key-padding mask of shape [B, 1, 1, L]. The replacement runs
 ``clipfast.flash_attention`` with that mask (a per-key vector, read once per key block by the kernel).
@@ -12,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from clipfast.patching import PatchRule, clone_as, fast_subclass, register_rule
+from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
+
+from . import patch_embed
 
 
 def _bert_self_attention_forward(self, hidden_states: torch.Tensor, attention_mask=None, head_mask=None):
@@ -40,3 +44,30 @@ def _convert(module: nn.Module) -> nn.Module:
 
 register_rule(PatchRule(family="attention", name="Chinese-CLIP BertSelfAttention -> flash attention",
                         match=_match, convert=_convert))
+
+
+# ----------------------------------------------------------------------------------------------
+# VisualTransformer: OpenAI's VisionTransformer plus random token masking
+# ----------------------------------------------------------------------------------------------
+
+def _visual_forward(self, x: torch.Tensor, mask_ratio: float = 0.0) -> torch.Tensor:
+    if mask_ratio != 0:
+        return type(self).__bases__[0].forward(self, x, mask_ratio)
+    return patch_embed._openai_forward(self, x)
+
+
+def _match_visual(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__module__ == "cn_clip.clip.model" and cls.__name__ == "VisualTransformer"
+
+
+def _convert_visual(module: nn.Module) -> nn.Module:
+    patch_embed._patch_size(module.conv1)  # raises Unsupported for anything but a patchify conv
+    if module.positional_embedding.dim() != 2:
+        raise Unsupported("positional_embedding is not [tokens, width]")
+    cls = type(module)
+    return clone_as(module, fast_subclass(cls, _visual_forward, f"Fast{cls.__name__}"))
+
+
+register_rule(PatchRule(family="patch_embed", name="Chinese-CLIP VisualTransformer embedding -> fused patch embedding + ln_pre",
+                        match=_match_visual, convert=_convert_visual))

@@ -6,6 +6,9 @@ CLIPSeg, SigLIP, ...) gets its own shallow copy of its config with ``_attn_imple
 so it runs ``clipfast.flash_attention`` (see ``clipfast.integrations.hf``) while the rest of the model,
 including mask building, keeps its configuration. The forward is the original one.
 
+patch_embed: ChineseCLIP's vision embeddings (the same forward as CLIP's) take ``patch_embed.py``'s
+rule for ``CLIPVisionEmbeddings``.
+
 layer_norm: BERT's post-LN output blocks (``dense -> dropout -> LayerNorm(h + residual)``, ChineseCLIP's
 text tower) run the residual add and the LayerNorm as one fused ``add_layer_norm``.
 """
@@ -19,6 +22,8 @@ import torch.nn as nn
 from clipfast.integrations import hf
 from clipfast.ops import add_layer_norm
 from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
+
+from . import patch_embed
 
 # mask formats the clipfast function takes: the ones the sdpa and eager mask builders produce
 _MASK_COMPATIBLE = (None, "eager", "sdpa", hf.NAME)
@@ -50,6 +55,22 @@ def _convert_attention(module: nn.Module) -> nn.Module:
 
 register_rule(PatchRule(family="attention", name="transformers attention -> clipfast attention function",
                         match=_dispatches_attention_interface, convert=_convert_attention))
+
+
+# ----------------------------------------------------------------------------------------------
+# Vision embeddings with CLIPVisionEmbeddings' forward
+# ----------------------------------------------------------------------------------------------
+
+CLIP_LIKE_EMBEDDINGS = {("transformers.models.chinese_clip.modeling_chinese_clip", "ChineseCLIPVisionEmbeddings")}
+
+
+def _match_embeddings(module: nn.Module) -> bool:
+    cls = type(module)
+    return (cls.__module__, cls.__name__) in CLIP_LIKE_EMBEDDINGS
+
+
+register_rule(PatchRule(family="patch_embed", name="ChineseCLIP vision embeddings -> fused patch embedding",
+                        match=_match_embeddings, convert=patch_embed._convert_hf))
 
 
 # ----------------------------------------------------------------------------------------------

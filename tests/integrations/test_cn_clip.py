@@ -38,6 +38,7 @@ def run(model, image, text):
 def expected_swaps(model):
     bert = "cn_clip.clip.modeling_bert"
     return {"layer_norm": paths_of(model, lambda m: isinstance(m, nn.LayerNorm)),
+            "patch_embed": {"visual"},
             "attention": paths_of(model, lambda m: isinstance(m, nn.MultiheadAttention)
                                   or (type(m).__module__, type(m).__name__) == (bert, "BertSelfAttention"))}
 

@@ -157,6 +157,7 @@ def test_hf_chinese_clip_patched():
     _, report = check_patch(build, run, [torch.randn(2, 3, 32, 32, dtype=torch.float64), ids, mask],
                             expected=expected_swaps(build(), (mod.ChineseCLIPTextSelfAttention, mod.ChineseCLIPVisionAttention),
                                                     mod.ChineseCLIPVisionMLP))
+    assert "vision_model.embeddings" in {s.path for s in report.swapped if s.family == "patch_embed"}, str(report)
     fused_outputs = {s.path for s in report.swapped if s.original in ("ChineseCLIPTextSelfOutput", "ChineseCLIPTextOutput")}
     assert len(fused_outputs) == 4  # 2 layers x (attention output, feed-forward output)
 
