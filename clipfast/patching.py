@@ -22,6 +22,9 @@ from typing import Callable
 
 import torch.nn as nn
 
+__all__ = ["PatchRule", "PatchReport", "Skipped", "Swapped", "Unsupported", "clone_as", "fast_subclass", "is_fast",
+           "known_families", "patch", "register_rule", "registered_rules", "unpatch"]
+
 #: Families every installation knows about; ``patch`` takes a keyword for each, and for any other
 #: family a registered rule names.
 DEFAULT_FAMILIES = ("layer_norm", "attention", "mlp", "patch_embed")
@@ -268,7 +271,10 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
     Modules are visited top-down; the first matching rule of an enabled family that accepts a module
     replaces it, and the children of the replacement are visited too. Patching again changes nothing
     (already swapped modules stay as they are); to turn a family off, ``unpatch`` and patch again.
-    Unknown family names raise ``TypeError``."""
+    Unknown family names raise ``TypeError``.
+
+    The replacement classes are made at run time: save a patched model's ``state_dict`` (unchanged by
+    patching), or ``unpatch`` it before pickling the whole module."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"clipfast.patch: `model` must be a torch.nn.Module, got {type(model).__name__}")
     options = dict(layer_norm=layer_norm, attention=attention, mlp=mlp, patch_embed=patch_embed, **other_families)

@@ -103,7 +103,7 @@ def test_text_tower_is_causal_and_pools_at_the_end_of_text_token():
         x = x + F.scaled_dot_product_attention(*_heads(block.attn, h), attn_mask=mask).transpose(1, 2).reshape(
             x.shape) @ block.attn.out_proj.weight.t() + block.attn.out_proj.bias
         x = x + block.mlp(block.ln_2(x))
-    pooled = model.ln_final(x)[torch.arange(3), text.argmax(-1)] @ model.text_projection
+    pooled = model.ln_final(x)[torch.arange(3, device=DEVICE), text.argmax(-1)] @ model.text_projection
     torch.testing.assert_close(features, pooled, atol=1e-5, rtol=1e-4)
 
 
