@@ -132,8 +132,13 @@ def test_hf_clip_model_patched():
 
 @pytest.mark.parametrize("tower", ["vision", "text"])
 def test_hf_single_tower_models_patched(tower):
+    """CLIPVisionModelWithProjection (training, gradient checkpointing) and CLIPTextModel (padded batch)."""
     if tower == "vision":
-        build = lambda: perturbed(transformers.CLIPVisionModelWithProjection(clip_config().vision_config))  # noqa: E731
+        def build():  # training mode with gradient checkpointing (CLIP has no dropout by default)
+            model = perturbed(transformers.CLIPVisionModelWithProjection(clip_config().vision_config)).train()
+            model.gradient_checkpointing_enable()
+            return model
+
         run = lambda m, px: (m(pixel_values=px).image_embeds,)  # noqa: E731
         inputs = [torch.randn(2, 3, 32, 32, dtype=torch.float64)]
     else:
