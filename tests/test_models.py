@@ -209,3 +209,50 @@ def test_layer_norm_computes_in_fp32_and_returns_the_input_dtype():
 def test_quick_gelu():
     x = torch.linspace(-6, 6, 101, dtype=torch.float64)
     torch.testing.assert_close(models.QuickGELU()(x), x / (1 + torch.exp(-1.702 * x)))
+
+
+def _openai_clip_model():
+    """OpenAI's ``clip/model.py`` loaded on its own: the package's ``__init__`` imports ``pkg_resources``,
+    which current setuptools no longer has, and the model file needs none of it."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("clip")
+    path = os.path.join(os.path.dirname(spec.origin), "model.py") if spec and spec.origin else None
+    if path is None or not os.path.exists(path):
+        pytest.skip("OpenAI's clip package is not installed")
+    module_spec = importlib.util.spec_from_file_location("_openai_clip_model", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "build_model"):
+        pytest.skip(f"{path} is not OpenAI's CLIP model file")
+    return module
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-RN"])
+def test_matches_openai_clip_when_installed(name):
+    """With OpenAI's package installed: same modules, keys and outputs for the same weights, both ways."""
+    openai = _openai_clip_model()
+    config = models.model_config(name)
+    theirs = openai.CLIP(**config).eval()
+    ours = models.build_model(copy.deepcopy(theirs.state_dict()))
+    assert [n for n, _ in ours.named_modules()] == [n for n, _ in theirs.named_modules()]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    images, text = tiny_batch(ours, device="cpu")
+    for a, b in zip(ours(images, text), theirs(images, text)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    openai.convert_weights(theirs)  # OpenAI's released checkpoints are fp16
+    rebuilt = models.build_model(copy.deepcopy(theirs.state_dict()))
+    assert [p.dtype for p in rebuilt.parameters()] == [p.dtype for p in openai.build_model(theirs.state_dict()).parameters()]
+
+
+def test_open_clip_loads_our_state_dict_and_agrees():
+    """open_clip's loader for OpenAI checkpoints takes the reference model's state_dict as one."""
+    open_clip_model = pytest.importorskip("open_clip.model")
+    ours = models.create("tiny").eval()
+    theirs = open_clip_model.build_model_from_openai_state_dict(copy.deepcopy(ours.state_dict()),
+                                                                 cast_dtype=torch.float32).float().eval()
+    ours.load_state_dict(theirs.state_dict())  # same keys both ways; takes over open_clip's fp16 rounding
+    images, text = tiny_batch(ours, device="cpu")
+    torch.testing.assert_close(theirs.encode_image(images), ours.encode_image(images), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs.encode_text(text), ours.encode_text(text), atol=1e-5, rtol=1e-5)
