@@ -203,3 +203,23 @@ def test_hf_florence2_davit_vision_tower_patched():
     _, report = check_patch(build, run, [torch.randn(1, 3, 16, 16, dtype=torch.float64)],
                             expected=expected_swaps(build(), (), mod.Florence2VisionMLP))
     assert report.counts().get("layer_norm", 0) >= 4
+
+
+def test_hf_registration_is_lazy_and_happens_on_import():
+    """``import clipfast`` does not load transformers' modeling code (seconds of import time); the attention
+    implementation is registered the moment transformers loads it, whichever is imported first."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, clipfast\n"
+        "assert 'transformers.modeling_utils' not in sys.modules\n"
+        "from transformers import CLIPModel\n"
+        "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n"
+        "from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS\n"
+        "assert 'clipfast' in ALL_ATTENTION_FUNCTIONS and 'clipfast' in ALL_MASK_ATTENTION_FUNCTIONS\n"
+    )
+    reverse = "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as A\nimport clipfast\nassert 'clipfast' in A\n"
+    for code in (script, reverse):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
