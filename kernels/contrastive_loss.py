@@ -1,0 +1,445 @@
+"""Fused contrastive losses (CLIP softmax cross-entropy and SigLIP sigmoid loss), forward and backward,
+without ever materializing the N x M logits matrix.
+
+Notation: ``A`` [N, d] holds the query features (images), ``B`` [M, d] the key features (texts),
+``z_ij = <s * Ahat_i, Bhat_j>`` the logits (hat: L2-normalized when asked), and the positive of row ``i``
+is column ``i + offset`` (``offset = rank * N`` for the rectangular local loss of a data-parallel rank, 0
+for the square loss).
+
+Algorithm
+---------
+Operands (``_prepare_kernel``): one pass over the rows, ``Ahat = s * x / max(||x||, eps)`` and
+``Bhat = x / max(||x||, eps)`` in the input dtype (the tensor-core operands), like ``F.normalize`` with
+``eps = 1e-12`` (a zero row stays zero). Folding s into A rounds the logits as open_clip's
+``logit_scale * image_features @ text_features.T`` does. Traffic: read x, write the operand.
+
+Forward (``_contrastive_fwd_kernel``): a grid of P x S programs. Program (p, s) walks the row blocks
+p, p + P, ... and, for each, the column blocks of column split s; each [BLOCK_M, BLOCK_N] tile of z is
+computed with ``tl.dot`` over d (fp32 accumulation) and consumed at once:
+- CLIP rows: an online (max, sum of exp(z - max) over the negatives) per row in registers, written once
+  per (split, row) as partials [S, N]; the positive logit of each row is picked from the diagonal tile.
+- CLIP columns (square loss only): the tile's column max and sum of exponentials are merged into the
+  program's own partial (max, sum) row [P, M] (read-modify-write by that program only: no atomics,
+  deterministic).
+- SigLIP: ``-logsigmoid(y * (z + b))`` (``y = +1`` on the positives, -1 elsewhere) summed per row into
+  [S, N] partials.
+The partials are combined over S and P outside the kernel (see ``_combine``); keeping the positive out
+of the sums keeps the digits of a nearly one-hot softmax, where ``1 - softmax`` rounds to 0. Memory: 2 * (S + P) * (N + M) fp32 values with
+P * S about two programs per SM: O(N + M), never O(N * M). Traffic: A and B stream from L2 once per
+tile, like any GEMM; nothing of size N * M touches memory.
+
+Backward (``_contrastive_grad_kernel``): with ``G_ij = dloss/dz_ij`` divided by the loss's constant
+factor (1/N or 1/2N, applied later in fp32 so that fp16/bf16 tiles do not underflow),
+    CLIP:   G_ij = [softmax_row(z)_ij - 1{j = i + offset}] + [softmax_col(z)_ij - 1{j = i + offset}]
+            (the column term only for the square loss), recomputed from the saved statistics
+            (``softmax - 1`` at the positive is saved, exact);
+    SigLIP: G_ij = -y_ij * sigmoid(-y_ij * (z_ij + b)).
+One program per (row block, d-chunk) recomputes the tiles of its rows and accumulates
+``acc = sum_j G_ij Bhat_j`` over all columns for a BLOCK_D slice of the features (fp32 registers). The
+same kernel on the transposed problem (B as rows, A as columns, statistics swapped, offset negated)
+gives ``sum_i G_ij Ahat_i``. No N x M buffer, no atomics: deterministic. Each program recomputes the
+full-depth z tile for its d-chunk, so the backward costs (1 + d / BLOCK_D) GEMM passes per side.
+The programs of the first d-chunk on the A side also sum ``G_ij`` and ``G_ij * z_ij`` per row in fp32,
+from which the gradients of the bias and of the scale follow (for fp32 operands the scale's gradient
+comes more accurately from ``sum_i <xhat_i, acc_i>``, see below; fp16/bf16 operands saw G rounded).
+
+Feature gradients (``_feature_grad_kernel``): ``dxhat = coef * acc`` (``coef``: upstream gradient times
+the loss factor, times s on the A side), back through the normalization
+``dx = (dxhat - xhat * <xhat, dxhat>) / max(||x||, eps)`` (no projection for rows clamped by eps),
+and optionally ``<xhat_i, acc_i>``. Traffic: read x and acc, write dx.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime
+from .layer_norm import row_tile
+
+# Widest feature dimension the row kernels hold in registers (the ops fall back to eager above it).
+MAX_DIM = 8192
+
+CLIP = 0
+SIGLIP = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Row kernels: normalization and the feature gradients
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _prepare_kernel(X, Y, SCALE, n_rows, n_cols, stride_x, stride_y, eps,
+                    NORMALIZE: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    rows = rows.to(tl.int64)
+    y = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        y = y / tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), eps)[:, None]
+    if HAS_SCALE:
+        y = y * tl.load(SCALE).to(tl.float32)
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _feature_grad_kernel(X, ACC, DX, COEF, DOT,
+                         n_rows, n_cols, stride_x, stride_acc, stride_dx, eps,
+                         NORMALIZE: tl.constexpr, HAS_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < n_cols)[None, :]
+    rows = rows.to(tl.int64)
+    c = tl.load(COEF).to(tl.float32)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    acc = tl.load(ACC + rows[:, None] * stride_acc + cols[None, :], mask=mask, other=0.0)
+    if NORMALIZE:
+        norm = tl.sqrt(tl.sum(x * x, axis=1))
+        r = 1.0 / tl.maximum(norm, eps)
+        xhat = x * r[:, None]
+        dxhat = c * acc
+        # rows whose norm was clamped to eps are scaled by a constant: no projection term
+        proj = tl.where(norm > eps, tl.sum(xhat * dxhat, axis=1), 0.0)
+        dx = r[:, None] * (dxhat - xhat * proj[:, None])
+    else:
+        xhat = x
+        dx = c * acc
+    tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if HAS_DOT:  # <xhat_i, acc_i>: summed, the gradient of the scale (fp32 operands)
+        tl.store(DOT + rows, tl.sum(xhat * acc, axis=1), mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot_tile(A, B, rows, cols, n_a, n_b, n_cols, stride_a, stride_b,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """A[rows] @ B[cols]^T in fp32, accumulated over the feature dim in BLOCK_K steps. Rows and columns
+    past the end are clamped to the last one (in bounds, no masks; the callers discard them), so with
+    EVEN_K (d a multiple of BLOCK_K) the loads need no masks at all."""
+    a_ptrs = A + tl.minimum(rows, n_a - 1).to(tl.int64)[:, None] * stride_a + tl.arange(0, BLOCK_K)[None, :]
+    b_ptrs = B + tl.minimum(cols, n_b - 1).to(tl.int64)[:, None] * stride_b + tl.arange(0, BLOCK_K)[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, n_cols, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = (k0 + tl.arange(0, BLOCK_K)) < n_cols
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _softplus_neg(t):
+    """-logsigmoid(t) = log(1 + exp(-t)) without overflow, with an accurate log1p for small exp(-|t|)."""
+    u = tl.exp(-tl.abs(t))
+    w = 1.0 + u
+    log1p_u = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    return tl.maximum(-t, 0.0) + log1p_u
+
+
+@triton.jit
+def _contrastive_fwd_kernel(
+    A, B, BIAS, ROW_M, ROW_L, COL_M, COL_L, POS,
+    n_a, n_b, n_cols, stride_a, stride_b, offset, cols_per_split, n_row_programs,
+    KIND: tl.constexpr, HAS_COLS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    if KIND == 1:
+        bias = tl.load(BIAS).to(tl.float32)
+    col_begin = pid_s * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_b)
+    first_row = pid_p * BLOCK_M
+    for row0 in range(first_row, n_a, n_row_programs * BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < n_a
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        pos = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for col0 in range(col_begin, col_end, BLOCK_N):
+            cols = col0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < col_end
+            z = _dot_tile(A, B, rows, cols, n_a, n_b, n_cols, stride_a, stride_b,
+                          BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+            valid = row_ok[:, None] & col_ok[None, :]
+            is_pos = (rows + offset)[:, None] == cols[None, :]
+            if KIND == 0:
+                z = tl.where(valid, z, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(z, axis=1))
+                # the sum leaves the positive out: exact gradients and loss when the softmax is one-hot
+                l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.where(is_pos, 0.0, tl.exp(z - m_new[:, None])), axis=1)
+                m_i = m_new
+                pos += tl.sum(tl.where(is_pos & valid, z, 0.0), axis=1)
+                if HAS_COLS:
+                    m_c = tl.max(z, axis=0)
+                    l_c = tl.sum(tl.where(is_pos, 0.0, tl.exp(z - m_c[None, :])), axis=0)
+                    # merge into this program's running column (max, sum) (written by this program only)
+                    not_first = col_ok & (row0 != first_row)
+                    part = pid_p.to(tl.int64) * n_b + cols
+                    m_old = tl.load(COL_M + part, mask=not_first, other=float("-inf"))
+                    l_old = tl.load(COL_L + part, mask=not_first, other=0.0)
+                    m = tl.maximum(m_old, m_c)
+                    tl.store(COL_M + part, m, mask=col_ok)
+                    tl.store(COL_L + part, l_old * tl.exp(m_old - m) + l_c * tl.exp(m_c - m), mask=col_ok)
+            else:
+                t = tl.where(is_pos, 1.0, -1.0) * (z + bias)
+                l_i += tl.sum(tl.where(valid, _softplus_neg(t), 0.0), axis=1)
+        tl.store(ROW_L + pid_s.to(tl.int64) * n_a + rows, l_i, mask=row_ok)
+        if KIND == 0:
+            tl.store(ROW_M + pid_s.to(tl.int64) * n_a + rows, m_i, mask=row_ok)
+            diag = rows + offset
+            tl.store(POS + rows, pos, mask=row_ok & (diag >= col_begin) & (diag < col_end))
+        # the next row block re-reads this program's column partials: make the stores visible first
+        tl.debug_barrier()
+
+
+@triton.jit
+def _contrastive_grad_kernel(
+    A, B, LSE_A, LSE_B, BIAS, OUT, ROW_SUMS,
+    n_a, n_b, n_cols, stride_a, stride_b, stride_out, offset,
+    KIND: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, HAS_ROW_SUMS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_a
+    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    d_ok = dcols < n_cols
+    if KIND == 1:
+        bias = tl.load(BIAS).to(tl.float32)
+    if HAS_LSE_A:  # per row: max, log of the sum of exp(z - max), and softmax - 1 at the positive
+        m_a = tl.load(LSE_A + rows, mask=row_ok, other=0.0)
+        log_l_a = tl.load(LSE_A + n_a + rows, mask=row_ok, other=0.0)
+        g_pos_a = tl.load(LSE_A + 2 * n_a + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    g_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    gz_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for col0 in range(0, n_b, BLOCK_N):
+        cols = col0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < n_b
+        z = _dot_tile(A, B, rows, cols, n_a, n_b, n_cols, stride_a, stride_b,
+                      BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
+        is_pos = (rows + offset)[:, None] == cols[None, :]
+        if KIND == 0:
+            g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            if HAS_LSE_A:
+                g += tl.where(is_pos, g_pos_a[:, None], tl.exp((z - m_a[:, None]) - log_l_a[:, None]))
+            if HAS_LSE_B:
+                m_b = tl.load(LSE_B + cols, mask=col_ok, other=0.0)
+                log_l_b = tl.load(LSE_B + n_b + cols, mask=col_ok, other=0.0)
+                g_pos_b = tl.load(LSE_B + 2 * n_b + cols, mask=col_ok, other=0.0)
+                g += tl.where(is_pos, g_pos_b[None, :], tl.exp((z - m_b[None, :]) - log_l_b[None, :]))
+        else:
+            y = tl.where(is_pos, 1.0, -1.0)
+            g = -y * tl.sigmoid(-y * (z + bias))
+        g = tl.where(row_ok[:, None] & col_ok[None, :], g, 0.0)
+        if HAS_ROW_SUMS:  # for the gradients of the bias and the scale, in fp32
+            g_sum += tl.sum(g, axis=1)
+            gz_sum += tl.sum(g * z, axis=1)
+        b = tl.load(B + cols.to(tl.int64)[:, None] * stride_b + dcols[None, :],
+                    mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(g.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
+    tl.store(OUT + rows.to(tl.int64)[:, None] * stride_out + dcols[None, :], acc,
+             mask=row_ok[:, None] & d_ok[None, :])
+    if HAS_ROW_SUMS:
+        tl.store(ROW_SUMS + rows, g_sum, mask=row_ok & (pid_d == 0))
+        tl.store(ROW_SUMS + n_a + rows, gz_sum, mask=row_ok & (pid_d == 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles and launchers
+# ---------------------------------------------------------------------------------------------
+
+def tiles(dtype: torch.dtype, n_cols: int) -> dict:
+    """Tile sizes for the forward (``fwd``) and gradient (``grad``) kernels. The fp16/bf16 ones are the
+    largest that compile without spills for sm_80 and sm_90 (``clipfast aot``); BLOCK_K = 32 keeps the
+    operand tiles of the nested loops small enough."""
+    p2 = runtime.next_power_of_2(n_cols)
+    if runtime.INTERPRET:  # few, large tiles: the interpreter's cost is per tile operation
+        k = max(16, min(128, p2))
+        return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=4, num_stages=1),
+                "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, BLOCK_D=max(16, min(1024, p2)), num_warps=4,
+                             num_stages=1)}
+    k = max(16, min(32, p2))
+    if dtype == torch.float32:
+        return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=4, num_stages=2),
+                "grad": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=k, BLOCK_D=max(16, min(128, p2)), num_warps=4,
+                             num_stages=2)}
+    return {"fwd": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=k, num_warps=8, num_stages=3),
+            "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, BLOCK_D=max(16, min(256, p2)), num_warps=8,
+                         num_stages=2)}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 features follow torch's matmul setting (full fp32 unless TF32 is allowed)."""
+    if dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and not runtime.INTERPRET):
+        return "ieee"
+    return "tf32"
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def prepare(x: torch.Tensor, scale, normalize: bool, eps: float) -> torch.Tensor:
+    """The tile operand ``scale * x / max(||x||, eps)`` (without normalization: ``scale * x``; ``scale``
+    None: 1) in x's dtype, contiguous rows."""
+    x = _rows(x)
+    y = runtime.empty(x.shape, x.dtype, x.device)
+    tile = row_tile(x.shape[1])
+    _prepare_kernel[(runtime.cdiv(x.shape[0], tile["BLOCK_M"]),)](
+        x, y, scale if scale is not None else x, x.shape[0], x.shape[1], x.stride(0), y.stride(0), eps,
+        NORMALIZE=normalize, HAS_SCALE=scale is not None,
+        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], num_warps=tile["num_warps"])
+    return y
+
+
+def _split(n_a: int, n_b: int, block_m: int, block_n: int, device) -> tuple[int, int, int]:
+    """P row programs and S column splits (about two programs per SM), and columns per split."""
+    target = 2 * runtime.sm_count(device)
+    n_rb, n_cb = runtime.cdiv(n_a, block_m), runtime.cdiv(n_b, block_n)
+    n_p = min(n_rb, target)
+    n_s = min(n_cb, max(1, target // n_p), runtime.MAX_GRID_YZ)
+    blocks_per_split = runtime.cdiv(n_cb, n_s)
+    n_s = runtime.cdiv(n_cb, blocks_per_split)
+    return n_p, n_s, blocks_per_split * block_n
+
+
+def contrastive_fwd(a, b, bias, kind: int, offset: int, both_directions: bool):
+    """Forward tile pass over the operands ``a`` [N, d] (scaled) x ``b`` [M, d] (see ``prepare``).
+
+    Returns ``(rows, cols)``, each None or a pair (per-row cross-entropies, backward statistics [3, n])
+    (see ``_combine``): CLIP rows, and columns for the square loss; SigLIP: (per-row loss sums, None), None.
+    All fp32."""
+    a, b = _rows(a), _rows(b)
+    n_a, n_b, n_cols = a.shape[0], b.shape[0], a.shape[1]
+    cfg = dict(tiles(a.dtype, n_cols)["fwd"])
+    n_p, n_s, cols_per_split = _split(n_a, n_b, cfg["BLOCK_M"], cfg["BLOCK_N"], a.device)
+    has_cols = kind == CLIP and both_directions
+    row_m, row_l = (runtime.empty((n_s, n_a), torch.float32, a.device) for _ in range(2))
+    col_m, col_l = ((runtime.empty((n_p, n_b), torch.float32, a.device) for _ in range(2)) if has_cols
+                    else (row_m, row_l))
+    pos = runtime.empty((n_a,), torch.float32, a.device) if kind == CLIP else row_m
+    _contrastive_fwd_kernel[(n_p, n_s)](
+        a, b, bias if bias is not None else row_m, row_m, row_l, col_m, col_l, pos,
+        n_a, n_b, n_cols, a.stride(0), b.stride(0), offset, cols_per_split, n_p,
+        KIND=kind, HAS_COLS=has_cols, EVEN_K=n_cols % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(a.dtype),
+        **cfg)
+    if kind == SIGLIP:
+        return (row_l.sum(0), None), None
+    return _combine(row_m, row_l, pos), (_combine(col_m, col_l, pos) if has_cols else None)
+
+
+def _combine(m: torch.Tensor, r: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial (max, sum of exp(z - max) over the negatives) pairs [K, n] and the positive logits [n] ->
+    per-row cross-entropies [n] and the backward's statistics [3, n]: the max, the log of the full sum,
+    and softmax - 1 at the positive.
+
+    The positive is kept out of the sums so that ``-sum_neg / sum`` (the positive's gradient) and
+    ``log1p(sum_neg)`` (the loss where the positive is the max) keep their digits when the softmax is
+    nearly one-hot; ``1 - softmax`` would round to 0 there."""
+    top = torch.maximum(m.max(0).values, pos)
+    neg = (r * torch.exp(m - top)).sum(0)
+    total = torch.exp(pos - top) + neg
+    log_total = torch.log(total)
+    loss = torch.where(pos >= top, torch.log1p(neg), log_total - (pos - top))
+    return loss, torch.stack([top, log_total, -neg / total])
+
+
+def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums: bool):
+    """``acc_i = sum_j G_ij b_j`` (fp32 [N, d]) for the tiles of the operands ``a`` against ``b``; with
+    ``want_sums`` also the per-row sums of ``G_ij`` and of ``G_ij z_ij`` (fp32 [2, N]), from which the
+    gradients of the bias and the scale follow. See the module docstring for G."""
+    a, b = _rows(a), _rows(b)
+    n_a, n_b, n_cols = a.shape[0], b.shape[0], a.shape[1]
+    cfg = dict(tiles(a.dtype, n_cols)["grad"])
+    acc = runtime.empty((n_a, n_cols), torch.float32, a.device)
+    sums = runtime.empty((2, n_a), torch.float32, a.device) if want_sums else acc
+    grid = (runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_cols, cfg["BLOCK_D"]))
+    _contrastive_grad_kernel[grid](
+        a, b, lse_a if lse_a is not None else acc, lse_b if lse_b is not None else acc,
+        bias if bias is not None else acc, acc, sums,
+        n_a, n_b, n_cols, a.stride(0), b.stride(0), acc.stride(0), offset,
+        KIND=kind, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_ROW_SUMS=want_sums,
+        EVEN_K=n_cols % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(a.dtype), **cfg)
+    return acc, (sums if want_sums else None)
+
+
+def feature_grad(x, acc, coef, normalize: bool, eps: float, want_dot: bool = False):
+    """Gradient of the raw features ``x`` from ``acc`` (see the module docstring), in x's dtype; with
+    ``want_dot`` also ``<xhat_i, acc_i>`` per row (fp32 [N])."""
+    x = _rows(x)
+    dx = runtime.empty(x.shape, x.dtype, x.device)
+    dot = runtime.empty((x.shape[0],), torch.float32, x.device) if want_dot else acc
+    tile = row_tile(x.shape[1])
+    _feature_grad_kernel[(runtime.cdiv(x.shape[0], tile["BLOCK_M"]),)](
+        x, acc, dx, coef, dot, x.shape[0], x.shape[1], x.stride(0), acc.stride(0), dx.stride(0), eps,
+        NORMALIZE=normalize, HAS_DOT=want_dot,
+        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], num_warps=tile["num_warps"])
+    return dx, (dot if want_dot else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# AOT cases
+# ---------------------------------------------------------------------------------------------
+
+def aot_cases() -> list[runtime.AotCase]:
+    """The shipped fp16/bf16 tiles (the same for every d >= 256; BLOCK_D shrinks below) for each loss
+    variant, the unmasked (d a multiple of BLOCK_K) and masked feature loops, and the row kernels."""
+    cases = []
+    fwd_sig = {"A": "*{dtype}", "B": "*{dtype}", "BIAS": "*fp32", "ROW_M": "*fp32", "ROW_L": "*fp32",
+               "COL_M": "*fp32", "COL_L": "*fp32", "POS": "*fp32", "n_a": "i32", "n_b": "i32", "n_cols": "i32",
+               "stride_a": "i32", "stride_b": "i32", "offset": "i32", "cols_per_split": "i32",
+               "n_row_programs": "i32"}
+    grad_sig = {"A": "*{dtype}", "B": "*{dtype}", "LSE_A": "*fp32", "LSE_B": "*fp32", "BIAS": "*fp32",
+                "OUT": "*fp32", "ROW_SUMS": "*fp32", "n_a": "i32", "n_b": "i32", "n_cols": "i32",
+                "stride_a": "i32", "stride_b": "i32", "stride_out": "i32", "offset": "i32"}
+    for d in (512, 80):
+        t = tiles(torch.float16, d)
+        fwd = {k: v for k, v in t["fwd"].items() if k.isupper()}
+        grad = {k: v for k, v in t["grad"].items() if k.isupper()}
+        even = d % fwd["BLOCK_K"] == 0
+        for name, kind, has_cols in (("clip", CLIP, True), ("clip_rows", CLIP, False), ("siglip", SIGLIP, False)):
+            cases.append(runtime.AotCase(
+                name=f"contrastive_fwd_{name}[d={d}]", kernel=_contrastive_fwd_kernel, signature=fwd_sig,
+                constexprs={"KIND": kind, "HAS_COLS": has_cols, "EVEN_K": even, "DOT_PRECISION": "tf32", **fwd},
+                num_warps=t["fwd"]["num_warps"], num_stages=t["fwd"]["num_stages"], expects_mma=True,
+                quick=d == 512 and name != "clip_rows"))
+        for name, kind, lse_a, lse_b in (("clip", CLIP, True, True), ("clip_rows", CLIP, True, False),
+                                         ("clip_rows_t", CLIP, False, True), ("siglip", SIGLIP, False, False)):
+            cases.append(runtime.AotCase(
+                name=f"contrastive_grad_{name}[d={d}]", kernel=_contrastive_grad_kernel, signature=grad_sig,
+                constexprs={"KIND": kind, "HAS_LSE_A": lse_a, "HAS_LSE_B": lse_b, "HAS_ROW_SUMS": True,
+                            "EVEN_K": even, "DOT_PRECISION": "tf32", **grad},
+                num_warps=t["grad"]["num_warps"], num_stages=t["grad"]["num_stages"], expects_mma=True,
+                quick=d == 512 and name in ("clip", "siglip")))
+    for d in (512, 1024):
+        tile = row_tile(d)
+        meta = {"BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"]}
+        cases.append(runtime.AotCase(
+            name=f"contrastive_prepare[d={d}]", kernel=_prepare_kernel,
+            signature={"X": "*{dtype}", "Y": "*{dtype}", "SCALE": "*fp32", "n_rows": "i32", "n_cols": "i32",
+                       "stride_x": "i32", "stride_y": "i32", "eps": "fp32"},
+            constexprs={"NORMALIZE": True, "HAS_SCALE": True, **meta}, num_warps=tile["num_warps"], quick=d == 512))
+        cases.append(runtime.AotCase(
+            name=f"contrastive_feature_grad[d={d}]", kernel=_feature_grad_kernel,
+            signature={"X": "*{dtype}", "ACC": "*fp32", "DX": "*{dtype}", "COEF": "*fp32", "DOT": "*fp32",
+                       "n_rows": "i32", "n_cols": "i32", "stride_x": "i32", "stride_acc": "i32",
+                       "stride_dx": "i32", "eps": "fp32"},
+            constexprs={"NORMALIZE": True, "HAS_DOT": False, **meta}, num_warps=tile["num_warps"], quick=d == 512))
+    return cases
