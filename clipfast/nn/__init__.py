@@ -2,5 +2,6 @@
 modules they replace."""
 from .layer_norm import LayerNorm
 from .attention import MultiheadAttention
+from .loss import ClipLoss, SigLipLoss
 
-__all__ = ["LayerNorm", "MultiheadAttention"]
+__all__ = ["LayerNorm", "MultiheadAttention", "ClipLoss", "SigLipLoss"]
