@@ -1,0 +1,87 @@
+"""Contrastive losses at large-batch CLIP training sizes: N = 4k..32k (64k where memory allows),
+d = 512/768/1024, bf16 features, forward + backward time and peak memory.
+
+``eager`` is open_clip's ``ClipLoss`` / ``SigLipLoss`` formula (materializes the N x N logits; open_clip's
+own class when installed is added as ``open_clip``); ``torch.compile`` of the eager formula is added by the
+harness. Features arrive normalized and ``logit_scale`` exponentiated, as open_clip passes them.
+"""
+import torch
+import torch.nn.functional as F
+
+import clipfast
+
+from .harness import BenchCase
+
+CLIP_SHAPES = [(n, d) for n in (4096, 16384, 32768) for d in (512, 768, 1024)]
+SIGLIP_SHAPES = [(16384, 768)]
+SMOKE_SHAPES = [(67, 64)]
+
+
+def _big_memory_shapes() -> list:
+    """64k pairs: the eager loss needs roughly 100 GB there; only where the GPU holds it."""
+    if torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory > 120 * 2**30:
+        return [(65536, 512)]
+    return []
+
+
+def eager_clip_loss(image, text, logit_scale):
+    """open_clip ``ClipLoss`` on one GPU."""
+    logits_per_image = logit_scale * image @ text.T
+    logits_per_text = logit_scale * text @ image.T
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels)) / 2
+
+
+def eager_siglip_loss(image, text, logit_scale, logit_bias):
+    """open_clip ``SigLipLoss`` on one GPU."""
+    logits = logit_scale * image @ text.T + logit_bias
+    labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
+    return -F.logsigmoid((labels * logits).float()).sum() / image.shape[0]
+
+
+def _open_clip_impls(siglip: bool) -> dict:
+    try:
+        from open_clip.loss import ClipLoss, SigLipLoss
+    except Exception:  # open_clip is optional
+        return {}
+    if siglip:
+        fn = SigLipLoss()
+        return {"open_clip": lambda image, text, logit_scale, logit_bias: fn(image, text, logit_scale, logit_bias)}
+    fn = ClipLoss()
+    return {"open_clip": lambda image, text, logit_scale: fn(image, text, logit_scale)}
+
+
+def _make(n, d, siglip):
+    def make(device, dtype):
+        image = F.normalize(torch.randn(n, d, device=device), dim=-1).to(dtype).requires_grad_()
+        text = F.normalize(torch.randn(n, d, device=device), dim=-1).to(dtype).requires_grad_()
+        inputs = {"image": image, "text": text,
+                  "logit_scale": torch.tensor(10.0 if siglip else 100.0, device=device, requires_grad=True)}
+        if siglip:
+            inputs["logit_bias"] = torch.tensor(-10.0, device=device, requires_grad=True)
+        return inputs
+    return make
+
+
+def cases(smoke: bool):
+    clip_module, siglip_module = clipfast.nn.ClipLoss(), clipfast.nn.SigLipLoss()
+    dtype = torch.float32 if smoke else torch.bfloat16
+    found = []
+    # minimal matmul work: the logits (2 N^2 d) forward, the two feature gradients (4 N^2 d) backward
+    flops = {"fwd": 2, "bwd": 4, "fwd+bwd": 6}
+    for n, d in SMOKE_SHAPES if smoke else CLIP_SHAPES + _big_memory_shapes():
+        found.append(BenchCase(
+            family="contrastive_loss", name=f"CLIP loss N={n} d={d}", dtype=dtype, make_inputs=_make(n, d, False),
+            impls={"clipfast": lambda image, text, logit_scale: clip_module(image, text, logit_scale),
+                   "eager": eager_clip_loss, **_open_clip_impls(False)},
+            flops=lambda mode, n=n, d=d: flops[mode] * n * n * d, shape={"n": n, "d": d, "loss": "clip"},
+        ))
+    for n, d in SMOKE_SHAPES if smoke else SIGLIP_SHAPES:
+        found.append(BenchCase(
+            family="contrastive_loss", name=f"SigLIP loss N={n} d={d}", dtype=dtype, make_inputs=_make(n, d, True),
+            impls={"clipfast": lambda image, text, logit_scale, logit_bias: siglip_module(image, text, logit_scale,
+                                                                                          logit_bias),
+                   "eager": eager_siglip_loss, **_open_clip_impls(True)},
+            flops=lambda mode, n=n, d=d: flops[mode] * n * n * d, shape={"n": n, "d": d, "loss": "siglip"},
+        ))
+    return found
