@@ -263,6 +263,12 @@ def _swap_root(model: nn.Module, new: nn.Module) -> None:
     model.__dict__[_ORIGINAL] = shell
 
 
+def _unswap_root(model: nn.Module) -> None:
+    shell = _restore(model)
+    model.__class__ = type(shell)
+    model.__dict__ = shell.__dict__
+
+
 def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, mlp: bool = True,
           patch_embed: bool = True, **other_families: bool) -> PatchReport:
     """Swap clipfast modules into ``model`` in place and return a report of what was swapped and what
@@ -288,6 +294,7 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
         if id(module) in seen:
             if seen[id(module)] is not module:
                 setattr(parent, name, seen[id(module)])
+                undo.append(lambda p=parent, n=name, m=module: setattr(p, n, m))
             return
         seen[id(module)] = module
         if is_fast(module):
@@ -305,9 +312,11 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
                 new.__dict__["_clipfast_rule"] = rule.name
                 if parent is None:
                     _swap_root(module, new)
+                    undo.append(lambda m=module: _unswap_root(m))
                 else:
                     new.__dict__[_ORIGINAL] = module
                     setattr(parent, name, new)
+                    undo.append(lambda p=parent, n=name, m=module: setattr(p, n, m))
                     seen[id(module)] = new
                     module = new
                 report.swapped.append(Swapped(path, _class_name(module.__dict__[_ORIGINAL]), _class_name(module),
@@ -321,7 +330,14 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
             if child is not None:
                 visit(child, f"{path}.{child_name}" if path else child_name, module, child_name)
 
-    visit(model, "", None, None)
+    undo: list[Callable[[], None]] = []
+    try:
+        visit(model, "", None, None)
+    except BaseException:
+        # a failing rule leaves the model as it was before this call
+        for step in reversed(undo):
+            step()
+        raise
     return report
 
 
@@ -357,7 +373,5 @@ def unpatch(model: nn.Module) -> nn.Module:
 
     visit(model)
     if _ORIGINAL in model.__dict__:
-        shell = _restore(model)
-        model.__class__ = type(shell)
-        model.__dict__ = shell.__dict__
+        _unswap_root(model)
     return model

@@ -528,3 +528,20 @@ def test_layer_norm_variants_are_swapped_and_match(kwargs):
     patch(ln)
     assert patching.is_fast(ln)
     torch.testing.assert_close(ln(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_rule_leaves_the_model_as_it_was(scratch_rules):
+    def fail_on_second(m, calls=[]):
+        calls.append(m)
+        if len(calls) == 2:
+            raise RuntimeError("bug in a rule")
+        return clone_as(m, fast_subclass(type(m), nn.Linear.forward, "SameLinear"))
+
+    register_rule(PatchRule("toy", "flaky", lambda m: type(m) is nn.Linear, fail_on_second))
+    net = make_net()
+    before = list(net.modules())
+    with pytest.raises(RuntimeError, match="bug in a rule"):
+        patch(net, **only("toy", "layer_norm"))
+    after = list(net.modules())
+    assert len(after) == len(before) and all(a is b for a, b in zip(after, before))
+    assert not any(patching.is_fast(m) for m in after)
