@@ -130,9 +130,23 @@ def fast_subclass(original_cls: type, forward: Callable, name: str) -> type:
             "__doc__": f"{original_cls.__name__} with its forward running clipfast kernels "
                        f"(made by clipfast.patching.fast_subclass).",
             "_clipfast_fast": True,
+            "_clipfast_key": key,
+            "__reduce_ex__": _reduce_fast,
         })
         _SUBCLASSES[key] = cls
     return cls
+
+
+def _reduce_fast(self, protocol):
+    # the class is made at run time, so pickle (torch.save) and deepcopy rebuild it from its key; the
+    # forward must then be importable (a module-level function), as for any pickled reference
+    getstate = getattr(self, "__getstate__", None)  # object.__getstate__ is Python 3.11+
+    return _rebuild_fast, type(self)._clipfast_key, getstate() if getstate is not None else self.__dict__
+
+
+def _rebuild_fast(original_cls: type, forward: Callable, name: str) -> nn.Module:
+    cls = fast_subclass(original_cls, forward, name)
+    return cls.__new__(cls)
 
 
 def is_fast(module: nn.Module) -> bool:
@@ -279,8 +293,8 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
     (already swapped modules stay as they are); to turn a family off, ``unpatch`` and patch again.
     Unknown family names raise ``TypeError``.
 
-    The replacement classes are made at run time: save a patched model's ``state_dict`` (unchanged by
-    patching), or ``unpatch`` it before pickling the whole module."""
+    A patched model pickles (``torch.save``) and deep-copies as a patched model; its ``state_dict`` is
+    the unpatched model's."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"clipfast.patch: `model` must be a torch.nn.Module, got {type(model).__name__}")
     options = dict(layer_norm=layer_norm, attention=attention, mlp=mlp, patch_embed=patch_embed, **other_families)

@@ -545,3 +545,16 @@ def test_a_failing_rule_leaves_the_model_as_it_was(scratch_rules):
     after = list(net.modules())
     assert len(after) == len(before) and all(a is b for a, b in zip(after, before))
     assert not any(patching.is_fast(m) for m in after)
+
+
+def test_patched_model_pickles_and_loads_patched(tmp_path):
+    model = clipfast.models.create("tiny").eval()
+    patch(model, **only("layer_norm"))
+    images, text = clip_batch(model)
+    model = model.to(DEVICE)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert type(loaded.ln_final) is type(model.ln_final) and patching.is_fast(loaded.ln_final)
+    torch.testing.assert_close(loaded(images, text)[0], model(images, text)[0], atol=0, rtol=0)
+    unpatch(loaded)
+    assert type(loaded.ln_final) is clipfast.models.LayerNorm
