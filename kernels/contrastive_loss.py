@@ -277,8 +277,8 @@ def tiles(dtype: torch.dtype, n_cols: int) -> dict:
                              num_stages=1)}
     k = max(16, min(32, p2))
     if dtype == torch.float32:
-        return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=4, num_stages=2),
-                "grad": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=k, BLOCK_D=max(16, min(128, p2)), num_warps=4,
+        return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=8, num_stages=2),
+                "grad": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=k, BLOCK_D=max(16, min(128, p2)), num_warps=8,
                              num_stages=2)}
     return {"fwd": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=k, num_warps=8, num_stages=3),
             "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, BLOCK_D=max(16, min(256, p2)), num_warps=8,
@@ -428,6 +428,18 @@ def aot_cases() -> list[runtime.AotCase]:
                             "EVEN_K": even, "DOT_PRECISION": "tf32", **grad},
                 num_warps=t["grad"]["num_warps"], num_stages=t["grad"]["num_stages"], expects_mma=True,
                 quick=d == 512 and name in ("clip", "siglip")))
+    # fp32 features: full-precision dots (FMA, no tensor cores) unless TF32 is allowed
+    t = tiles(torch.float32, 512)
+    for key, kernel, sig, extra in (("fwd", _contrastive_fwd_kernel, fwd_sig, {"HAS_COLS": True}),
+                                    ("grad", _contrastive_grad_kernel, grad_sig,
+                                     {"HAS_LSE_A": True, "HAS_LSE_B": True, "HAS_ROW_SUMS": True})):
+        for precision in ("ieee", "tf32"):
+            cases.append(runtime.AotCase(
+                name=f"contrastive_{key}_clip_fp32_{precision}[d=512]", kernel=kernel, signature=sig,
+                constexprs={"KIND": CLIP, **extra, "EVEN_K": True, "DOT_PRECISION": precision,
+                            **{k: v for k, v in t[key].items() if k.isupper()}},
+                num_warps=t[key]["num_warps"], num_stages=t[key]["num_stages"], dtypes=("fp32",),
+                expects_mma=precision == "tf32", quick=False))
     for d in (512, 1024):
         tile = row_tile(d)
         meta = {"BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"]}

@@ -345,3 +345,47 @@ def test_modules_match_open_clip_when_installed():
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(clipfast.nn.SigLipLoss()(image, text, scale, bias),
                                open_clip_loss.SigLipLoss()(image, text, scale, bias), rtol=1e-5, atol=1e-5)
+
+
+def test_too_wide_features_fall_back_to_eager_with_a_warning():
+    from clipfast.kernels import contrastive_loss as kernel
+
+    image, text = randn(3, kernel.MAX_DIM + 8, device=DEVICE), randn(3, kernel.MAX_DIM + 8, device=DEVICE)
+    scale = torch.tensor(2.0, device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
+    with pytest.warns(RuntimeWarning, match="eager"):
+        loss = clipfast.clip_loss(*leaves)
+    loss.backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (image, text, scale)]
+    expected = eager_clip_loss(*ref_leaves)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for leaf, ref in zip(leaves, ref_leaves):
+        torch.testing.assert_close(leaf.grad, ref.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("loss", ["clip", "siglip_rectangular", "cross_entropy_rectangular"])
+def test_eager_path_matches_float64(monkeypatch, loss):
+    # the path of CPU tensors without the interpreter: same op, forward and written-out backward in PyTorch
+    monkeypatch.setattr(ops, "_use_kernel", lambda x: False)
+    image, text = features(6, 48), features(6 if loss == "clip" else 18, 48)
+    scale, bias = torch.tensor(2.0, device=DEVICE), torch.tensor(-3.0, device=DEVICE)
+    fused, reference = {
+        "clip": (lambda i, t, s, b: clipfast.clip_loss(i, t, s), lambda i, t, s, b: reference_clip_loss(i, t, s)),
+        "siglip_rectangular": (lambda i, t, s, b: clipfast.siglip_loss(i, t, s, b, label_offset=6),
+                               lambda i, t, s, b: eager_siglip_loss(i, t, s, b, offset=6)),
+        "cross_entropy_rectangular": (
+            lambda i, t, s, b: ops.contrastive_cross_entropy(i, t, s.exp(), label_offset=12, normalize=True),
+            lambda i, t, s, b: eager_cross_entropy(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s.exp(), 12)),
+    }[loss]
+    leaves = [t.clone().requires_grad_() for t in (image, text, scale, bias)]
+    out = fused(*leaves)
+    out.backward()
+    ref_leaves = [t.double().requires_grad_() for t in (image, text, scale, bias)]
+    ref = reference(*ref_leaves)
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    for leaf, ref_leaf in zip(leaves[:3], ref_leaves[:3]):
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-4, atol=1e-6)
+    if loss == "siglip_rectangular":
+        torch.testing.assert_close(leaves[3].grad.double(), ref_leaves[3].grad, rtol=1e-4, atol=1e-6)

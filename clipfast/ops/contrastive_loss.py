@@ -69,6 +69,42 @@ def eager_loss(a, b, scale, bias, kind: int, offset: int, both_directions: bool,
     return loss
 
 
+def _normalize_bwd(x, dxhat):
+    """Gradient through ``x / max(||x||, eps)``."""
+    norm = x.norm(dim=-1, keepdim=True)
+    xhat = x / norm.clamp_min(EPS)
+    proj = torch.where(norm > EPS, (xhat * dxhat).sum(-1, keepdim=True), torch.zeros_like(norm))
+    return (dxhat - xhat * proj) / norm.clamp_min(EPS)
+
+
+def eager_loss_bwd(grad, a, b, scale, bias, kind: int, offset: int, both_directions: bool, normalize: bool):
+    """The gradients of ``eager_loss`` written out (the eager path of the backward op, where autograd
+    is not available): ``(da, db, dscale, dbias)``."""
+    acc = torch.promote_types(a.dtype, torch.float32)
+    a32, b32 = a.to(acc), b.to(acc)
+    ahat = F.normalize(a32, dim=-1, eps=EPS) if normalize else a32
+    bhat = F.normalize(b32, dim=-1, eps=EPS) if normalize else b32
+    dots = ahat @ bhat.T
+    s = scale.to(acc)
+    z = s * dots
+    n = a.shape[0]
+    positive = torch.zeros_like(z)
+    positive[torch.arange(n, device=a.device), torch.arange(n, device=a.device) + offset] = 1.0
+    if kind == SIGLIP:
+        y = 2 * positive - 1
+        g = -y * torch.sigmoid(-y * (z + bias.to(acc)))
+    else:
+        g = torch.softmax(z, 1) - positive
+        if both_directions:
+            g = g + torch.softmax(z, 0) - positive
+    g = g * (grad.to(acc) * _factor(kind, n, both_directions))
+    dahat, dbhat = s * (g @ bhat), s * (g.T @ ahat)
+    da = _normalize_bwd(a32, dahat) if normalize else dahat
+    db = _normalize_bwd(b32, dbhat) if normalize else dbhat
+    dbias = g.sum().to(bias.dtype) if bias is not None else a.new_empty(0)
+    return da.to(a.dtype), db.to(b.dtype), (g * dots).sum().to(scale.dtype), dbias
+
+
 # ----------------------------------------------------------------------------------------------
 # Custom ops
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +116,7 @@ def contrastive_loss_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Ten
     and ``b / |b|`` (``b_hat`` empty without normalization: the tiles read ``b``) and the row / column softmax statistics [3, n] (max, log of the sum, softmax - 1
     at the positive; empty where the loss has none)."""
     if not _use_kernel(a):
-        with torch.no_grad():
-            loss = eager_loss(a, b, scale, bias, kind, offset, both_directions, normalize).float()
+        loss = eager_loss(a, b, scale, bias, kind, offset, both_directions, normalize).float()
         return (loss, a.new_empty(0), a.new_empty(0), scale.new_empty(0, dtype=torch.float32),
                 scale.new_empty(0, dtype=torch.float32))
     a_hat = kernel.prepare(a, scale, normalize, EPS)
@@ -118,14 +153,7 @@ def contrastive_loss_bwd(grad: Tensor, a: Tensor, b: Tensor, a_hat: Tensor, b_ha
                          both_directions: bool, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (da, db, dscale, dbias); dbias is empty without a bias."""
     if not _use_kernel(a):
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_() for t in (a, b, scale)]
-            if bias is not None:
-                leaves.append(bias.detach().requires_grad_())
-            loss = eager_loss(*leaves[:3], leaves[3] if bias is not None else None, kind, offset,
-                              both_directions, normalize)
-            grads = torch.autograd.grad(loss, leaves, grad.to(loss.dtype))
-        return grads[0], grads[1], grads[2], (grads[3] if bias is not None else a.new_empty(0))
+        return eager_loss_bwd(grad, a, b, scale, bias, kind, offset, both_directions, normalize)
     if not normalize:
         b_hat = b
     coef = (grad.float() * _factor(kind, a.shape[0], both_directions)).reshape(())
