@@ -47,7 +47,8 @@ def run(model, image, text):
 def expected_swaps(model):
     return {
         "layer_norm": paths_of(model, lambda m: isinstance(m, nn.LayerNorm)),
-        "attention": paths_of(model, lambda m: isinstance(m, (nn.MultiheadAttention, open_clip.transformer.Attention))),
+        "attention": paths_of(model, lambda m: isinstance(m, (nn.MultiheadAttention, open_clip.transformer.Attention,
+                                                             open_clip.modified_resnet.AttentionPool2d))),
         "mlp": {f"{p}.mlp" for p in paths_of(model, lambda m: isinstance(m, open_clip.transformer.ResidualAttentionBlock))},
     }
 

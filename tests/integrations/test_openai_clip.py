@@ -64,7 +64,7 @@ def run(model, image, text):
 def expected_swaps(model):
     return {
         "layer_norm": paths_of(model, lambda m: isinstance(m, nn.LayerNorm)),
-        "attention": paths_of(model, lambda m: isinstance(m, nn.MultiheadAttention)),
+        "attention": paths_of(model, lambda m: isinstance(m, (nn.MultiheadAttention, clip.model.AttentionPool2d))),
         "mlp": {f"{p}.mlp" for p in paths_of(model, lambda m: isinstance(m, clip.model.ResidualAttentionBlock))},
     }
 
