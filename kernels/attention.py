@@ -110,23 +110,34 @@ def _program_bases(n_heads, stride_b, stride_h):
 # Forward
 # ---------------------------------------------------------------------------------------------
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tiles that would spill at large head dims (the interpreter keeps its single config)."""
-    block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-    kept = [c for c in configs if c.kwargs.get("MAX_D", 256) >= block_d]
-    return kept or configs[:1]
+# Shipped tiles: (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D it is used for). Each was compiled for
+# sm_80 and sm_90 (`clipfast aot`): no spills and tensor-core MMAs up to its largest BLOCK_D. The first of
+# each list is also the interpreter's (one config there; 64-wide tiles keep the interpreted op count low).
+# The key-block kernel's MMA rows are keys (BLOCK_N >= 64 for HGMMA), the query kernels' are queries.
+FWD_TILES = [(64, 64, 8, 3, 128), (128, 64, 8, 3, 64), (64, 64, 4, 3, 64), (128, 32, 8, 3, 64),
+             (64, 32, 4, 3, 128), (64, 32, 8, 3, 256)]
+DKDV_TILES = [(32, 64, 8, 2, 128), (32, 64, 4, 2, 64), (32, 128, 8, 2, 64), (16, 64, 4, 2, 64),
+              (16, 64, 8, 2, 256)]
+DQ_TILES = [(64, 64, 8, 2, 64), (128, 64, 8, 2, 64), (64, 32, 8, 2, 128), (128, 32, 8, 2, 64),
+            (64, 32, 4, 2, 128), (64, 16, 8, 2, 256)]
+# Head dims above 128 (BLOCK_D 256) keep k, v, dk and dv of a key block in registers: the backward tiles
+# there spill on sm_80/sm_90 at every size tried (correct, slower); the forward does not.
+BWD_SPILL_FREE_MAX_D = 128
 
 
-def _fwd_configs():
-    # (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D). The first is the interpreter's (large tiles keep
-    # the number of interpreted tile operations low).
-    table = [(64, 64, 4, 3, 256), (128, 64, 4, 3, 128), (128, 64, 8, 3, 256), (128, 128, 8, 3, 128),
-             (64, 128, 4, 3, 128)]
+def _configs(tiles):
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "MAX_D": d}, num_warps=w, num_stages=s)
-            for m, n, w, s, d in table]
+            for m, n, w, s, d in tiles]
 
 
-@runtime.autotune(_fwd_configs(), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
+def _prune(configs, named_args, **kwargs):
+    """Keep the tiles meant for this head dim (the interpreter keeps its single config)."""
+    block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
+    kept = [c for c in configs if c.kwargs["MAX_D"] >= block_d]
+    return kept or configs[-1:]
+
+
+@runtime.autotune(_configs(FWD_TILES), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
                   prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_fwd_kernel(
@@ -206,15 +217,7 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + tl.program_id(0).to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
-def _bwd_configs():
-    # (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D); the first is the interpreter's.
-    table = [(64, 64, 8, 2, 128), (32, 64, 4, 2, 256), (64, 128, 8, 2, 128), (32, 128, 4, 2, 64),
-             (128, 64, 8, 2, 64)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "MAX_D": d}, num_warps=w, num_stages=s)
-            for m, n, w, s, d in table]
-
-
-@runtime.autotune(_bwd_configs(), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
+@runtime.autotune(_configs(DKDV_TILES), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
                   prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -273,7 +276,7 @@ def _attn_bwd_dkdv_kernel(
                 stride_dvn, stride_dvd, seqlen_k, head_dim)
 
 
-@runtime.autotune(_bwd_configs(), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
+@runtime.autotune(_configs(DQ_TILES), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
                   prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _attn_bwd_dq_kernel(
@@ -428,10 +431,11 @@ def attention_bwd(do, q, k, v, bias, o, lse, is_causal: bool, scale: float):
 # AOT cases
 # ---------------------------------------------------------------------------------------------
 
-def _signature(kernel) -> dict[str, str]:
+def _aot_signature(kernel) -> tuple[dict[str, str], dict[str, int]]:
     """AOT signature from the kernel's parameter names: upper-case names are pointers (fp32 for the bias
-    and the row statistics, the case dtype otherwise), the scales fp32, everything else i32."""
-    sig = {}
+    and the row statistics, the case dtype otherwise), the scales fp32, everything else i32; and the
+    head-dim strides, set to 1 (a constant, as the runtime specializes it)."""
+    sig, unit = {}, {}
     for param in runtime.jit_function(kernel).params:
         name = param.name
         if param.is_constexpr:
@@ -442,15 +446,18 @@ def _signature(kernel) -> dict[str, str]:
             sig[name] = "*{dtype}"
         elif name.endswith("_scale"):
             sig[name] = "fp32"
+        elif name.startswith("stride_") and name.endswith("d"):
+            unit[name] = 1
         else:
             sig[name] = "i32"
-    return sig
+    return sig, unit
 
 
 def aot_cases() -> list[runtime.AotCase]:
-    """Every shipped config (after pruning) of the three kernels at head dims 64 (ViT-B/L, text), 128
-    (80/88/104/128 pad to it) and 256; the causal, key-padding and full-mask variants at the first config.
-    The quick subset is head dim 64 at the first config."""
+    """Every shipped tile (after pruning) of the three kernels at head dims 64 (ViT-B/L, text) and 128
+    (80/88/104/128 pad to it), the forward at 256; the causal, key-padding and full-mask variants at the
+    first tile. Head-dim strides are 1, as the runtime specializes them for torch's layouts. The quick
+    subset is head dim 64 at the first tile."""
     cases = []
     variants = [("", False, NO_BIAS), ("_causal", True, NO_BIAS), ("_keymask", False, KEY_BIAS),
                 ("_causal_fullmask", True, FULL_BIAS)]
@@ -461,17 +468,20 @@ def aot_cases() -> list[runtime.AotCase]:
                 continue
             flags = {"IS_CAUSAL": causal, "BIAS_KIND": kind, "DOT_PRECISION": "tf32", "BLOCK_D": bd}
             for kernel, label in kernels:
+                if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
+                    continue
+                signature, unit_strides = _aot_signature(kernel)
                 configs = _prune(kernel.shipped_configs, {"BLOCK_D": bd})
                 for i, cfg in enumerate(configs if not suffix else configs[:1]):
                     cases.append(runtime.AotCase(
                         name=f"attention_{label}{suffix}[D={bd}]", kernel=runtime.jit_function(kernel),
-                        signature=_signature(kernel), constexprs={**flags, **cfg.kwargs}, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages, expects_mma=True,
+                        signature=signature, constexprs={**flags, **cfg.kwargs, **unit_strides},
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=True,
                         quick=bd == 64 and i == 0 and (not suffix or (suffix == "_causal" and label == "fwd")),
                     ))
+        signature, unit_strides = _aot_signature(_attn_bwd_preprocess_kernel)
         cases.append(runtime.AotCase(
-            name=f"attention_bwd_preprocess[D={bd}]", kernel=_attn_bwd_preprocess_kernel,
-            signature=_signature(_attn_bwd_preprocess_kernel),
-            constexprs={"BLOCK_D": bd, "BLOCK_M": max(16, min(64, 4096 // bd))}, quick=False,
+            name=f"attention_bwd_preprocess[D={bd}]", kernel=_attn_bwd_preprocess_kernel, signature=signature,
+            constexprs={"BLOCK_D": bd, "BLOCK_M": max(16, min(64, 4096 // bd)), **unit_strides}, quick=False,
         ))
     return cases
