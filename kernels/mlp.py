@@ -141,6 +141,26 @@ def _mma_step(a, b, acc, rowsum, pid_n, ROWSUM_A: tl.constexpr, ALLOW_TF32: tl.c
     return acc, rowsum
 
 
+@triton.jit
+def _epilogue(acc, rm, rn, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+              STORE_PRE: tl.constexpr, ACT_GRAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ALIGNED: tl.constexpr):
+    """Bias, activation (or the activation gradient from the saved Z), residual and the store, for the
+    rows rm and columns rn of the output. C, Z and RES share one layout (row stride stride_c)."""
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        tl.store(_tile_ptrs(Z, rm, rn, stride_c, True, ALIGNED), acc.to(Z.dtype.element_ty), mask=mask)
+    if ACT_GRAD:
+        z = tl.load(_tile_ptrs(Z, rm, rn, stride_c, True, ALIGNED), mask=mask, other=0.0).to(tl.float32)
+        acc *= _activation_grad(z, ACTIVATION)
+    else:
+        acc = _activation(acc, ACTIVATION)
+    if HAS_RESIDUAL:
+        acc += tl.load(_tile_ptrs(RES, rm, rn, stride_c, True, ALIGNED), mask=mask, other=0.0).to(tl.float32)
+    tl.store(_tile_ptrs(C, rm, rn, stride_c, True, ALIGNED), acc.to(C.dtype.element_ty), mask=mask)
+
+
 # Shipped tile configurations. The first one is what the interpreter runs (large tiles keep it fast)
 # and a good default on both architectures. Every entry compiles without spills with tensor cores for
 # fp16/bf16 on sm_80 and sm_90 for every epilogue on aligned operands (see ``aot_cases``); operands
@@ -214,25 +234,17 @@ def _gemm_kernel(
         b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
         acc, rowsum = _mma_step(a, b, acc, rowsum, pid_n, ROWSUM_A, ALLOW_TF32)
 
-    # Epilogue on the fp32 accumulator. C, Z and RES share one layout (row stride stride_c).
-    m_ok = rm < M
-    mask = m_ok[:, None] & (rn < N)[None, :]
-    rm64 = rm.to(tl.int64)
-    if HAS_BIAS:
-        acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if STORE_PRE:
-        tl.store(_tile_ptrs(Z, rm64, rn, stride_c, True, ALIGNED), acc.to(Z.dtype.element_ty), mask=mask)
-    if ACT_GRAD:
-        z = tl.load(_tile_ptrs(Z, rm64, rn, stride_c, True, ALIGNED), mask=mask, other=0.0).to(tl.float32)
-        acc *= _activation_grad(z, ACTIVATION)
-    else:
-        acc = _activation(acc, ACTIVATION)
-    if HAS_RESIDUAL:
-        acc += tl.load(_tile_ptrs(RES, rm64, rn, stride_c, True, ALIGNED), mask=mask, other=0.0).to(tl.float32)
-    tl.store(_tile_ptrs(C, rm64, rn, stride_c, True, ALIGNED), acc.to(C.dtype.element_ty), mask=mask)
+    # Epilogue on the fp32 accumulator, one half of the tile columns at a time (fewer values live at
+    # once: the activation and its gradient need several temporaries per element).
+    acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+    rn_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
+    _epilogue(acc_lo, rm, rn_lo, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, STORE_PRE, ACT_GRAD,
+              HAS_RESIDUAL, ALIGNED)
+    _epilogue(acc_hi, rm, rn_lo + BLOCK_N // 2, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, STORE_PRE,
+              ACT_GRAD, HAS_RESIDUAL, ALIGNED)
     if ROWSUM_A:
         if pid_n == 0:
-            tl.store(ROWSUM + rm, rowsum, mask=m_ok)
+            tl.store(ROWSUM + rm, rowsum, mask=rm < M)
 
 
 @triton.jit
@@ -248,6 +260,8 @@ def _activation_kernel(X, DY, OUT, n, ACTIVATION: tl.constexpr, BACKWARD: tl.con
 
 
 ELEMENTWISE_BLOCK = 4096
+# The most elements one GEMM launch writes (its epilogue offsets are 32-bit).
+MAX_EPILOGUE_ELEMENTS = 2**31 - 1
 ELEMENTWISE_WARPS = 8
 
 
@@ -308,6 +322,21 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
     zz = z if z is not None else pre
     if zz is not None:
         assert zz.stride() == (N, 1)
+    # The epilogue addresses C, Z and RES with 32-bit offsets: outputs of 2**31 elements or more run
+    # as several launches over row blocks (row slices of every operand are views).
+    rows_per_launch = max(1, MAX_EPILOGUE_ELEMENTS // N)
+    for start in range(0, M, rows_per_launch):
+        rows = slice(start, min(M, start + rows_per_launch))
+        _launch(a[rows], a_row_major, stride_a, b, b_row_major, stride_b, c[rows], bias,
+                residual[rows] if residual is not None else None, zz[rows] if zz is not None else None,
+                sums[rows] if sums is not None else None, activation, save_pre, pre is not None)
+    return c, z, sums
+
+
+def _launch(a, a_row_major, stride_a, b, b_row_major, stride_b, c, bias, residual, zz, sums, activation,
+            save_pre, act_grad):
+    M, K = a.shape
+    N = b.shape[0]
     epilogue = [(t, True, N, N) for t in (c, zz, residual) if t is not None]
     aligned = _aligned((a, a_row_major, stride_a, M), (b, b_row_major, stride_b, N), *epilogue)
 
@@ -320,10 +349,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
         M, N, K, stride_a, stride_b, N,
         A_ROW_MAJOR=a_row_major, B_ROW_MAJOR=b_row_major, ALIGNED=aligned,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], STORE_PRE=save_pre,
-        ACT_GRAD=pre is not None, HAS_RESIDUAL=residual is not None, ROWSUM_A=rowsum,
+        ACT_GRAD=act_grad, HAS_RESIDUAL=residual is not None, ROWSUM_A=sums is not None,
         ALLOW_TF32=_allow_tf32(a),
     )
-    return c, z, sums
 
 
 def mlp_fwd(x2, w1, b1, w2, b2, residual2, activation: str, save_for_backward: bool):

@@ -192,6 +192,14 @@ def test_eager_fallback_matches_float64(monkeypatch):
                           [randn(5, 33, device=DEVICE)], dtype)
 
 
+def test_outputs_too_large_for_32_bit_offsets_run_in_row_blocks(monkeypatch):
+    from clipfast.kernels import mlp as kernel
+
+    monkeypatch.setattr(kernel, "MAX_EPILOGUE_ELEMENTS", 50 * 256)  # 130 rows x 256 hidden: 3 launches
+    assert_op_matches("mlp row blocks", fused_mlp("quick_gelu", True), eager_mlp("quick_gelu", True),
+                      mlp_inputs(130, 64, 256) + [randn(130, 64, device=DEVICE)], torch.float32)
+
+
 def test_poisoned_outputs_are_fully_written():
     assert runtime._POISON
     x, w1, b1, w2, b2 = mlp_inputs(130, 48, 136)  # ragged tiles in M, N and K
