@@ -10,9 +10,11 @@ runs every CLIP / ChineseCLIP / CLIPSeg / SigLIP attention through ``clipfast.fl
 
 The function follows transformers' attention-interface contract:
 ``(module, query, key, value, attention_mask, scaling, dropout, **kwargs) -> (out [B, L, H, D], weights)``
-with ``query`` [B, H, Lq, D]. Masks are built by the sdpa mask builder (boolean, True = takes part, or
-``None`` when ``is_causal`` alone describes the mask), so the causal text tower runs ``is_causal`` in the
-kernel and padded batches pass a boolean mask. What the kernel does not take falls back, with a one-time
+with ``query`` [B, H, Lq, D]. Masks come from ``clipfast_mask``: for plain causal or bidirectional
+attention over a padded batch it returns the key-padding mask alone ([B, 1, 1, Lk], boolean, True = takes
+part; ``None`` without padding), which the kernel reads as one vector per key block and combines with
+``is_causal`` itself; every other pattern is transformers' sdpa mask (a full boolean mask, which
+already holds any causal structure). What the kernel does not take falls back, with a one-time
 warning: attention weights requested (``output_attentions``) -> the model's eager attention; dropout in
 training, soft-capping, position biases, paged caches, unsupported head dims -> sdpa.
 
@@ -62,6 +64,29 @@ def _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, 
                                   **kwargs)
 
 
+def clipfast_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                  mask_function=None, attention_mask: Optional[torch.Tensor] = None, local_size=None, **kwargs):
+    """transformers mask builder (``AttentionMaskInterface``) for the clipfast attention function."""
+    from transformers import masking_utils as mu
+
+    mask_function = mask_function or mu.causal_mask_function
+    plain = (mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function) and local_size is None
+             and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0
+             and q_length == kv_length)
+    if not plain:
+        return mu.sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+                            local_size=local_size, **kwargs)
+    padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if padding is None or (not torch.compiler.is_compiling() and bool(padding.all())):
+        return None
+    return padding[:, None, None, :].bool()
+
+
+def _key_padding_only(mask: Optional[torch.Tensor], query) -> bool:
+    return mask is not None and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[2] == 1 and query.shape[2] > 1
+
+
 def _wants_weights(module, kwargs) -> bool:
     if kwargs.get("output_attentions"):
         return True
@@ -109,12 +134,13 @@ def clipfast_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         from transformers.integrations.sdpa_attention import repeat_kv
 
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    # the same is_causal resolution as transformers' sdpa: an explicit kwarg wins over the module flag, and a
-    # mask, when there is one, already holds the causal structure
+    # is_causal as transformers' sdpa resolves it (an explicit kwarg wins over the module flag), except that a
+    # full mask already holds the causal structure while a key-padding mask (from clipfast_mask) does not
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
-    is_causal = bool(is_causal) and attention_mask is None and query.shape[2] > 1
+    is_causal = bool(is_causal) and query.shape[2] > 1 and (attention_mask is None
+                                                           or _key_padding_only(attention_mask, query))
     out = flash_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling)
     return out.transpose(1, 2), None
 
@@ -130,12 +156,12 @@ def register() -> bool:
     """Register ``"clipfast"`` in transformers' attention and mask registries (idempotent). Returns whether
     transformers' registries were found."""
     try:
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
     except ImportError:  # transformers absent or older than the attention interface
         return False
     AttentionInterface.register(NAME, clipfast_attention_forward)
-    AttentionMaskInterface.register(NAME, sdpa_mask)
+    AttentionMaskInterface.register(NAME, clipfast_mask)
     return True
 
 

@@ -67,7 +67,8 @@ def flash_calls(monkeypatch):
     flash = clipfast.flash_attention
 
     def counting(*args, **kwargs):
-        calls.append(kwargs.get("is_causal"))
+        mask = kwargs.get("attn_mask")
+        calls.append((kwargs.get("is_causal"), None if mask is None else tuple(mask.shape)))
         return flash(*args, **kwargs)
 
     monkeypatch.setattr(clipfast, "flash_attention", counting)
@@ -87,8 +88,8 @@ def test_hf_clip_attn_implementation_clipfast(flash_calls):
     ids, mask = (t.to(DEVICE) for t in text_inputs())
     outs = [run_clip(m, pixels.to(dt), ids, mask) for m, dt in ((fast, torch.float32), (eager, torch.float32),
                                                                (ref, torch.float64))]
-    # 2 vision layers + 2 text layers; padded causal text passes its mask (which holds the causal part)
-    assert flash_calls == [False] * 4
+    # 2 vision layers, then 2 text layers: causal in the kernel, plus the key-padding mask [B, 1, 1, L]
+    assert flash_calls == [(False, None), (False, None), (True, (3, 1, 1, 12)), (True, (3, 1, 1, 12))]
     problems = [check(f"output {i}", f, e, r, torch.float32, 4.0, 64.0) for i, (f, e, r) in enumerate(zip(*outs))]
     grads = [torch.randn_like(o) for o in outs[2]]
     for o in outs:
@@ -101,7 +102,7 @@ def test_hf_causal_text_without_padding_runs_is_causal(flash_calls):
     model = transformers.CLIPTextModel._from_config(clip_config().text_config, attn_implementation="clipfast").to(DEVICE)
     ids = torch.randint(2, EOS, (2, 9), device=DEVICE)
     model(input_ids=ids)
-    assert flash_calls == [True, True]  # no mask built: the kernel's causal path
+    assert flash_calls == [(True, None), (True, None)]  # no mask built: the kernel's causal path
 
 
 def test_hf_output_attentions_and_hidden_states():
