@@ -494,9 +494,11 @@ def train(model, steps=20):
 
 
 def test_short_training_run_patched_and_eager_agree():
-    # one block per tower keeps 20 interpreted steps short
+    # one single-head block per tower and 5 image / 8 text tokens keep 20 interpreted steps short
     torch.manual_seed(0)
-    eager = clipfast.models.create("tiny", vision_layers=1, transformer_layers=1).to(DEVICE)
+    eager = clipfast.models.create("tiny", vision_layers=1, transformer_layers=1, vision_width=64, embed_dim=32,
+                                   transformer_width=64, transformer_heads=1, image_resolution=16,
+                                   context_length=8).to(DEVICE)
     patched = copy.deepcopy(eager)
     patch(patched)
     eager_losses, patched_losses = train(eager), train(patched)
