@@ -10,7 +10,8 @@ axis 1. Outputs (o, dq, dk, dv) are written in a [B, L, H, D] memory layout retu
 so merging the heads for the out-projection is free.
 
 Masks: ``IS_CAUSAL`` (query i attends keys j <= i, top-left aligned like SDPA) skips the key blocks above
-the diagonal. An additive fp32 bias (``-inf`` = masked) is either per key (``BIAS_KIND=1``: key-padding
+the diagonal. Each loop runs in two parts: the blocks every query of the tile sees whole (no mask
+arithmetic) and the few crossing the end of the keys or the diagonal (masked). An additive fp32 bias (``-inf`` = masked) is either per key (``BIAS_KIND=1``: key-padding
 masks [B, 1, 1, Lk], loaded as one vector per key block) or a full [B?, H?, Lq, Lk] tile (``BIAS_KIND=2``,
 broadcast dimensions have stride 0). A query row whose keys are all masked gets output 0, log-sum-exp
 +inf, and so zero gradients (SDPA returns NaN there).
@@ -68,25 +69,38 @@ def _store_tile(base, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 @triton.jit
 def _mask_scores(s, offs_q, offs_k, bias_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
-                 IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, Q_ON_ROWS: tl.constexpr):
-    """Add the bias (natural-log units, converted to base 2) to the base-2 scores ``s`` and set masked
-    entries (keys past the end, above the causal diagonal, or with bias -inf) to -inf. ``s`` is
-    [queries, keys] when ``Q_ON_ROWS``, else [keys, queries] (the key-block kernel's transposed tile)."""
+                 IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, Q_ON_ROWS: tl.constexpr, MASKED: tl.constexpr):
+    """Add the bias (natural-log units, converted to base 2) to the base-2 scores ``s``; with ``MASKED``
+    (blocks crossing the end of the keys or the causal diagonal) set keys past the end and above the
+    diagonal to -inf. ``s`` is [queries, keys] when ``Q_ON_ROWS``, else [keys, queries] (the key-block
+    kernel's transposed tile)."""
     if Q_ON_ROWS:
         qi = offs_q[:, None]
         kj = offs_k[None, :]
     else:
         qi = offs_q[None, :]
         kj = offs_k[:, None]
-    valid = kj < seqlen_k
-    if IS_CAUSAL:
-        valid = valid & (kj <= qi)
     if BIAS_KIND == 1:
         s += tl.load(bias_base + kj * stride_bn, mask=kj < seqlen_k, other=0.0) * 1.4426950408889634
     if BIAS_KIND == 2:
         bias_ok = (qi < seqlen_q) & (kj < seqlen_k)
         s += tl.load(bias_base + qi * stride_bm + kj * stride_bn, mask=bias_ok, other=0.0) * 1.4426950408889634
-    return tl.where(valid, s, float("-inf"))
+    if MASKED:
+        valid = kj < seqlen_k
+        if IS_CAUSAL:
+            valid = valid & (kj <= qi)
+        s = tl.where(valid, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _unmasked_key_end(start_m, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """End of the key blocks that every query from ``start_m`` on sees whole: inside the sequence and,
+    when causal, with their last key at or below the block's first query. Blocks after it are masked."""
+    end = seqlen_k // BLOCK_N * BLOCK_N
+    if IS_CAUSAL:
+        end = tl.minimum(end, (start_m + 1) // BLOCK_N * BLOCK_N)
+    return end
 
 
 @triton.jit
@@ -109,6 +123,31 @@ def _program_bases(n_heads, stride_b, stride_h):
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, lo, hi,
+                    stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                    seqlen_q, seqlen_k, head_dim, qk_scale,
+                    IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over the key blocks in [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = _mask_scores(s, offs_m, offs_n, b_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
+                         IS_CAUSAL, BIAS_KIND, True, MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # rows with every key masked so far keep m = -inf; shift by 0 there so exp2 gives 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m_i - m_shift)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
 
 # Shipped tiles: (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D it is used for). Each was compiled for
 # sm_80 and sm_90 (`clipfast aot`): no spills and tensor-core MMAs up to its largest BLOCK_D. The first of
@@ -158,7 +197,6 @@ def _attn_fwd_kernel(
     b_base = BIAS + _program_bases(n_heads, stride_bb, stride_bh)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
 
     q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -168,21 +206,15 @@ def _attn_fwd_kernel(
     hi = seqlen_k
     if IS_CAUSAL:  # no work above the diagonal
         hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = _mask_scores(s, offs_m, offs_n, b_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
-                         IS_CAUSAL, BIAS_KIND, True)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # rows with every key masked so far keep m = -inf; shift by 0 there so exp2 gives 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    mid = _unmasked_key_end(pid_m * BLOCK_M, seqlen_k, IS_CAUSAL, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, 0, mid,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                                    seqlen_q, seqlen_k, head_dim, qk_scale,
+                                    IS_CAUSAL, BIAS_KIND, DOT_PRECISION, False, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, mid, hi,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                                    seqlen_q, seqlen_k, head_dim, qk_scale,
+                                    IS_CAUSAL, BIAS_KIND, DOT_PRECISION, True, BLOCK_N)
 
     has_keys = l_i > 0.0
     l_i = tl.where(has_keys, l_i, 1.0)
@@ -217,6 +249,32 @@ def _attn_bwd_preprocess_kernel(
     tl.store(DELTA + tl.program_id(0).to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, row_base, offs_n, offs_d, lo, hi,
+                       stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
+                       seqlen_q, seqlen_k, head_dim, qk_scale,
+                       IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dk, dv contributions of the query blocks in [lo, hi). Keys past the end need no masking here: their
+    rows of dk and dv are never stored, and rows past the end of the queries have p = 0."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
+        do = _load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seqlen_q, head_dim)
+        # rows past the end (and fully masked rows) have max = +inf, so their probabilities are 0
+        row_max, log2_sum = _load_stats(LSE, offs_m, seqlen_q)
+        delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        s_t = _mask_scores(s_t, offs_m, offs_n, b_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
+                           IS_CAUSAL, BIAS_KIND, False, MASKED)
+        p_t = tl.math.exp2((s_t - row_max[None, :]) - log2_sum[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
 @runtime.autotune(_configs(DKDV_TILES), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
                   prune_configs_by={"early_config_prune": _prune})
 @triton.jit
@@ -241,7 +299,6 @@ def _attn_bwd_dkdv_kernel(
     row_base = tl.program_id(0).to(tl.int64) * seqlen_q
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_m0 = tl.arange(0, BLOCK_M)
 
     k = _load_tile(K + _program_bases(n_heads, stride_kb, stride_kh), offs_n, offs_d, stride_kn, stride_kd,
                    seqlen_k, head_dim)
@@ -251,29 +308,46 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     lo = 0
-    if IS_CAUSAL:  # queries above this key block's first key cannot see it
+    mid = 0
+    if IS_CAUSAL:
+        # queries above this key block's first key cannot see it; query blocks from `mid` on lie wholly
+        # at or below its last key and need no mask
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-    for start_m in range(lo, seqlen_q, BLOCK_M):
-        offs_m = start_m + offs_m0
-        m_ok = offs_m < seqlen_q
-        q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
-        do = _load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seqlen_q, head_dim)
-        # rows past the end (and fully masked rows) have max = +inf, so their probabilities are 0
-        row_max, log2_sum = _load_stats(LSE, offs_m, seqlen_q)
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        s_t = _mask_scores(s_t, offs_m, offs_n, b_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
-                           IS_CAUSAL, BIAS_KIND, False)
-        p_t = tl.math.exp2((s_t - row_max[None, :]) - log2_sum[None, :])
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        mid = tl.minimum((pid_n * BLOCK_N + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q)
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, row_base, offs_n, offs_d,
+                                lo, mid, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
+                                seqlen_q, seqlen_k, head_dim, qk_scale,
+                                IS_CAUSAL, BIAS_KIND, DOT_PRECISION, True, BLOCK_M)
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, row_base, offs_n, offs_d,
+                                mid, seqlen_q, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
+                                seqlen_q, seqlen_k, head_dim, qk_scale,
+                                IS_CAUSAL, BIAS_KIND, DOT_PRECISION, False, BLOCK_M)
 
     _store_tile(DK + _program_bases(n_heads, stride_dkb, stride_dkh), dk * sm_scale, offs_n, offs_d,
                 stride_dkn, stride_dkd, seqlen_k, head_dim)
     _store_tile(DV + _program_bases(n_heads, stride_dvb, stride_dvh), dv, offs_n, offs_d,
                 stride_dvn, stride_dvd, seqlen_k, head_dim)
+
+
+@triton.jit
+def _dq_key_blocks(dq, q, do, row_max, log2_sum, delta, k_base, v_base, b_base, offs_m, offs_d, lo, hi,
+                   stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                   seqlen_q, seqlen_k, head_dim, qk_scale,
+                   IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dq contributions of the key blocks in [lo, hi)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim)
+        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = _mask_scores(s, offs_m, offs_n, b_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
+                         IS_CAUSAL, BIAS_KIND, True, MASKED)
+        p = tl.math.exp2((s - row_max[:, None]) - log2_sum[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
 
 @runtime.autotune(_configs(DQ_TILES), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
@@ -299,7 +373,6 @@ def _attn_bwd_dq_kernel(
     row_base = tl.program_id(0).to(tl.int64) * seqlen_q
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n0 = tl.arange(0, BLOCK_N)
     m_ok = offs_m < seqlen_q
 
     q = _load_tile(Q + _program_bases(n_heads, stride_qb, stride_qh), offs_m, offs_d, stride_qm, stride_qd,
@@ -313,17 +386,13 @@ def _attn_bwd_dq_kernel(
     hi = seqlen_k
     if IS_CAUSAL:
         hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M)
-    for start_n in range(0, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = _mask_scores(s, offs_m, offs_n, b_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
-                         IS_CAUSAL, BIAS_KIND, True)
-        p = tl.math.exp2((s - row_max[:, None]) - log2_sum[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    mid = _unmasked_key_end(pid_m * BLOCK_M, seqlen_k, IS_CAUSAL, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, row_max, log2_sum, delta, k_base, v_base, b_base, offs_m, offs_d, 0, mid,
+                        stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                        seqlen_q, seqlen_k, head_dim, qk_scale, IS_CAUSAL, BIAS_KIND, DOT_PRECISION, False, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, row_max, log2_sum, delta, k_base, v_base, b_base, offs_m, offs_d, mid, hi,
+                        stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
+                        seqlen_q, seqlen_k, head_dim, qk_scale, IS_CAUSAL, BIAS_KIND, DOT_PRECISION, True, BLOCK_N)
 
     _store_tile(DQ + _program_bases(n_heads, stride_dqb, stride_dqh), dq * sm_scale, offs_m, offs_d,
                 stride_dqm, stride_dqd, seqlen_q, head_dim)
