@@ -224,3 +224,19 @@ def test_hf_registration_is_lazy_and_happens_on_import():
     for code in (script, reverse):
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_hf_clipfast_model_traces_with_fullgraph():
+    """A CLIPModel with attn_implementation="clipfast", patched, traces with torch.compile(fullgraph=True):
+    mask builder, attention function and swapped modules cause no graph break."""
+    model = perturbed(transformers.CLIPModel(clip_config("clipfast"))).to(DEVICE)
+    clipfast.patch(model)
+    ids, mask = (t.to(DEVICE) for t in text_inputs())
+    pixels = torch.randn(2, 3, 32, 32, device=DEVICE)
+
+    def logits(ids, mask, pixels):
+        return model(input_ids=ids, attention_mask=mask, pixel_values=pixels).logits_per_image
+
+    expected = logits(ids, mask, pixels)
+    compiled = torch.compile(logits, fullgraph=True, backend="eager" if not torch.cuda.is_available() else "inductor")
+    torch.testing.assert_close(compiled(ids, mask, pixels), expected, rtol=1e-4, atol=1e-5)
