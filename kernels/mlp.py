@@ -107,30 +107,32 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptrs(BASE, rows, cols, stride, ROW_MAJOR: tl.constexpr, ALIGNED: tl.constexpr):
-    """Pointers to the [rows, cols] tile of a matrix with leading stride ``stride`` and unit stride along
-    cols (ROW_MAJOR) or along rows.
+def _tile_ptrs(BASE, rows, cols, stride, ALIGNED: tl.constexpr):
+    """Pointers to the [rows, cols] tile of a matrix with row stride ``stride`` and unit column stride.
+    Every operand is loaded in the orientation that puts its unit stride on the tile's last axis (the
+    dot takes a transposed view where needed), which is the layout the loads vectorize best.
 
-    ALIGNED declares the tile as 16-byte vectors along its unit-stride axis: the launcher checked that the
-    base address and the leading stride are 16-byte multiples and that no vector straddles a wrapped edge.
-    The JIT would otherwise only learn this from its argument specialization; without vectors every
-    element needs its own 64-bit address and the large tiles spill. (Hints must be made where the
-    pointers are computed: Triton drops them on values passed into a function.)"""
-    VEC: tl.constexpr = 128 // BASE.dtype.element_ty.primitive_bitwidth
-    if ROW_MAJOR:
-        ptrs = BASE + rows[:, None] * stride + cols[None, :]
-        if ALIGNED:
-            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16]), [1, VEC])
-    else:
-        ptrs = BASE + rows[:, None] + cols[None, :] * stride
-        if ALIGNED:
-            ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [16, 1]), [VEC, 1])
+    ALIGNED declares the tile as 16-byte vectors along its rows: the launcher checked that the base
+    address and the row stride are 16-byte multiples and that no vector straddles a wrapped edge. The JIT
+    would otherwise only learn this from its argument specialization; without vectors every element needs
+    its own address and the loop is not software-pipelined. (Hints must be made where the pointers are
+    computed: Triton drops them on values passed into a function.)"""
+    ptrs = BASE + rows[:, None] * stride + cols[None, :]
+    if ALIGNED:
+        VEC: tl.constexpr = 128 // BASE.dtype.element_ty.primitive_bitwidth
+        ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16]), [1, VEC])
     return ptrs
 
 
 @triton.jit
-def _mma_step(a, b, acc, rowsum, pid_n, ROWSUM_A: tl.constexpr, ALLOW_TF32: tl.constexpr):
-    """acc += a @ b on tensor cores; the first tile column also adds the row sums of a (bias gradients)."""
+def _mma_step(a, b, acc, rowsum, pid_n, A_ROW_MAJOR: tl.constexpr, B_ROW_MAJOR: tl.constexpr,
+              ROWSUM_A: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    """acc += A_tile @ B_tile.T on tensor cores (a, b as loaded, see ``_tile_ptrs``); the first tile column
+    also adds the row sums of the A tile (bias gradients)."""
+    if not A_ROW_MAJOR:
+        a = tl.trans(a)
+    if B_ROW_MAJOR:
+        b = tl.trans(b)
     if ALLOW_TF32:
         acc = tl.dot(a, b, acc, input_precision="tf32")
     else:
@@ -150,15 +152,15 @@ def _epilogue(acc, rm, rn, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS: tl.constex
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if STORE_PRE:
-        tl.store(_tile_ptrs(Z, rm, rn, stride_c, True, ALIGNED), acc.to(Z.dtype.element_ty), mask=mask)
+        tl.store(_tile_ptrs(Z, rm, rn, stride_c, ALIGNED), acc.to(Z.dtype.element_ty), mask=mask)
     if ACT_GRAD:
-        z = tl.load(_tile_ptrs(Z, rm, rn, stride_c, True, ALIGNED), mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(_tile_ptrs(Z, rm, rn, stride_c, ALIGNED), mask=mask, other=0.0).to(tl.float32)
         acc *= _activation_grad(z, ACTIVATION)
     else:
         acc = _activation(acc, ACTIVATION)
     if HAS_RESIDUAL:
-        acc += tl.load(_tile_ptrs(RES, rm, rn, stride_c, True, ALIGNED), mask=mask, other=0.0).to(tl.float32)
-    tl.store(_tile_ptrs(C, rm, rn, stride_c, True, ALIGNED), acc.to(C.dtype.element_ty), mask=mask)
+        acc += tl.load(_tile_ptrs(RES, rm, rn, stride_c, ALIGNED), mask=mask, other=0.0).to(tl.float32)
+    tl.store(_tile_ptrs(C, rm, rn, stride_c, ALIGNED), acc.to(C.dtype.element_ty), mask=mask)
 
 
 # Shipped tile configurations. The first one is what the interpreter runs (large tiles keep it fast)
@@ -217,22 +219,32 @@ def _gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    a_ptrs = _tile_ptrs(A, rm_load, rk, stride_a, A_ROW_MAJOR, ALIGNED)
-    b_ptrs = _tile_ptrs(B, rk, rn_load, stride_b, not B_ROW_MAJOR, ALIGNED)
-    a_step = BLOCK_K if A_ROW_MAJOR else BLOCK_K * stride_a
-    b_step = BLOCK_K if B_ROW_MAJOR else BLOCK_K * stride_b
+    if A_ROW_MAJOR:  # [BLOCK_M, BLOCK_K] tiles
+        a_ptrs = _tile_ptrs(A, rm_load, rk, stride_a, ALIGNED)
+        a_step = BLOCK_K
+    else:  # [BLOCK_K, BLOCK_M] tiles
+        a_ptrs = _tile_ptrs(A, rk, rm_load, stride_a, ALIGNED)
+        a_step = BLOCK_K * stride_a
+    if B_ROW_MAJOR:  # [BLOCK_N, BLOCK_K] tiles
+        b_ptrs = _tile_ptrs(B, rn_load, rk, stride_b, ALIGNED)
+        b_step = BLOCK_K
+    else:  # [BLOCK_K, BLOCK_N] tiles
+        b_ptrs = _tile_ptrs(B, rk, rn_load, stride_b, ALIGNED)
+        b_step = BLOCK_K * stride_b
     # Whole K tiles load without a mask, so they move in vectors and the loop is software-pipelined
     # whatever K is; a K tail (K % BLOCK_K) takes one masked step after the loop.
     k_tiles = K // BLOCK_K
     for _ in range(0, k_tiles):
-        acc, rowsum = _mma_step(tl.load(a_ptrs), tl.load(b_ptrs), acc, rowsum, pid_n, ROWSUM_A, ALLOW_TF32)
+        acc, rowsum = _mma_step(tl.load(a_ptrs), tl.load(b_ptrs), acc, rowsum, pid_n, A_ROW_MAJOR, B_ROW_MAJOR,
+                                ROWSUM_A, ALLOW_TF32)
         a_ptrs += a_step
         b_ptrs += b_step
     k_left = K - k_tiles * BLOCK_K
     if k_left > 0:
-        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
-        b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
-        acc, rowsum = _mma_step(a, b, acc, rowsum, pid_n, ROWSUM_A, ALLOW_TF32)
+        k_ok = rk < k_left
+        a = tl.load(a_ptrs, mask=k_ok[None, :] if A_ROW_MAJOR else k_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[None, :] if B_ROW_MAJOR else k_ok[:, None], other=0.0)
+        acc, rowsum = _mma_step(a, b, acc, rowsum, pid_n, A_ROW_MAJOR, B_ROW_MAJOR, ROWSUM_A, ALLOW_TF32)
 
     # Epilogue on the fp32 accumulator, one half of the tile columns at a time (fewer values live at
     # once: the activation and its gradient need several temporaries per element).
