@@ -144,7 +144,7 @@ def _softplus_neg(t):
     """-logsigmoid(t) = log(1 + exp(-t)) without overflow, with an accurate log1p for small exp(-|t|)."""
     u = tl.exp(-tl.abs(t))
     w = 1.0 + u
-    log1p_u = tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))
+    log1p_u = tl.where(w == 1.0, u, tl.log(w) * (u / tl.where(w == 1.0, 1.0, w - 1.0)))
     return tl.maximum(-t, 0.0) + log1p_u
 
 
@@ -166,7 +166,9 @@ def _contrastive_fwd_kernel(
     for row0 in range(first_row, n_a, n_row_programs * BLOCK_M):
         rows = row0 + tl.arange(0, BLOCK_M)
         row_ok = rows < n_a
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        # -1e30 rather than -inf marks "nothing yet" and masked entries: masked lanes then never compute
+        # -inf - (-inf), and no logit comes near it
+        m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         pos = tl.zeros([BLOCK_M], dtype=tl.float32)
         for col0 in range(col_begin, col_end, BLOCK_N):
@@ -177,7 +179,7 @@ def _contrastive_fwd_kernel(
             valid = row_ok[:, None] & col_ok[None, :]
             is_pos = (rows + offset)[:, None] == cols[None, :]
             if KIND == 0:
-                z = tl.where(valid, z, float("-inf"))
+                z = tl.where(valid, z, -1.0e30)
                 m_new = tl.maximum(m_i, tl.max(z, axis=1))
                 # the sum leaves the positive out: exact gradients and loss when the softmax is one-hot
                 l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.where(is_pos, 0.0, tl.exp(z - m_new[:, None])), axis=1)
@@ -189,7 +191,7 @@ def _contrastive_fwd_kernel(
                     # merge into this program's running column (max, sum) (written by this program only)
                     not_first = col_ok & (row0 != first_row)
                     part = pid_p.to(tl.int64) * n_b + cols
-                    m_old = tl.load(COL_M + part, mask=not_first, other=float("-inf"))
+                    m_old = tl.load(COL_M + part, mask=not_first, other=-1.0e30)
                     l_old = tl.load(COL_L + part, mask=not_first, other=0.0)
                     m = tl.maximum(m_old, m_c)
                     tl.store(COL_M + part, m, mask=col_ok)
@@ -223,7 +225,7 @@ def _contrastive_grad_kernel(
     if KIND == 1:
         bias = tl.load(BIAS).to(tl.float32)
     if HAS_LSE_A:  # per row: max, log of the sum of exp(z - max), and softmax - 1 at the positive
-        m_a = tl.load(LSE_A + rows, mask=row_ok, other=0.0)
+        m_a = tl.load(LSE_A + rows, mask=row_ok, other=1.0e30)  # past the end: exp(z - m) = 0
         log_l_a = tl.load(LSE_A + n_a + rows, mask=row_ok, other=0.0)
         g_pos_a = tl.load(LSE_A + 2 * n_a + rows, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -240,7 +242,7 @@ def _contrastive_grad_kernel(
             if HAS_LSE_A:
                 g += tl.where(is_pos, g_pos_a[:, None], tl.exp((z - m_a[:, None]) - log_l_a[:, None]))
             if HAS_LSE_B:
-                m_b = tl.load(LSE_B + cols, mask=col_ok, other=0.0)
+                m_b = tl.load(LSE_B + cols, mask=col_ok, other=1.0e30)
                 log_l_b = tl.load(LSE_B + n_b + cols, mask=col_ok, other=0.0)
                 g_pos_b = tl.load(LSE_B + 2 * n_b + cols, mask=col_ok, other=0.0)
                 g += tl.where(is_pos, g_pos_b[None, :], tl.exp((z - m_b[None, :]) - log_l_b[None, :]))

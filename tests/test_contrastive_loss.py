@@ -10,8 +10,6 @@ from clipfast.ops import contrastive_loss as ops
 from .conftest import DEVICE, DTYPES, ON_GPU
 from .numerics import assert_op_matches, randn
 
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # masked lanes, interpreter
-
 LOG_100 = math.log(100.0)  # the usual clamp of CLIP's logit_scale
 
 
@@ -162,7 +160,7 @@ def test_siglip_loss_rectangular_without_normalization(dtype):
 def test_rectangular_cross_entropy_with_label_offset(dtype, n, m, offset):
     # the local loss of one rank: its N rows against the M gathered columns, positives at rank * N
     queries, keys = features(n, 96, normalize=False), features(m, 96, normalize=False)
-    scale = torch.tensor(50.0, device=DEVICE)
+    scale = torch.tensor(10.0, device=DEVICE)
     check(
         "contrastive_cross_entropy",
         lambda q, k, s: ops.contrastive_cross_entropy(q, k, s, label_offset=offset),
@@ -220,16 +218,23 @@ def _largest_allocation(fn) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0]
+    # ops that allocate without calling other ops: one allocation each (an op's total counts its children's)
+    sizes = [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children]
     return max(sizes, default=0)
 
 
 def test_loss_memory_is_linear_in_batch():
-    n, d = (768, 16) if not ON_GPU else (16384, 512)
+    if ON_GPU:  # peak growth: operands, fp32 gradient accumulators, feature gradients, partial statistics
+        n, d = 32768, 256
+        bound = 16 * n * d * 4
+    else:  # the largest single allocation (the profiler sees every one)
+        n, d = 768, 16
+        bound = 2 * n * d * 4
     image = randn(n, d, device=DEVICE).requires_grad_()
     text = randn(n, d, device=DEVICE).requires_grad_()
     scale = torch.tensor(LOG_100, device=DEVICE, requires_grad=True)
     n_squared_bytes = n * n * 4
+    assert bound < n_squared_bytes / 4  # the sizes tell O(N * d) from O(N^2) apart
 
     def run(loss_fn):
         def step():
@@ -238,9 +243,8 @@ def test_loss_memory_is_linear_in_batch():
 
     eager_bytes = _largest_allocation(run(eager_clip_loss))
     fused_bytes = _largest_allocation(run(clipfast.clip_loss))
-    # the measurement sees N^2 when it is there (eager), and the fused loss stays at a few times N * d
-    assert eager_bytes >= n_squared_bytes
-    assert fused_bytes < n * d * 4 * 8 < n_squared_bytes / 4, (fused_bytes, n * d * 4)
+    assert eager_bytes >= n_squared_bytes  # the measurement sees N^2 when it is there
+    assert fused_bytes < bound, (fused_bytes, bound)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,6 +329,16 @@ def test_clip_loss_module_matches_open_clip_formulas():
     assert set(out) == {"contrastive_loss"}
     out["contrastive_loss"].backward()
     assert bias.grad is not None and float(bias.grad) == 0.0  # a shared bias cancels in the softmax
+
+
+def test_modules_take_mixed_feature_dtypes():
+    # autocast can hand over fp32 image features with fp16 text features; eager open_clip casts
+    image, text = F.normalize(features(9, 64), dim=-1), F.normalize(features(9, 64), dim=-1)
+    scale = torch.tensor(20.0, device=DEVICE)
+    expected = clipfast.nn.ClipLoss()(image, text.half().float(), scale)
+    torch.testing.assert_close(clipfast.nn.ClipLoss()(image, text.half(), scale), expected)
+    expected = clipfast.nn.SigLipLoss()(image, text.half().float(), scale, -5.0)
+    torch.testing.assert_close(clipfast.nn.SigLipLoss()(image, text.half(), scale, -5.0), expected)
 
 
 def test_siglip_loss_module_matches_open_clip_formulas():

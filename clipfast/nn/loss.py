@@ -50,6 +50,15 @@ def _all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     return _AllGather.apply(t)
 
 
+def _same_dtype(image_features, text_features):
+    """Under autocast the two towers may hand over different float dtypes (eager matmuls would cast):
+    compute in the wider one."""
+    if image_features.dtype != text_features.dtype:
+        dtype = torch.promote_types(image_features.dtype, text_features.dtype)
+        return image_features.to(dtype), text_features.to(dtype)
+    return image_features, text_features
+
+
 def gather_features(image_features, text_features, local_loss=False, gather_with_grad=False, rank=0, world_size=1):
     """open_clip's ``gather_features`` (without horovod)."""
     if gather_with_grad:
@@ -84,6 +93,7 @@ class ClipLoss(torch.nn.Module):
         self.labels = {}
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        image_features, text_features = _same_dtype(image_features, text_features)
         if self.world_size > 1:
             all_image, all_text = gather_features(image_features, text_features, self.local_loss,
                                                   self.gather_with_grad, self.rank, self.world_size)
@@ -121,6 +131,7 @@ class SigLipLoss(torch.nn.Module):
         self.labels = {}
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
+        image_features, text_features = _same_dtype(image_features, text_features)
         bias = logit_bias if logit_bias is not None else 0.0
         if self.world_size > 1:
             # every dist_impl of open_clip sums the same blocks: the local images against all texts
