@@ -8,10 +8,11 @@ from . import models
 from .patching import patch, unpatch
 from . import integrations  # registers attn_implementation="clipfast" for transformers
 from .ops import add_layer_norm, layer_norm
-from .ops import clip_loss, siglip_loss
 from .ops import patch_embed
+from .ops import mlp, quick_gelu
+from .ops import clip_loss, siglip_loss
 from .ops import flash_attention
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "ops", "models", "patch", "unpatch", "integrations", "layer_norm", "add_layer_norm", "clip_loss", "siglip_loss", "patch_embed", "flash_attention"]
+__all__ = ["nn", "ops", "models", "patch", "unpatch", "integrations", "layer_norm", "add_layer_norm", "patch_embed", "mlp", "quick_gelu", "clip_loss", "siglip_loss", "flash_attention"]

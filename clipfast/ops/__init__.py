@@ -1,7 +1,8 @@
 """Differentiable ops (torch custom ops) over the Triton kernels."""
 from .layer_norm import add_layer_norm, layer_norm
-from .attention import flash_attention
 from .patch_embed import patch_embed
+from .mlp import mlp, quick_gelu
+from .attention import flash_attention
 from .contrastive_loss import clip_loss, contrastive_cross_entropy, siglip_loss
 
-__all__ = ["layer_norm", "add_layer_norm", "patch_embed", "flash_attention", "clip_loss", "siglip_loss", "contrastive_cross_entropy"]
+__all__ = ["layer_norm", "add_layer_norm", "patch_embed", "mlp", "quick_gelu", "clip_loss", "siglip_loss", "contrastive_cross_entropy", "flash_attention"]
