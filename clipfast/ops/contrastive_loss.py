@@ -113,12 +113,14 @@ def eager_loss_bwd(grad, a, b, scale, bias, kind: int, offset: int, both_directi
 def contrastive_loss_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: int, offset: int,
                          both_directions: bool, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, a_hat, b_hat, lse_a, lse_b): the fp32 scalar loss, the tile operands ``s * a / |a|``
-    and ``b / |b|`` (``b_hat`` empty without normalization: the tiles read ``b``) and the row / column softmax statistics [3, n] (max, log of the sum, softmax - 1
-    at the positive; empty where the loss has none)."""
+    and ``b / |b|`` (``b_hat`` empty without normalization: the tiles read ``b``) and the row / column
+    softmax statistics [3, n] (max, log of the sum, softmax - 1 at the positive; empty where the loss has
+    none)."""
     if not _use_kernel(a):
+        # the eager backward recomputes everything; the saved outputs only keep their declared shapes
+        _, a_hat, b_hat, lse_a, lse_b = _saved_like(a, b, kind, both_directions, normalize, torch.zeros)
         loss = eager_loss(a, b, scale, bias, kind, offset, both_directions, normalize).float()
-        return (loss, a.new_empty(0), a.new_empty(0), scale.new_empty(0, dtype=torch.float32),
-                scale.new_empty(0, dtype=torch.float32))
+        return loss, a_hat, b_hat, lse_a, lse_b
     a_hat = kernel.prepare(a, scale, normalize, EPS)
     b_hat = kernel.prepare(b, None, True, EPS) if normalize else b
     (row_loss, lse_a), cols = kernel.contrastive_fwd(a_hat, b_hat, bias, kind, offset, both_directions)
@@ -137,14 +139,21 @@ def contrastive_loss_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Ten
     return loss, a_hat, b_hat, lse_a, lse_b
 
 
+def _saved_like(a, b, kind, both_directions, normalize, make=torch.empty):
+    """The forward's outputs as ``make`` (torch.empty / torch.zeros) allocates them: one definition of
+    their shapes for the fake, the kernel and the eager paths."""
+    n, m, d = a.shape[0], b.shape[0], a.shape[1]
+    loss = make((), dtype=torch.float32, device=a.device)
+    a_hat = make((n, d), dtype=a.dtype, device=a.device)
+    b_hat = make((m, d) if normalize else (0,), dtype=a.dtype, device=a.device)
+    lse_a = make((3, n) if kind == CLIP else (0,), dtype=torch.float32, device=a.device)
+    lse_b = make((3, m) if (kind == CLIP and both_directions) else (0,), dtype=torch.float32, device=a.device)
+    return loss, a_hat, b_hat, lse_a, lse_b
+
+
 @contrastive_loss_fwd.register_fake
 def _(a, b, scale, bias, kind, offset, both_directions, normalize):
-    loss = a.new_empty((), dtype=torch.float32)
-    a_hat = torch.empty_like(a, memory_format=torch.contiguous_format)
-    b_hat = torch.empty_like(b, memory_format=torch.contiguous_format) if normalize else a.new_empty(0)
-    lse_a = a.new_empty((3, a.shape[0]) if kind == CLIP else (0,), dtype=torch.float32)
-    lse_b = a.new_empty((3, b.shape[0]) if (kind == CLIP and both_directions) else (0,), dtype=torch.float32)
-    return loss, a_hat, b_hat, lse_a, lse_b
+    return _saved_like(a, b, kind, both_directions, normalize)
 
 
 @torch.library.custom_op("clipfast::contrastive_loss_bwd", mutates_args=())
