@@ -168,7 +168,8 @@ def test_build_model_round_trip_reproduces_outputs(name):
     assert not rebuilt.training and rebuilt.dtype == torch.float32
     assert list(rebuilt.state_dict()) == list(model.state_dict())
     for a, b in zip(rebuilt(images, text), model(images, text)):
-        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        exact = dict(atol=1e-6, rtol=1e-5) if ON_GPU else dict(atol=0, rtol=0)  # GPU kernels may be picked anew
+        torch.testing.assert_close(a, b, **exact)
 
 
 def test_build_model_from_an_fp16_checkpoint_converts_weights():
@@ -243,7 +244,8 @@ def test_matches_openai_clip_when_installed(name):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     openai.convert_weights(theirs)  # OpenAI's released checkpoints are fp16
     rebuilt = models.build_model(copy.deepcopy(theirs.state_dict()))
-    assert [p.dtype for p in rebuilt.parameters()] == [p.dtype for p in openai.build_model(theirs.state_dict()).parameters()]
+    reference = openai.build_model(theirs.state_dict())
+    assert [p.dtype for p in rebuilt.parameters()] == [p.dtype for p in reference.parameters()]
 
 
 def test_open_clip_loads_our_state_dict_and_agrees():
