@@ -8,9 +8,14 @@
   N queries and M >= N keys, the positive of query i being key ``i + label_offset`` (the local loss of a
   data-parallel rank); ``scale`` is the multiplier itself, as open_clip passes it.
 
-None of them materializes the N x M logits (see ``clipfast/kernels/contrastive_loss.py``). Features
-are normalized as ``x / max(||x||, eps)`` with ``eps = 1e-12`` (``F.normalize``): a zero feature vector
-gives zero logits and a finite loss. The loss is fp32; gradients come back in the features' dtypes.
+None of them materializes the N x M logits (see ``clipfast/kernels/contrastive_loss.py``): memory is
+O((N + M) * d). Features are normalized as ``x / max(||x||, eps)`` with ``eps = 1e-12`` (``F.normalize``):
+a zero feature vector gives zero logits, a finite loss, and the gradient ``F.normalize`` gives it
+(scaled by 1/eps, so large; it overflows fp16). The loss is fp32; gradients come back in the features'
+dtypes (fp32 for the scale and bias). Deterministic: no atomics anywhere.
+
+Backward: the fused Triton backward (``clipfast::contrastive_loss_bwd``), never eager recomputation; on
+CPU tensors without the interpreter both directions run the same math in PyTorch.
 """
 from __future__ import annotations
 
@@ -169,7 +174,6 @@ def contrastive_loss_bwd(grad: Tensor, a: Tensor, b: Tensor, a_hat: Tensor, b_ha
     has_lse_b = kind == CLIP and both_directions
     lse_a_ = lse_a if kind == CLIP else None
     lse_b_ = lse_b if has_lse_b else None
-    # sum_j G_ij b_j for the rows of a, and sum_i G_ij a_i for the rows of b (the transposed problem)
     # acc_a = sum_j G_ij b_hat_j and acc_b = sum_i G_ij a_hat_i (the transposed problem); a_hat carries s
     acc_a, sums = kernel.contrastive_grad(a_hat, b_hat, lse_a_, lse_b_, bias, kind, offset, True)
     acc_b, _ = kernel.contrastive_grad(b_hat, a_hat, lse_b_, lse_a_, bias, kind, -offset, False)
