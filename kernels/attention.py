@@ -11,7 +11,8 @@ so merging the heads for the out-projection is free.
 
 Masks: ``IS_CAUSAL`` (query i attends keys j <= i, top-left aligned like SDPA) skips the key blocks above
 the diagonal. Each loop runs in two parts: the blocks every query of the tile sees whole (no mask
-arithmetic) and the few crossing the end of the keys or the diagonal (masked). An additive fp32 bias (``-inf`` = masked) is either per key (``BIAS_KIND=1``: key-padding
+arithmetic) and the few crossing the end of the keys or the diagonal (masked); the key-block kernel
+masks only the causal diagonal. An additive fp32 bias (``-inf`` = masked) is either per key (``BIAS_KIND=1``: key-padding
 masks [B, 1, 1, Lk], loaded as one vector per key block) or a full [B?, H?, Lq, Lk] tile (``BIAS_KIND=2``,
 broadcast dimensions have stride 0). A query row whose keys are all masked gets output 0, log-sum-exp
 +inf, and so zero gradients (SDPA returns NaN there).
@@ -151,14 +152,14 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, lo
 
 # Shipped tiles: (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D it is used for). Each was compiled for
 # sm_80 and sm_90 (`clipfast aot`): no spills and tensor-core MMAs up to its largest BLOCK_D. The first of
-# each list is also the interpreter's (one config there; 64-wide tiles keep the interpreted op count low).
+# each list is also the interpreter's (one config there) and the one the masked variants are checked at.
 # The key-block kernel's MMA rows are keys (BLOCK_N >= 64 for HGMMA), the query kernels' are queries.
-FWD_TILES = [(64, 64, 8, 3, 128), (128, 64, 8, 3, 64), (64, 64, 4, 3, 64), (128, 32, 8, 3, 64),
-             (64, 32, 4, 3, 128), (64, 32, 8, 3, 256)]
-DKDV_TILES = [(32, 64, 8, 2, 128), (32, 64, 4, 2, 64), (32, 128, 8, 2, 64), (16, 64, 4, 2, 64),
+FWD_TILES = [(64, 32, 8, 3, 128), (64, 64, 8, 3, 128), (128, 64, 8, 3, 64), (64, 64, 4, 3, 64),
+             (128, 32, 8, 3, 64), (64, 32, 4, 3, 128), (64, 16, 8, 3, 256)]
+DKDV_TILES = [(32, 64, 8, 2, 64), (32, 64, 4, 2, 64), (32, 128, 8, 2, 64), (16, 64, 4, 2, 64),
               (16, 64, 8, 2, 256)]
-DQ_TILES = [(64, 64, 8, 2, 64), (128, 64, 8, 2, 64), (64, 32, 8, 2, 128), (128, 32, 8, 2, 64),
-            (64, 32, 4, 2, 128), (64, 16, 8, 2, 256)]
+DQ_TILES = [(64, 32, 8, 2, 128), (64, 64, 8, 2, 64), (128, 64, 8, 2, 64), (128, 32, 8, 2, 64),
+            (64, 32, 4, 2, 64), (64, 16, 8, 2, 256)]
 # Head dims above 128 (BLOCK_D 256) keep k, v, dk and dv of a key block in registers: the backward tiles
 # there spill on sm_80/sm_90 at every size tried (correct, slower); the forward does not.
 BWD_SPILL_FREE_MAX_D = 128
@@ -308,20 +309,14 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
 
     lo = 0
-    mid = 0
-    if IS_CAUSAL:
-        # queries above this key block's first key cannot see it; query blocks from `mid` on lie wholly
-        # at or below its last key and need no mask
+    if IS_CAUSAL:  # queries above this key block's first key cannot see it
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
-        mid = tl.minimum((pid_n * BLOCK_N + BLOCK_N - 1 + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q)
+    # one loop: only the causal diagonal needs a mask here (a second, unmasked loop for the blocks below it
+    # would double the code and spill at head dim 128; CLIP's causal text is one or two blocks anyway)
     dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, row_base, offs_n, offs_d,
-                                lo, mid, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
+                                lo, seqlen_q, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
                                 seqlen_q, seqlen_k, head_dim, qk_scale,
-                                IS_CAUSAL, BIAS_KIND, DOT_PRECISION, True, BLOCK_M)
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, row_base, offs_n, offs_d,
-                                mid, seqlen_q, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
-                                seqlen_q, seqlen_k, head_dim, qk_scale,
-                                IS_CAUSAL, BIAS_KIND, DOT_PRECISION, False, BLOCK_M)
+                                IS_CAUSAL, BIAS_KIND, DOT_PRECISION, IS_CAUSAL, BLOCK_M)
 
     _store_tile(DK + _program_bases(n_heads, stride_dkb, stride_dkh), dk * sm_scale, offs_n, offs_d,
                 stride_dkn, stride_dkd, seqlen_k, head_dim)
@@ -477,7 +472,7 @@ def attention_bwd(do, q, k, v, bias, o, lse, is_causal: bool, scale: float):
         return dq.zero_(), dk.zero_(), dv.zero_()
     bd = block_d(d)
     delta = runtime.empty((b * h, lq), torch.float32, q.device)
-    pre_block = max(16, min(64, 4096 // bd))
+    pre_block = max(16, min(64, 2048 // bd))
     _attn_bwd_preprocess_kernel[grid(b, h, lq, pre_block)](
         o, do, delta, *_strides(o), *_strides(do), h, lq, d, BLOCK_D=bd, BLOCK_M=pre_block,
     )
@@ -551,6 +546,6 @@ def aot_cases() -> list[runtime.AotCase]:
         signature, unit_strides = _aot_signature(_attn_bwd_preprocess_kernel)
         cases.append(runtime.AotCase(
             name=f"attention_bwd_preprocess[D={bd}]", kernel=_attn_bwd_preprocess_kernel, signature=signature,
-            constexprs={"BLOCK_D": bd, "BLOCK_M": max(16, min(64, 4096 // bd)), **unit_strides}, quick=False,
+            constexprs={"BLOCK_D": bd, "BLOCK_M": max(16, min(64, 2048 // bd)), **unit_strides}, quick=False,
         ))
     return cases
