@@ -107,37 +107,37 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _tile_ptrs(BASE, rows, cols, stride, ALIGNED: tl.constexpr):
+def _tile_ptrs(BASE, rows, cols, stride, IS_ALIGNED: tl.constexpr):
     """Pointers to the [rows, cols] tile of a matrix with row stride ``stride`` and unit column stride.
     Every operand is loaded in the orientation that puts its unit stride on the tile's last axis (the
     dot takes a transposed view where needed), which is the layout the loads vectorize best.
 
-    ALIGNED declares the tile as 16-byte vectors along its rows: the launcher checked that the base
+    IS_ALIGNED declares the tile as 16-byte vectors along its rows: the launcher checked that the base
     address and the row stride are 16-byte multiples and that no vector straddles a wrapped edge. The JIT
     would otherwise only learn this from its argument specialization; without vectors every element needs
     its own address and the loop is not software-pipelined. (Hints must be made where the pointers are
     computed: Triton drops them on values passed into a function.)"""
     ptrs = BASE + rows[:, None] * stride + cols[None, :]
-    if ALIGNED:
+    if IS_ALIGNED:
         VEC: tl.constexpr = 128 // BASE.dtype.element_ty.primitive_bitwidth
         ptrs = tl.max_contiguous(tl.multiple_of(ptrs, [1, 16]), [1, VEC])
     return ptrs
 
 
 @triton.jit
-def _mma_step(a, b, acc, rowsum, pid_n, A_ROW_MAJOR: tl.constexpr, B_ROW_MAJOR: tl.constexpr,
-              ROWSUM_A: tl.constexpr, ALLOW_TF32: tl.constexpr):
+def _mma_step(a, b, acc, rowsum, pid_n, IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr,
+              HAS_ROWSUM: tl.constexpr, IS_TF32: tl.constexpr):
     """acc += A_tile @ B_tile.T on tensor cores (a, b as loaded, see ``_tile_ptrs``); the first tile column
     also adds the row sums of the A tile (bias gradients)."""
-    if not A_ROW_MAJOR:
+    if not IS_A_ROW_MAJOR:
         a = tl.trans(a)
-    if B_ROW_MAJOR:
+    if IS_B_ROW_MAJOR:
         b = tl.trans(b)
-    if ALLOW_TF32:
+    if IS_TF32:
         acc = tl.dot(a, b, acc, input_precision="tf32")
     else:
         acc = tl.dot(a, b, acc, input_precision="ieee")
-    if ROWSUM_A:
+    if HAS_ROWSUM:
         if pid_n == 0:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
     return acc, rowsum
@@ -145,22 +145,23 @@ def _mma_step(a, b, acc, rowsum, pid_n, A_ROW_MAJOR: tl.constexpr, B_ROW_MAJOR: 
 
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-              STORE_PRE: tl.constexpr, ACT_GRAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ALIGNED: tl.constexpr):
+              HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              IS_ALIGNED: tl.constexpr):
     """Bias, activation (or the activation gradient from the saved Z), residual and the store, for the
     rows rm and columns rn of the output. C, Z and RES share one layout (row stride stride_c)."""
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    if STORE_PRE:
-        tl.store(_tile_ptrs(Z, rm, rn, stride_c, ALIGNED), acc.to(Z.dtype.element_ty), mask=mask)
-    if ACT_GRAD:
-        z = tl.load(_tile_ptrs(Z, rm, rn, stride_c, ALIGNED), mask=mask, other=0.0).to(tl.float32)
+    if HAS_PRE_OUT:
+        tl.store(_tile_ptrs(Z, rm, rn, stride_c, IS_ALIGNED), acc.to(Z.dtype.element_ty), mask=mask)
+    if HAS_ACT_GRAD:
+        z = tl.load(_tile_ptrs(Z, rm, rn, stride_c, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
         acc *= _activation_grad(z, ACTIVATION)
     else:
         acc = _activation(acc, ACTIVATION)
     if HAS_RESIDUAL:
-        acc += tl.load(_tile_ptrs(RES, rm, rn, stride_c, ALIGNED), mask=mask, other=0.0).to(tl.float32)
-    tl.store(_tile_ptrs(C, rm, rn, stride_c, ALIGNED), acc.to(C.dtype.element_ty), mask=mask)
+        acc += tl.load(_tile_ptrs(RES, rm, rn, stride_c, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
+    tl.store(_tile_ptrs(C, rm, rn, stride_c, IS_ALIGNED), acc.to(C.dtype.element_ty), mask=mask)
 
 
 # Shipped tile configurations. The first one is what the interpreter runs (large tiles keep it fast)
@@ -181,24 +182,24 @@ UNALIGNED_MAX_TILE = 64 * 64
 
 def _prune(configs, named_args, **kwargs):
     """Unaligned operands (see ``_tile_ptrs``) are tuned over the small tiles only."""
-    if named_args.get("ALIGNED", kwargs.get("ALIGNED", True)):
+    if named_args.get("IS_ALIGNED", kwargs.get("IS_ALIGNED", True)):
         return configs
     small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= UNALIGNED_MAX_TILE]
     return small or configs
 
 
-@runtime.autotune(GEMM_CONFIGS, key=["M", "N", "K", "A_ROW_MAJOR", "B_ROW_MAJOR", "ALIGNED"],
+@runtime.autotune(GEMM_CONFIGS, key=["M", "N", "K", "IS_A_ROW_MAJOR", "IS_B_ROW_MAJOR", "IS_ALIGNED"],
                   prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _gemm_kernel(
     A, B, C, BIAS, RES, Z, ROWSUM,
     M, N, K, stride_a, stride_b, stride_c,
-    A_ROW_MAJOR: tl.constexpr, B_ROW_MAJOR: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, STORE_PRE: tl.constexpr, ACT_GRAD: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, ROWSUM_A: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr, IS_ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_ROWSUM: tl.constexpr, IS_TF32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """A: [M, K], unit stride along K (A_ROW_MAJOR) or M; B: [N, K], unit stride along K (B_ROW_MAJOR,
+    """A: [M, K], unit stride along K (IS_A_ROW_MAJOR) or M; B: [N, K], unit stride along K (IS_B_ROW_MAJOR,
     nn.Linear layout) or N. C, and Z / RES when used, are [M, N] with row stride stride_c."""
     # Grouped tile order: GROUP_M tile rows sweep the tile columns together (B stays in L2).
     pid = tl.program_id(0)
@@ -219,42 +220,42 @@ def _gemm_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    if A_ROW_MAJOR:  # [BLOCK_M, BLOCK_K] tiles
-        a_ptrs = _tile_ptrs(A, rm_load, rk, stride_a, ALIGNED)
+    if IS_A_ROW_MAJOR:  # [BLOCK_M, BLOCK_K] tiles
+        a_ptrs = _tile_ptrs(A, rm_load, rk, stride_a, IS_ALIGNED)
         a_step = BLOCK_K
     else:  # [BLOCK_K, BLOCK_M] tiles
-        a_ptrs = _tile_ptrs(A, rk, rm_load, stride_a, ALIGNED)
+        a_ptrs = _tile_ptrs(A, rk, rm_load, stride_a, IS_ALIGNED)
         a_step = BLOCK_K * stride_a
-    if B_ROW_MAJOR:  # [BLOCK_N, BLOCK_K] tiles
-        b_ptrs = _tile_ptrs(B, rn_load, rk, stride_b, ALIGNED)
+    if IS_B_ROW_MAJOR:  # [BLOCK_N, BLOCK_K] tiles
+        b_ptrs = _tile_ptrs(B, rn_load, rk, stride_b, IS_ALIGNED)
         b_step = BLOCK_K
     else:  # [BLOCK_K, BLOCK_N] tiles
-        b_ptrs = _tile_ptrs(B, rk, rn_load, stride_b, ALIGNED)
+        b_ptrs = _tile_ptrs(B, rk, rn_load, stride_b, IS_ALIGNED)
         b_step = BLOCK_K * stride_b
     # Whole K tiles load without a mask, so they move in vectors and the loop is software-pipelined
     # whatever K is; a K tail (K % BLOCK_K) takes one masked step after the loop.
     k_tiles = K // BLOCK_K
     for _ in range(0, k_tiles):
-        acc, rowsum = _mma_step(tl.load(a_ptrs), tl.load(b_ptrs), acc, rowsum, pid_n, A_ROW_MAJOR, B_ROW_MAJOR,
-                                ROWSUM_A, ALLOW_TF32)
+        acc, rowsum = _mma_step(tl.load(a_ptrs), tl.load(b_ptrs), acc, rowsum, pid_n, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR,
+                                HAS_ROWSUM, IS_TF32)
         a_ptrs += a_step
         b_ptrs += b_step
     k_left = K - k_tiles * BLOCK_K
     if k_left > 0:
         k_ok = rk < k_left
-        a = tl.load(a_ptrs, mask=k_ok[None, :] if A_ROW_MAJOR else k_ok[:, None], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[None, :] if B_ROW_MAJOR else k_ok[:, None], other=0.0)
-        acc, rowsum = _mma_step(a, b, acc, rowsum, pid_n, A_ROW_MAJOR, B_ROW_MAJOR, ROWSUM_A, ALLOW_TF32)
+        a = tl.load(a_ptrs, mask=k_ok[None, :] if IS_A_ROW_MAJOR else k_ok[:, None], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[None, :] if IS_B_ROW_MAJOR else k_ok[:, None], other=0.0)
+        acc, rowsum = _mma_step(a, b, acc, rowsum, pid_n, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, HAS_ROWSUM, IS_TF32)
 
     # Epilogue on the fp32 accumulator, one half of the tile columns at a time (fewer values live at
     # once: the activation and its gradient need several temporaries per element).
     acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
     rn_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-    _epilogue(acc_lo, rm, rn_lo, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, STORE_PRE, ACT_GRAD,
-              HAS_RESIDUAL, ALIGNED)
-    _epilogue(acc_hi, rm, rn_lo + BLOCK_N // 2, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, STORE_PRE,
-              ACT_GRAD, HAS_RESIDUAL, ALIGNED)
-    if ROWSUM_A:
+    _epilogue(acc_lo, rm, rn_lo, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD,
+              HAS_RESIDUAL, IS_ALIGNED)
+    _epilogue(acc_hi, rm, rn_lo + BLOCK_N // 2, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, HAS_PRE_OUT,
+              HAS_ACT_GRAD, HAS_RESIDUAL, IS_ALIGNED)
+    if HAS_ROWSUM:
         if pid_n == 0:
             tl.store(ROWSUM + rm, rowsum, mask=rm < M)
 
@@ -359,10 +360,10 @@ def _launch(a, a_row_major, stride_a, b, b_row_major, stride_b, c, bias, residua
         a, b, c, bias if bias is not None else c, residual if residual is not None else c,
         zz if zz is not None else c, sums if sums is not None else c,
         M, N, K, stride_a, stride_b, N,
-        A_ROW_MAJOR=a_row_major, B_ROW_MAJOR=b_row_major, ALIGNED=aligned,
-        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], STORE_PRE=save_pre,
-        ACT_GRAD=act_grad, HAS_RESIDUAL=residual is not None, ROWSUM_A=sums is not None,
-        ALLOW_TF32=_allow_tf32(a),
+        IS_A_ROW_MAJOR=a_row_major, IS_B_ROW_MAJOR=b_row_major, IS_ALIGNED=aligned,
+        HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_PRE_OUT=save_pre,
+        HAS_ACT_GRAD=act_grad, HAS_RESIDUAL=residual is not None, HAS_ROWSUM=sums is not None,
+        IS_TF32=_allow_tf32(a),
     )
 
 
@@ -420,22 +421,22 @@ _GEMM_SIGNATURE = {
     "ROWSUM": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_a": "i32", "stride_b": "i32", "stride_c": "i32",
 }
 
-_NO_EPILOGUE = {"HAS_BIAS": False, "ACTIVATION": 0, "STORE_PRE": False, "ACT_GRAD": False, "HAS_RESIDUAL": False,
-                "ROWSUM_A": False, "ALLOW_TF32": False}
+_NO_EPILOGUE = {"HAS_BIAS": False, "ACTIVATION": 0, "HAS_PRE_OUT": False, "HAS_ACT_GRAD": False, "HAS_RESIDUAL": False,
+                "HAS_ROWSUM": False, "IS_TF32": False}
 
 # The products of the MLP (see the table at the top) with the operand layouts they run with.
-_FWD = {"A_ROW_MAJOR": True, "B_ROW_MAJOR": True}
-_DGRAD = {"A_ROW_MAJOR": True, "B_ROW_MAJOR": False}
-_WGRAD = {"A_ROW_MAJOR": False, "B_ROW_MAJOR": False}
+_FWD = {"IS_A_ROW_MAJOR": True, "IS_B_ROW_MAJOR": True}
+_DGRAD = {"IS_A_ROW_MAJOR": True, "IS_B_ROW_MAJOR": False}
+_WGRAD = {"IS_A_ROW_MAJOR": False, "IS_B_ROW_MAJOR": False}
 _GEMM_VARIANTS = {
-    "fc_fwd_quick_gelu": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 1, "STORE_PRE": True},
-    "fc_fwd_gelu": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 2, "STORE_PRE": True},
-    "fc_fwd_gelu_tanh": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 3, "STORE_PRE": True},
+    "fc_fwd_quick_gelu": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 1, "HAS_PRE_OUT": True},
+    "fc_fwd_gelu": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 2, "HAS_PRE_OUT": True},
+    "fc_fwd_gelu_tanh": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 3, "HAS_PRE_OUT": True},
     "proj_fwd_residual": {**_FWD, "HAS_BIAS": True, "HAS_RESIDUAL": True},
-    "dgrad_quick_gelu": {**_DGRAD, "ACTIVATION": 1, "ACT_GRAD": True},
-    "dgrad_gelu": {**_DGRAD, "ACTIVATION": 2, "ACT_GRAD": True},
-    "dgrad_gelu_tanh": {**_DGRAD, "ACTIVATION": 3, "ACT_GRAD": True},
-    "wgrad_bias": {**_WGRAD, "ROWSUM_A": True},
+    "dgrad_quick_gelu": {**_DGRAD, "ACTIVATION": 1, "HAS_ACT_GRAD": True},
+    "dgrad_gelu": {**_DGRAD, "ACTIVATION": 2, "HAS_ACT_GRAD": True},
+    "dgrad_gelu_tanh": {**_DGRAD, "ACTIVATION": 3, "HAS_ACT_GRAD": True},
+    "wgrad_bias": {**_WGRAD, "HAS_ROWSUM": True},
     "dgrad_input": {**_DGRAD},
 }
 _QUICK_VARIANTS = ("fc_fwd_quick_gelu", "proj_fwd_residual", "dgrad_quick_gelu", "wgrad_bias")
@@ -447,11 +448,12 @@ def aot_cases() -> list[runtime.AotCase]:
     cases = []
     for variant, flags in _GEMM_VARIANTS.items():
         for aligned in (True, False):
-            constexprs = {**_NO_EPILOGUE, **flags, "ALIGNED": aligned}
+            constexprs = {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned}
             configs = _prune(_gemm_kernel.shipped_configs, constexprs)
             for i, cfg in enumerate(configs):
                 cases.append(runtime.AotCase(
-                    name=f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}", kernel=runtime.jit_function(_gemm_kernel),
+                    name=f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}",
+                    kernel=runtime.jit_function(_gemm_kernel),
                     signature=_GEMM_SIGNATURE, constexprs={**constexprs, **cfg.kwargs}, num_warps=cfg.num_warps,
                     num_stages=cfg.num_stages, expects_mma=True,
                     quick=aligned and i == 0 and variant in _QUICK_VARIANTS,

@@ -444,7 +444,8 @@ def test_patch_rule_hugging_face_clip_mlp(hidden_act, expected):
     transformers = pytest.importorskip("transformers")
     from transformers.models.clip.modeling_clip import CLIPMLP
 
-    config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_attention_heads=2, hidden_act=hidden_act)
+    config = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_attention_heads=2,
+                                           hidden_act=hidden_act)
     mlp = CLIPMLP(config).to(DEVICE)
     block = _Block(mlp)
     if expected is None:

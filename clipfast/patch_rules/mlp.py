@@ -36,7 +36,8 @@ def _behaves_like(fn, activation: str) -> bool:
     except Exception:
         return False
     return (isinstance(out, torch.Tensor) and out.shape == _PROBE.shape
-            and torch.allclose(out.float(), eager_activation(_PROBE.double(), activation).float(), atol=1e-5, rtol=1e-5))
+            and torch.allclose(out.float(), eager_activation(_PROBE.double(), activation).float(),
+                               atol=1e-5, rtol=1e-5))
 
 
 def detect_activation(fn) -> Optional[str]:
@@ -117,7 +118,8 @@ def _match_hf(module: nn.Module) -> bool:
         return False
     code = getattr(cls.forward, "__code__", None)
     return (code is not None and tuple(code.co_names) == _HF_FORWARD_NAMES
-            and isinstance(getattr(module, "fc1", None), nn.Linear) and isinstance(getattr(module, "fc2", None), nn.Linear))
+            and isinstance(getattr(module, "fc1", None), nn.Linear)
+            and isinstance(getattr(module, "fc2", None), nn.Linear))
 
 
 def _convert_hf(module: nn.Module) -> nn.Module:
