@@ -43,6 +43,9 @@ class VerifyResult:
     swapped: list[str]
     skipped: list[str]
     rows: list[Row] = field(default_factory=list)
+    # swapped modules whose own forward never ran: a fused parent did their work (e.g. ln_pre inside the
+    # fused patch embedding); their effect is checked through the parent and the outputs
+    fused_into_parent: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -178,6 +181,8 @@ def verify(name: str, build: Callable[[], torch.nn.Module], make_inputs: Callabl
     for path in swapped:
         if path in fast_store and path in eager_store and path in ref_store:
             add(path, "module", fast_store[path], eager_store[path], ref_store[path])
+        elif path not in fast_store:
+            result.fused_into_parent.append(path)
     for key in ref_outs:
         add(key, "output", fast_outs[key], eager_outs[key], ref_outs[key])
     for pname in ref_grads:
@@ -196,6 +201,8 @@ def format_table(result: VerifyResult) -> str:
              f"swapped {len(result.swapped)} modules, left {len(result.skipped)} alone"]
     for s in result.skipped[:20]:
         lines.append(f"  left alone: {s}")
+    if result.fused_into_parent:
+        lines.append(f"  run inside a fused parent (checked through it): {', '.join(result.fused_into_parent)}")
     header = f"{'':<4}{'kind':<7}{'name':<52}{'clipfast-eager':>15}{'clipfast-fp64':>15}{'eager-fp64':>13}  rel(cf/eager vs fp64)"
     lines += ["", header, "-" * len(header)]
     for r in result.rows:

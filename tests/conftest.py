@@ -1,6 +1,7 @@
 """Test harness: on a machine without CUDA the real Triton kernels run on CPU tensors through the Triton
 interpreter. TRITON_INTERPRET must be set before triton is imported, so this runs first."""
 import os
+import zlib
 
 import torch
 
@@ -46,5 +47,7 @@ def device():
 
 @pytest.fixture(autouse=True)
 def _seed(request):
-    # A different seed per test (fresh inputs) that is still reproducible from the test id.
-    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    """A different seed per test (fresh inputs for every check) that is reproducible from the test id;
+    CLIPFAST_TEST_SEED shifts all of them to draw another set of inputs."""
+    base = int(os.environ.get("CLIPFAST_TEST_SEED", "0"))
+    torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) + base) % (2**31))

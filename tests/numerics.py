@@ -74,9 +74,9 @@ def check(name: str, fused: torch.Tensor, eager: torch.Tensor, ref: torch.Tensor
     return (f"{name} [{str(dtype).replace('torch.', '')}, shape {tuple(ref.shape)}]: "
             f"fused max-abs {ef.max_abs:.3e} rel {ef.rel_fro:.3e} vs eager max-abs {ee.max_abs:.3e} rel {ee.rel_fro:.3e} "
             f"(allowed {factor}x eager + floor {abs_floor:.1e} / {rel_floor:.1e}); worst at {at}: "
-            f"fused {float(fused.detach().double()[at]) if at else float('nan'):.6g}, "
-            f"eager {float(eager.detach().double()[at]) if at else float('nan'):.6g}, "
-            f"reference {float(ref.detach().double()[at]) if at else float('nan'):.6g}"
+            f"fused {float(fused.detach().double()[at]):.6g}, "
+            f"eager {float(eager.detach().double()[at]):.6g}, "
+            f"reference {float(ref.detach().double()[at]):.6g}"
             + ("" if ef.finite else "; fused output has NaN/inf"))
 
 
