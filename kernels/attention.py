@@ -150,31 +150,36 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, lo
     return acc, l_i, m_i
 
 
-# Shipped tiles: (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D it is used for). Each was compiled for
-# sm_80 and sm_90 (`clipfast aot`): no spills and tensor-core MMAs up to its largest BLOCK_D. The first of
-# each list is also the interpreter's (one config there) and the one the masked variants are checked at.
+# Shipped tiles: (BLOCK_M, BLOCK_N, warps, stages, the BLOCK_D values it serves). Each was compiled for
+# sm_80 and sm_90 (`clipfast aot`) at those head dims: no spills, tensor-core MMAs. The first tile of each
+# list is also the interpreter's (one config there) and the one the masked variants are checked at.
 # The key-block kernel's MMA rows are keys (BLOCK_N >= 64 for HGMMA), the query kernels' are queries.
-FWD_TILES = [(64, 32, 8, 3, 128), (64, 64, 8, 3, 128), (128, 64, 8, 3, 64), (64, 64, 4, 3, 64),
-             (128, 32, 8, 3, 64), (64, 32, 4, 3, 128), (64, 16, 8, 3, 256)]
-DKDV_TILES = [(32, 64, 8, 2, 64), (32, 64, 4, 2, 64), (32, 128, 8, 2, 64), (16, 64, 4, 2, 64),
-              (16, 64, 8, 2, 256)]
-DQ_TILES = [(64, 32, 8, 2, 128), (64, 64, 8, 2, 64), (128, 64, 8, 2, 64), (128, 32, 8, 2, 64),
-            (64, 32, 4, 2, 64), (64, 16, 8, 2, 256)]
+_SMALL, _D128, _D256 = (16, 32, 64), (128,), (256,)
+FWD_TILES = [(64, 32, 8, 3, _SMALL + _D128), (64, 64, 8, 3, _SMALL + _D128), (128, 64, 8, 3, _SMALL),
+             (64, 64, 4, 3, _SMALL), (128, 32, 8, 3, _SMALL), (64, 32, 4, 3, _SMALL + _D128), (64, 16, 8, 3, _D256)]
+DKDV_TILES = [(32, 64, 8, 2, _SMALL), (32, 64, 4, 2, _SMALL), (32, 128, 8, 2, _SMALL), (16, 64, 4, 2, _SMALL),
+              (16, 64, 8, 2, _D128 + _D256)]
+DQ_TILES = [(64, 32, 8, 2, _SMALL + _D128), (64, 64, 8, 2, _SMALL), (128, 64, 8, 2, _SMALL), (128, 32, 8, 2, _SMALL),
+            (64, 32, 4, 2, _SMALL), (64, 16, 8, 2, _D256)]
 # Head dims above 128 (BLOCK_D 256) keep k, v, dk and dv of a key block in registers: the backward tiles
 # there spill on sm_80/sm_90 at every size tried (correct, slower); the forward does not.
 BWD_SPILL_FREE_MAX_D = 128
 
 
 def _configs(tiles):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "MAX_D": d}, num_warps=w, num_stages=s)
-            for m, n, w, s, d in tiles]
+    configs = []
+    for m, n, w, s, block_ds in tiles:
+        cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+        cfg.block_ds = block_ds  # the head-dim tiles it is shipped for (read by _prune)
+        configs.append(cfg)
+    return configs
 
 
 def _prune(configs, named_args, **kwargs):
-    """Keep the tiles meant for this head dim (the interpreter keeps its single config)."""
+    """Keep the tiles shipped for this head dim (the interpreter keeps its single config)."""
     block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-    kept = [c for c in configs if c.kwargs["MAX_D"] >= block_d]
-    return kept or configs[-1:]
+    kept = [c for c in configs if block_d in c.block_ds]
+    return kept or configs[:1]
 
 
 @runtime.autotune(_configs(FWD_TILES), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
@@ -189,7 +194,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     n_heads, seqlen_q, seqlen_k, head_dim, qk_scale,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(1)
     q_base = Q + _program_bases(n_heads, stride_qb, stride_qh)
@@ -290,7 +295,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     n_heads, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One [BLOCK_N] block of keys: dk, dv accumulated over every query block that sees it."""
     pid_n = tl.program_id(1)
@@ -358,7 +363,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_heads, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MAX_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One [BLOCK_M] block of queries: dq accumulated over the key blocks it sees."""
     pid_m = tl.program_id(1)
