@@ -170,8 +170,11 @@ class ResidualAttentionBlock(nn.Module):
         self.attn_mask = attn_mask
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        mask = self.attn_mask.to(dtype=x.dtype, device=x.device) if self.attn_mask is not None else None
-        return self.attn(x, x, x, need_weights=False, attn_mask=mask)[0]
+        if self.attn_mask is not None and (self.attn_mask.dtype != x.dtype or self.attn_mask.device != x.device):
+            # keep the converted mask (as OpenAI's code does), so a fast attention that recognises the
+            # causal mask once per tensor does not see a new tensor every call
+            self.attn_mask = self.attn_mask.to(dtype=x.dtype, device=x.device)
+        return self.attn(x, x, x, need_weights=False, attn_mask=self.attn_mask)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.ln_1(x))

@@ -62,7 +62,7 @@ def float64_reference(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def grad_problems(fast_model, eager_model, ref_model, dtype, factor, floor_ulps) -> list[str]:
+def grad_problems(fast_model, eager_model, ref_model, dtype, factor, floor_ulps, grad_filter=None) -> list[str]:
     """Every parameter gradient of ``fast_model`` against the float64 reference (numerics standard).
 
     Gradients that are zero in exact arithmetic (a key-projection bias: softmax ignores a constant added
@@ -73,6 +73,8 @@ def grad_problems(fast_model, eager_model, ref_model, dtype, factor, floor_ulps)
     scale = max(float(p.grad.abs().max()) for p in ref_params.values() if p.grad is not None and p.grad.numel())
     problems = []
     for name, p in fast_model.named_parameters():
+        if grad_filter is not None and not grad_filter(name):
+            continue
         r, e = ref_params[name].grad, eager_params[name].grad
         if r is None:
             if p.grad is not None and p.grad.any():
@@ -103,13 +105,14 @@ def paths_of(model, predicate: Callable) -> set[str]:
 def check_patch(build: Callable[[], torch.nn.Module], run: Callable, inputs: Iterable, *,
                 dtype=torch.float32, expected: dict[str, set[str]] | None = None, factor: float = 4.0,
                 floor_ulps: float | None = None, grads: bool = True, patch_kwargs: dict | None = None,
-                cast: Callable | None = None):
+                cast: Callable | None = None, grad_filter: Callable[[str], bool] | None = None):
     """Patched vs unpatched ``build()`` model (see the module docstring). ``run(model, *inputs)`` returns the
     outputs to compare (floating tensors, any nesting flattened by the caller); ``inputs`` are float64 or
     integer tensors, rounded to ``dtype`` once so every copy sees the same values. ``expected`` maps a
     family to the module paths it must swap (checked for the families that have rules registered).
     ``cast(model, dtype)`` puts a model in ``dtype`` (default ``model.to(dtype)``; e.g. a codebase's own
-    low-precision conversion, which keeps LayerNorm parameters in fp32). Returns ``(patched model, report)``."""
+    low-precision conversion, which keeps LayerNorm parameters in fp32). ``grad_filter(name)`` picks the parameter
+    gradients to compare (default: all). Returns ``(patched model, report)``."""
     cast = cast or (lambda model, dt: model.to(dt))
     if floor_ulps is None:
         floor_ulps = 64.0 if dtype == torch.float32 else 8.0
@@ -160,7 +163,7 @@ def check_patch(build: Callable[[], torch.nn.Module], run: Callable, inputs: Ite
         for model, outs in ((ref_model, ref_out), (eager_model, eager_out), (fast_model, fast_out)):
             torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(upstream, outs)])
         assert any(p.grad is not None for p in ref_model.parameters())
-        problems += grad_problems(fast_model, eager_model, ref_model, dtype, factor, floor_ulps)
+        problems += grad_problems(fast_model, eager_model, ref_model, dtype, factor, floor_ulps, grad_filter)
     problems = [p for p in problems if p]
     assert not problems, "\n".join(problems) + f"\n{report}"
 

@@ -184,7 +184,12 @@ def test_hf_clipseg_patched():
     expected = expected_swaps(build(), mod.CLIPSegAttention, mod.CLIPSegMLP)
     # the decoder's MLPs use ReLU, which the fused MLP does not implement: only the CLIP towers' MLPs swap
     expected["mlp"] = {p for p in expected["mlp"] if p.startswith("clip.")}
-    _, report = check_patch(build, run, [torch.randn(2, 3, 32, 32, dtype=torch.float64), ids, mask], expected=expected)
+    # Parameter gradients are compared in the CLIP towers, where the kernels run. The decoder runs no clipfast
+    # kernel (ReLU MLPs left alone, head dim 8 attention sent to sdpa); its gradients only amplify the
+    # towers' rounding: in fp32, eager itself is ~300 ulps off there, and the patched/eager error ratio
+    # scatters widely from one random draw to the next. The decoder's output, the logits, is still compared.
+    _, report = check_patch(build, run, [torch.randn(2, 3, 32, 32, dtype=torch.float64), ids, mask], expected=expected,
+                            grad_filter=lambda name: name.startswith("clip."))
     assert {s.path for s in report.skipped if s.family == "mlp"} >= {"decoder.layers.0.mlp", "decoder.layers.1.mlp"}
 
 
