@@ -5,6 +5,8 @@ Each kernel module in ``clipfast.kernels`` declares ``aot_cases()``. The compile
 without ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit``), and the cubins are inspected with
 the ``cuobjdump`` that ships with Triton: registers, spill bytes (STACK/LOCAL), shared memory and whether
 tensor-core instructions (HGMMA on sm_90, HMMA on sm_80) are present where the kernel has a ``tl.dot``.
+Pointer arguments are compiled as 16-byte aligned (``AotCase.divisible_by_16``), as the JIT specializes
+them for torch allocations, so the figures match what runs.
 
 Exit status is non-zero on any compile error, any spill, or a missing tensor-core instruction.
 
@@ -55,7 +57,9 @@ def _compile_case(case, dtype: str, arch: int) -> dict:
 
     signature = {k: v.format(dtype=dtype) for k, v in case.signature.items()}
     signature.update({k: "constexpr" for k in case.constexprs})
-    src = ASTSource(fn=case.kernel, signature=signature, constexprs=dict(case.constexprs))
+    arg_names = case.kernel.arg_names
+    attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in case.aligned_args()}
+    src = ASTSource(fn=case.kernel, signature=signature, constexprs=dict(case.constexprs), attrs=attrs)
     options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     info = _inspect_cubin(compiled.asm["cubin"])

@@ -135,6 +135,15 @@ class AotCase:
     dtypes: tuple[str, ...] = ("fp16", "bf16")
     quick: bool = True  # part of the quick subset CI runs
     tags: dict[str, Any] = field(default_factory=dict)
+    # Arguments compiled as multiples of 16 (bytes for pointers, value for integers), as the JIT specializes
+    # them at run time: torch allocations are 16-byte aligned and CLIP's widths and strides are multiples of
+    # 16. None means every pointer argument; () compiles with no alignment assumption at all.
+    divisible_by_16: tuple[str, ...] | None = None
+
+    def aligned_args(self) -> tuple[str, ...]:
+        if self.divisible_by_16 is not None:
+            return tuple(self.divisible_by_16)
+        return tuple(k for k, v in self.signature.items() if v.startswith("*"))
 
     def config_text(self) -> str:
         # tile meta-parameters only; feature flags (HAS_*, IS_*) are part of the case name
