@@ -18,6 +18,20 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(f"clipfast: {message}", RuntimeWarning, stacklevel=3)
 
 
+def kernel_takes_width(op: str, x: torch.Tensor, max_width: int) -> bool:
+    """Whether ``op`` runs its Triton kernel on ``x``: on CUDA (or CPU under the interpreter), and only while
+    the last dimension fits the kernel's registers (``max_width``); wider inputs run the eager reference after a
+    one-time warning."""
+    from clipfast.kernels import runtime
+
+    if not runtime.uses_triton(x):
+        return False
+    if x.shape[-1] > max_width:
+        warn_once(f"{op}_wide", f"{op} over {x.shape[-1]} > {max_width} features runs in eager PyTorch")
+        return False
+    return True
+
+
 def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, min_dim: int = 0, ndim: int | None = None,
                  optional: bool = False) -> None:
     if t is None:

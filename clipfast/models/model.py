@@ -22,7 +22,6 @@ from collections import OrderedDict
 from typing import Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 

@@ -26,21 +26,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from clipfast.kernels import contrastive_loss as kernel
-from clipfast.kernels import runtime
 
-from .._validate import check_same_device, check_tensor, warn_once
+from .._validate import check_same_device, check_tensor, kernel_takes_width
 
 EPS = 1e-12
 CLIP, SIGLIP = kernel.CLIP, kernel.SIGLIP
 
 
 def _use_kernel(x: Tensor) -> bool:
-    if not runtime.uses_triton(x):
-        return False
-    if x.shape[-1] > kernel.MAX_DIM:
-        warn_once("contrastive_wide", f"contrastive loss over {x.shape[-1]} > {kernel.MAX_DIM} features runs in eager PyTorch")
-        return False
-    return True
+    return kernel_takes_width("contrastive loss", x, kernel.MAX_DIM)
 
 
 def _factor(kind: int, n: int, both_directions: bool) -> float:

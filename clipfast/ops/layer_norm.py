@@ -16,18 +16,12 @@ import torch
 from torch import Tensor
 
 from clipfast.kernels import layer_norm as kernel
-from clipfast.kernels import runtime
 
-from .._validate import check_same_device, check_shape, check_tensor, warn_once
+from .._validate import check_same_device, check_shape, check_tensor, kernel_takes_width
 
 
 def _use_kernel(x: Tensor) -> bool:
-    if not runtime.uses_triton(x):
-        return False
-    if x.shape[-1] > kernel.MAX_COLS:
-        warn_once("layer_norm_wide", f"layer_norm over {x.shape[-1]} > {kernel.MAX_COLS} features runs in eager PyTorch")
-        return False
-    return True
+    return kernel_takes_width("layer_norm", x, kernel.MAX_COLS)
 
 
 def _empty() -> Tensor:

@@ -93,6 +93,15 @@ def grad_problems(fast_model, eager_model, ref_model, dtype, factor, floor_ulps,
     return [p for p in problems if p]
 
 
+def clip_tokens(vocab: int, context: int, batch: int = 3) -> torch.Tensor:
+    """OpenAI-style token ids: end-of-text (the highest id) at different positions, zeros after it."""
+    text = torch.randint(1, vocab - 1, (batch, context))
+    for i, length in enumerate([context, 9, 5][:batch]):
+        text[i, length - 1] = vocab - 1
+        text[i, length:] = 0
+    return text
+
+
 def module_types(model) -> dict[str, type]:
     return {name: type(m) for name, m in model.named_modules()}
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 import clipfast
 
 from ..conftest import DEVICE
-from .common import check_patch, paths_of
+from .common import check_patch, clip_tokens, paths_of
 
 open_clip = pytest.importorskip("open_clip", reason="open_clip is not installed; `pip install -e .[integrations]`")
 
@@ -32,11 +32,7 @@ def create(name, precision="fp32", ls_init_value=None, grad_checkpointing=False,
 
 
 def tokens(batch=3):
-    text = torch.randint(1, VOCAB - 1, (batch, CONTEXT))
-    for i, length in enumerate([CONTEXT, 9, 5][:batch]):  # EOT (the highest id) at different positions
-        text[i, length - 1] = VOCAB - 1
-        text[i, length:] = 0
-    return text
+    return clip_tokens(VOCAB, CONTEXT, batch)
 
 
 def run(model, image, text):

@@ -11,7 +11,7 @@ from clipfast.patching import patch
 
 from ..conftest import DEVICE
 from ..numerics import check
-from .common import check_patch, float64_reference, paths_of
+from .common import check_patch, clip_tokens, float64_reference, paths_of
 
 try:
     clip = import_clip()
@@ -46,11 +46,7 @@ def perturbed(model):
 
 
 def tokens(batch=3):
-    text = torch.randint(1, VOCAB - 1, (batch, CONTEXT))
-    for i, length in enumerate([CONTEXT, 9, 5][:batch]):  # EOT (the highest id) at different positions
-        text[i, length - 1] = VOCAB - 1
-        text[i, length:] = 0
-    return text
+    return clip_tokens(VOCAB, CONTEXT, batch)
 
 
 def run(model, image, text):
