@@ -19,7 +19,8 @@ from typing import Callable
 
 import torch
 
-EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+from .numerics import EPS, errors
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -59,17 +60,11 @@ class VerifyResult:
 
 
 def _err(a: torch.Tensor, b: torch.Tensor) -> dict:
-    a64, b64 = a.detach().double(), b.detach().double()
-    if a64.shape != b64.shape:
+    if a.shape != b.shape:
         return {"max_abs": float("inf"), "rel": float("inf"), "finite": False}
-    finite = bool(torch.isfinite(a64).all())
-    if a64.numel() == 0:
-        return {"max_abs": 0.0, "rel": 0.0, "finite": finite}
-    diff = (a64 - b64).abs()
-    norm = float(b64.norm())
-    return {"max_abs": float(diff.max()) if finite else float("inf"),
-            "rel": (float((a64 - b64).norm()) / norm if norm > 0 else float(diff.max())) if finite else float("inf"),
-            "finite": finite}
+    e = errors(a, b)
+    inf = float("inf")
+    return {"max_abs": e.max_abs if e.finite else inf, "rel": e.rel_fro if e.finite else inf, "finite": e.finite}
 
 
 def _judge(fused: dict, eager: dict, dtype: torch.dtype, scale: float, factor: float, floor_ulps: float) -> bool:
