@@ -1,20 +1,22 @@
 # The two commands: `make demo` (verify and profile a CLIP model) and `make test` (the test suite).
-# Both create .venv on first use and install the project into it.
+# Both create .venv on first use and install the project into it, at the versions pinned in
+# constraints/cpu.txt.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 EXTRAS ?= test,integrations
+CONSTRAINTS ?= constraints/cpu.txt
 
 .PHONY: demo test test-gpu aot aot-full bench gpu-suite clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q --upgrade -c $(CONSTRAINTS) pip setuptools wheel
 
-# Re-install only when the packaging changes.
-$(VENV)/.installed-$(EXTRAS): setup.py | $(PY)
-	$(PIP) install -q -e ".[$(EXTRAS)]"
+# Re-install only when the packaging or the pins change.
+$(VENV)/.installed-$(EXTRAS): setup.py $(CONSTRAINTS) | $(PY)
+	$(PIP) install -q -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
 	touch $@
 
 # verify (numerics, module by module) then profile: ViT-B-16 in bf16 on a GPU, a tiny model through the
