@@ -24,6 +24,7 @@ registers it the moment transformers loads its attention registry.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.abc
 import sys
 from typing import Optional
@@ -67,8 +68,7 @@ def _sdpa_fallback(module, query, key, value, attention_mask, scaling, dropout, 
 def clipfast_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                   mask_function=None, attention_mask: Optional[torch.Tensor] = None, local_size=None, **kwargs):
     """transformers mask builder (``AttentionMaskInterface``) for the clipfast attention function."""
-    from transformers import masking_utils as mu
-
+    mu = _masking_utils()
     mask_function = mask_function or mu.causal_mask_function
     plain = (mask_function in (mu.causal_mask_function, mu.bidirectional_mask_function) and local_size is None
              and isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0
@@ -151,6 +151,17 @@ def clipfast_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
 
 _REGISTRY_MODULES = ("transformers.modeling_utils", "transformers.masking_utils")
 
+# transformers.masking_utils, resolved once when registering: the mask builder runs inside traced code,
+# and torch 2.11's dynamo refuses an import of transformers' lazy modules there
+_MASKING_UTILS = None
+
+
+def _masking_utils():
+    global _MASKING_UTILS
+    if _MASKING_UTILS is None:
+        _MASKING_UTILS = importlib.import_module(_REGISTRY_MODULES[1])
+    return _MASKING_UTILS
+
 
 def register() -> bool:
     """Register ``"clipfast"`` in transformers' attention and mask registries (idempotent). Returns whether
@@ -160,6 +171,7 @@ def register() -> bool:
         from transformers.modeling_utils import AttentionInterface
     except ImportError:  # transformers absent or older than the attention interface
         return False
+    _masking_utils()
     AttentionInterface.register(NAME, clipfast_attention_forward)
     AttentionMaskInterface.register(NAME, clipfast_mask)
     return True
