@@ -65,10 +65,26 @@ def jit_function(kernel) -> "triton.runtime.jit.JITFunction":
 # Devices
 # ---------------------------------------------------------------------------------------------
 
+# Dtypes the interpreter computes wrongly: it runs bf16 arithmetic and ``tl.dot`` on the raw bits
+# (triton issue #11584), so under the interpreter these take the eager reference.
+INTERPRETER_WRONG_DTYPES = (torch.bfloat16,)
+
+
 def uses_triton(t: torch.Tensor) -> bool:
     """Whether a tensor's op should run the Triton kernels: CUDA tensors, or CPU tensors under the
-    interpreter. Anything else (CPU without the interpreter, MPS, ...) takes the eager reference."""
-    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+    interpreter in a dtype it computes right. Anything else (CPU without the interpreter, MPS, bf16 under
+    the interpreter, ...) takes the eager reference; the bf16 case says so once."""
+    if t.is_cuda:
+        return True
+    if not (INTERPRET and t.device.type == "cpu"):
+        return False
+    if t.dtype in INTERPRETER_WRONG_DTYPES:
+        from clipfast._validate import warn_once  # the package above; imported late, only on this path
+
+        warn_once(f"interpreter_{t.dtype}", f"the Triton interpreter computes {t.dtype} wrongly: "
+                  "this op runs in eager PyTorch (on a GPU the kernels run)")
+        return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)
