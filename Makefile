@@ -1,6 +1,6 @@
 # The two commands: `make demo` (verify and profile a CLIP model) and `make test` (the test suite).
 # Both create .venv on first use and install the project into it, at the versions pinned in
-# constraints/cpu.txt.
+# constraints/cpu.txt. `make compat` runs the suite again with the GPU machine's versions.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 EXTRAS ?= test,integrations
 CONSTRAINTS ?= constraints/cpu.txt
 
-.PHONY: demo test test-gpu aot aot-full bench gpu-suite clean
+.PHONY: demo test test-gpu aot aot-full bench gpu-suite compat clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -42,5 +42,25 @@ bench: $(VENV)/.installed-$(EXTRAS)
 gpu-suite:
 	bash bench/gpu_suite.sh $(OUT)
 
+# The suite with the GPU machine's versions (Python 3.12 where there is one, torch 2.11, triton 3.6,
+# transformers 5.17, numpy < 2.4 for triton 3.6's interpreter; pinned in constraints/compat.txt) in a side
+# venv, .venv-compat. Like the GPU machine it has no open_clip / OpenAI clip / cn_clip (those tests skip).
+COMPAT_VENV ?= .venv-compat
+COMPAT_PY   := $(COMPAT_VENV)/bin/python
+COMPAT_PYTHON ?= $(firstword $(foreach p,python3.12 $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) $(PYTHON),\
+                   $(if $(shell $(p) -c 'import sys' 2>/dev/null && echo ok),$(p))))
+
+$(COMPAT_PY):
+	$(COMPAT_PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade -c constraints/compat.txt pip setuptools wheel
+
+$(COMPAT_VENV)/.installed: setup.py constraints/compat.txt | $(COMPAT_PY)
+	$(COMPAT_PY) -m pip install -q -c constraints/compat.txt -e ".[test]" torchvision transformers
+	touch $@
+
+compat: $(COMPAT_VENV)/.installed
+	$(COMPAT_PY) -c "import sys, torch, triton, transformers; print('compat:', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+	$(COMPAT_PY) -m pytest -q
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache
