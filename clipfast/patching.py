@@ -105,7 +105,7 @@ def clone_as(module: nn.Module, cls: type) -> nn.Module:
     new = cls.__new__(cls)
     state = {}
     for key, value in module.__dict__.items():
-        if key == _ORIGINAL:
+        if key in (_ORIGINAL, _CHANGED):
             continue
         if isinstance(value, (dict, set)) and "hook" not in key:
             value = type(value)(value)
@@ -324,6 +324,7 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
                 rule = result
                 new.__dict__["_clipfast_family"] = rule.family
                 new.__dict__["_clipfast_rule"] = rule.name
+                _record_changes(module, new)
                 if parent is None:
                     _swap_root(module, new)
                     undo.append(lambda m=module: _unswap_root(m))
@@ -355,16 +356,41 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
     return report
 
 
+# The attribute (in the replacement's __dict__) holding {name: value} of the attributes the rule set to
+# values of its own (e.g. a config copy with another attention implementation), as the rule left them.
+_CHANGED = "_clipfast_changed"
+_CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+
+def _record_changes(original: nn.Module, new: nn.Module) -> None:
+    """Remember which of ``original``'s attributes the rule gave ``new`` other values (by identity; the
+    containers ``clone_as`` copies count only when their contents differ), so that ``unpatch`` restores
+    them rather than carrying the rule's values back."""
+    changed = {}
+    for key, value in new.__dict__.items():
+        if key in _CONTAINERS or key not in original.__dict__:
+            continue
+        before = original.__dict__[key]
+        if value is before or (isinstance(value, (dict, set)) and type(value) is type(before) and value == before):
+            continue
+        changed[key] = value
+    new.__dict__[_CHANGED] = changed
+
+
 def _restore(fast: nn.Module) -> nn.Module:
     """The original of ``fast``, brought up to date with what changed while patched: the current
     parameter/buffer/submodule objects (``.to()``, ``.half()`` may have replaced buffers) and the
-    values of the original's plain attributes (``training``, ...)."""
+    values of the original's plain attributes (``training``, ...). Attributes the rule itself changed
+    (a config copy, ...) get their original values back, unless they were reassigned while patched."""
     original = fast.__dict__[_ORIGINAL]
+    changed = fast.__dict__.get(_CHANGED, {})
     for key, value in list(original.__dict__.items()):
         if key not in fast.__dict__:
             continue
         current = fast.__dict__[key]
-        if key in ("_parameters", "_buffers", "_modules"):
+        if key in changed and current is changed[key]:
+            continue
+        if key in _CONTAINERS:
             original.__dict__[key] = type(value)((k, current.get(k, v)) for k, v in value.items())
         else:
             original.__dict__[key] = current
