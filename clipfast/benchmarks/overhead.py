@@ -117,13 +117,24 @@ def microseconds_per_call(fn: Callable[[], object], calls: int, repeats: int, sy
     return best / calls * 1e6
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Host time, not intra-op thread wake-ups (on a shared CPU those dominate tiny ops)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def measure(device: torch.device | None = None, calls: int = 200, repeats: int = 5,
             ops: list[str] | None = None) -> list[dict]:
     """One row per op and form: microseconds per call of torch, clipfast and clipfast (auto)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
-    with eager_fallback() if device.type == "cpu" else contextlib.nullcontext():
+    with eager_fallback() if device.type == "cpu" else contextlib.nullcontext(), one_thread():
         for case in CASES:
             if ops and case.op not in ops:
                 continue
@@ -151,7 +162,8 @@ def format_rows(rows: list[dict]) -> str:
 
 def main_overhead(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rows = measure(device, calls=20 if getattr(args, "smoke", False) else 200)
+    smoke = getattr(args, "smoke", False)
+    rows = measure(device, calls=10 if smoke else 200, repeats=1 if smoke else 5)
     path = "the eager-fallback path" if device.type == "cpu" else "the kernel path"
     print(f"clipfast bench overhead: host microseconds per call on tiny tensors, {device.type} ({path})")
     print(format_rows(rows))
