@@ -2,6 +2,7 @@
 and one-time warnings for the cases that fall back to eager PyTorch."""
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -18,13 +19,18 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(f"clipfast: {message}", RuntimeWarning, stacklevel=3)
 
 
+@functools.lru_cache(maxsize=None)
+def _runtime():
+    from clipfast.kernels import runtime  # imported on first use: clipfast.kernels imports triton
+
+    return runtime
+
+
 def kernel_takes_width(op: str, x: torch.Tensor, max_width: int) -> bool:
     """Whether ``op`` runs its Triton kernel on ``x``: on CUDA (or CPU under the interpreter), and only while
     the last dimension fits the kernel's registers (``max_width``); wider inputs run the eager reference after a
     one-time warning."""
-    from clipfast.kernels import runtime
-
-    if not runtime.uses_triton(x):
+    if not _runtime().uses_triton(x):
         return False
     if x.shape[-1] > max_width:
         warn_once(f"{op}_wide", f"{op} over {x.shape[-1]} > {max_width} features runs in eager PyTorch")
@@ -50,11 +56,15 @@ def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, min_dim: int = 0
 
 
 def check_same_device(op: str, **tensors) -> None:
-    present = {k: v for k, v in tensors.items() if v is not None}
-    devices = {v.device for v in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{k} on {v.device}" for k, v in present.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+    device = None
+    for t in tensors.values():  # one comparison per tensor: this runs on every op call
+        if t is None:
+            continue
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            listing = ", ".join(f"{k} on {v.device}" for k, v in tensors.items() if v is not None)
+            raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
 
 
 def check_shape(op: str, name: str, t, expected: tuple) -> None:

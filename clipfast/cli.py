@@ -1,7 +1,8 @@
-"""The ``clipfast`` command line: ``verify``, ``bench`` and ``aot``.
+"""The ``clipfast`` command line: ``verify``, ``bench``, ``tune`` and ``aot``.
 
     clipfast verify [MODEL] [--tiny] [--dtype fp32|fp16|bf16] [--batch N] [--json PATH]
-    clipfast bench [KERNEL|all|model] [--dtype ...] [--json PATH] [--plot PATH] [--smoke]
+    clipfast bench [KERNEL|all|model|overhead] [--dtype ...] [--json PATH] [--plot PATH] [--smoke]
+    clipfast tune MODEL [--batch N] [--dtype ...] [--infer|--train] [--json PATH]
     clipfast aot [--quick] [--arch 80 90] [--filter FAMILY] [--json PATH]
 
 Without a GPU the kernels run on CPU through the Triton interpreter. ``TRITON_INTERPRET`` must be set
@@ -47,6 +48,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--plot", default=None, help="write PNG charts to this path")
     b.add_argument("--smoke", action="store_true", help="tiny shapes, no timings (the default without a GPU)")
 
+    t = sub.add_parser("tune", help="time clipfast against PyTorch on every op and shape a model meets; write "
+                                    "the dispatch cache")
+    t.add_argument("model", help="model name, as for verify (e.g. ViT-B-16, tiny, open_clip:NAME, hf:clip)")
+    t.add_argument("--batch", type=int, default=8)
+    t.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    step = t.add_mutually_exclusive_group()
+    step.add_argument("--infer", dest="train", action="store_false", help="forward under no_grad (default)")
+    step.add_argument("--train", dest="train", action="store_true", help="forward, CLIP loss and backward")
+    t.add_argument("--json", default=None, help="write the timings as JSON")
+    t.add_argument("--cpu-timer", action="store_true",
+                   help="without a GPU, time the CPU paths by the host clock (exercises the command)")
+
     a = sub.add_parser("aot", help="compile every kernel for sm_80/sm_90 without a GPU; registers, spills, MMA")
     a.add_argument("--quick", action="store_true")
     a.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
@@ -62,9 +76,17 @@ def main(argv: list[str] | None = None) -> int:
         from .aot import run
 
         return run(args.arch, args.quick, args.filter, args.json)
-    if args.batch < 1 if args.command == "verify" else False:
-        print("clipfast verify: --batch must be at least 1", file=sys.stderr)
+    if args.batch < 1 if args.command in ("verify", "tune") else False:
+        print(f"clipfast {args.command}: --batch must be at least 1", file=sys.stderr)
         return 2
+    if args.command == "tune":  # no interpreter: a CPU has nothing to time
+        from .tune import main_tune
+
+        return main_tune(args)
+    if args.command == "bench" and args.target == "overhead":  # host time of the eager-fallback path
+        from .benchmarks.overhead import main_overhead
+
+        return main_overhead(args)
     _ensure_interpreter_without_gpu(argv)
     if args.command == "verify":
         from .verify_models import main_verify

@@ -212,10 +212,14 @@ class PatchReport:
             lines.append(f"  {header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]}")
             lines.append(f"  {'-' * widths[0]}  {'-' * widths[1]}  {'-' * len(header[2])}")
             lines += [f"  {p:<{widths[0]}}  {o:<{widths[1]}}  {r}" for p, o, r in rows]
+        from .dispatcher import describe
+
         counts = self.counts()
         fam = []
         for name, state in self.families.items():
             fam.append(f"{name}: {counts.get(name, 0)} swapped" if state == "enabled" else f"{name}: {state}")
+            if counts.get(name):  # which implementation they run (dispatch mode / measured choice)
+                fam[-1] += f" (runs {describe(name)})"
         lines.append("  families: " + "; ".join(fam))
         return "\n".join(lines)
 

@@ -7,6 +7,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# the tests check clipfast's kernels: no measured choice of PyTorch instead (tests/test_dispatch.py tests that)
+os.environ.setdefault("CLIPFAST_DISPATCH", "kernel")
 
 import pytest  # noqa: E402
 

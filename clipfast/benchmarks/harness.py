@@ -96,8 +96,22 @@ def _time_cuda(run: Callable, warmup_ms: float = 25, rep_ms: float = 100) -> lis
     return list(times)
 
 
+def _in_dispatch(mode: str, fn: Callable) -> Callable:
+    from clipfast.dispatcher import dispatch
+
+    def run(**inputs):
+        with dispatch(mode):
+            return fn(**inputs)
+    return run
+
+
 def _implementations(case: BenchCase) -> dict[str, Callable]:
+    """``clipfast`` runs the kernels (dispatch "kernel"); on CUDA ``clipfast (auto)`` beside it runs the
+    measured choice between them and PyTorch (dispatch "auto")."""
     impls = dict(case.impls)
+    impls["clipfast"] = _in_dispatch("kernel", case.impls["clipfast"])
+    if torch.cuda.is_available():
+        impls["clipfast (auto)"] = _in_dispatch("auto", case.impls["clipfast"])
     if case.compile_impl and torch.cuda.is_available():
         impls["torch.compile"] = torch.compile(case.impls[case.compile_impl])
     return impls

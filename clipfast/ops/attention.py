@@ -25,6 +25,7 @@ from clipfast.kernels import attention as kernel
 from clipfast.kernels import runtime
 
 from .._validate import check_same_device, check_tensor, warn_once
+from ..dispatcher import route
 
 OP = "flash_attention"
 
@@ -205,6 +206,9 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
                 else attn_mask & causal
             is_causal = False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+    alt = route(OP, (q, k, v, attn_mask, is_causal, scale))
+    if alt is not None:
+        return alt(q, k, v, attn_mask, is_causal, scale)
     unbatched = q.dim() == 3
     if unbatched:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)

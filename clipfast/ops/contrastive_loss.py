@@ -28,6 +28,7 @@ from torch import Tensor
 from clipfast.kernels import contrastive_loss as kernel
 
 from .._validate import check_same_device, check_tensor, kernel_takes_width
+from ..dispatcher import route
 
 EPS = 1e-12
 CLIP, SIGLIP = kernel.CLIP, kernel.SIGLIP
@@ -242,6 +243,10 @@ def _check_features(op: str, a: Tensor, b: Tensor, a_name: str, b_name: str, squ
 
 
 def _run(a, b, scale, bias, kind, offset, both_directions, normalize) -> Tensor:
+    alt = route("siglip_loss" if kind == SIGLIP else "clip_loss", (a, b, scale, bias, kind, offset, both_directions,
+                                                                    normalize))
+    if alt is not None:
+        return alt(a, b, scale, bias, kind, offset, both_directions, normalize)
     return contrastive_loss_fwd(a, b, scale, bias, kind, int(offset), bool(both_directions), bool(normalize))[0]
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from clipfast.kernels import layer_norm as kernel
 
 from .._validate import check_same_device, check_shape, check_tensor, kernel_takes_width
+from ..dispatcher import route
 
 
 def _use_kernel(x: Tensor) -> bool:
@@ -144,6 +145,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     ``weight``/``bias`` may be None or of another float dtype than ``x`` (fp32 parameters with fp16/bf16
     activations, as under autocast)."""
     _check("layer_norm", x, None, weight, bias)
+    alt = route("layer_norm", (x, weight, bias, eps))
+    if alt is not None:
+        return alt(x, weight, bias, eps)
     return layer_norm_fwd(x, None, weight, bias, float(eps))[0]
 
 
@@ -151,5 +155,8 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
                    eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """``h = x + residual`` and ``layer_norm(h)`` in one pass; returns ``(h, y)``."""
     _check("add_layer_norm", x, residual, weight, bias)
+    alt = route("add_layer_norm", (x, residual, weight, bias, eps))
+    if alt is not None:
+        return alt(x, residual, weight, bias, eps)
     y, h, _, _ = layer_norm_fwd(x, residual, weight, bias, float(eps))
     return h, y

@@ -23,6 +23,7 @@ from clipfast.kernels import mlp as kernel
 from clipfast.kernels import runtime
 
 from .._validate import check_same_device, check_shape, check_tensor
+from ..dispatcher import route
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 
@@ -232,6 +233,9 @@ def quick_gelu(x: Tensor) -> Tensor:
     """``x * sigmoid(1.702 * x)`` elementwise (OpenAI CLIP's QuickGELU), computed in fp32, returned in
     ``x``'s dtype."""
     check_tensor("quick_gelu", "x", x)
+    alt = route("quick_gelu", (x,))
+    if alt is not None:
+        return alt(x)
     return activation_fwd(x, "quick_gelu")
 
 
@@ -262,6 +266,9 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
     check_same_device(op, x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight, proj_bias=proj_bias,
                       residual=residual)
     params = [t.to(x.dtype) if t is not None else None for t in (fc_weight, fc_bias, proj_weight, proj_bias)]
+    alt = route("mlp", (x, *params, activation, residual))
+    if alt is not None:
+        return alt(x, *params, activation, residual)
     tracked = (x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
     return mlp_fwd(x, *params, residual, activation, save)[0]

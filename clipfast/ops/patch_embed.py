@@ -18,6 +18,7 @@ from clipfast.kernels import patch_embed as kernel
 from clipfast.kernels import runtime
 
 from .._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from ..dispatcher import route
 from .layer_norm import layer_norm
 
 PIXEL_DTYPES = FLOAT_DTYPES + (torch.uint8,)
@@ -207,6 +208,9 @@ def patch_embed(pixels: Tensor, conv_weight: Tensor, class_embedding: Optional[T
     pos = positional_embedding
     if pos is not None and pos.dim() == 3:
         pos = pos.reshape(pos.shape[1:])
+    alt = route(op, (pixels, conv_weight, class_embedding, pos, scale, shift, ln_weight, ln_bias, ln_eps))
+    if alt is not None:
+        return alt(pixels, conv_weight, class_embedding, pos, scale, shift, ln_weight, ln_bias, ln_eps)
     tokens = patch_embed_fwd(pixels, conv_weight, class_embedding, pos, scale, shift)
     if ln_weight is None and ln_bias is None:
         return tokens

@@ -1,0 +1,174 @@
+"""Host overhead per op call: ``clipfast bench overhead``.
+
+Every clipfast op pays, per call, its argument checks, the dispatch lookup, the custom-op call and (when a
+gradient is wanted) the autograd node, on top of the work itself. On tiny tensors the work is negligible,
+so the time per call is that overhead. This measures, for every op, microseconds per call of
+
+- ``torch``: the plain PyTorch call a user would write (``F.layer_norm``, SDPA, ``F.linear`` ... );
+- ``clipfast``: the clipfast op in dispatch ``kernel`` (on CPU the eager-fallback path, which shares the
+  checks, dispatch and autograd plumbing with the kernel path; on CUDA the kernel path);
+- ``clipfast (auto)``: the same in dispatch ``auto`` (the lookup of the measured choice included),
+
+each in ``infer`` (no_grad) and ``train`` (forward with inputs that require grad) form, as the minimum over
+repeats of the mean over a batch of calls (on CUDA the calls are queued, not waited for, as a model's are).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import clipfast
+from clipfast.dispatcher import dispatch
+
+
+@dataclass
+class OverheadCase:
+    op: str
+    make: Callable[[torch.device, bool], dict]   # (device, requires_grad) -> inputs
+    clipfast: Callable[..., object]
+    torch: Callable[..., object]
+
+
+def _t(device, grad, *shape):
+    return torch.randn(*shape, device=device).requires_grad_(grad)
+
+
+def _plain_clip_loss(image, text, logit_scale):
+    logits = logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _plain_siglip_loss(image, text, logit_scale, logit_bias):
+    logits = logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T + logit_bias
+    labels = 2 * torch.eye(image.shape[0], device=image.device) - 1
+    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
+
+
+def _plain_patch_embed(pixels, weight, cls, pos):
+    x = F.conv2d(pixels, weight, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    return torch.cat([cls.expand(x.shape[0], 1, -1), x], 1) + pos
+
+
+def _quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+CASES = [
+    OverheadCase("layer_norm", lambda d, g: dict(x=_t(d, g, 4, 32), weight=_t(d, g, 32), bias=_t(d, g, 32)),
+                 lambda x, weight, bias: clipfast.layer_norm(x, weight, bias),
+                 lambda x, weight, bias: F.layer_norm(x, (32,), weight, bias)),
+    OverheadCase("add_layer_norm",
+                 lambda d, g: dict(x=_t(d, g, 4, 32), r=_t(d, g, 4, 32), weight=_t(d, g, 32), bias=_t(d, g, 32)),
+                 lambda x, r, weight, bias: clipfast.add_layer_norm(x, r, weight, bias),
+                 lambda x, r, weight, bias: F.layer_norm(x + r, (32,), weight, bias)),
+    OverheadCase("flash_attention", lambda d, g: dict(q=_t(d, g, 1, 2, 8, 16), k=_t(d, g, 1, 2, 8, 16),
+                                                      v=_t(d, g, 1, 2, 8, 16)),
+                 clipfast.flash_attention, lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
+    OverheadCase("mlp", lambda d, g: dict(x=_t(d, g, 4, 32), w1=_t(d, g, 64, 32), b1=_t(d, g, 64),
+                                          w2=_t(d, g, 32, 64), b2=_t(d, g, 32)),
+                 lambda x, w1, b1, w2, b2: clipfast.mlp(x, w1, b1, w2, b2),
+                 lambda x, w1, b1, w2, b2: F.linear(_quick_gelu(F.linear(x, w1, b1)), w2, b2)),
+    OverheadCase("quick_gelu", lambda d, g: dict(x=_t(d, g, 4, 32)), clipfast.quick_gelu, _quick_gelu),
+    OverheadCase("patch_embed", lambda d, g: dict(pixels=_t(d, False, 1, 3, 16, 16), weight=_t(d, g, 32, 3, 8, 8),
+                                                  cls=_t(d, g, 32), pos=_t(d, g, 5, 32)),
+                 lambda pixels, weight, cls, pos: clipfast.patch_embed(pixels, weight, cls, pos), _plain_patch_embed),
+    OverheadCase("clip_loss", lambda d, g: dict(image=_t(d, g, 4, 16), text=_t(d, g, 4, 16),
+                                                logit_scale=_t(d, g, ())),
+                 lambda image, text, logit_scale: clipfast.clip_loss(image, text, logit_scale), _plain_clip_loss),
+    OverheadCase("siglip_loss", lambda d, g: dict(image=_t(d, g, 4, 16), text=_t(d, g, 4, 16),
+                                                  logit_scale=_t(d, g, ()), logit_bias=_t(d, g, ())),
+                 lambda image, text, logit_scale, logit_bias: clipfast.siglip_loss(image, text, logit_scale, logit_bias),
+                 _plain_siglip_loss),
+]
+
+
+@contextlib.contextmanager
+def eager_fallback():
+    """On CPU, the eager-fallback path even when the Triton interpreter is on (the interpreter's time is
+    not host overhead)."""
+    from clipfast.kernels import runtime
+
+    previous, runtime.INTERPRET = runtime.INTERPRET, False
+    try:
+        yield
+    finally:
+        runtime.INTERPRET = previous
+
+
+def microseconds_per_call(fn: Callable[[], object], calls: int, repeats: int, sync: Callable[[], None]) -> float:
+    for _ in range(max(3, calls // 10)):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - t0)
+        sync()
+    return best / calls * 1e6
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Host time, not intra-op thread wake-ups (on a shared CPU those dominate tiny ops)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def measure(device: torch.device | None = None, calls: int = 200, repeats: int = 5,
+            ops: list[str] | None = None) -> list[dict]:
+    """One row per op and form: microseconds per call of torch, clipfast and clipfast (auto)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    with eager_fallback() if device.type == "cpu" else contextlib.nullcontext(), one_thread():
+        for case in CASES:
+            if ops and case.op not in ops:
+                continue
+            for form in ("infer", "train"):
+                inputs = case.make(device, form == "train")
+                grad = torch.enable_grad() if form == "train" else torch.no_grad()
+                row = {"op": case.op, "form": form, "device": device.type}
+                for label, fn, mode in (("torch", case.torch, None), ("clipfast", case.clipfast, "kernel"),
+                                        ("clipfast (auto)", case.clipfast, "auto")):
+                    with grad, (dispatch(mode) if mode else contextlib.nullcontext()):
+                        row[f"{label} us"] = microseconds_per_call(lambda: fn(**inputs), calls, repeats, sync)
+                row["clipfast x torch"] = row["clipfast us"] / row["torch us"]
+                rows.append(row)
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = f"{'op':<17}{'form':<7}{'torch us':>10}{'clipfast us':>13}{'auto us':>10}{'x torch':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['op']:<17}{r['form']:<7}{r['torch us']:>10.1f}{r['clipfast us']:>13.1f}"
+                     f"{r['clipfast (auto) us']:>10.1f}{r['clipfast x torch']:>8.1f}x")
+    return "\n".join(lines)
+
+
+def main_overhead(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    smoke = getattr(args, "smoke", False)
+    rows = measure(device, calls=10 if smoke else 200, repeats=1 if smoke else 5)
+    path = "the eager-fallback path" if device.type == "cpu" else "the kernel path"
+    print(f"clipfast bench overhead: host microseconds per call on tiny tensors, {device.type} ({path})")
+    print(format_rows(rows))
+    if getattr(args, "json", None):
+        with open(args.json, "w") as f:
+            json.dump({"environment": {"torch": torch.__version__, "device": device.type}, "rows": rows}, f, indent=1)
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
