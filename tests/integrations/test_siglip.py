@@ -203,3 +203,13 @@ def test_hf_siglip2_model_patched():
     expected = expected_swaps(build(), (siglip2.Siglip2Attention,), siglip2.Siglip2MLP, embeddings=False)
     _, report = check_patch(build, run, [pixel_values, pixel_mask, shapes, ids, mask], expected=expected)
     assert not {s.path for s in report.swapped if s.family == "patch_embed"}  # NaFlex embedding as it was
+
+
+def test_verify_hf_siglip():
+    """``clipfast verify hf:siglip``: the tiny SiglipModel passes the numerics standard, every module swapped."""
+    from clipfast.verify import verify
+    from clipfast.verify_models import resolve
+
+    spec = resolve("hf:siglip", tiny=True)
+    result = verify(spec.name, spec.build, spec.make_inputs, spec.forward, torch.float32, DEVICE, progress=None)
+    assert result.passed, "\n".join(str(r) for r in result.rows if not r.passed)
