@@ -27,6 +27,7 @@ setup(
         "integrations": [
             "torchvision",
             "open_clip_torch>=3.0",
+            "timm>=1.0",
             "transformers>=4.57",
             "clip-anytorch",
             "cn_clip",

@@ -178,11 +178,12 @@ def _mlp_specs():
 # scale, shift, ln_weight, ln_bias, ln_eps), scale/shift the folded normalization (or None).
 # ----------------------------------------------------------------------------------------------
 
-def torch_patch_embed(pixels, weight, class_embedding, positional_embedding, scale, shift, ln_weight, ln_bias,
-                      ln_eps):
+def torch_patch_embed(pixels, weight, conv_bias, class_embedding, positional_embedding, scale, shift, ln_weight,
+                      ln_bias, ln_eps):
     if scale is not None:
         pixels = pixels.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-    x = F.conv2d(pixels.to(weight.dtype), weight, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
+    bias = conv_bias.to(weight.dtype) if conv_bias is not None else None
+    x = F.conv2d(pixels.to(weight.dtype), weight, bias, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
     if class_embedding is not None:
         x = torch.cat([class_embedding.to(x.dtype).expand(x.shape[0], 1, x.shape[-1]), x], dim=1)
     if positional_embedding is not None:
@@ -192,10 +193,10 @@ def torch_patch_embed(pixels, weight, class_embedding, positional_embedding, sca
     return torch_layer_norm(x, ln_weight, ln_bias, ln_eps)
 
 
-def _patch_embed_key(pixels, weight, class_embedding, positional_embedding, scale, *rest):
+def _patch_embed_key(pixels, weight, conv_bias, class_embedding, positional_embedding, scale, *rest):
     ln_weight, ln_bias = rest[1], rest[2]
     return (bucket(pixels.shape[0]), *pixels.shape[1:], weight.shape[0], weight.shape[-1], weight.dtype,
-            class_embedding is not None, positional_embedding is not None, scale is not None,
+            conv_bias is not None, class_embedding is not None, positional_embedding is not None, scale is not None,
             ln_weight is not None or ln_bias is not None)
 
 
@@ -203,8 +204,8 @@ def _patch_embed_spec():
     from .ops.layer_norm import layer_norm
     from .ops.patch_embed import patch_embed_fwd
 
-    def kernel_patch_embed(pixels, weight, cls, pos, scale, shift, ln_weight, ln_bias, ln_eps):
-        tokens = patch_embed_fwd(pixels, weight, cls, pos, scale, shift)
+    def kernel_patch_embed(pixels, weight, conv_bias, cls, pos, scale, shift, ln_weight, ln_bias, ln_eps):
+        tokens = patch_embed_fwd(pixels, weight, conv_bias, cls, pos, scale, shift)
         if ln_weight is None and ln_bias is None:
             return tokens
         return layer_norm(tokens, ln_weight, ln_bias, float(ln_eps))

@@ -32,7 +32,7 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="patch a model and report forward/backward errors module by module")
     v.add_argument("model", nargs="?", default=None,
-                   help="reference model name (e.g. ViT-B-16, RN50, tiny), or open_clip:NAME, hf:clip")
+                   help="reference model name (e.g. ViT-B-16, RN50, tiny), or open_clip:NAME, hf:clip, hf:siglip")
     v.add_argument("--tiny", action="store_true", help="a tiny configuration (the default on CPU)")
     v.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="compute dtype (default bf16 on GPU, fp32 on CPU)")

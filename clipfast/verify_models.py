@@ -1,8 +1,12 @@
 """Models ``clipfast verify`` can build (random init, no downloads) and how to feed them.
 
 - reference names (``ViT-B-16``, ``RN50``, ``tiny``, ...): ``clipfast.models.create``;
-- ``open_clip:NAME``: ``open_clip.create_model(NAME)`` when open_clip is installed;
-- ``hf:clip``: a Hugging Face ``CLIPModel`` from a config when transformers is installed.
+- ``open_clip:NAME``: ``open_clip.create_model(NAME)`` when open_clip is installed; a SigLIP-style model
+  with a timm image tower (``open_clip:ViT-B-16-SigLIP``, ``open_clip:ViT-SO400M-14-SigLIP-384``) is built
+  from its configuration, at a tiny size with ``--tiny`` (the same timm architecture, fewer and narrower
+  layers, 32 x 32 images);
+- ``hf:clip`` / ``hf:siglip``: a Hugging Face ``CLIPModel`` / ``SiglipModel`` from a config when
+  transformers is installed.
 
 On CPU (the Triton interpreter) full-size models take far too long, so ``--tiny`` is implied for
 reference models and a small configuration is used.
@@ -61,11 +65,14 @@ def reference_spec(name: str) -> ModelSpec:
     return spec
 
 
-def open_clip_spec(name: str) -> ModelSpec:
+def open_clip_spec(name: str, tiny: bool = False) -> ModelSpec:
     try:
         import open_clip
     except ImportError as exc:
         raise SystemExit(f"clipfast verify: open_clip is not installed ({exc}); pip install 'clipfast[integrations]'")
+    config = open_clip.get_model_config(name)
+    if config and config.get("vision_cfg", {}).get("timm_model_name"):
+        return open_clip_timm_spec(name, config, tiny)
 
     def build():
         return open_clip.create_model(name, pretrained=None)
@@ -75,6 +82,76 @@ def open_clip_spec(name: str) -> ModelSpec:
     size = size[0] if isinstance(size, (tuple, list)) else size
     return ModelSpec(f"open_clip {name}", build, _clip_inputs(size, probe.context_length, probe.vocab_size),
                      _openai_style_forward)
+
+
+def _siglip_forward(model, inputs):
+    """open_clip SigLIP models: features and the sigmoid-loss logits ``s * I @ T.T + b``."""
+    images, tokens = inputs
+    image_features = model.encode_image(images, normalize=True)
+    text_features = model.encode_text(tokens, normalize=True)
+    logits = model.logit_scale.exp() * image_features @ text_features.T + model.logit_bias
+    return {"image_features": image_features, "text_features": text_features, "logits_per_image": logits}
+
+
+#: a tiny tower of the same timm architecture (head dim 16, 16 patches) and a tiny text tower, for CPU
+_TINY_TIMM = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+_TINY_TEXT = dict(context_length=16, vocab_size=100, width=64, heads=4, layers=2)
+
+
+def open_clip_timm_spec(name: str, config: dict, tiny: bool) -> ModelSpec:
+    """An open_clip model with a timm image tower (SigLIP), built from its configuration."""
+    import open_clip
+    import timm
+
+    custom_text = config.get("custom_text", False) or "hf_model_name" in config["text_cfg"]
+    config = {k: v for k, v in config.items() if k != "custom_text"}
+    vision, text = dict(config["vision_cfg"]), dict(config["text_cfg"])
+    overrides = {}
+    if tiny:
+        vision["image_size"] = _TINY_TIMM["img_size"]
+        text.update(_TINY_TEXT)
+        text.pop("mlp_ratio", None)
+        config["embed_dim"] = _TINY_TIMM["embed_dim"]
+        overrides = _TINY_TIMM
+    config.update(vision_cfg=vision, text_cfg=text)
+    model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+
+    def build():
+        create = timm.create_model
+        timm.create_model = lambda model_name, **kw: create(model_name, **{**kw, **overrides})
+        try:  # open_clip's TimmModel calls timm.create_model(name, ...): the tiny sizes override the named ones
+            return model_cls(**config)
+        finally:
+            timm.create_model = create
+
+    return ModelSpec(f"open_clip {name}" + (" (tiny)" if tiny else ""), build,
+                     _clip_inputs(vision["image_size"], text["context_length"], text["vocab_size"]),
+                     _siglip_forward if "init_logit_bias" in config else _openai_style_forward)
+
+
+def hf_siglip_spec(tiny: bool) -> ModelSpec:
+    try:
+        from transformers import SiglipConfig, SiglipModel
+    except ImportError as exc:
+        raise SystemExit(f"clipfast verify: transformers is not installed ({exc}); pip install 'clipfast[integrations]'")
+    tower = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4) if tiny else {}
+    text = dict(tower, max_position_embeddings=16, vocab_size=100, bos_token_id=1, eos_token_id=2,
+                pad_token_id=0) if tiny else {}
+    vision = dict(tower, image_size=32, patch_size=8) if tiny else {}
+    config = SiglipConfig(text_config=text, vision_config=vision)
+
+    def build():
+        return SiglipModel(config)
+
+    make = _clip_inputs(config.vision_config.image_size, config.text_config.max_position_embeddings,
+                        config.text_config.vocab_size)
+
+    def forward(model, inputs):
+        images, tokens = inputs
+        out = model(input_ids=tokens, pixel_values=images)
+        return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits_per_image": out.logits_per_image}
+
+    return ModelSpec("hf SiglipModel" + (" (tiny)" if tiny else ""), build, make, forward)
 
 
 def hf_clip_spec(tiny: bool) -> ModelSpec:
@@ -105,14 +182,16 @@ def hf_clip_spec(tiny: bool) -> ModelSpec:
 def resolve(model: str | None, tiny: bool) -> ModelSpec:
     model = model or ("tiny" if tiny else "ViT-B-16")
     if model.startswith("open_clip:"):
-        return open_clip_spec(model.split(":", 1)[1])
+        return open_clip_spec(model.split(":", 1)[1], tiny)
     if model in ("hf:clip", "hf"):
         return hf_clip_spec(tiny)
+    if model == "hf:siglip":
+        return hf_siglip_spec(tiny)
     from . import models
 
     if model not in models.available_models():
         raise SystemExit(f"clipfast verify: unknown model {model!r}; choose from {', '.join(models.available_models())}, "
-                         "open_clip:NAME or hf:clip")
+                         "open_clip:NAME, hf:clip or hf:siglip")
     if tiny and model != "tiny":
         print(f"clipfast verify: using the tiny reference configuration instead of {model}", file=sys.stderr)
         model = "tiny"

@@ -1,5 +1,5 @@
-"""Fused patch embedding: pixels -> tokens (conv with kernel = stride = patch, class token, positional
-embedding, optional uint8 normalization), forward and backward.
+"""Fused patch embedding: pixels -> tokens (conv with kernel = stride = patch, optional conv bias, class
+token, positional embedding, optional uint8 normalization), forward and backward.
 
 Algorithm
 ---------
@@ -10,7 +10,8 @@ happens in the loads (``_patch_tile``). W is the conv weight viewed as ``[width,
 Forward (``_patch_embed_fwd_kernel``): one program per ``[BLOCK_M patches, BLOCK_N channels]`` tile of the
 flattened ``B * N`` patch rows; the K loop gathers pixel tiles (uint8 pixels are normalized in registers,
 ``x * scale[c] + shift[c]`` in fp32, then rounded to the compute dtype), accumulates in fp32, and the
-epilogue adds the positional-embedding row and stores into ``tokens[b, 1 + patch]``. The programs of the
+epilogue adds the conv bias (SigLIP, timm) and the positional-embedding row and stores into
+``tokens[b, 1 + patch]``. The programs of the
 first patch tile also write the class-token rows ``tokens[:, 0] = class_embedding + pos[0]``, so the
 output is built by one kernel (no ``torch.cat``). Memory traffic: pixels read once (uint8: 1 byte a pixel),
 tokens written once, W and the positional embedding re-read from L2.
@@ -31,11 +32,20 @@ Backward, from ``dtokens`` (the gradient of the pre-LN tokens):
   the GPU; each split writes an fp32 partial ``[S, width, K]`` that is summed afterwards (deterministic, no
   atomics). Traffic: each output tile re-reads its slices of dT and of the pixels, so dT is read
   K / BLOCK_K times and the pixels width / BLOCK_N times (6 each at ViT-B/16), partly from L2.
+  The conv-bias gradient ``db[n] = sum_r dT[r, n]`` is a second launch of the same kernel walking the same
+  rows (``BIAS_SUM``: column sums of dT, fp32 partial ``[S, width]``, no pixel reads): one more read of dT.
+  Summing inside the GEMM programs instead (the first K tile's programs already read every dT row of
+  their columns) costs registers: the AOT compile measured 96 and 112 bytes of spills on sm_80 for the
+  4-warp tiles (64 x 128 x 64 and 32 x 128 x 128), so the two stay separate.
 - ``_patch_embed_dpixels_kernel``: ``dA = dT @ W``, scattered back into the image (col2im). Patches do
   not overlap (stride == kernel), so every pixel belongs to exactly one (row, column) of A: a plain
   scatter store, no atomics. Normalized float pixels get the ``scale[c]`` chain factor. Only run when the
   pixels require grad.
 - ``_sum_over_batch_kernel``: ``d pos = sum_b dT[b]`` and ``d class_embedding = sum_b dT[b, 0]`` in fp32.
+
+Offsets: every index product that can pass 2**31 elements (a batch, token, channel or row index times a
+stride of a strided view, e.g. tokens read through a [T, B, width] transpose) is formed in int64; only
+products bounded by one weight or positional-embedding matrix stay in int32.
 """
 from __future__ import annotations
 
@@ -65,7 +75,8 @@ def _col_offsets(k, stride_c, stride_h, stride_w, PATCH: tl.constexpr):
     """Columns k = (c * P + ky) * P + kx -> (pixel offset inside a patch, channel)."""
     c = k // (PATCH * PATCH)
     rem = k % (PATCH * PATCH)
-    return c * stride_c + (rem // PATCH) * stride_h + (rem % PATCH) * stride_w, c
+    offset = c.to(tl.int64) * stride_c + (rem // PATCH).to(tl.int64) * stride_h + (rem % PATCH).to(tl.int64) * stride_w
+    return offset, c
 
 
 @triton.jit
@@ -117,10 +128,11 @@ FWD_CONFIGS = _gemm_configs([(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128
 @runtime.autotune(FWD_CONFIGS, key=["width", "K"])
 @triton.jit
 def _patch_embed_fwd_kernel(
-    PIX, W, CLS, POS, SCALE, SHIFT, OUT,
+    PIX, W, BIAS, CLS, POS, SCALE, SHIFT, OUT,
     n_rows, n_patches, n_patches_w, n_batch, width, K,
     stride_pb, stride_pc, stride_ph, stride_pw,
-    PATCH: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr, HAS_NORM: tl.constexpr,
+    PATCH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CLS: tl.constexpr, HAS_POS: tl.constexpr,
+    HAS_NORM: tl.constexpr,
     VEC: tl.constexpr, W_VEC: tl.constexpr, N_VEC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -150,6 +162,8 @@ def _patch_embed_fwd_kernel(
         tok = patch
     n_tokens = n_patches + HAS_CLS
     mask = row_ok[:, None] & col_ok[None, :]
+    if HAS_BIAS:  # the conv's own bias: patch rows only, never the class token
+        acc += tl.load(BIAS + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_POS:
         pos_ptrs = _ptrs(POS, tok * width, cols, N_VEC, 1)
         acc += tl.load(pos_ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -179,18 +193,22 @@ DWEIGHT_CONFIGS = _gemm_configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (32,
 @runtime.autotune(DWEIGHT_CONFIGS, key=["width", "K"])
 @triton.jit
 def _patch_embed_dweight_kernel(
-    PIX, SCALE, SHIFT, DT, DW_PARTIAL,
+    PIX, SCALE, SHIFT, DT, PARTIAL,
     n_rows, n_patches, n_patches_w, width, K, n_splits,
     stride_pb, stride_pc, stride_ph, stride_pw, stride_db, stride_dt, stride_dn,
-    PATCH: tl.constexpr, HAS_CLS: tl.constexpr, HAS_NORM: tl.constexpr,
+    PATCH: tl.constexpr, HAS_CLS: tl.constexpr, HAS_NORM: tl.constexpr, BIAS_SUM: tl.constexpr,
     VEC: tl.constexpr, W_VEC: tl.constexpr, DT_VEC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dW[n, k] = sum over patch rows r of dT[r, n] * A[r, k]; program (tile, split) covers one run of rows
-    and writes its fp32 partial."""
+    and writes its fp32 partial [S, width, K]. With BIAS_SUM the same row walk computes the conv-bias
+    gradient db[n] = sum_r dT[r, n] instead (one K tile, fp32 partial [S, width], no pixel reads)."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n_tiles_k = tl.cdiv(K, BLOCK_K)
+    if BIAS_SUM:
+        n_tiles_k = 1
+    else:
+        n_tiles_k = tl.cdiv(K, BLOCK_K)
     pid_n = pid // n_tiles_k
     pid_k = pid % n_tiles_k
     dtype = DT.dtype.element_ty
@@ -202,7 +220,10 @@ def _patch_embed_dweight_kernel(
     rows_per_split = tl.cdiv(tl.cdiv(n_rows, n_splits), BLOCK_M) * BLOCK_M
     first_row = split * rows_per_split
     end_row = tl.minimum(first_row + rows_per_split, n_rows)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if BIAS_SUM:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for start in range(first_row, end_row, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < end_row
@@ -211,14 +232,21 @@ def _patch_embed_dweight_kernel(
             tok = patch + 1
         else:
             tok = patch
-        dt_ptrs = _ptrs(DT, b.to(tl.int64) * stride_db + tok * stride_dt, cols * stride_dn, DT_VEC, 1)
+        dt_ptrs = _ptrs(DT, b.to(tl.int64) * stride_db + tok.to(tl.int64) * stride_dt,
+                        cols.to(tl.int64) * stride_dn, DT_VEC, 1)
         dt = tl.load(dt_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        a = _patch_tile(PIX, SCALE, SHIFT, row_off, row_ok, k, K, stride_pc, stride_ph, stride_pw,
-                        PATCH, HAS_NORM, VEC, dtype)
-        acc = tl.dot(tl.trans(dt), a, acc, input_precision=DOT_PRECISION)
+        if BIAS_SUM:
+            acc += tl.sum(dt.to(tl.float32), axis=0)
+        else:
+            a = _patch_tile(PIX, SCALE, SHIFT, row_off, row_ok, k, K, stride_pc, stride_ph, stride_pw,
+                            PATCH, HAS_NORM, VEC, dtype)
+            acc = tl.dot(tl.trans(dt), a, acc, input_precision=DOT_PRECISION)
 
-    out = _ptrs(DW_PARTIAL + split.to(tl.int64) * width * K, cols * K, k, W_VEC, 1)
-    tl.store(out, acc, mask=col_ok[:, None] & (k < K)[None, :])
+    if BIAS_SUM:
+        tl.store(PARTIAL + split.to(tl.int64) * width + cols, acc, mask=col_ok)
+    else:
+        out = _ptrs(PARTIAL + split.to(tl.int64) * width * K, cols * K, k, W_VEC, 1)
+        tl.store(out, acc, mask=col_ok[:, None] & (k < K)[None, :])
 
 
 DPIXELS_CONFIGS = _gemm_configs([(128, 64, 128, 8, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 3)])
@@ -248,7 +276,7 @@ def _patch_embed_dpixels_kernel(
         tok = patch + 1
     else:
         tok = patch
-    dt_rows = b.to(tl.int64) * stride_db + tok * stride_dt
+    dt_rows = b.to(tl.int64) * stride_db + tok.to(tl.int64) * stride_dt
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < K
 
@@ -256,7 +284,7 @@ def _patch_embed_dpixels_kernel(
     for n0 in range(0, width, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < width
-        dt = tl.load(_ptrs(DT, dt_rows, n * stride_dn, DT_VEC, 1),
+        dt = tl.load(_ptrs(DT, dt_rows, n.to(tl.int64) * stride_dn, DT_VEC, 1),
                      mask=row_ok[:, None] & n_ok[None, :], other=0.0)
         w = tl.load(_ptrs(W, n * K, k, W_VEC, 1),
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(dtype)
@@ -275,7 +303,7 @@ def _sum_over_batch_kernel(DT, OUT, n_batch, n_elems, width, stride_db, stride_d
     """OUT[t * width + n] = sum_b DT[b, t, n] in fp32 (the positional / class embedding gradients)."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     e_ok = e < n_elems
-    offsets = (e // width) * stride_dt + (e % width) * stride_dn
+    offsets = (e // width).to(tl.int64) * stride_dt + (e % width).to(tl.int64) * stride_dn
     acc = tl.zeros([BLOCK_B, BLOCK], dtype=tl.float32)
     for b0 in range(0, n_batch, BLOCK_B):
         bs = b0 + tl.arange(0, BLOCK_B)
@@ -317,9 +345,10 @@ def _geometry(pixels: torch.Tensor, weight: torch.Tensor) -> dict:
             "n_rows": batch * n_patches, "width": weight.shape[0], "K": channels * patch * patch}
 
 
-def patch_embed_fwd(pixels, weight, class_embedding, positional_embedding, scale, shift) -> torch.Tensor:
+def patch_embed_fwd(pixels, weight, bias, class_embedding, positional_embedding, scale, shift) -> torch.Tensor:
     """Tokens ``[B, (1 if class) + N, width]`` in ``weight``'s dtype. ``pixels`` [B, C, H, W] in any
-    layout (float, or uint8 with ``scale``/``shift``: fp32 [C]); H and W multiples of the patch size."""
+    layout (float, or uint8 with ``scale``/``shift``: fp32 [C]); H and W multiples of the patch size;
+    ``bias`` the conv's bias [width] or None."""
     g = _geometry(pixels, weight)
     has_cls = class_embedding is not None
     n_tokens = g["n_patches"] + int(has_cls)
@@ -331,11 +360,11 @@ def patch_embed_fwd(pixels, weight, class_embedding, positional_embedding, scale
     has_norm = scale is not None
     grid = lambda meta: (runtime.cdiv(g["n_rows"], meta["BLOCK_M"]) * runtime.cdiv(g["width"], meta["BLOCK_N"]),)  # noqa: E731
     _patch_embed_fwd_kernel[grid](
-        pixels, w2, class_embedding if has_cls else w2, pos if pos is not None else w2,
-        scale if has_norm else w2, shift if has_norm else w2, out,
+        pixels, w2, bias if bias is not None else w2, class_embedding if has_cls else w2,
+        pos if pos is not None else w2, scale if has_norm else w2, shift if has_norm else w2, out,
         g["n_rows"], g["n_patches"], g["n_patches_w"], g["batch"], g["width"], g["K"],
         *pixels.stride(),
-        PATCH=g["patch"], HAS_CLS=has_cls, HAS_POS=pos is not None, HAS_NORM=has_norm,
+        PATCH=g["patch"], HAS_BIAS=bias is not None, HAS_CLS=has_cls, HAS_POS=pos is not None, HAS_NORM=has_norm,
         VEC=_vec(pixels, pixels.stride()[:3], g["patch"], pixels.stride(3)), W_VEC=_vec(w2, (g["K"],), g["K"]),
         N_VEC=min(_vec(out, (g["width"],), g["width"]), _vec(pos, (g["width"],), g["width"]) if pos is not None else 16),
         DOT_PRECISION=_dot_precision(weight.dtype),
@@ -350,33 +379,24 @@ def _dweight_splits(n_rows: int, width: int, K: int, device: torch.device) -> in
 
 
 def patch_embed_bwd(dtokens, pixels, weight, scale, shift, has_cls: bool, need_pixels: bool, need_weight: bool,
-                    sum_rows: int):
-    """Gradients from ``dtokens`` (the gradient of the tokens): ``(dpixels, dweight, dsum)``.
+                    need_bias: bool, sum_rows: int):
+    """Gradients from ``dtokens`` (the gradient of the tokens): ``(dpixels, dweight, dbias, dsum)``.
 
     ``dpixels`` (pixels' dtype and shape) only with ``need_pixels``; ``dweight`` (fp32, weight's shape)
-    only with ``need_weight``; ``dsum`` = fp32 ``sum_b dtokens[b, :sum_rows]`` of shape [sum_rows, width]
+    only with ``need_weight``; ``dbias`` (fp32 [width], the sum of the patch rows of ``dtokens``) only with
+    ``need_bias``; ``dsum`` = fp32 ``sum_b dtokens[b, :sum_rows]`` of shape [sum_rows, width]
     (``sum_rows`` 0 skips it). Absent results are None."""
     g = _geometry(pixels, weight)
     width, K = g["width"], g["K"]
     precision = _dot_precision(dtokens.dtype)
     db, dt, dn = dtokens.stride()
     dt_vec = _vec(dtokens, (db, dt), width, dn)
-    dpixels = dweight = dsum = None
+    dpixels = dweight = dbias = dsum = None
 
     if need_weight:
-        splits = _dweight_splits(g["n_rows"], width, K, pixels.device)
-        partial = runtime.empty((splits, width, K), torch.float32, pixels.device)
-        has_norm = scale is not None
-        grid = lambda meta: (runtime.cdiv(width, meta["BLOCK_N"]) * runtime.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
-        _patch_embed_dweight_kernel[grid](
-            pixels, scale if has_norm else partial, shift if has_norm else partial, dtokens, partial,
-            g["n_rows"], g["n_patches"], g["n_patches_w"], width, K, splits,
-            *pixels.stride(), db, dt, dn,
-            PATCH=g["patch"], HAS_CLS=has_cls, HAS_NORM=has_norm,
-            VEC=_vec(pixels, pixels.stride()[:3], g["patch"], pixels.stride(3)), W_VEC=_vec(partial, (K,), K),
-            DT_VEC=dt_vec, DOT_PRECISION=precision,
-        )
-        dweight = partial.sum(0).reshape(weight.shape)
+        dweight = _row_reduction(dtokens, pixels, scale, shift, g, has_cls, bias_sum=False).reshape(weight.shape)
+    if need_bias:
+        dbias = _row_reduction(dtokens, pixels, scale, shift, g, has_cls, bias_sum=True)
 
     if need_pixels:
         dpixels = runtime.empty(pixels.shape, pixels.dtype, pixels.device)
@@ -400,7 +420,29 @@ def patch_embed_bwd(dtokens, pixels, weight, scale, shift, has_cls: bool, need_p
             dtokens, dsum, g["batch"], n_elems, width, db, dt, dn, DT_VEC=dt_vec,
             BLOCK_B=SUM_TILE["BLOCK_B"], BLOCK=SUM_TILE["BLOCK"], num_warps=SUM_TILE["num_warps"],
         )
-    return dpixels, dweight, dsum
+    return dpixels, dweight, dbias, dsum
+
+
+def _row_reduction(dtokens, pixels, scale, shift, g: dict, has_cls: bool, bias_sum: bool) -> torch.Tensor:
+    """One launch of ``_patch_embed_dweight_kernel``: fp32 dW [width, K], or with ``bias_sum`` db [width].
+    The per-split partials are summed here (a deterministic reduction over a few splits)."""
+    width, K = g["width"], g["K"]
+    splits = _dweight_splits(g["n_rows"], width, 1 if bias_sum else K, pixels.device)
+    partial = runtime.empty((splits, width) if bias_sum else (splits, width, K), torch.float32, pixels.device)
+    has_norm = scale is not None
+    db, dt, dn = dtokens.stride()
+    k_tiles = (lambda meta: 1) if bias_sum else (lambda meta: runtime.cdiv(K, meta["BLOCK_K"]))
+    grid = lambda meta: (runtime.cdiv(width, meta["BLOCK_N"]) * k_tiles(meta), splits)  # noqa: E731
+    _patch_embed_dweight_kernel[grid](
+        pixels, scale if has_norm else partial, shift if has_norm else partial, dtokens, partial,
+        g["n_rows"], g["n_patches"], g["n_patches_w"], width, K, splits,
+        *pixels.stride(), db, dt, dn,
+        PATCH=g["patch"], HAS_CLS=has_cls, HAS_NORM=has_norm, BIAS_SUM=bias_sum,
+        VEC=_vec(pixels, pixels.stride()[:3], g["patch"], pixels.stride(3)),
+        W_VEC=1 if bias_sum else _vec(partial, (K,), K),
+        DT_VEC=_vec(dtokens, (db, dt), width, dn), DOT_PRECISION=_dot_precision(dtokens.dtype),
+    )
+    return partial.sum(0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,43 +461,58 @@ def _clip_vecs(label: str, patch: int, uint8: bool) -> dict:
 
 
 def aot_cases() -> list[runtime.AotCase]:
-    """Every shipped GEMM config at patch 16 (ViT-B/16), the first config at patches 14 and 32, the uint8
-    forward, and the batch-sum kernel. Quick subset: the first config of each kernel at patch 16."""
+    """Every shipped GEMM config at patch 16 (ViT-B/16) for CLIP (class token, no conv bias) and, in the
+    forward, for SigLIP (conv bias, no class token), the first config at patches 14 (SigLIP SO400M/14 too)
+    and 32, the uint8 forward, the conv-bias gradient (BIAS_SUM) at every config and the batch-sum kernel.
+    Quick subset: the first config of each kernel at patch 16, CLIP and SigLIP."""
     geometry = {"n_rows": "i32", "n_patches": "i32", "n_patches_w": "i32"}
     pix_strides = {"stride_pb": "i32", "stride_pc": "i32", "stride_ph": "i32", "stride_pw": "i32"}
     dt_strides = {"stride_db": "i32", "stride_dt": "i32", "stride_dn": "i32"}
     kernels = {
         "fwd": (_patch_embed_fwd_kernel,
-                {"PIX": "{pix}", "W": "*{dtype}", "CLS": "*{dtype}", "POS": "*{dtype}", "SCALE": "*fp32",
-                 "SHIFT": "*fp32", "OUT": "*{dtype}", **geometry, "n_batch": "i32", "width": "i32", "K": "i32",
-                 **pix_strides},
+                {"PIX": "{pix}", "W": "*{dtype}", "BIAS": "*{dtype}", "CLS": "*{dtype}", "POS": "*{dtype}",
+                 "SCALE": "*fp32", "SHIFT": "*fp32", "OUT": "*{dtype}", **geometry, "n_batch": "i32",
+                 "width": "i32", "K": "i32", **pix_strides},
                 {"HAS_POS": True}),
         "dweight": (_patch_embed_dweight_kernel,
-                    {"PIX": "{pix}", "SCALE": "*fp32", "SHIFT": "*fp32", "DT": "*{dtype}", "DW_PARTIAL": "*fp32",
+                    {"PIX": "{pix}", "SCALE": "*fp32", "SHIFT": "*fp32", "DT": "*{dtype}", "PARTIAL": "*fp32",
                      **geometry, "width": "i32", "K": "i32", "n_splits": "i32", **pix_strides, **dt_strides},
-                    {}),
+                    {"BIAS_SUM": False}),
         "dpixels": (_patch_embed_dpixels_kernel,
                     {"DT": "*{dtype}", "W": "*{dtype}", "SCALE": "*fp32", "DPIX": "*{dtype}", **geometry,
                      "width": "i32", "K": "i32", **dt_strides, "stride_xb": "i32", "stride_xc": "i32",
                      "stride_xh": "i32", "stride_xw": "i32"},
                     {}),
     }
+    # (patch, uint8 pixels, config index, SigLIP: conv bias and no class token)
     cases = []
     for label, (fn, signature, flags) in kernels.items():
-        variants = [(16, False, i) for i in range(len(fn.shipped_configs))] + [(14, False, 0), (32, False, 0)]
+        n_configs = len(fn.shipped_configs)
+        variants = [(16, False, i, False) for i in range(n_configs)] + [(14, False, 0, False), (32, False, 0, False)]
         if label != "dpixels":  # uint8 pixels have no gradient
-            variants.append((16, True, 0))
-        for patch, uint8, config in variants:
+            variants.append((16, True, 0, False))
+        if label == "fwd":  # the bias is only in the forward's epilogue (its gradient: BIAS_SUM below)
+            variants += [(16, False, i, True) for i in range(n_configs)] + [(14, False, 0, True)]
+        for patch, uint8, config, siglip in variants:
             cfg = fn.shipped_configs[config]
             sig = {k: v.replace("{pix}", "*u8" if uint8 else "*{dtype}") for k, v in signature.items()}
+            bias_flag = {"HAS_BIAS": siglip} if label == "fwd" else {}
             cases.append(runtime.AotCase(
-                name=f"patch_embed_{label}[p={patch}{',u8' if uint8 else ''}]",
+                name=f"patch_embed_{label}[p={patch}{',u8' if uint8 else ''}{',bias' if siglip else ''}]",
                 kernel=runtime.jit_function(fn), signature=sig,
-                constexprs={"PATCH": patch, "HAS_CLS": True, "HAS_NORM": uint8, **flags,
+                constexprs={"PATCH": patch, "HAS_CLS": not siglip, "HAS_NORM": uint8, **flags, **bias_flag,
                             **_clip_vecs(label, patch, uint8), "DOT_PRECISION": None, **cfg.kwargs},
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=True,
                 quick=(patch == 16 and config == 0 and not uint8),
             ))
+    for i, cfg in enumerate(_patch_embed_dweight_kernel.shipped_configs):  # the conv-bias gradient
+        cases.append(runtime.AotCase(
+            name="patch_embed_dbias[p=16]", kernel=runtime.jit_function(_patch_embed_dweight_kernel),
+            signature={k: v.replace("{pix}", "*{dtype}") for k, v in kernels["dweight"][1].items()},
+            constexprs={"PATCH": 16, "HAS_CLS": False, "HAS_NORM": False, "BIAS_SUM": True,
+                        **_clip_vecs("dweight", 16, False), "W_VEC": 1, "DOT_PRECISION": None, **cfg.kwargs},
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, quick=i == 0,
+        ))
     cases.append(runtime.AotCase(
         name="patch_embed_sum_over_batch", kernel=_sum_over_batch_kernel,
         signature={"DT": "*{dtype}", "OUT": "*fp32", "n_batch": "i32", "n_elems": "i32", "width": "i32", **dt_strides},

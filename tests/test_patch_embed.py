@@ -16,8 +16,10 @@ SIZES = [(28, 42, 14), (32, 32, 16), (64, 32, 32)] + ([(224, 224, 16), (336, 336
 WIDTH = 48 if not ON_GPU else 768
 
 
-def eager_patch_embed(pixels, weight, cls=None, pos=None, ln_w=None, ln_b=None, mean=None, std=None, eps=1e-5):
-    """What CLIP code does: (normalize) -> conv1 -> flatten -> cat class token -> + pos -> ln_pre in fp32."""
+def eager_patch_embed(pixels, weight, cls=None, pos=None, ln_w=None, ln_b=None, mean=None, std=None, eps=1e-5,
+                      bias=None):
+    """What CLIP code does: (normalize) -> conv1 (+ bias: SigLIP, timm) -> flatten -> cat class token -> + pos
+    -> ln_pre in fp32."""
     p = weight.shape[-1]
     acc = torch.promote_types(weight.dtype, torch.float32)
     x = pixels
@@ -26,7 +28,7 @@ def eager_patch_embed(pixels, weight, cls=None, pos=None, ln_w=None, ln_b=None, 
         m = torch.tensor(mean, dtype=acc, device=x.device).view(1, -1, 1, 1)
         s = torch.tensor(std, dtype=acc, device=x.device).view(1, -1, 1, 1)
         x = (x.to(acc) / unit - m) / s
-    x = F.conv2d(x.to(weight.dtype), weight, stride=p).flatten(2).transpose(1, 2)
+    x = F.conv2d(x.to(weight.dtype), weight, bias, stride=p).flatten(2).transpose(1, 2)
     if cls is not None:
         x = torch.cat([cls.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device), x], 1)
     if pos is not None:
@@ -66,6 +68,73 @@ def test_patch_embed_optional_parts(dtype, variant):
     size = (32, 48, 16) if variant != "ln_pre" else (28, 42, 14)
     inputs = make_inputs(3, *size, cls=cls, pos=pos, ln=ln)
     assert_op_matches(f"patch_embed {variant}", fused, eager_patch_embed, inputs, dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Conv bias (SigLIP, timm PatchEmbed): no class token, bias on the patch rows only
+# ---------------------------------------------------------------------------------------------
+
+def fused_with_bias(pixels, weight, bias, cls=None, pos=None):
+    return clipfast.patch_embed(pixels, weight, cls, pos, conv_bias=bias)
+
+
+def eager_with_bias(pixels, weight, bias, cls=None, pos=None):
+    return eager_patch_embed(pixels, weight, cls, pos, bias=bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", ["siglip", "bias_only", "class_token"])
+def test_conv_bias_matches_float64(dtype, variant):
+    # SigLIP: bias + pos, no class token; timm PatchEmbed: bias alone; a class token must not get the bias
+    size = (32, 48, 16) if variant != "class_token" else (28, 42, 14)
+    cls, pos = {"siglip": (False, True), "bias_only": (False, False), "class_token": (True, True)}[variant]
+    pixels, weight, cls_t, pos_t = make_inputs(3, *size, cls=cls, pos=pos)
+    bias = randn(WIDTH, device=DEVICE, outliers=2)
+    assert_op_matches(f"patch_embed bias {variant}", fused_with_bias, eager_with_bias,
+                      [pixels, weight, bias, cls_t, pos_t], dtype)
+
+
+@pytest.mark.parametrize("frozen", ["weight", "bias", "both"])
+def test_conv_bias_gradient_subsets(frozen):
+    # a frozen conv weight with a trainable bias runs the weight kernel's bias sum alone, and vice versa
+    pixels, weight, _, pos = make_inputs(2, 32, 32, 16, cls=False)
+    bias = randn(WIDTH, device=DEVICE)
+    weight.requires_grad_(frozen == "bias")
+    bias.requires_grad_(frozen == "weight")
+    pixels.requires_grad_()
+    out = clipfast.patch_embed(pixels, weight, None, pos, conv_bias=bias)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref = [t.detach().double().requires_grad_(t.requires_grad) for t in (pixels, weight, bias)]
+    eager_patch_embed(ref[0], ref[1], None, pos.double(), bias=ref[2]).backward(g.double())
+    for got, want in zip((pixels, weight, bias), ref):
+        assert (got.grad is None) == (want.grad is None)
+        if want.grad is not None:
+            torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-4)
+
+
+def test_conv_bias_bad_input_and_eager_path(monkeypatch):
+    pixels, weight, _, pos = make_inputs(1, 32, 32, 16, cls=False)
+    with pytest.raises(ValueError, match="`conv_bias` must have shape \\(48,\\)"):
+        clipfast.patch_embed(pixels, weight, conv_bias=torch.zeros(7, device=DEVICE))
+    with pytest.raises(ValueError, match="`conv_bias` must have 1 dimensions"):
+        clipfast.patch_embed(pixels, weight, conv_bias=torch.zeros(1, WIDTH, device=DEVICE))
+    monkeypatch.setattr(runtime, "uses_triton", lambda t: False)
+    assert_op_matches("patch_embed bias eager path", fused_with_bias, eager_with_bias,
+                      [pixels, weight, randn(WIDTH, device=DEVICE), None, pos], torch.float32)
+
+
+def test_strided_upstream_gradient_with_bias():
+    # tokens consumed through a [T, B, width] transpose: the backward reads a strided dtokens in place
+    pixels, weight, _, pos = [t if t is None else t.requires_grad_() for t in make_inputs(3, 28, 42, 14, cls=False)]
+    bias = randn(WIDTH, device=DEVICE).requires_grad_()
+    out = clipfast.patch_embed(pixels, weight, None, pos, conv_bias=bias).transpose(0, 1)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref = [t.detach().double().requires_grad_() for t in (pixels, weight, pos, bias)]
+    eager_patch_embed(ref[0], ref[1], None, ref[2], bias=ref[3]).transpose(0, 1).backward(g.double())
+    for got, want in zip((pixels, weight, pos, bias), ref):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -257,12 +326,15 @@ def test_custom_op_registration_is_valid():
     pixels, weight, cls, pos = make_inputs(1, 32, 32, 16)
     scale = torch.rand(3, device=DEVICE) + 0.5
     shift = torch.randn(3, device=DEVICE)
-    torch.library.opcheck(torch.ops.clipfast.patch_embed_fwd, (pixels, weight, cls, pos, scale, shift),
-                          test_utils=("test_schema", "test_faketensor"))
+    bias = torch.randn(WIDTH, device=DEVICE)
+    for b in (None, bias):
+        torch.library.opcheck(torch.ops.clipfast.patch_embed_fwd, (pixels, weight, b, cls, pos, scale, shift),
+                              test_utils=("test_schema", "test_faketensor"))
     dtokens = torch.randn(1, 5, WIDTH, device=DEVICE)
-    torch.library.opcheck(torch.ops.clipfast.patch_embed_bwd,
-                          (dtokens, pixels, weight, None, None, True, True, True, 5),
-                          test_utils=("test_schema", "test_faketensor"))
+    for need_bias in (False, True):
+        torch.library.opcheck(torch.ops.clipfast.patch_embed_bwd,
+                              (dtokens, pixels, weight, None, None, True, True, True, need_bias, 5),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_poisoned_outputs_are_fully_written():

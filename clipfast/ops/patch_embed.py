@@ -1,9 +1,9 @@
-"""Patch embedding (conv -> flatten -> class token -> positional embedding, optional uint8 normalization
-and ln_pre) as a torch custom op with Triton forward and backward.
+"""Patch embedding (conv (+ bias) -> flatten -> class token -> positional embedding, optional uint8
+normalization and ln_pre) as a torch custom op with Triton forward and backward.
 
 ``clipfast::patch_embed_fwd`` builds the pre-LN tokens in one kernel; ``clipfast::patch_embed_bwd`` runs the
 backward kernels (weight GEMM over patches, col2im pixel gradient, batch sums for the class and positional
-embeddings). ln_pre, when requested, is the ``clipfast::layer_norm_fwd`` op applied to the tokens (a second
+embeddings, with the conv-bias gradient summed by the weight GEMM's programs). ln_pre, when requested, is the ``clipfast::layer_norm_fwd`` op applied to the tokens (a second
 pass with the LayerNorm kernels; see ``clipfast.kernels.patch_embed`` for why it is not in the GEMM epilogue).
 """
 from __future__ import annotations
@@ -34,8 +34,8 @@ def _normalized(pixels, scale, shift):
     return pixels.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
-def _eager_fwd(pixels, weight, class_embedding, positional_embedding, scale, shift):
-    x = F.conv2d(_normalized(pixels, scale, shift).to(weight.dtype), weight, stride=weight.shape[-1])
+def _eager_fwd(pixels, weight, bias, class_embedding, positional_embedding, scale, shift):
+    x = F.conv2d(_normalized(pixels, scale, shift).to(weight.dtype), weight, bias, stride=weight.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     if class_embedding is not None:
         cls = class_embedding.to(x.dtype).expand(x.shape[0], 1, x.shape[-1])
@@ -45,11 +45,11 @@ def _eager_fwd(pixels, weight, class_embedding, positional_embedding, scale, shi
     return x.contiguous()
 
 
-def _eager_bwd(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need_weight, sum_rows):
+def _eager_bwd(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need_weight, need_bias, sum_rows):
     batch, _, height, width_px = pixels.shape
     p = weight.shape[-1]
     dpatches = dtokens[:, int(has_cls):].transpose(1, 2).reshape(batch, weight.shape[0], height // p, width_px // p)
-    dpixels = dweight = dsum = None
+    dpixels = dweight = dbias = dsum = None
     if need_pixels:
         dx = torch.nn.grad.conv2d_input(pixels.shape, weight, dpatches, stride=p)
         if scale is not None:
@@ -58,9 +58,11 @@ def _eager_bwd(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need
     if need_weight:
         x = _normalized(pixels, scale, shift).to(weight.dtype)
         dweight = torch.nn.grad.conv2d_weight(x.float(), weight.shape, dpatches.float(), stride=p)
+    if need_bias:
+        dbias = dpatches.float().sum((0, 2, 3))
     if sum_rows:
         dsum = dtokens[:, :sum_rows].float().sum(0)
-    return dpixels, dweight, dsum
+    return dpixels, dweight, dbias, dsum
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,15 +70,15 @@ def _eager_bwd(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need
 # ----------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("clipfast::patch_embed_fwd", mutates_args=())
-def patch_embed_fwd(pixels: Tensor, weight: Tensor, class_embedding: Optional[Tensor],
+def patch_embed_fwd(pixels: Tensor, weight: Tensor, bias: Optional[Tensor], class_embedding: Optional[Tensor],
                     positional_embedding: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
     """Tokens [B, (1 if class) + N, width] in ``weight``'s dtype (pre-LN)."""
     impl = kernel.patch_embed_fwd if runtime.uses_triton(pixels) else _eager_fwd
-    return impl(pixels, weight, class_embedding, positional_embedding, scale, shift)
+    return impl(pixels, weight, bias, class_embedding, positional_embedding, scale, shift)
 
 
 @patch_embed_fwd.register_fake
-def _(pixels, weight, class_embedding, positional_embedding, scale, shift):
+def _(pixels, weight, bias, class_embedding, positional_embedding, scale, shift):
     p = weight.shape[-1]
     n_tokens = (pixels.shape[2] // p) * (pixels.shape[3] // p) + (class_embedding is not None)
     return weight.new_empty((pixels.shape[0], n_tokens, weight.shape[0]))
@@ -84,26 +86,32 @@ def _(pixels, weight, class_embedding, positional_embedding, scale, shift):
 
 @torch.library.custom_op("clipfast::patch_embed_bwd", mutates_args=())
 def patch_embed_bwd(dtokens: Tensor, pixels: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
-                    has_cls: bool, need_pixels: bool, need_weight: bool, sum_rows: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dpixels, dweight, dsum): dpixels in the pixels' dtype, dweight in the weight's dtype,
+                    has_cls: bool, need_pixels: bool, need_weight: bool, need_bias: bool,
+                    sum_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dpixels, dweight, dbias, dsum): dpixels in the pixels' dtype, dweight in the weight's dtype,
+    dbias = fp32 sum of the patch rows of ``dtokens`` over the batch and the patches [width],
     dsum = fp32 sum over the batch of the first ``sum_rows`` token rows; empty tensors where not asked for."""
     impl = kernel.patch_embed_bwd if runtime.uses_triton(pixels) else _eager_bwd
-    dpixels, dweight, dsum = impl(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need_weight, sum_rows)
+    dpixels, dweight, dbias, dsum = impl(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need_weight,
+                                         need_bias, sum_rows)
     empty = dtokens.new_empty(0)
     return (dpixels if dpixels is not None else empty,
             dweight.to(weight.dtype) if dweight is not None else empty.clone(),
+            dbias if dbias is not None else empty.clone(),
             dsum if dsum is not None else empty.clone())
 
 
 @patch_embed_bwd.register_fake
-def _(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need_weight, sum_rows):
+def _(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need_weight, need_bias, sum_rows):
     return (torch.empty_like(pixels) if need_pixels else dtokens.new_empty(0),
             torch.empty_like(weight) if need_weight else dtokens.new_empty(0),
+            dtokens.new_empty((weight.shape[0],), dtype=torch.float32) if need_bias else dtokens.new_empty(0),
             dtokens.new_empty((sum_rows, dtokens.shape[-1]), dtype=torch.float32) if sum_rows else dtokens.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    pixels, weight, class_embedding, positional_embedding, scale, shift = inputs
+    pixels, weight, bias, class_embedding, positional_embedding, scale, shift = inputs
+    ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.cls_dtype = class_embedding.dtype if class_embedding is not None else None
     ctx.pos_dtype = positional_embedding.dtype if positional_embedding is not None else None
     ctx.pixels_float = pixels.is_floating_point()
@@ -114,12 +122,14 @@ def _backward(ctx, dtokens):
     pixels, weight, scale, shift = ctx.saved_tensors
     need_pixels = ctx.needs_input_grad[0] and ctx.pixels_float
     need_weight = ctx.needs_input_grad[1]
-    need_cls = ctx.cls_dtype is not None and ctx.needs_input_grad[2]
-    need_pos = ctx.pos_dtype is not None and ctx.needs_input_grad[3]
+    need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+    need_cls = ctx.cls_dtype is not None and ctx.needs_input_grad[3]
+    need_pos = ctx.pos_dtype is not None and ctx.needs_input_grad[4]
     sum_rows = dtokens.shape[1] if need_pos else int(need_cls)
-    dpixels, dweight, dsum = patch_embed_bwd(dtokens, pixels, weight, scale, shift, ctx.cls_dtype is not None,
-                                             need_pixels, need_weight, sum_rows)
+    dpixels, dweight, dbias, dsum = patch_embed_bwd(dtokens, pixels, weight, scale, shift, ctx.cls_dtype is not None,
+                                                    need_pixels, need_weight, need_bias, sum_rows)
     return (dpixels if need_pixels else None, dweight if need_weight else None,
+            dbias.to(ctx.bias_dtype) if need_bias else None,
             dsum[0].to(ctx.cls_dtype) if need_cls else None, dsum.to(ctx.pos_dtype) if need_pos else None,
             None, None)
 
@@ -156,7 +166,7 @@ def _scale_shift(op: str, pixels: Tensor, mean, std) -> tuple[Optional[Tensor], 
     return (1.0 / (unit * std)).float(), (-mean / std).float()
 
 
-def _check(op, pixels, weight, class_embedding, positional_embedding):
+def _check(op, pixels, weight, bias, class_embedding, positional_embedding):
     check_tensor(op, "pixels", pixels, dtypes=PIXEL_DTYPES, ndim=4)
     check_tensor(op, "conv_weight", weight, ndim=4)
     width, channels, p, p2 = weight.shape
@@ -168,6 +178,9 @@ def _check(op, pixels, weight, class_embedding, positional_embedding):
     height, width_px = pixels.shape[2:]
     if height < p or width_px < p or height % p or width_px % p:
         raise ValueError(f"{op}: image size {height}x{width_px} is not a positive multiple of the patch size {p}")
+    check_tensor(op, "conv_bias", bias, optional=True, ndim=1)
+    if bias is not None and bias.shape[0] != width:
+        raise ValueError(f"{op}: `conv_bias` must have shape ({width},), got {tuple(bias.shape)}")
     check_tensor(op, "class_embedding", class_embedding, optional=True, ndim=1)
     if class_embedding is not None and class_embedding.shape[0] != width:
         raise ValueError(f"{op}: `class_embedding` must have shape ({width},), got {tuple(class_embedding.shape)}")
@@ -179,15 +192,15 @@ def _check(op, pixels, weight, class_embedding, positional_embedding):
             raise ValueError(f"{op}: `positional_embedding` must have shape ({n_tokens}, {width}) for a "
                              f"{height}x{width_px} image with patch {p}"
                              f"{' and a class token' if class_embedding is not None else ''}, got {shape}")
-    check_same_device(op, pixels=pixels, conv_weight=weight, class_embedding=class_embedding,
+    check_same_device(op, pixels=pixels, conv_weight=weight, conv_bias=bias, class_embedding=class_embedding,
                       positional_embedding=positional_embedding)
 
 
 def patch_embed(pixels: Tensor, conv_weight: Tensor, class_embedding: Optional[Tensor] = None,
-                positional_embedding: Optional[Tensor] = None, *,
+                positional_embedding: Optional[Tensor] = None, *, conv_bias: Optional[Tensor] = None,
                 mean: Union[Sequence[float], Tensor, None] = None, std: Union[Sequence[float], Tensor, None] = None,
                 ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None, ln_eps: float = 1e-5) -> Tensor:
-    """ViT patch embedding in one kernel: ``conv2d(pixels, conv_weight, stride=p)`` (no bias) -> flatten ->
+    """ViT patch embedding in one kernel: ``conv2d(pixels, conv_weight, conv_bias, stride=p)`` -> flatten ->
     prepend ``class_embedding`` -> add ``positional_embedding``, returning tokens ``[B, (1 if class) + N, width]``.
 
     - ``pixels`` [B, C, H, W], any layout, H and W multiples of the patch size. Float pixels are computed in
@@ -197,21 +210,24 @@ def patch_embed(pixels: Tensor, conv_weight: Tensor, class_embedding: Optional[T
       pixel loads. For uint8 pixels (required there) they are in the 0..1 convention of CLIP's published
       constants and torchvision's ``Normalize``: the value used is ``(v / 255 - mean) / std``. For float
       pixels they apply to the values as given.
+    - ``conv_bias`` [width] (keyword; None = a conv without bias, as CLIP's): added to the patch tokens only
+      (SigLIP, timm), its gradient summed in the backward's weight kernel.
     - ``positional_embedding`` [(1 if class) + N, width] (or with a leading 1); ``class_embedding`` [width].
     - ``ln_weight``/``ln_bias``: when either is given, ln_pre (LayerNorm over width with fp32 statistics,
       ``ln_eps``) is applied and only the normalized tokens are returned (CLIP never uses the pre-LN tokens;
       autograd keeps them for the LayerNorm backward).
     """
     op = "patch_embed"
-    _check(op, pixels, conv_weight, class_embedding, positional_embedding)
+    _check(op, pixels, conv_weight, conv_bias, class_embedding, positional_embedding)
     scale, shift = _scale_shift(op, pixels, mean, std)
     pos = positional_embedding
     if pos is not None and pos.dim() == 3:
         pos = pos.reshape(pos.shape[1:])
-    alt = route(op, (pixels, conv_weight, class_embedding, pos, scale, shift, ln_weight, ln_bias, ln_eps))
+    args = (pixels, conv_weight, conv_bias, class_embedding, pos, scale, shift, ln_weight, ln_bias, ln_eps)
+    alt = route(op, args)
     if alt is not None:
-        return alt(pixels, conv_weight, class_embedding, pos, scale, shift, ln_weight, ln_bias, ln_eps)
-    tokens = patch_embed_fwd(pixels, conv_weight, class_embedding, pos, scale, shift)
+        return alt(*args)
+    tokens = patch_embed_fwd(pixels, conv_weight, conv_bias, class_embedding, pos, scale, shift)
     if ln_weight is None and ln_bias is None:
         return tokens
     return layer_norm(tokens, ln_weight, ln_bias, float(ln_eps))

@@ -1,5 +1,5 @@
-"""Patch embedding rules: the start of ViT image towers -> ``clipfast.patch_embed`` (conv1, class token and
-positional embedding in one kernel, ln_pre fused behind it).
+"""Patch embedding rules: the start of ViT image towers -> ``clipfast.patch_embed`` (conv1 with its bias if it
+has one, class token and positional embedding in one kernel, ln_pre fused behind it).
 
 - reference model / OpenAI ``VisionTransformer``: the forward runs the fused embedding (with ln_pre), then
   continues exactly as the original (transformer sequence-first, ln_post on the class token, proj);
@@ -8,6 +8,9 @@ positional embedding in one kernel, ln_pre fused behind it).
   and the original patch dropout and ln_pre run after it;
 - Hugging Face ``CLIPVisionEmbeddings``: class token + position embedding (ln_pre lives elsewhere there);
   ``interpolate_pos_encoding=True`` runs the original forward.
+
+Hugging Face SigLIP's and timm's embeddings (a conv with bias, no class token) have their rules in
+``integrations_siglip.py`` / ``integrations_timm.py``, built from the helpers here.
 
 The fast modules fall back to the original code, call by call, for what the kernel does not cover: CUDA
 autocast (the conv would run in the autocast dtype), image sizes that are not multiples of the patch or
@@ -42,13 +45,15 @@ def _original_class(module: nn.Module) -> type:
 
 
 def _patch_size(conv: nn.Module) -> int:
-    """The patch size of a patchify conv, or Unsupported for any other conv."""
+    """The patch size of a patchify conv (with or without bias), or Unsupported for any other conv."""
     if type(conv) is not nn.Conv2d:
         raise Unsupported(f"patch conv is {type(conv).__name__}, not nn.Conv2d")
     p = conv.kernel_size[0]
     if (conv.kernel_size != (p, p) or conv.stride != (p, p) or conv.padding not in ((0, 0), "valid")
-            or conv.dilation != (1, 1) or conv.groups != 1 or conv.bias is not None or conv.padding_mode != "zeros"):
-        raise Unsupported("patch conv is not kernel == stride, no padding, no bias, no groups")
+            or conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros"):
+        raise Unsupported("patch conv is not kernel == stride, no padding, no groups")
+    if conv._forward_hooks or conv._forward_pre_hooks:
+        raise Unsupported("patch conv has forward hooks the fused embedding would bypass")
     return p
 
 
@@ -63,21 +68,25 @@ def _fusable_ln(ln: nn.Module, x: torch.Tensor) -> dict | None:
     return None
 
 
-def _fusable(x: torch.Tensor, conv: nn.Module, n_positions: int) -> bool:
+def _fusable(x: torch.Tensor, conv: nn.Module, n_positions: int | None, class_token: bool = True) -> bool:
+    """Whether the kernel takes ``x``: float [B, C, H, W] pixels outside autocast, H and W multiples of the
+    patch, and (unless ``n_positions`` is None) one positional row per token."""
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         return False
     if torch.is_autocast_enabled(x.device.type):
         return False
     p = conv.kernel_size[0]
     h, w = x.shape[-2:]
-    return h % p == 0 and w % p == 0 and h >= p and w >= p and (h // p) * (w // p) + 1 == n_positions
+    if h % p or w % p or h < p or w < p:
+        return False
+    return n_positions is None or (h // p) * (w // p) + int(class_token) == n_positions
 
 
 def _embed(module: nn.Module, x: torch.Tensor, ln: nn.Module | None) -> torch.Tensor:
     """conv1 -> class token -> positional embedding (-> ln) for the OpenAI / open_clip attribute names."""
     ln_kwargs = _fusable_ln(ln, x) if ln is not None else None
     tokens = patch_embed(x, module.conv1.weight, module.class_embedding, module.positional_embedding,
-                         **(ln_kwargs or {}))
+                         conv_bias=module.conv1.bias, **(ln_kwargs or {}))
     return ln(tokens) if ln is not None and ln_kwargs is None else tokens
 
 
@@ -142,14 +151,20 @@ def _hf_forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool
                                                                   self.num_positions):
         return _original_class(self).forward(self, pixel_values, interpolate_pos_encoding)
     return patch_embed(pixel_values, self.patch_embedding.weight, self.class_embedding,
-                       self.position_embedding.weight)
+                       self.position_embedding.weight, conv_bias=self.patch_embedding.bias)
 
 
-def _convert_hf(module: nn.Module) -> nn.Module:
+def check_hf_embeddings(module: nn.Module) -> None:
+    """Unsupported unless ``module`` is a HF vision embedding the fused op computes exactly: a patchify
+    ``patch_embedding`` conv and ``position_ids`` 0..N-1 into ``position_embedding``."""
     _patch_size(module.patch_embedding)
     ids = getattr(module, "position_ids", None)
     if ids is None or not torch.equal(ids.reshape(-1).cpu(), torch.arange(module.num_positions)):
         raise Unsupported("position_ids are not 0..N (custom position ids)")
+
+
+def _convert_hf(module: nn.Module) -> nn.Module:
+    check_hf_embeddings(module)
     return clone_as(module, fast_subclass(type(module), _hf_forward, f"Fast{type(module).__name__}"))
 
 
