@@ -12,7 +12,8 @@ from .ops import patch_embed
 from .ops import mlp, quick_gelu
 from .ops import clip_loss, siglip_loss
 from .ops import flash_attention
+from .ops import flash_attention_varlen
 
 __version__ = "0.1.0"
 
-__all__ = ["nn", "ops", "models", "patch", "unpatch", "integrations", "layer_norm", "add_layer_norm", "patch_embed", "mlp", "quick_gelu", "clip_loss", "siglip_loss", "flash_attention"]
+__all__ = ["nn", "ops", "models", "patch", "unpatch", "integrations", "layer_norm", "add_layer_norm", "patch_embed", "mlp", "quick_gelu", "clip_loss", "siglip_loss", "flash_attention", "flash_attention_varlen"]
