@@ -419,7 +419,7 @@ def test_mha_module_compiles_without_graph_break():
 # ----------------------------------------------------------------------------------------------
 
 def _attention_only_patch(model):
-    return clipfast.patch(model, layer_norm=False, mlp=False, patch_embed=False, attention=True)
+    return clipfast.patch(model, layer_norm=False, mlp=False, patch_embed=False, attention=True, unpad_text=False)
 
 
 def _outputs_and_grads(model, image, text):

@@ -79,7 +79,8 @@ def test_verify_tiny_reference_model_passes_and_reports_every_swapped_module(tmp
     expected_swaps = [s.path for s in clipfast.patch(model).swapped]
     assert data["swapped"] == expected_swaps and expected_swaps
     module_rows = {r["name"] for r in data["rows"] if r["kind"] == "module"}
-    assert module_rows | set(data["fused_into_parent"]) == set(expected_swaps)
+    assert module_rows | set(data["fused_into_parent"]) | set(data["ran_unpadded"]) == set(expected_swaps)
+    assert data["ran_unpadded"] and {p.split(".")[0] for p in data["ran_unpadded"]} == {"transformer", "ln_final"}
     assert len(module_rows) > len(data["fused_into_parent"])
     grads = {r["name"] for r in data["rows"] if r["kind"] == "grad"}
     assert grads == {n for n, _ in model.named_parameters()}

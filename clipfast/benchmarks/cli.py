@@ -121,6 +121,9 @@ def plot_loss_scaling(rows: list[dict], path: str) -> bool:
 
 
 def main_bench(args) -> int:
+    if args.target == "text":  # tokens / FLOPs (and GPU time) of the unpadded text tower: its own report
+        from .text import main
+        return main(["--json", args.json] if args.json else [])
     on_gpu = torch.cuda.is_available()
     smoke = args.smoke or not on_gpu
     families = [m.__name__.rsplit(".", 1)[-1] for m in case_modules()]

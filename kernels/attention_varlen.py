@@ -1,0 +1,358 @@
+"""Variable-length (packed) flash attention, forward and backward: many sequences of different lengths in one
+launch, with no padding computed.
+
+Shapes and layouts
+------------------
+q [total_q, H, D], k/v [total_k, H, D] with any strides (the views of a packed ``[T, 3, H, D]``
+in-projection are read in place); sequence ``b`` owns tokens ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1``
+(int32 cumulative offsets, FlashAttention's varlen convention). Every sequence attends only its own keys;
+with ``IS_CAUSAL`` query i of a sequence sees its keys j <= i (top-left aligned, as SDPA's ``is_causal``:
+the usual self-attention case has equal query and key lengths, where both alignments agree). Outputs o, dq,
+dk, dv are contiguous [T, H, D]. Token offsets are 64-bit (``start * stride`` in int64), so packed
+tensors of any size are addressed correctly; offsets inside one sequence stay 32-bit (the launcher checks
+``max_seqlen * token stride < 2**31``).
+
+Grid: (batch * heads, blocks of the longest sequence). A program reads its sequence's start and length
+from ``cu_seqlens`` and returns at once when its block lies past the end of a shorter sequence, so the
+cost follows the real tokens (plus one launch slot per empty block).
+
+Algorithm and memory traffic
+----------------------------
+The per-sequence work is the dense kernels' (``kernels/attention.py``), reusing their tile helpers:
+forward with online base-2 softmax over key blocks (q read once, k/v once per query block, o and the
+row statistics written once; the scores never touch memory); backward without atomics: ``delta =
+rowsum(dO * O)`` (the dense preprocess kernel over the packed tokens), a key-block kernel (dk, dv in
+registers, walking the query blocks of its sequence) and a query-block kernel (dq). Row statistics are
+fp32 [H, 2, total_q]: row max (+inf past a sequence's end, so those probabilities are 0) and log2 of the
+row sum, as in the dense kernels.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import runtime
+from .attention import (DKDV_TILES, DQ_TILES, FWD_TILES, LOG2E, _attn_bwd_preprocess_kernel,
+                        _configs, _dot_precision, _dq_key_blocks, _fwd_key_blocks, _load_tile, _mask_scores,
+                        _prune, _store_tile, _unmasked_key_end, block_d)
+
+MAX_HEAD_DIM = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _sequence(CU_SEQLENS, seq):
+    """First token (int64) and length of sequence ``seq``."""
+    start = tl.load(CU_SEQLENS + seq)
+    return start.to(tl.int64), tl.load(CU_SEQLENS + seq + 1) - start
+
+
+@triton.jit
+def _token_base(ptr, start, head, stride_t, stride_h):
+    """Pointer to token ``start`` (int64) of head ``head``: 64-bit, so huge packed tensors cannot overflow."""
+    return ptr + start * stride_t + head.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _row_stats(stats_base, delta_base, total_q, offs_m, seqlen_q):
+    """Saved row max, log2(sum) and delta of the rows ``offs_m`` of one sequence and head; rows past the
+    sequence's end read as fully masked (max +inf, so their probabilities are 0)."""
+    ok = offs_m < seqlen_q
+    row_max = tl.load(stats_base + offs_m, mask=ok, other=float("inf"))
+    log2_sum = tl.load(stats_base + total_q + offs_m, mask=ok, other=0.0)
+    return row_max, log2_sum, tl.load(delta_base + offs_m, mask=ok, other=0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+@runtime.autotune(_configs(FWD_TILES), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
+                  prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _varlen_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
+    n_heads, total_q, head_dim, qk_scale, len_bucket,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One [BLOCK_M] block of queries of one sequence and head (``len_bucket`` only keys the autotuner)."""
+    seq = tl.program_id(0) // n_heads
+    head = tl.program_id(0) % n_heads
+    start_m = tl.program_id(1) * BLOCK_M
+    q_start, seqlen_q = _sequence(CU_Q, seq)
+    if start_m >= seqlen_q:
+        return
+    k_start, seqlen_k = _sequence(CU_K, seq)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_base = _token_base(K, k_start, head, stride_kt, stride_kh)
+    v_base = _token_base(V, k_start, head, stride_vt, stride_vh)
+
+    q = _load_tile(_token_base(Q, q_start, head, stride_qt, stride_qh), offs_m, offs_d, stride_qt, stride_qd,
+                   seqlen_q, head_dim)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = seqlen_k
+    if IS_CAUSAL:
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+    mid = _unmasked_key_end(start_m, seqlen_k, IS_CAUSAL, BLOCK_N)
+    # no bias: the bias pointer and strides are placeholders the helpers never read
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, K, offs_m, offs_d, 0, mid,
+                                    stride_kt, stride_kd, stride_vt, stride_vd, 0, 0,
+                                    seqlen_q, seqlen_k, head_dim, qk_scale,
+                                    IS_CAUSAL, 0, DOT_PRECISION, False, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, K, offs_m, offs_d, mid, hi,
+                                    stride_kt, stride_kd, stride_vt, stride_vd, 0, 0,
+                                    seqlen_q, seqlen_k, head_dim, qk_scale,
+                                    IS_CAUSAL, 0, DOT_PRECISION, True, BLOCK_N)
+
+    has_keys = l_i > 0.0
+    l_i = tl.where(has_keys, l_i, 1.0)
+    _store_tile(_token_base(O, q_start, head, stride_ot, stride_oh), acc / l_i[:, None], offs_m, offs_d,
+                stride_ot, stride_od, seqlen_q, head_dim)
+    stats = LSE + head.to(tl.int64) * 2 * total_q + q_start + offs_m
+    tl.store(stats, tl.where(has_keys, m_i, float("inf")), mask=offs_m < seqlen_q)
+    tl.store(stats + total_q, tl.math.log2(l_i), mask=offs_m < seqlen_q)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, stats_base, delta_base, offs_n, offs_d, lo, hi,
+                       stride_qt, stride_qd, stride_dot, stride_dod, total_q, seqlen_q, seqlen_k, head_dim, qk_scale,
+                       IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dk, dv contributions of the query blocks in [lo, hi) of one sequence (masked only on the causal
+    diagonal: keys past the sequence's end are never stored, queries past it have probability 0)."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_tile(q_base, offs_m, offs_d, stride_qt, stride_qd, seqlen_q, head_dim)
+        do = _load_tile(do_base, offs_m, offs_d, stride_dot, stride_dod, seqlen_q, head_dim)
+        row_max, log2_sum, delta = _row_stats(stats_base, delta_base, total_q, offs_m, seqlen_q)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        s_t = _mask_scores(s_t, offs_m, offs_n, q_base, 0, 0, seqlen_q, seqlen_k, IS_CAUSAL, 0, False, IS_CAUSAL)
+        p_t = tl.math.exp2((s_t - row_max[None, :]) - log2_sum[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) - delta[None, :])
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@runtime.autotune(_configs(DKDV_TILES), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
+                  prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _varlen_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
+    stride_dkt, stride_dkh, stride_dkd, stride_dvt, stride_dvh, stride_dvd,
+    n_heads, total_q, head_dim, qk_scale, sm_scale, len_bucket,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One [BLOCK_N] block of keys of one sequence and head: dk, dv over every query block that sees it."""
+    seq = tl.program_id(0) // n_heads
+    head = tl.program_id(0) % n_heads
+    start_n = tl.program_id(1) * BLOCK_N
+    k_start, seqlen_k = _sequence(CU_K, seq)
+    if start_n >= seqlen_k:
+        return
+    q_start, seqlen_q = _sequence(CU_Q, seq)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_tile(_token_base(K, k_start, head, stride_kt, stride_kh), offs_n, offs_d, stride_kt, stride_kd,
+                   seqlen_k, head_dim)
+    v = _load_tile(_token_base(V, k_start, head, stride_vt, stride_vh), offs_n, offs_d, stride_vt, stride_vd,
+                   seqlen_k, head_dim)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    stats_base = LSE + head.to(tl.int64) * 2 * total_q + q_start
+    delta_base = DELTA + head.to(tl.int64) * total_q + q_start
+
+    lo = 0
+    if IS_CAUSAL:  # queries above this key block's first key cannot see it
+        lo = start_n // BLOCK_M * BLOCK_M
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, _token_base(Q, q_start, head, stride_qt, stride_qh),
+                                _token_base(DO, q_start, head, stride_dot, stride_doh), stats_base, delta_base,
+                                offs_n, offs_d, lo, seqlen_q, stride_qt, stride_qd, stride_dot, stride_dod,
+                                total_q, seqlen_q, seqlen_k, head_dim, qk_scale, IS_CAUSAL, DOT_PRECISION, BLOCK_M)
+
+    _store_tile(_token_base(DK, k_start, head, stride_dkt, stride_dkh), dk * sm_scale, offs_n, offs_d,
+                stride_dkt, stride_dkd, seqlen_k, head_dim)
+    _store_tile(_token_base(DV, k_start, head, stride_dvt, stride_dvh), dv, offs_n, offs_d,
+                stride_dvt, stride_dvd, seqlen_k, head_dim)
+
+
+@runtime.autotune(_configs(DQ_TILES), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
+                  prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _varlen_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
+    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod, stride_dqt, stride_dqh, stride_dqd,
+    n_heads, total_q, head_dim, qk_scale, sm_scale, len_bucket,
+    IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One [BLOCK_M] block of queries of one sequence and head: dq over the key blocks it sees."""
+    seq = tl.program_id(0) // n_heads
+    head = tl.program_id(0) % n_heads
+    start_m = tl.program_id(1) * BLOCK_M
+    q_start, seqlen_q = _sequence(CU_Q, seq)
+    if start_m >= seqlen_q:
+        return
+    k_start, seqlen_k = _sequence(CU_K, seq)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_tile(_token_base(Q, q_start, head, stride_qt, stride_qh), offs_m, offs_d, stride_qt, stride_qd,
+                   seqlen_q, head_dim)
+    do = _load_tile(_token_base(DO, q_start, head, stride_dot, stride_doh), offs_m, offs_d, stride_dot, stride_dod,
+                    seqlen_q, head_dim)
+    row_max, log2_sum, delta = _row_stats(LSE + head.to(tl.int64) * 2 * total_q + q_start,
+                                          DELTA + head.to(tl.int64) * total_q + q_start, total_q, offs_m, seqlen_q)
+    k_base = _token_base(K, k_start, head, stride_kt, stride_kh)
+    v_base = _token_base(V, k_start, head, stride_vt, stride_vh)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    hi = seqlen_k
+    if IS_CAUSAL:
+        hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
+    mid = _unmasked_key_end(start_m, seqlen_k, IS_CAUSAL, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, row_max, log2_sum, delta, k_base, v_base, K, offs_m, offs_d, 0, mid,
+                        stride_kt, stride_kd, stride_vt, stride_vd, 0, 0, seqlen_q, seqlen_k, head_dim, qk_scale,
+                        IS_CAUSAL, 0, DOT_PRECISION, False, BLOCK_N)
+    dq = _dq_key_blocks(dq, q, do, row_max, log2_sum, delta, k_base, v_base, K, offs_m, offs_d, mid, hi,
+                        stride_kt, stride_kd, stride_vt, stride_vd, 0, 0, seqlen_q, seqlen_k, head_dim, qk_scale,
+                        IS_CAUSAL, 0, DOT_PRECISION, True, BLOCK_N)
+    _store_tile(_token_base(DQ, q_start, head, stride_dqt, stride_dqh), dq * sm_scale, offs_m, offs_d,
+                stride_dqt, stride_dqd, seqlen_q, head_dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+
+def _len_bucket(max_seqlen: int) -> int:
+    """Autotune key for a batch's longest sequence: its power-of-two bucket (one tuning per bucket)."""
+    return runtime.next_power_of_2(max_seqlen)
+
+
+def _grid(batch: int, heads: int, max_seqlen: int):
+    return lambda meta, block="BLOCK_M": (batch * heads, runtime.cdiv(max(max_seqlen, 1), meta[block]))
+
+
+def fits_32bit_sequence_offsets(t: torch.Tensor, max_seqlen: int) -> bool:
+    """Whether offsets inside one sequence (``max_seqlen * token stride``) fit in int32."""
+    return max_seqlen * max(t.stride(0), 1) + t.shape[1] * t.stride(1) + t.shape[2] * t.stride(2) < 2**31
+
+
+def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
+               scale: float):
+    """Launch the forward. Returns (o [total_q, H, D], lse fp32 [H, 2, total_q]: row max, +inf on rows
+    without keys, and log2 of the row sum)."""
+    total_q, h, d = q.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    o = runtime.empty((total_q, h, d), q.dtype, q.device)
+    lse = runtime.empty((h, 2, total_q), torch.float32, q.device)
+    if o.numel() == 0:
+        return o, lse
+    _varlen_fwd_kernel[_grid(batch, h, max_seqlen_q)](
+        q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        h, total_q, d, scale * LOG2E, _len_bucket(max(max_seqlen_q, max_seqlen_k)),
+        IS_CAUSAL=is_causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d(d),
+    )
+    return o, lse
+
+
+def varlen_bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+               is_causal: bool, scale: float):
+    """Launch the backward. Returns (dq, dk, dv), contiguous [total, H, D] in the inputs' dtype."""
+    total_q, h, d = q.shape
+    batch = cu_seqlens_q.shape[0] - 1
+    dq = runtime.empty(q.shape, q.dtype, q.device)
+    dk = runtime.empty(k.shape, k.dtype, k.device)
+    dv = runtime.empty(v.shape, v.dtype, v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    bd = block_d(d)
+    # delta over the packed tokens: the dense preprocess kernel on the [1, H, total_q, D] view
+    delta = runtime.empty((h, total_q), torch.float32, q.device)
+    pre_block = max(16, min(64, 2048 // bd))
+    o4, do4 = o.unsqueeze(0).transpose(1, 2), do.unsqueeze(0).transpose(1, 2)
+    _attn_bwd_preprocess_kernel[(h, runtime.cdiv(total_q, pre_block))](
+        o4, do4, delta, *o4.stride(), *do4.stride(), h, total_q, d, BLOCK_D=bd, BLOCK_M=pre_block,
+    )
+    common = dict(IS_CAUSAL=is_causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=bd)
+    bucket = _len_bucket(max(max_seqlen_q, max_seqlen_k))
+    _varlen_bwd_dkdv_kernel[lambda meta: _grid(batch, h, max_seqlen_k)(meta, "BLOCK_N")](
+        q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        h, total_q, d, scale * LOG2E, scale, bucket, **common,
+    )
+    _varlen_bwd_dq_kernel[_grid(batch, h, max_seqlen_q)](
+        q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        h, total_q, d, scale * LOG2E, scale, bucket, **common,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# AOT cases
+# ---------------------------------------------------------------------------------------------
+
+def _aot_signature(kernel) -> tuple[dict[str, str], dict[str, int]]:
+    """Upper-case names are pointers (int32 offsets, fp32 statistics, the case dtype otherwise), the scales
+    fp32, other scalars i32; head-dim strides are the constant 1, as the runtime specializes them."""
+    sig, unit = {}, {}
+    for param in runtime.jit_function(kernel).params:
+        name = param.name
+        if param.is_constexpr:
+            continue
+        if name in ("CU_Q", "CU_K"):
+            sig[name] = "*i32"
+        elif name in ("LSE", "DELTA"):
+            sig[name] = "*fp32"
+        elif name.isupper():
+            sig[name] = "*{dtype}"
+        elif name.endswith("_scale"):
+            sig[name] = "fp32"
+        elif name.startswith("stride_") and name.endswith("d"):
+            unit[name] = 1
+        else:
+            sig[name] = "i32"
+    return sig, unit
+
+
+def aot_cases() -> list[runtime.AotCase]:
+    """Every shipped tile (after pruning) of the three varlen kernels at head dims 64 and 128, causal and
+    bidirectional, and the forward at 256 (the backward at 256 spills in the dense kernels too); the quick
+    subset is the causal text tower's head dim 64 at the first tile."""
+    from .attention import BWD_SPILL_FREE_MAX_D
+
+    cases = []
+    kernels = ((_varlen_fwd_kernel, "fwd"), (_varlen_bwd_dkdv_kernel, "bwd_dkdv"), (_varlen_bwd_dq_kernel, "bwd_dq"))
+    for bd in (64, 128, 256):
+        for causal in (False, True):
+            flags = {"IS_CAUSAL": causal, "DOT_PRECISION": "tf32", "BLOCK_D": bd}
+            for kernel, label in kernels:
+                if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
+                    continue
+                signature, unit_strides = _aot_signature(kernel)
+                for i, cfg in enumerate(_prune(kernel.shipped_configs, {"BLOCK_D": bd})):
+                    cases.append(runtime.AotCase(
+                        name=f"attention_varlen_{label}{'_causal' if causal else ''}[D={bd}]",
+                        kernel=runtime.jit_function(kernel), signature=signature,
+                        constexprs={**flags, **cfg.kwargs, **unit_strides}, num_warps=cfg.num_warps,
+                        num_stages=cfg.num_stages, expects_mma=True, quick=bd == 64 and i == 0 and causal,
+                    ))
+    return cases
