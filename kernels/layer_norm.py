@@ -7,12 +7,19 @@ read once): optional ``h = x + residual`` (rounded to the input dtype, as eager 
 mean and variance in fp32 from registers, ``y = (h - mean) * rstd * w + b``. Memory traffic: read x
 (and residual), write y (and h), plus 8 bytes of statistics per row: the minimum for the op.
 
-Backward: a persistent grid of G programs; each walks a contiguous run of rows, recomputes
+Backward: a persistent grid of G programs (G by row width and architecture, see ``bwd_programs``);
+each walks a contiguous run of rows in a software-pipelined loop (``tl.range(..., num_stages=...)``:
+the next tile's loads are issued while the current one is reduced, see ``bwd_stages``), recomputes
 ``xhat = (h - mean) * rstd`` from the saved statistics and writes
 ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))`` with ``g = dy * w`` (plus the incoming gradient of
 ``h`` for the residual variant). Weight and bias gradients are accumulated per program in fp32
-registers and written to fp32 partial buffers [G, N], reduced over G afterwards, so they are never
-accumulated in fp16/bf16 and need no atomics (deterministic). Traffic: read h, dy (and dh), write dx.
+registers and written to fp32 partial rows [G, N] (every row written, so nothing is zero-filled); one
+more launch (``_layer_norm_param_grad_kernel``) sums them over G in a fixed order and casts them to the
+parameters' dtypes, so they are never accumulated in fp16/bf16 and need no atomics (deterministic).
+Traffic: read h, dy (and dh), write dx, plus 2 x G x N fp32 partials written and read once.
+
+Offsets: every row offset is ``row.to(int64) * stride``, so tensors past 2**31 elements (or views with
+huge row strides) are addressed correctly.
 """
 from __future__ import annotations
 
@@ -23,8 +30,9 @@ import triton.language as tl
 from . import runtime
 
 # Rows wider than this do not fit the registers of one program (the backward spills at 16384 with 16
-# warps, see `clipfast aot`); the ops fall back to eager above it.
-MAX_COLS = 8192
+# warps under triton 3.8, and already at 8192 under 3.6: see `clipfast aot`); the ops fall back to eager
+# above it.
+MAX_COLS = 8192 if runtime.triton_at_least(3, 8) else 4096
 FWD_MAX_WARPS = 8
 
 
@@ -69,7 +77,7 @@ def _layer_norm_bwd_kernel(
     DY, DH, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
     n_rows, n_cols, rows_per_program, stride_dy, stride_dh, stride_x, stride_dx,
     HAS_DH: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -81,7 +89,7 @@ def _layer_norm_bwd_kernel(
 
     first_row = pid * rows_per_program
     end_row = tl.minimum(first_row + rows_per_program, n_rows)
-    for start in range(first_row, end_row, BLOCK_M):
+    for start in tl.range(first_row, end_row, BLOCK_M, num_stages=NUM_STAGES):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < end_row
         mask = row_ok[:, None] & col_ok[None, :]
@@ -93,6 +101,11 @@ def _layer_norm_bwd_kernel(
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
 
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        # parameter gradients first: dy is then dead once g exists (fewer live registers for wide rows)
+        if HAS_WEIGHT:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+        if HAS_BIAS:
+            db_acc += tl.sum(dy, axis=0)
         g = dy
         if HAS_WEIGHT:
             g = dy * w[None, :]
@@ -103,15 +116,36 @@ def _layer_norm_bwd_kernel(
             dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
-        if HAS_WEIGHT:
-            dw_acc += tl.sum(dy * xhat, axis=0)
-        if HAS_BIAS:
-            db_acc += tl.sum(dy, axis=0)
-
+    part = pid.to(tl.int64) * n_cols + cols
     if HAS_WEIGHT:
-        tl.store(DW_PARTIAL + pid * n_cols + cols, dw_acc, mask=col_ok)
+        tl.store(DW_PARTIAL + part, dw_acc, mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB_PARTIAL + pid * n_cols + cols, db_acc, mask=col_ok)
+        tl.store(DB_PARTIAL + part, db_acc, mask=col_ok)
+
+
+@triton.jit
+def _layer_norm_param_grad_kernel(
+    DW_PARTIAL, DB_PARTIAL, DW, DB, n_partials, n_cols,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dW and dB for a BLOCK_N slice of the columns: the fp32 partial rows [G, N] summed over G in a fixed
+    order (deterministic), stored in the parameters' dtypes."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    dw = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    db = tl.zeros([BLOCK_G, BLOCK_N], dtype=tl.float32)
+    for g0 in range(0, n_partials, BLOCK_G):
+        parts = g0 + tl.arange(0, BLOCK_G)
+        mask = (parts < n_partials)[:, None] & col_ok[None, :]
+        offs = parts.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        if HAS_WEIGHT:
+            dw += tl.load(DW_PARTIAL + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            db += tl.load(DB_PARTIAL + offs, mask=mask, other=0.0)
+    if HAS_WEIGHT:
+        tl.store(DW + cols, tl.sum(dw, axis=0).to(DW.dtype.element_ty), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_ok)
 
 
 def row_tile(n_cols: int, max_warps: int = 16) -> dict:
@@ -124,6 +158,11 @@ def row_tile(n_cols: int, max_warps: int = 16) -> dict:
     block_m = max(1, min(16, 2048 // block_n))
     num_warps = max(4, min(max_warps, block_m * block_n // 256))
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+
+
+def bwd_tile(n_cols: int) -> dict:
+    """The backward's tile (``row_tile`` with up to 16 warps)."""
+    return row_tile(n_cols)
 
 
 def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
@@ -158,33 +197,68 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float):
     return y, h, mean, rstd
 
 
-def layer_norm_bwd(dy, dh, x, weight, has_bias: bool, mean, rstd):
-    """Launch the backward kernel. ``x`` is the normalized input (``h`` for the residual variant),
-    ``dh`` the incoming gradient of ``h`` or None. Returns ``(dx, dweight, dbias)``, the parameter gradients
-    in fp32 (None where absent)."""
+def bwd_stages(block_n: int) -> int:
+    """Depth of the backward's software-pipelined row loop: the next tile's loads are issued before the
+    current tile is reduced (`clipfast aot` shows LDGSTS async copies for the row statistics on sm_90).
+    Rows of 8192 columns keep enough bytes in flight alone and spill when pipelined."""
+    return 2 if block_n < 8192 else 1
+
+
+# The dW/dB reduction: a [BLOCK_G, BLOCK_N] fp32 tile of partial rows per step, BLOCK_N columns a program.
+PARAM_GRAD_TILE = {"BLOCK_G": 32, "BLOCK_N": 64, "num_warps": 4}
+
+
+def bwd_programs(n_rows: int, n_cols: int, block_m: int, device: torch.device) -> int:
+    """Programs of the backward's persistent grid: enough to keep bytes in flight on every SM. Narrow
+    rows give each program little work per step, so more programs per SM are resident (Hopper: 8 per SM
+    up to 1024 columns, as quack does; Ampere, with fewer registers and less shared memory a SM, half
+    that); wide rows fill a SM with fewer. Never more programs than row tiles; every program gets at
+    least one."""
+    per_sm = 8 if n_cols <= 1024 else 4 if n_cols <= 4096 else 2
+    if runtime.capability(device)[0] < 9:
+        per_sm = max(1, per_sm // 2)
+    return max(1, min(runtime.cdiv(n_rows, block_m), per_sm * runtime.sm_count(device)))
+
+
+def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
+    """Launch the backward kernels. ``x`` is the normalized input (``h`` for the residual variant),
+    ``dh`` the incoming gradient of ``h`` or None, ``weight``/``bias`` the parameters or None. Returns
+    ``(dx, dweight, dbias)``: dx in x's dtype, the parameter gradients in the parameters' dtypes (None where
+    absent). Two launches: the row pass and the dW/dB reduction."""
     n_cols = x.shape[-1]
     x2, dy2 = _as_rows(x, n_cols), _as_rows(dy, n_cols)
     n_rows = x2.shape[0]
     dx = runtime.empty(x.shape, x.dtype, x.device)
-    has_weight = weight is not None
-    tile = row_tile(n_cols)
-    n_programs = max(1, min(runtime.cdiv(n_rows, tile["BLOCK_M"]), 2 * runtime.sm_count(x.device)))
-    rows_per_program = max(1, runtime.cdiv(runtime.cdiv(n_rows, n_programs), tile["BLOCK_M"])) * tile["BLOCK_M"]
-    n_programs = max(1, runtime.cdiv(n_rows, rows_per_program))
-    dw_partial = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device) if has_weight else None
-    db_partial = torch.zeros((n_programs, n_cols), dtype=torch.float32, device=x.device) if has_bias else None
-    if n_rows > 0:
-        dh2 = _as_rows(dh, n_cols) if dh is not None else dy2
-        dx2 = dx.view(-1, n_cols)
-        _layer_norm_bwd_kernel[(n_programs,)](
-            dy2, dh2, x2, weight if has_weight else x2, mean, rstd, dx2,
-            dw_partial if has_weight else mean, db_partial if has_bias else mean,
-            n_rows, n_cols, rows_per_program, dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0),
-            HAS_DH=dh is not None, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-            BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], num_warps=tile["num_warps"],
-        )
-    dweight = dw_partial.sum(0) if has_weight else None
-    dbias = db_partial.sum(0) if has_bias else None
+    has_weight, has_bias = weight is not None, bias is not None
+    if n_rows == 0:
+        zeros = lambda p: torch.zeros_like(p) if p is not None else None  # noqa: E731
+        return dx, zeros(weight), zeros(bias)
+    tile = bwd_tile(n_cols)
+    n_programs = bwd_programs(n_rows, n_cols, tile["BLOCK_M"], x.device)
+    rows_per_program = runtime.cdiv(runtime.cdiv(n_rows, n_programs), tile["BLOCK_M"]) * tile["BLOCK_M"]
+    n_programs = runtime.cdiv(n_rows, rows_per_program)  # every program has rows: every partial row is written
+    partial = runtime.empty((int(has_weight) + int(has_bias), n_programs, n_cols), torch.float32, x.device)
+    dw_partial = partial[0] if has_weight else mean
+    db_partial = partial[-1] if has_bias else mean
+    dh2 = _as_rows(dh, n_cols) if dh is not None else dy2
+    dx2 = dx.view(-1, n_cols)
+    _layer_norm_bwd_kernel[(n_programs,)](
+        dy2, dh2, x2, weight if has_weight else x2, mean, rstd, dx2, dw_partial, db_partial,
+        n_rows, n_cols, rows_per_program, dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0),
+        HAS_DH=dh is not None, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], NUM_STAGES=bwd_stages(tile["BLOCK_N"]),
+        num_warps=tile["num_warps"],
+    )
+    if not (has_weight or has_bias):
+        return dx, None, None
+    dweight = runtime.empty(weight.shape, weight.dtype, x.device) if has_weight else None
+    dbias = runtime.empty(bias.shape, bias.dtype, x.device) if has_bias else None
+    red = PARAM_GRAD_TILE
+    _layer_norm_param_grad_kernel[(runtime.cdiv(n_cols, red["BLOCK_N"]),)](
+        dw_partial, db_partial, dweight if has_weight else dw_partial, dbias if has_bias else db_partial,
+        n_programs, n_cols, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
+        BLOCK_G=red["BLOCK_G"], BLOCK_N=red["BLOCK_N"], num_warps=red["num_warps"],
+    )
     return dx, dweight, dbias
 
 
@@ -192,7 +266,7 @@ def aot_cases() -> list[runtime.AotCase]:
     """The shipped configurations at CLIP widths (512..1280), plus the widest rows we hold in registers."""
     cases = []
     for n_cols in (512, 768, 1024, 1280, MAX_COLS):
-        fwd_tile, tile = row_tile(n_cols, FWD_MAX_WARPS), row_tile(n_cols)
+        fwd_tile, tile = row_tile(n_cols, FWD_MAX_WARPS), bwd_tile(n_cols)
         quick = n_cols in (768, MAX_COLS)
         for residual in (False, True):
             cases.append(runtime.AotCase(
@@ -213,7 +287,18 @@ def aot_cases() -> list[runtime.AotCase]:
                            "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", "stride_dy": "i32",
                            "stride_dh": "i32", "stride_x": "i32", "stride_dx": "i32"},
                 constexprs={"HAS_DH": residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
-                            "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"]},
+                            "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"], "NUM_STAGES": bwd_stages(tile["BLOCK_N"])},
                 num_warps=tile["num_warps"], quick=quick,
             ))
+    # the dW/dB reduction, into fp32 parameters (autocast) and into parameters of the activations' dtype
+    red = PARAM_GRAD_TILE
+    for param in ("fp32", "{dtype}"):
+        cases.append(runtime.AotCase(
+            name=f"layer_norm_param_grad[{'fp32' if param == 'fp32' else 'same'} params]",
+            kernel=_layer_norm_param_grad_kernel,
+            signature={"DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "DW": f"*{param}", "DB": f"*{param}",
+                       "n_partials": "i32", "n_cols": "i32"},
+            constexprs={"HAS_WEIGHT": True, "HAS_BIAS": True, "BLOCK_G": red["BLOCK_G"], "BLOCK_N": red["BLOCK_N"]},
+            num_warps=red["num_warps"], quick=param == "fp32",
+        ))
     return cases

@@ -25,6 +25,15 @@ TRITON_TYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat1
 MAX_GRID_YZ = 65535
 
 
+# Register allocation differs between Triton versions (3.6 spills where 3.8 does not): the few tiles that
+# need it are chosen per version with this, and `clipfast aot` checks them under each.
+TRITON_VERSION: tuple[int, int] = tuple(int(p) for p in triton.__version__.split(".")[:2])
+
+
+def triton_at_least(major: int, minor: int) -> bool:
+    return TRITON_VERSION >= (major, minor)
+
+
 def next_power_of_2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 

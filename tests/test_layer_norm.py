@@ -3,13 +3,14 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
+from clipfast.kernels import layer_norm as kernel
 from clipfast.kernels import runtime
 
 from .conftest import DEVICE, DTYPES, ON_GPU
 from .numerics import assert_op_matches, randn
 
 # awkward widths (non-powers of two, CLIP widths, the widest we keep in registers) and row counts
-WIDTHS = [1, 7, 64, 768, 1280, 1664] + ([8192] if ON_GPU else [])
+WIDTHS = [1, 7, 64, 768, 1280, 1664] + ([kernel.MAX_COLS] if ON_GPU else [])
 ROWS = [1, 3, 77, 197]
 
 
@@ -208,3 +209,73 @@ def test_under_autocast_takes_what_eager_code_gets():
     assert ln.weight.grad is not None and ln.weight.grad.dtype == torch.float32
     ref = F.layer_norm(h.double(), (64,), ln.weight.double(), ln.bias.double())
     torch.testing.assert_close(y.double(), ref, atol=4e-2, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward: grid sizes, parameter gradients, 64-bit offsets
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_rows,n_cols,programs", [(45, 100, 1), (45, 100, 7), (9, 33, 64), (130, 768, 3)])
+def test_backward_any_number_of_programs(monkeypatch, dtype, n_rows, n_cols, programs):
+    """The persistent backward: every row covered and every partial row reduced, whether one program
+    walks all rows, several walk uneven runs (the last one short), or there are more programs than tiles."""
+    monkeypatch.setattr(kernel, "bwd_programs", lambda n_rows, n_cols, block_m, device: min(programs, n_rows))
+    x = randn(n_rows, n_cols, device=DEVICE, outliers=2)
+    r = randn(n_rows, n_cols, device=DEVICE)
+    w = 1 + 0.1 * torch.randn(n_cols, device=DEVICE)
+    b = 0.1 * torch.randn(n_cols, device=DEVICE)
+    assert_op_matches("add_layer_norm programs", clipfast.add_layer_norm, eager_add_layer_norm, [x, r, w, b], dtype)
+
+
+def test_backward_programs_by_width_and_arch(monkeypatch):
+    monkeypatch.setattr(runtime, "sm_count", lambda device: 132)
+    programs = {}
+    for major in (8, 9):
+        monkeypatch.setattr(runtime, "capability", lambda device, major=major: (major, 0))
+        programs[major] = [kernel.bwd_programs(10**6, n, 1, DEVICE) for n in (768, 2048, 8192)]
+    assert programs[9] == [8 * 132, 4 * 132, 2 * 132]  # more programs per SM at narrow widths on Hopper
+    assert programs[8] == [4 * 132, 2 * 132, 132]
+    assert kernel.bwd_programs(5, 768, 2, DEVICE) == 3  # never more programs than row tiles
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.float16])
+def test_parameter_gradients_come_back_in_the_parameters_dtypes(param_dtype):
+    x = randn(21, 96, device=DEVICE).half().requires_grad_()
+    w = (1 + 0.1 * torch.randn(96, device=DEVICE)).to(param_dtype).requires_grad_()
+    b = (0.1 * torch.randn(96, device=DEVICE)).to(param_dtype).requires_grad_()
+    clipfast.layer_norm(x, w, b).float().sum().backward()
+    assert w.grad.dtype == b.grad.dtype == param_dtype
+    assert torch.isfinite(w.grad).all() and torch.isfinite(b.grad).all()
+    # dB is the column sum of dy = 1, exactly the row count
+    assert torch.equal(b.grad.float(), torch.full((96,), 21.0, device=DEVICE))
+
+
+def _free_memory_bytes() -> int:
+    if ON_GPU:
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(_free_memory_bytes() < 12 * 2**30, reason="needs ~12 GiB free memory (a 4 GiB storage)")
+def test_rows_past_2_31_elements_use_64_bit_offsets():
+    """x and residual as views with a row stride just over 2**30 into one fp16 storage of ~2**31 elements
+    (4 GiB, mostly never touched): row 2 starts past 2**31 elements, where int32 offsets wrap. Forward and
+    every gradient against float64 (the backward reads the saved input with the same stride)."""
+    stride, n_rows, n_cols = 2**30 + 256, 3, 64
+    storage = torch.empty((n_rows - 1) * stride + 2 * n_cols, dtype=torch.float16, device=DEVICE)
+    x = storage.as_strided((n_rows, n_cols), (stride, 1))
+    r = storage.as_strided((n_rows, n_cols), (stride, 1), storage_offset=n_cols)
+    x.copy_(randn(n_rows, n_cols, device=DEVICE))
+    r.copy_(randn(n_rows, n_cols, device=DEVICE))
+    assert x.stride(0) * (n_rows - 1) > 2**31
+    w = 1 + 0.1 * torch.randn(n_cols, device=DEVICE)
+    b = 0.1 * torch.randn(n_cols, device=DEVICE)
+    assert_op_matches("layer_norm 64-bit offsets", clipfast.layer_norm, eager_layer_norm, [x, w, b], torch.float16)
+    assert_op_matches("add_layer_norm 64-bit offsets", clipfast.add_layer_norm, eager_add_layer_norm,
+                      [x, r, w, b], torch.float16)

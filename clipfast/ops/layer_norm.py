@@ -46,7 +46,7 @@ def _eager_fwd(x, residual, weight, bias, eps):
     return y.to(x.dtype), (h if residual is not None else None), mean.reshape(-1), rstd.reshape(-1)
 
 
-def _eager_bwd(dy, dh, x, weight, has_bias, mean, rstd):
+def _eager_bwd(dy, dh, x, weight, bias, mean, rstd):
     n = x.shape[-1]
     xf, dyf = x.float().reshape(-1, n), dy.float().reshape(-1, n)
     xhat = (xf - mean[:, None]) * rstd[:, None]
@@ -54,8 +54,8 @@ def _eager_bwd(dy, dh, x, weight, has_bias, mean, rstd):
     dx = (g - xhat * (g * xhat).mean(-1, keepdim=True) - g.mean(-1, keepdim=True)) * rstd[:, None]
     if dh is not None:
         dx = dx + dh.float().reshape(-1, n)
-    dweight = (dyf * xhat).sum(0) if weight is not None else None
-    dbias = dyf.sum(0) if has_bias else None
+    dweight = (dyf * xhat).sum(0).to(weight.dtype) if weight is not None else None
+    dbias = dyf.sum(0).to(bias.dtype) if bias is not None else None
     return dx.reshape(x.shape).to(x.dtype), dweight, dbias
 
 
@@ -84,37 +84,33 @@ def _(x, residual, weight, bias, eps):
 
 
 @torch.library.custom_op("clipfast::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor], has_bias: bool,
+def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight, dbias) with the parameter gradients in the parameters' dtypes (fp32 for
-    bias when its dtype is unknown here, cast by the caller); empty tensors where absent."""
+    """Returns (dx, dweight, dbias) with the parameter gradients in the parameters' dtypes (reduced and
+    cast by the kernel); empty tensors where absent. ``bias`` is only read for its presence and dtype."""
     impl = kernel.layer_norm_bwd if _use_kernel(x) else _eager_bwd
-    dx, dweight, dbias = impl(dy, dh, x, weight, has_bias, mean, rstd)
-    return (dx, dweight.to(weight.dtype) if dweight is not None else x.new_empty(0),
-            dbias if dbias is not None else x.new_empty(0))
+    dx, dweight, dbias = impl(dy, dh, x, weight, bias, mean, rstd)
+    return (dx, dweight if dweight is not None else x.new_empty(0), dbias if dbias is not None else x.new_empty(0))
 
 
 @layer_norm_bwd.register_fake
-def _(dy, dh, x, weight, has_bias, mean, rstd):
-    n = x.shape[-1]
+def _(dy, dh, x, weight, bias, mean, rstd):
     return (torch.empty_like(x), torch.empty_like(weight) if weight is not None else x.new_empty(0),
-            x.new_empty((n,), dtype=torch.float32) if has_bias else x.new_empty(0))
+            torch.empty_like(bias) if bias is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, eps = inputs
     y, h, mean, rstd = output
     ctx.has_residual = residual is not None
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-    ctx.save_for_backward(h if residual is not None else x, weight, mean, rstd)
+    ctx.save_for_backward(h if residual is not None else x, weight, bias, mean, rstd)
 
 
 def _backward(ctx, dy, dh, dmean, drstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    has_bias = ctx.bias_dtype is not None
-    dx, dweight, dbias = layer_norm_bwd(dy, dh if ctx.has_residual else None, x, weight, has_bias, mean, rstd)
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dweight, dbias = layer_norm_bwd(dy, dh if ctx.has_residual else None, x, weight, bias, mean, rstd)
     return (dx, dx if ctx.has_residual else None, dweight if weight is not None else None,
-            dbias.to(ctx.bias_dtype) if has_bias else None, None)
+            dbias if bias is not None else None, None)
 
 
 layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
