@@ -14,7 +14,7 @@
 # Without CUDA the same command is a rehearsal: the same steps at smoke shapes through the Triton
 # interpreter (a few minutes), results marked "rehearsal": true; tests/test_gpu_suite.py runs it.
 #
-# If lent a GPU: run this once, early (one call, timeout_s ~560), then on this machine
+# If lent a GPU: run this once, early (one call, timeout_s 540: a margin over the 8 minutes), then here
 #   python -m clipfast.benchmarks.summary --write-readme --from OUT
 # which copies the results to bench/results/<gpu>_<date>_torch<v>_triton<v>/ and regenerates the
 # README's results section (targets met/missed); commit both. Spend what device time is left on the

@@ -200,6 +200,7 @@ def _measure(case: BenchCase, row: dict, run_pair, mode: str, smoke: bool, peaks
     if mode == "host":
         row["host_us"] = _time_host(setup, run)
         return
+    _flush_l2()  # allocates the flush buffer before the baseline
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()

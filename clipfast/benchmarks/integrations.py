@@ -68,6 +68,7 @@ class _Models:
     def __init__(self, codebase: str, name: str):
         self.build, self.name, self.cache = BUILDERS[codebase][1], name, {}
 
+    @torch.compiler.disable  # built outside any compiled region: torch.compile traces only the step itself
     def get(self, which: str, device, dtype):
         key = (which, device, dtype)
         if key not in self.cache:

@@ -34,6 +34,7 @@ class _Models:
     def __init__(self, name: str):
         self.name, self.cache = name, {}
 
+    @torch.compiler.disable  # built outside any compiled region: torch.compile traces only the step itself
     def get(self, which: str, device, dtype):
         key = (which, device, dtype)
         if key not in self.cache:
