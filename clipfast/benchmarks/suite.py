@@ -12,7 +12,9 @@ finished:
    each config's meta-parameters in warmup mode, i.e. compiled without running, then the first one runs),
    so Triton's on-disk cache holds every binary the timed steps will load, specialized exactly as they
    will launch it. torch.compile of the kernel-level cases is run too (inductor's on-disk caches).
-   Whole-model cases are left out: their kernels run at the same shapes as the kernel cases.
+   Whole-model cases are left out: their kernels run at the same shapes as the kernel cases. Beside this
+   step and the next, ``warm_models`` runs the two whole-model torch.compiles of step 3 once (two
+   processes), so the timed step loads them from inductor's caches; it is stopped before any timing.
 2. ``correctness``: ``pytest -m "gpu or gpu_suite"`` split over N parallel processes (each compiles its
    own kernels): every family forward and backward in fp16/bf16 against float64 at CLIP shapes, every
    shipped tile forced, the large-tensor cases. No ``-x``; a test does not start after the budget.
@@ -100,6 +102,10 @@ class Step:
     share: float   # of the whole budget; the last step takes whatever is left
     args: tuple[str, ...] = ()
 
+
+# Runs beside the compile and correctness steps (its share counts on top of the compile step's budget)
+BACKGROUND_STEP = Step("warm_models", "warm", 0.0)
+BACKGROUND_SHARE = 0.22
 
 STEPS = (
     Step("warm", "warm", 0.14),
@@ -224,12 +230,14 @@ def step_deadline() -> float:
 _STEP_DEADLINE = None
 
 
-def worker_warm(share: int, workers: int, records: str) -> int:
+def worker_warm(share: int, workers: int, records: str, step: str = "warm") -> int:
+    """Run this worker's share of a plan once (``warm``: the kernel cases; ``warm_models``: the whole-model
+    torch.compile cases), compiling every autotuned config."""
     import torch
 
     smoke = not torch.cuda.is_available()
     device = torch.device("cuda" if not smoke else "cpu")
-    entries = plan("warm", smoke)[share::workers]
+    entries = plan("headline_model_compiled" if step == "warm_models" else "warm", smoke)[share::workers]
     with compiling_every_config():
         return _warm(entries, smoke, device, records)
 
@@ -315,6 +323,7 @@ class Run:
         self.lock = threading.Lock()
         self.log = open(os.path.join(out, "log.txt"), "a")
         self.children: list[subprocess.Popen] = []
+        self.background = None
 
     # -- output ------------------------------------------------------------------------------------
     def say(self, text: str) -> None:
@@ -356,43 +365,53 @@ class Run:
         for line in proc.stdout:
             self.write_log(f"{prefix}{line}")
 
-    def run_children(self, step: Step, commands: list[tuple[list[str], dict, str]], budget: float) -> dict:
-        """Start every command, merge their records while they run, stop them at the budget (they stop
-        starting new work at ``budget``; they are killed ``grace`` seconds later)."""
-        # a child counts its budget from the end of its start-up and checks it between items
-        grace = (REHEARSAL_STARTUP_S if self.rehearsal else STARTUP_S) + 0.1 * budget
-        hard = time.time() + budget + grace
-        if not self.rehearsal:
-            hard = min(hard, self.deadline + FINAL_RESERVE_S / 2)
-        offsets = {records: 0 for _, _, records in commands}
-        threads, procs = [], []
+    def start(self, name: str, commands: list[tuple[list[str], dict, str]], status: dict) -> dict:
+        """Start every command of a step; their records are merged by ``poll``."""
+        group = {"name": name, "procs": [], "threads": [], "status": status,
+                 "offsets": {records: 0 for _, _, records in commands}}
         for argv, env, records in commands:
             open(records, "a").close()
             proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                     start_new_session=True)
             self.children.append(proc)
-            procs.append(proc)
-            thread = threading.Thread(target=self._pump, args=(proc, f"  {step.name}[{len(procs) - 1}] "), daemon=True)
+            group["procs"].append(proc)
+            thread = threading.Thread(target=self._pump, args=(proc, f"  {name}[{len(group['procs']) - 1}] "),
+                                      daemon=True)
             thread.start()
-            threads.append(thread)
+            group["threads"].append(thread)
+        return group
+
+    def poll(self, group: dict) -> None:
+        if self._ingest(group["name"], group["offsets"], group["status"]):
+            self.write()
+
+    def finish(self, group: dict, hard: float, also: tuple = ()) -> dict:
+        """Merge records until every command of ``group`` ends, killing them at ``hard`` (``also``: other
+        groups running meanwhile, merged too)."""
         killed = False
-        while any(p.poll() is None for p in procs):
+        while any(p.poll() is None for p in group["procs"]):
             time.sleep(1.0)
-            if self._ingest(step, offsets):
-                self.write()
+            for g in (group, *also):
+                self.poll(g)
             if time.time() > hard:
                 killed = True
-                for p in procs:
+                for p in group["procs"]:
                     if p.poll() is None:
                         os.killpg(p.pid, signal.SIGKILL)
-        for p in procs:
+        for p in group["procs"]:
             p.wait()
-        for t in threads:
+        for t in group["threads"]:
             t.join(timeout=5)
-        self._ingest(step, offsets)
-        return {"returncodes": [p.returncode for p in procs], "killed": killed}
+        self.poll(group)
+        return {"returncodes": [p.returncode for p in group["procs"]], "killed": killed}
 
-    def _ingest(self, step: Step, offsets: dict) -> bool:
+    def hard_stop(self, budget: float) -> float:
+        """When a step's children are killed: its budget, plus start-up (a child counts its budget from the
+        end of its start-up and checks it between items) and a margin for the item under way."""
+        hard = time.time() + budget + (REHEARSAL_STARTUP_S if self.rehearsal else STARTUP_S) + 0.1 * budget
+        return hard if self.rehearsal else min(hard, self.deadline + FINAL_RESERVE_S / 2)
+
+    def _ingest(self, step_name: str, offsets: dict, status: dict) -> bool:
         changed = False
         for records in offsets:
             with open(records) as f:
@@ -406,7 +425,7 @@ class Run:
                 except ValueError:
                     continue
                 kind = entry.pop("kind")
-                entry["step"] = step.name
+                entry["step"] = step_name
                 changed = True
                 if kind == "row":
                     self.data["rows"].append(entry)
@@ -415,9 +434,9 @@ class Run:
                 elif kind == "warm":
                     self.data["warm"].append(entry)
                 elif kind == "collected":
-                    self.current["collected"] = self.current.get("collected", 0) + entry["count"]
+                    status["collected"] = status.get("collected", 0) + entry["count"]
                 elif kind == "budget":
-                    self.current["stopped_by_budget"] = True
+                    status["stopped_by_budget"] = True
         if changed:
             from .harness import add_speedups
 
@@ -434,10 +453,10 @@ class Run:
         py = sys.executable
         me = [py, "-m", "clipfast.benchmarks.suite"]
         if step.kind == "warm":
-            n = self.workers
-            return [([*me, "--worker", "warm", "--share", f"{i}/{n}", "--records", rec],
+            n = self.workers if step.name == "warm" else 1 if self.rehearsal else 2  # whole-model compiles: one each
+            return [([*me, "--worker", "warm", "--step", step.name, "--share", f"{i}/{n}", "--records", rec],
                      self._child_env(budget, rec), rec)
-                    for i in range(n) for rec in [os.path.join(self.tmp, f"warm_{i}.jsonl")]]
+                    for i in range(n) for rec in [os.path.join(self.tmp, f"{step.name}_{i}.jsonl")]]
         if step.kind == "bench":
             rec = os.path.join(self.tmp, f"{step.name}.jsonl")
             return [([*me, "--worker", "bench", "--step", step.name, "--records", rec],
@@ -470,8 +489,13 @@ class Run:
             self.say(f"== {step.name}: skipped, no time left")
             self.write()
             return
+        if step.name == "warm":
+            self.start_background(budget)
+        if step.kind == "bench":
+            self.stop_background()  # nothing else runs on the GPU while anything is timed
         self.say(f"== {step.name} (budget {budget:.0f}s)")
-        result = self.run_children(step, self.commands(step, budget), budget)
+        group = self.start(step.name, self.commands(step, budget), self.current)
+        result = self.finish(group, self.hard_stop(budget), also=(self.background,) if self.background else ())
         self.current["seconds"] = round(time.time() - now, 1)
         ok = (0, 1, 2, 5) if step.kind == "pytest" else (0,)  # pytest: 1 failures, 2 interrupted, 5 none selected
         bad = [rc for rc in result["returncodes"] if rc not in ok]
@@ -481,6 +505,27 @@ class Run:
         if step.kind == "pytest":
             self.merge_junit()
         self.say(f"   {step.name}: {self.current['status']} in {self.current['seconds']}s")
+        self.write()
+
+    def start_background(self, warm_budget: float) -> None:
+        """The whole-model torch.compiles of the timed step, compiled once (inductor's and Triton's on-disk
+        caches) in the background of the compile and correctness steps; stopped before any timing."""
+        budget = warm_budget + BACKGROUND_SHARE * (self.deadline - self.started)
+        status = {"name": BACKGROUND_STEP.name, "budget_s": round(budget, 1), "background": True}
+        self.data["steps"].append(status)
+        self.say(f"== {BACKGROUND_STEP.name} in the background (budget {budget:.0f}s)")
+        self.background = self.start(BACKGROUND_STEP.name, self.commands(BACKGROUND_STEP, budget), status)
+        self.background_started = time.time()
+
+    def stop_background(self) -> None:
+        group, self.background = self.background, None
+        if group is None:
+            return
+        running = any(p.poll() is None for p in group["procs"])
+        self.finish(group, hard=0)  # kills what still runs
+        group["status"]["seconds"] = round(time.time() - self.background_started, 1)
+        group["status"]["status"] = "stopped before the timed steps" if running else "done"
+        self.say(f"   {group['name']}: {group['status']['status']}")
         self.write()
 
     def merge_junit(self) -> None:
@@ -540,6 +585,7 @@ def main_run(out: str, budget_s: float | None) -> int:
     run.write()
     for i, step in enumerate(STEPS):
         run.run_step(step, last=i == len(STEPS) - 1)
+    run.stop_background()
     run.plots()
     run.write()
     failed = [t for t in run.data["tests"] if t["outcome"] in ("failed", "error")]
@@ -561,7 +607,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.worker == "warm":
         share, workers = (int(v) for v in args.share.split("/"))
-        return worker_warm(share, workers, args.records)
+        return worker_warm(share, workers, args.records, args.step or "warm")
     if args.worker == "bench":
         return worker_bench(args.step, args.records)
     if not args.out:
