@@ -38,9 +38,10 @@ aot-full: $(VENV)/.installed-$(EXTRAS)
 bench: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m clipfast.cli bench all
 
-# On a GPU machine: GPU tests plus every benchmark, results under OUT (default bench/results/<gpu>-<date>).
+# The GPU check (at most 8 minutes on an H100/H200; a rehearsal without CUDA), results in OUT.
+OUT ?= out/gpu-check
 gpu-suite:
-	bash bench/gpu_suite.sh $(OUT)
+	PYTHON=$(if $(wildcard $(PY)),$(PY),python3) bash bench/gpu_suite.sh $(OUT)
 
 # The suite with the GPU machine's versions (Python 3.12 where there is one, torch 2.11, triton 3.6,
 # transformers 5.17, numpy < 2.4 for triton 3.6's interpreter; pinned in constraints/compat.txt) in a side

@@ -23,6 +23,7 @@ DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device")
     config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+    config.addinivalue_line("markers", "gpu_suite: the GPU check's correctness step (bench/gpu_suite.sh); cheap on CPU")
 
 
 def pytest_collection_modifyitems(config, items):

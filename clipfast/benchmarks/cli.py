@@ -4,20 +4,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-import re
 import sys
 
 import torch
 
 from . import all_cases, case_modules
 from .harness import environment, run_case
+from .summary import RESULTS_ROOT, results_dir_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def results_dir(env: dict) -> str:
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env["gpu"] or "cpu").strip("-")
-    return os.path.join("bench", "results", f"{gpu}_{env['date']}_torch{env['torch'].split('+')[0]}_triton{env['triton']}")
+    return os.path.join(RESULTS_ROOT, results_dir_name(env))
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -142,11 +141,6 @@ def main_bench(args) -> int:
         for c in cases:
             c.dtype = DTYPES[args.dtype]
     env = environment()
-    rows = []
-    for i, case in enumerate(cases):
-        print(f"[{i + 1}/{len(cases)}] {case.family}: {case.name}", file=sys.stderr, flush=True)
-        rows.extend(run_case(case, smoke=smoke))
-    print(format_rows(rows))
     json_path, csv_path = args.json, args.csv
     if on_gpu and not smoke and not json_path:
         out = results_dir(env)
@@ -155,8 +149,16 @@ def main_bench(args) -> int:
         csv_path = csv_path or os.path.join(out, f"bench_{args.target}.csv")
     if json_path:
         os.makedirs(os.path.dirname(os.path.abspath(json_path)), exist_ok=True)
-        with open(json_path, "w") as f:
-            json.dump({"environment": env, "smoke": smoke, "rows": rows}, f, indent=1)
+    rows = []
+    for i, case in enumerate(cases):
+        print(f"[{i + 1}/{len(cases)}] {case.family}: {case.name}", file=sys.stderr, flush=True)
+        rows.extend(run_case(case, smoke=smoke))
+        if json_path:  # after every case: a run that is stopped keeps what it measured
+            with open(json_path + ".tmp", "w") as f:
+                json.dump({"environment": env, "smoke": smoke, "rows": rows}, f, indent=1)
+            os.replace(json_path + ".tmp", json_path)
+    print(format_rows(rows))
+    if json_path:
         print(f"wrote {json_path}")
     if csv_path:
         write_csv(rows, csv_path)

@@ -41,7 +41,7 @@ def cases(smoke: bool):
                 shape={"rows": rows, "width": width},
             ))
 
-            def make_res(device, dtype, rows=rows, width=width):
+            def make_res(device, dtype, rows=rows, width=width, make=make):
                 inputs = make(device, dtype)
                 inputs["residual"] = torch.randn(rows, width, device=device, dtype=dtype, requires_grad=True)
                 return inputs

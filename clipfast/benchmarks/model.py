@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import clipfast
 
-from .harness import BenchCase
+from .harness import BenchCase, compiled
 
 GPU_CONFIGS = [("ViT-B-16", 256), ("ViT-L-14", 128)]
 SMOKE_CONFIGS = [("tiny", 2)]
@@ -34,6 +34,7 @@ class _Models:
     def __init__(self, name: str):
         self.name, self.cache = name, {}
 
+    @torch.compiler.disable  # built outside any compiled region: torch.compile traces only the step itself
     def get(self, which: str, device, dtype):
         key = (which, device, dtype)
         if key not in self.cache:
@@ -66,24 +67,24 @@ def cases(smoke: bool):
     for name, batch in configs:
         models = _Models(name)
 
-        def encode(which, compiled=False, models=models):
+        def encode(which, compile=False, models=models):
             def fn(images, tokens):
                 model = models.get(which, images.device, images.dtype)
                 return model.encode_image(images)
-            return torch.compile(fn) if compiled else fn
+            return compiled(fn) if compile else fn
 
-        def train_step(which, compiled=False, models=models):
+        def train_step(which, compile=False, models=models):
             loss_fn = _fast_loss if which == "clipfast" else _eager_loss
 
             def fn(images, tokens):
                 model = models.get(which, images.device, images.dtype)
                 return loss_fn(model.encode_image(images), model.encode_text(tokens), model.logit_scale)
-            return torch.compile(fn) if compiled else fn
+            return compiled(fn) if compile else fn
 
         for label, make_fn, modes in (("image encoding", encode, ("fwd",)), ("training step", train_step, ("fwd+bwd",))):
             impls = {"clipfast": make_fn("clipfast"), "eager": make_fn("eager")}
             if not smoke:
-                impls["clipfast+torch.compile"] = make_fn("clipfast", compiled=True)
+                impls["clipfast+torch.compile"] = make_fn("clipfast", compile=True)
             found.append(BenchCase(family="model", name=f"{name} {label} B={batch}", dtype=dtype,
                                    make_inputs=_inputs(name, batch), impls=impls, compile_impl="eager",
                                    modes=modes, shape={"model": name, "batch": batch}))

@@ -1,0 +1,372 @@
+"""The GPU check (bench/gpu_suite.sh, clipfast.benchmarks.suite): its correctness step's tests, its plans,
+the benchmark harness it relies on, the summary's target verdicts, and the CPU rehearsal of the whole
+command (so it cannot rot between GPU runs).
+
+Tests marked ``gpu_suite`` are the check's first step: every kernel family forward and backward against
+float64 at CLIP shapes in fp16 and bf16 on a GPU, every shipped tile of every autotuned kernel forced once,
+and tensors past 2**31 elements; on CPU the same tests run once at tiny shapes through the interpreter.
+"""
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import clipfast
+from clipfast.benchmarks import harness, summary, suite
+from clipfast.benchmarks import patch_embed as bench_patch_embed
+from clipfast.benchmarks.targets import TARGETS
+from clipfast.kernels import attention as attention_kernel
+from clipfast.kernels import mlp as mlp_kernel
+
+from .conftest import DEVICE, ON_GPU
+from .numerics import assert_op_matches, randn
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HALF = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Correctness step: every family at CLIP shapes, every shipped tile forced
+# ------------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def forced(tuner, config):
+    """Run ``tuner`` (an autotuned kernel) at exactly ``config``: a single config skips benchmarking."""
+    saved = tuner.configs, tuner.cache
+    tuner.configs, tuner.cache = [config], {}
+    try:
+        yield
+    finally:
+        tuner.configs, tuner.cache = saved
+
+
+def _tiles(tuner):
+    """(index, config) pairs to force: every shipped one on a GPU, the interpreter's one on CPU."""
+    configs = tuner.shipped_configs if ON_GPU else tuner.shipped_configs[:1]
+    return list(enumerate(configs))
+
+
+def _eager_attention(q, k, v, causal):
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return torch.softmax(s, -1) @ v
+
+
+def _head_dim(config) -> int:
+    """A head dim the tile is shipped for (80 stands for CLIP's ViT-H, BLOCK_D 128)."""
+    return {16: 64, 32: 32, 64: 64, 128: 80, 256: 256}[config.block_ds[0]] if ON_GPU else 32
+
+
+ATTENTION_TILES = [(name, i) for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+                   for i, _ in _tiles(getattr(attention_kernel, name))]
+
+
+@pytest.mark.gpu_suite
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("kernel,tile", ATTENTION_TILES)
+def test_attention_every_tile_matches_float64(kernel, tile, dtype):
+    tuner = getattr(attention_kernel, kernel)
+    config = tuner.shipped_configs[tile]
+    d = _head_dim(config)
+    shapes = [(2, 3, 197, False), (2, 2, 77, True)] if ON_GPU else [(1, 2, 33, True)]
+    with forced(tuner, config):
+        for b, h, s, causal in shapes:
+            qkv = [randn(b, h, s, d, device=DEVICE, outliers=2) for _ in range(3)]
+            assert_op_matches(f"attention {kernel} tile {tile} S={s} D={d}",
+                              lambda q, k, v: clipfast.flash_attention(q, k, v, is_causal=causal),
+                              lambda q, k, v: _eager_attention(q, k, v, causal), qkv, dtype)
+
+
+def _mlp_inputs(rows, width, hidden, residual=True):
+    x = randn(rows, width, device=DEVICE, outliers=2)
+    w1, w2 = randn(hidden, width, device=DEVICE) * width ** -0.5, randn(width, hidden, device=DEVICE) * hidden ** -0.5
+    b1, b2 = 0.1 * randn(hidden, device=DEVICE), 0.1 * randn(width, device=DEVICE)
+    return [x, w1, b1, w2, b2] + ([randn(rows, width, device=DEVICE)] if residual else [])
+
+
+def _eager_mlp(x, w1, b1, w2, b2, residual):
+    h = F.linear(x, w1, b1)
+    return F.linear(h * torch.sigmoid(1.702 * h), w2, b2) + residual
+
+
+@pytest.mark.gpu_suite
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("tile", [i for i, _ in _tiles(mlp_kernel._gemm_kernel)])
+def test_mlp_every_tile_matches_float64(tile, dtype):
+    shapes = [(2 * 197, 768, 3072), (77, 512, 2048)] if ON_GPU else [(37, 64, 128)]
+    with forced(mlp_kernel._gemm_kernel, mlp_kernel._gemm_kernel.shipped_configs[tile]):
+        for rows, width, hidden in shapes:
+            assert_op_matches(f"mlp tile {tile} {rows}x{width}->{hidden}",
+                              lambda x, w1, b1, w2, b2, r: clipfast.mlp(x, w1, b1, w2, b2, "quick_gelu", residual=r),
+                              _eager_mlp, _mlp_inputs(rows, width, hidden), dtype)
+
+
+@pytest.mark.gpu_suite
+@pytest.mark.parametrize("dtype", HALF)
+def test_layer_norm_clip_widths_match_float64(dtype):
+    widths = [512, 768, 1024, 1280] if ON_GPU else [96]
+    for width in widths:
+        rows = 2 * 197 if ON_GPU else 37
+        x, r = randn(rows, width, device=DEVICE, outliers=2), randn(rows, width, device=DEVICE)
+        w, b = 1 + 0.1 * randn(width, device=DEVICE), 0.1 * randn(width, device=DEVICE)
+        assert_op_matches(f"layer_norm w{width}", clipfast.layer_norm,
+                          lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b), [x, w, b], dtype)
+        assert_op_matches(f"add_layer_norm w{width}", clipfast.add_layer_norm,
+                          lambda x, r, w, b: (x + r, F.layer_norm(x + r, x.shape[-1:], w, b)), [x, r, w, b], dtype)
+
+
+def _eager_clip_loss(image, text, logit_scale):
+    logits = logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+    labels = torch.arange(image.shape[0], device=image.device)
+    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+@pytest.mark.gpu_suite
+@pytest.mark.parametrize("dtype", HALF)
+def test_contrastive_losses_match_float64(dtype):
+    n, m, d = (256, 1024, 512) if ON_GPU else (33, 66, 32)
+    image, text = randn(n, d, device=DEVICE), randn(n, d, device=DEVICE)
+    scale = torch.tensor(4.6, device=DEVICE)
+    assert_op_matches("clip_loss", clipfast.clip_loss, _eager_clip_loss, [image, text, scale], dtype,
+                      param_dtype_inputs=[2])
+    queries, keys = F.normalize(randn(n, d, device=DEVICE), dim=-1), F.normalize(randn(m, d, device=DEVICE), dim=-1)
+    offset = m - n
+
+    def local_eager(q, k, s):
+        return F.cross_entropy(s * q @ k.T, torch.arange(q.shape[0], device=q.device) + offset)
+
+    assert_op_matches("local loss", lambda q, k, s: clipfast.ops.contrastive_cross_entropy(q, k, s, label_offset=offset),
+                      local_eager, [queries, keys, torch.tensor(50.0, device=DEVICE)], dtype, param_dtype_inputs=[2])
+
+
+@pytest.mark.gpu_suite
+@pytest.mark.parametrize("dtype", HALF)
+def test_patch_embed_matches_float64(dtype):
+    batch, image, patch, width = (2, 224, 16, 768) if ON_GPU else (2, 32, 16, 64)
+    tokens = (image // patch) ** 2 + 1
+    inputs = [randn(batch, 3, image, image, device=DEVICE), 0.02 * randn(width, 3, patch, patch, device=DEVICE),
+              0.02 * randn(width, device=DEVICE), 0.02 * randn(tokens, width, device=DEVICE),
+              1 + 0.1 * randn(width, device=DEVICE), 0.1 * randn(width, device=DEVICE)]
+    assert_op_matches("patch_embed +cls+pos+ln_pre", bench_patch_embed._fused, bench_patch_embed._eager, inputs, dtype,
+                      differentiable=[False, True, True, True, True, True])
+
+
+@pytest.mark.gpu
+@pytest.mark.gpu_suite
+def test_past_2_31_elements_on_gpu():
+    """Offsets beyond int32: the last rows of tensors with more than 2**31 elements match float64."""
+    torch.cuda.empty_cache()
+    width, tail = 768, 64
+    rows = 2**31 // width + 1000
+    x = torch.randn(rows, width, device=DEVICE, dtype=torch.bfloat16)
+    w, b = torch.ones(width, device=DEVICE, dtype=torch.bfloat16), torch.zeros(width, device=DEVICE, dtype=torch.bfloat16)
+    y = clipfast.layer_norm(x, w, b)
+    ref = F.layer_norm(x[-tail:].double(), (width,), w.double(), b.double())
+    torch.testing.assert_close(y[-tail:].double(), ref, atol=3e-2, rtol=2e-2)
+    del x, y
+    # MLP: the [rows, hidden] activation passes 2**31 elements
+    hidden, rows = 3072, 2**31 // 3072 + 1000
+    x, w1, b1, w2, b2 = (t.to(torch.bfloat16) for t in _mlp_inputs(rows, width, hidden, residual=False))
+    y = clipfast.mlp(x, w1, b1, w2, b2, "quick_gelu")
+    h = F.linear(x[-tail:].double(), w1.double(), b1.double())
+    ref = F.linear(h * torch.sigmoid(1.702 * h), w2.double(), b2.double())
+    torch.testing.assert_close(y[-tail:].double(), ref, atol=5e-2, rtol=5e-2)
+    del x, y
+    # attention: batch * heads * seqlen * head_dim past 2**31
+    b, h, s, d = 2**31 // (8 * 77 * 64) + 16, 8, 77, 64
+    q, k, v = (torch.randn(b, h, s, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    out = clipfast.flash_attention(q, k, v, is_causal=True)
+    ref = _eager_attention(q[-2:].double(), k[-2:].double(), v[-2:].double(), True)
+    torch.testing.assert_close(out[-2:].double(), ref, atol=2e-2, rtol=2e-2)
+    torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# Harness
+# ------------------------------------------------------------------------------------------------
+
+def test_backward_timing_runs_a_fresh_forward_each_time():
+    """bwd mode: each backward consumes its own graph (no retain_graph; torch.compile's donated buffers
+    forbid it), and gives the single backward's gradients every time."""
+    x = torch.randn(5, 3, requires_grad=True)
+    setup, run = harness._step(lambda x: (x * x).sum(-1), {"x": x}, "bwd")
+    for _ in range(3):
+        run(setup())
+        torch.testing.assert_close(x.grad, 2 * x.detach())
+    setup, run = harness._step(lambda x: x * 2, {"x": x}, "fwd+bwd")
+    run(setup())
+    torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
+
+
+KERNEL_FAMILIES = ("attention", "mlp", "layer_norm", "patch_embed", "contrastive_loss", "local_loss")
+
+
+def test_gpu_shape_cases_build_consistent_inputs():
+    """Every GPU-shape kernel case's eager implementation runs on its own inputs (on the meta device:
+    shapes only), e.g. the add+LN cases' residual matches x."""
+    meta = torch.device("meta")
+    cases = [c for c in suite._all_cases(smoke=False) if c.module_family in KERNEL_FAMILIES]
+    assert {c.module_family for c in cases} == set(KERNEL_FAMILIES)
+    for case in cases:
+        if case.module_family == "attention" and "MHA" in case.name:
+            continue  # nn.MultiheadAttention's fast path inspects values
+        inputs = case.make_inputs(meta, case.dtype)
+        out = case.impls["eager"](**inputs)
+        assert out is not None, case.name
+
+
+def test_compile_step_compiles_every_pruned_config_then_runs_the_first(monkeypatch):
+    """The compile step's autotuner: each launch compiles every config the pruning keeps (JIT warmup mode,
+    nothing runs), then runs the first config only, so the op's result is still right."""
+    tuner = mlp_kernel._gemm_kernel
+    calls = []
+    real_run = tuner.fn.run
+
+    def counting(*args, warmup=False, **kwargs):
+        calls.append((warmup, kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_K"]))
+        return real_run(*args, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(tuner.fn, "run", counting)
+    monkeypatch.setattr(tuner, "configs", tuner.shipped_configs[:3])
+    monkeypatch.setattr(tuner, "cache", {})
+    x, w1, b1, w2, b2, _ = _mlp_inputs(37, 64, 128)
+    with suite.compiling_every_config():
+        out = clipfast.mlp(x, w1, b1, w2, b2, "quick_gelu")
+    h = F.linear(x, w1, b1)
+    torch.testing.assert_close(out, F.linear(h * torch.sigmoid(1.702 * h), w2, b2), atol=1e-4, rtol=1e-4)
+    tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in tuner.shipped_configs[:3]]
+    launches = len(calls) // 4
+    assert launches >= 1 and calls == [(True, *t) for t in tiles] + [(False, *tiles[0])] + calls[4:]
+    assert calls[4:] == ([(True, *t) for t in tiles] + [(False, *tiles[0])]) * (launches - 1)
+    from triton.runtime.autotuner import Autotuner
+    assert Autotuner.run.__name__ == "run" and "compiling_every_config" not in Autotuner.run.__qualname__
+
+
+# ------------------------------------------------------------------------------------------------
+# Plans
+# ------------------------------------------------------------------------------------------------
+
+def _names(entries):
+    return {(c.module_family, c.name, i) for c, impls in entries for i in impls}
+
+
+def test_plans_cover_the_headline_and_every_case_once():
+    cases = suite._all_cases(smoke=False)
+    steps = ("headline_kernels", "headline_model", "headline_model_compiled", "rest_bench")
+    plans = {s: _names(suite.plan(s, False, cases)) for s in steps}
+    everything = {(c.module_family, c.name, i) for c in cases for i in suite._impl_names(c, False)}
+    assert set().union(*plans.values()) == everything
+    assert sum(len(p) for p in plans.values()) == len(everything)  # nothing twice
+    kernels = plans["headline_kernels"]
+    for family, case in [("attention", "ViT-B/16 B=256 H=12 S=197 D=64"), ("attention", "text B=256 H=8 S=77 D=64 causal"),
+                         ("contrastive_loss", "CLIP loss N=32768 d=512"), ("local_loss", "local loss N=256 M=32768 d=512")]:
+        assert (family, case, "clipfast") in kernels and (family, case, "eager") in kernels
+    assert {i for f, c, i in kernels if c.startswith("ViT-B/16 B=256 H=12")} >= {
+        "sdpa flash", "sdpa efficient", "sdpa cudnn", "sdpa math", "torch.compile"}
+    assert any(f == "mlp" and i == "bare GEMMs" for f, c, i in kernels)
+    assert any(f == "host_overhead" for f, c, i in kernels)
+    # at most two whole-model torch.compiles before the rest
+    compiled = plans["headline_model_compiled"]
+    assert {i for _, _, i in compiled} == {"torch.compile", "clipfast+torch.compile"} and len(compiled) == 2
+    assert not any("compile" in i for f, c, i in plans["headline_model"])
+    warm = suite.plan("warm", False, cases)
+    assert warm and all(c.module_family not in suite.WHOLE_MODEL_FAMILIES for c, _ in warm)
+
+
+def test_smoke_plans_pick_every_headline_family():
+    cases = suite._all_cases(smoke=True)
+    for step, picks in suite.HEADLINE.items():
+        chosen = {c.module_family for c, _ in suite.plan(step, True, cases)}
+        wanted = {p.family for p in picks}
+        if step != "headline_model_compiled":  # no torch.compile in the rehearsal
+            assert chosen == wanted, step
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary and targets
+# ------------------------------------------------------------------------------------------------
+
+def _row(family, case, impl, mode, ms, **extra):
+    return {"family": family, "case": case, "impl": impl, "mode": mode, "dtype": "bfloat16", "ms_median": ms,
+            "error": None, "step": "headline_kernels", **extra}
+
+
+def test_targets_are_flagged_met_or_missed():
+    case = "ViT-B/16 B=256 H=12 S=197 D=64"
+    rows = [_row("attention", case, "clipfast", "fwd+bwd", 1.0), _row("attention", case, "sdpa flash", "fwd+bwd", 0.9),
+            _row("attention", case, "sdpa cudnn", "fwd+bwd", 1.2), _row("attention", case, "clipfast", "fwd", 0.3,
+                                                                         tflops=250.0),
+            _row("mlp", "fc+QuickGELU+proj ViT-B/16 B=256 L=197 768->3072", "clipfast", "fwd+bwd", 1.0),
+            _row("mlp", "fc+QuickGELU+proj ViT-B/16 B=256 L=197 768->3072", "eager", "fwd+bwd", 1.4)]
+    verdicts = {(t.family, t.text): summary.check_target(t, rows) for t in TARGETS}
+    best_sdpa = verdicts["attention", ">= 1.0x best SDPA backend"]
+    assert best_sdpa == [{"case": case, "value": pytest.approx(0.9), "met": False}]  # the fastest backend counts
+    assert verdicts["attention", "fwd >= 200 TFLOP/s"][0]["met"] is True
+    assert verdicts["mlp", ">= 1.3x eager"][0]["met"] is True
+    no_compile = [t for t in TARGETS if t.family == "mlp" and t.against == ("torch.compile",)][0]
+    assert summary.check_target(no_compile, rows)[0]["met"] is None  # torch.compile did not run
+    table = "\n".join(summary.targets_table(rows))
+    assert "**missed**" in table and "| met |" in table and "not measured" in table
+
+
+def _results(rehearsal: bool) -> dict:
+    return {"rehearsal": rehearsal, "budget_s": 1, "workers": 1, "steps": [], "tests": [], "warm": [], "notes": [],
+            "environment": {"date": "2026-11-30", "torch": "2.11.0+cu130", "triton": "3.6.0", "python": "3.12.1",
+                            "gpu": None if rehearsal else "NVIDIA H200"},
+            "rows": [_row("layer_norm", "ViT-B/16 B=256 L=197 w768", "clipfast", "fwd+bwd", 0.5),
+                     _row("layer_norm", "ViT-B/16 B=256 L=197 w768", "eager", "fwd+bwd", 1.0)]}
+
+
+def test_summary_files_gpu_results_and_refuses_a_rehearsal(tmp_path, capsys):
+    root, readme = tmp_path / "results", tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Results\n\n{summary.START}\nOLD SECTION\n{summary.END}\n\n## Testing\n")
+    for name, rehearsal in (("cpu", True), ("gpu", False)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(rehearsal)))
+    args = ["--write-readme", "--readme", str(readme), "--root", str(root)]
+    assert summary.main(["--from", str(tmp_path / "cpu"), *args]) == 2
+    assert "rehearsal" in capsys.readouterr().err and not root.exists()
+    assert summary.main(["--from", str(tmp_path / "gpu"), *args]) == 0
+    assert os.listdir(root) == ["NVIDIA-H200_2026-11-30_torch2.11.0_triton3.6.0"]
+    text = readme.read_text()
+    assert "NVIDIA H200" in text and "| met |" in text and "OLD SECTION" not in text and text.endswith("## Testing\n")
+    assert "| layer_norm | ViT-B/16 B=256 L=197 w768 | bfloat16 | fwd+bwd | 0.500 ms | 2.00x |" in text
+    assert "CPU rehearsal" in summary.suite_markdown(_results(True))
+
+
+# ------------------------------------------------------------------------------------------------
+# The rehearsal of the whole command
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(ON_GPU, reason="the rehearsal is the CPU stand-in for the GPU run")
+def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
+    """``bash bench/gpu_suite.sh OUT`` end to end on CPU: every step runs (within a small budget), the
+    output respects the return limits (at most 8 files, nothing deeper than two folders), and the
+    results hold tests, compile launches and benchmark rows."""
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, CLIPFAST_SUITE_BUDGET_S=os.environ.get("CLIPFAST_REHEARSAL_S", "40"))
+    env.pop("TRITON_INTERPRET", None)  # the command must set it up itself
+    t0 = time.time()
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_suite.sh"), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = [os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs]
+    assert len(files) <= 8 and all(f.count(os.sep) <= 1 for f in files), files
+    assert {"results.json", "summary.md", "log.txt", "junit.xml"} <= set(files)
+    data = json.loads((out / "results.json").read_text())
+    steps = [s["name"] for s in data["steps"] if not s.get("background")]
+    assert data["rehearsal"] is True and steps == [s.name for s in suite.STEPS]
+    assert [s["name"] for s in data["steps"] if s.get("background")] == [suite.BACKGROUND_STEP.name]
+    assert all("status" in s for s in data["steps"])
+    assert data["warm"] and data["tests"] and data["rows"], (data["steps"], proc.stdout[-2000:])
+    assert not [t for t in data["tests"] if t["outcome"] in ("failed", "error")]
+    assert not [r for r in data["rows"] if r.get("error") and r["impl"] in ("clipfast", "eager")]
+    assert 0 < data["elapsed_s"] <= time.time() - t0
+    assert "CPU rehearsal" in (out / "summary.md").read_text()
