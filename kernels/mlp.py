@@ -12,7 +12,7 @@ product               A [M, K]           B [N, K]           epilogue
 fc forward            x                  W1                 + b1, store Z (training), act -> H
 proj forward          H                  W2                 + b2 (+ residual) -> Y
 proj dgrad            dY                 W2.T (a view)      * act'(Z) -> dZ   (dH is never stored)
-proj wgrad            dY.T (a view)      H.T (a view)       -> dW2, and row sums of A -> db2
+proj wgrad            dY.T (a view)      act(Z).T (a view)  -> dW2, and row sums of A -> db2
 fc wgrad              dZ.T (a view)      x.T (a view)       -> dW1, and row sums of A -> db1
 fc dgrad              dZ                 W1.T (a view)      -> dx
 ====================  =================  =================  =========================================
@@ -32,14 +32,15 @@ activation pass (read Z, write H), and the fused dgrad skips storing dH and the 
 
 What the backward keeps
 -----------------------
-Training needs H (the operand of the proj wgrad) and act'(Z) (for dZ). The fc epilogue writes the
-pre-activation Z next to H (only when a gradient is needed), the backward keeps both (the same two
-M x hidden tensors eager autograd keeps) and the dgrad epilogue recomputes act'(Z) from Z: a few fp32
-flops per element, hidden behind the tensor-core loop. Estimated at ViT-B/16 in bf16 (M = 256 * 197,
-768 -> 3072): writing Z is 310 MB, ~0.1 ms at H100 bandwidth, against ~0.4 ms for one of the six GEMMs
-at 600 TFLOP/s; the alternative that does not store Z, recomputing the fc GEMM in the backward, costs
-that whole GEMM. Saving act'(Z) instead of Z is the same size and would only move the few epilogue
-flops into the forward. (Estimates from sizes and peak rates; the benchmark cases measure the total.)
+Training needs H (the B operand of the proj wgrad) and act'(Z) (for dZ). The fc epilogue writes the
+pre-activation Z (only when a gradient is needed) and the backward keeps Z alone: the proj wgrad applies
+act() to each Z tile as it loads it (IS_B_ACTIVATED) and the dgrad epilogue computes act'(Z) from the
+same Z, so H never outlives the forward. That halves the activation memory of the block against eager
+nn.GELU (x, Z, H) and saves two of three M x hidden tensors against QuickGELU written out (Z, sigmoid, H)
+(bench/results/mlp_saved_bytes_cpu has the measured table). The cost is a few fp32 flops per loaded Z element in
+one of the six GEMMs, hidden behind the tensor-core loop (ViT-B/16, bf16: storing H instead would be
+another 310 MB per layer at batch 256). The forward applies act() to Z rounded to the output dtype,
+exactly what the backward recomputes, so forward and backward see the same H.
 
 Bias gradients: db2 = sum_m dY and db1 = sum_m dZ are the row sums of the A operand of the wgrad GEMMs
 (dY.T, dZ.T). The programs of the first tile column already load every A tile, so they add its row sums
@@ -126,9 +127,13 @@ def _tile_ptrs(BASE, rows, cols, stride, IS_ALIGNED: tl.constexpr):
 
 @triton.jit
 def _mma_step(a, b, acc, rowsum, pid_n, IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr,
-              HAS_ROWSUM: tl.constexpr, IS_TF32: tl.constexpr):
-    """acc += A_tile @ B_tile.T on tensor cores (a, b as loaded, see ``_tile_ptrs``); the first tile column
-    also adds the row sums of the A tile (bias gradients)."""
+              HAS_ROWSUM: tl.constexpr, IS_TF32: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
+              ACTIVATION: tl.constexpr):
+    """acc += A_tile @ act(B_tile).T on tensor cores (a, b as loaded, see ``_tile_ptrs``; act applied only
+    when IS_B_ACTIVATED, in fp32 and rounded back to B's dtype); the first tile column also adds the row
+    sums of the A tile (bias gradients)."""
+    if IS_B_ACTIVATED:
+        b = _activation(b.to(tl.float32), ACTIVATION).to(b.dtype)
     if not IS_A_ROW_MAJOR:
         a = tl.trans(a)
     if IS_B_ROW_MAJOR:
@@ -146,9 +151,12 @@ def _mma_step(a, b, acc, rowsum, pid_n, IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_M
 @triton.jit
 def _epilogue(acc, rm, rn, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
               HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-              IS_ALIGNED: tl.constexpr):
+              IS_B_ACTIVATED: tl.constexpr, IS_ALIGNED: tl.constexpr):
     """Bias, activation (or the activation gradient from the saved Z), residual and the store, for the
-    rows rm and columns rn of the output. C, Z and RES share one layout (row stride stride_c)."""
+    rows rm and columns rn of the output. C, Z and RES share one layout (row stride stride_c).
+
+    The activation is applied to the pre-activation rounded to the output dtype, the Z the backward sees:
+    the H this forward uses and the H the weight gradient recomputes from Z are then the same values."""
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -157,8 +165,8 @@ def _epilogue(acc, rm, rn, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS: tl.constex
     if HAS_ACT_GRAD:
         z = tl.load(_tile_ptrs(Z, rm, rn, stride_c, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
         acc *= _activation_grad(z, ACTIVATION)
-    else:
-        acc = _activation(acc, ACTIVATION)
+    elif ACTIVATION != 0 and not IS_B_ACTIVATED:
+        acc = _activation(acc.to(C.dtype.element_ty).to(tl.float32), ACTIVATION)
     if HAS_RESIDUAL:
         acc += tl.load(_tile_ptrs(RES, rm, rn, stride_c, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
     tl.store(_tile_ptrs(C, rm, rn, stride_c, IS_ALIGNED), acc.to(C.dtype.element_ty), mask=mask)
@@ -196,7 +204,7 @@ def _gemm_kernel(
     M, N, K, stride_a, stride_b, stride_c,
     IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr, IS_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_ROWSUM: tl.constexpr, IS_TF32: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_ROWSUM: tl.constexpr, IS_TF32: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """A: [M, K], unit stride along K (IS_A_ROW_MAJOR) or M; B: [N, K], unit stride along K (IS_B_ROW_MAJOR,
@@ -237,7 +245,7 @@ def _gemm_kernel(
     k_tiles = K // BLOCK_K
     for _ in range(0, k_tiles):
         acc, rowsum = _mma_step(tl.load(a_ptrs), tl.load(b_ptrs), acc, rowsum, pid_n, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR,
-                                HAS_ROWSUM, IS_TF32)
+                                HAS_ROWSUM, IS_TF32, IS_B_ACTIVATED, ACTIVATION)
         a_ptrs += a_step
         b_ptrs += b_step
     k_left = K - k_tiles * BLOCK_K
@@ -245,16 +253,17 @@ def _gemm_kernel(
         k_ok = rk < k_left
         a = tl.load(a_ptrs, mask=k_ok[None, :] if IS_A_ROW_MAJOR else k_ok[:, None], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[None, :] if IS_B_ROW_MAJOR else k_ok[:, None], other=0.0)
-        acc, rowsum = _mma_step(a, b, acc, rowsum, pid_n, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, HAS_ROWSUM, IS_TF32)
+        acc, rowsum = _mma_step(a, b, acc, rowsum, pid_n, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, HAS_ROWSUM, IS_TF32,
+                                IS_B_ACTIVATED, ACTIVATION)
 
     # Epilogue on the fp32 accumulator, one half of the tile columns at a time (fewer values live at
     # once: the activation and its gradient need several temporaries per element).
     acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
     rn_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
     _epilogue(acc_lo, rm, rn_lo, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD,
-              HAS_RESIDUAL, IS_ALIGNED)
+              HAS_RESIDUAL, IS_B_ACTIVATED, IS_ALIGNED)
     _epilogue(acc_hi, rm, rn_lo + BLOCK_N // 2, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, HAS_PRE_OUT,
-              HAS_ACT_GRAD, HAS_RESIDUAL, IS_ALIGNED)
+              HAS_ACT_GRAD, HAS_RESIDUAL, IS_B_ACTIVATED, IS_ALIGNED)
     if HAS_ROWSUM:
         if pid_n == 0:
             tl.store(ROWSUM + rm, rowsum, mask=rm < M)
@@ -309,14 +318,16 @@ def _aligned(*operands) -> bool:
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none", residual=None,
-         save_pre: bool = False, pre=None, rowsum: bool = False):
+         save_pre: bool = False, pre=None, rowsum: bool = False, activate_b: bool = False):
     """``epilogue(a @ b.T)`` for 2-D views ``a`` [M, K] and ``b`` [N, K] with a unit stride along either
     axis (other views are copied).
 
     - ``bias`` [N] is added, then ``activation`` applied (``save_pre`` also returns the value before it);
     - ``pre`` [M, N] given (contiguous): the product is multiplied by ``activation'(pre)`` instead (dgrad);
     - ``residual`` [M, N] is added last;
-    - ``rowsum``: also returns the fp32 row sums of ``a`` ([M]).
+    - ``rowsum``: also returns the fp32 row sums of ``a`` ([M]);
+    - ``activate_b``: multiply by ``activation(b)`` instead of ``b`` (b holds the pre-activation Z; the
+      epilogue then applies no activation).
 
     Returns ``(c, pre_activation or None, rowsum or None)``; ``c`` is contiguous in ``a``'s dtype.
     """
@@ -342,12 +353,12 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
         rows = slice(start, min(M, start + rows_per_launch))
         _launch(a[rows], a_row_major, stride_a, b, b_row_major, stride_b, c[rows], bias,
                 residual[rows] if residual is not None else None, zz[rows] if zz is not None else None,
-                sums[rows] if sums is not None else None, activation, save_pre, pre is not None)
+                sums[rows] if sums is not None else None, activation, save_pre, pre is not None, activate_b)
     return c, z, sums
 
 
 def _launch(a, a_row_major, stride_a, b, b_row_major, stride_b, c, bias, residual, zz, sums, activation,
-            save_pre, act_grad):
+            save_pre, act_grad, activate_b):
     M, K = a.shape
     N = b.shape[0]
     epilogue = [(t, True, N, N) for t in (c, zz, residual) if t is not None]
@@ -363,24 +374,26 @@ def _launch(a, a_row_major, stride_a, b, b_row_major, stride_b, c, bias, residua
         IS_A_ROW_MAJOR=a_row_major, IS_B_ROW_MAJOR=b_row_major, IS_ALIGNED=aligned,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_PRE_OUT=save_pre,
         HAS_ACT_GRAD=act_grad, HAS_RESIDUAL=residual is not None, HAS_ROWSUM=sums is not None,
-        IS_TF32=_allow_tf32(a),
+        IS_TF32=_allow_tf32(a), IS_B_ACTIVATED=activate_b,
     )
 
 
 def mlp_fwd(x2, w1, b1, w2, b2, residual2, activation: str, save_for_backward: bool):
-    """Forward over 2-D ``x2`` [M, D]. Returns ``(y [M, D_out], h [M, hidden], z [M, hidden] or None)``."""
+    """Forward over 2-D ``x2`` [M, D]. Returns ``(y [M, D_out], z [M, hidden] or None)``: the pre-activation
+    Z only when a backward will need it; H lives only between the two GEMMs."""
     h, z, _ = gemm(x2, w1, bias=b1, activation=activation, save_pre=save_for_backward)
     y, _, _ = gemm(h, w2, bias=b2, residual=residual2)
-    return y, h, z
+    return y, z
 
 
-def mlp_bwd(dy2, x2, w1, w2, h, z, activation: str, need_dx: bool, need_fc_grads: bool, need_proj_grads: bool,
+def mlp_bwd(dy2, x2, w1, w2, z, activation: str, need_dx: bool, need_fc_grads: bool, need_proj_grads: bool,
             has_b1: bool, has_b2: bool):
-    """Backward over 2-D tensors. Returns ``(dx, dw1, db1, dw2, db2)``: weight gradients in the weights'
-    dtype, bias gradients in fp32, None where not requested."""
+    """Backward over 2-D tensors from the saved Z (H = act(Z) is recomputed as the proj weight gradient
+    loads its Z tiles). Returns ``(dx, dw1, db1, dw2, db2)``: weight gradients in the weights' dtype, bias
+    gradients in fp32, None where not requested."""
     dw2 = db2 = dx = dw1 = db1 = None
     if need_proj_grads:
-        dw2, _, db2 = gemm(dy2.t(), h.t(), rowsum=has_b2)
+        dw2, _, db2 = gemm(dy2.t(), z.t(), activation=activation, activate_b=True, rowsum=has_b2)
     if need_dx or need_fc_grads:
         dz, _, _ = gemm(dy2, w2.t(), activation=activation, pre=z)
         if need_fc_grads:
@@ -422,7 +435,7 @@ _GEMM_SIGNATURE = {
 }
 
 _NO_EPILOGUE = {"HAS_BIAS": False, "ACTIVATION": 0, "HAS_PRE_OUT": False, "HAS_ACT_GRAD": False, "HAS_RESIDUAL": False,
-                "HAS_ROWSUM": False, "IS_TF32": False}
+                "HAS_ROWSUM": False, "IS_TF32": False, "IS_B_ACTIVATED": False}
 
 # The products of the MLP (see the table at the top) with the operand layouts they run with.
 _FWD = {"IS_A_ROW_MAJOR": True, "IS_B_ROW_MAJOR": True}
@@ -437,9 +450,12 @@ _GEMM_VARIANTS = {
     "dgrad_gelu": {**_DGRAD, "ACTIVATION": 2, "HAS_ACT_GRAD": True},
     "dgrad_gelu_tanh": {**_DGRAD, "ACTIVATION": 3, "HAS_ACT_GRAD": True},
     "wgrad_bias": {**_WGRAD, "HAS_ROWSUM": True},
+    "wgrad_quick_gelu_b": {**_WGRAD, "HAS_ROWSUM": True, "ACTIVATION": 1, "IS_B_ACTIVATED": True},
+    "wgrad_gelu_b": {**_WGRAD, "HAS_ROWSUM": True, "ACTIVATION": 2, "IS_B_ACTIVATED": True},
+    "wgrad_gelu_tanh_b": {**_WGRAD, "HAS_ROWSUM": True, "ACTIVATION": 3, "IS_B_ACTIVATED": True},
     "dgrad_input": {**_DGRAD},
 }
-_QUICK_VARIANTS = ("fc_fwd_quick_gelu", "proj_fwd_residual", "dgrad_quick_gelu", "wgrad_bias")
+_QUICK_VARIANTS = ("fc_fwd_quick_gelu", "proj_fwd_residual", "dgrad_quick_gelu", "wgrad_bias", "wgrad_quick_gelu_b")
 
 
 def aot_cases() -> list[runtime.AotCase]:

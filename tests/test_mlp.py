@@ -112,8 +112,8 @@ def test_mlp_gradient_subsets():
 def test_mlp_no_grad_does_not_save_the_pre_activation():
     x, w1, b1, w2, b2 = mlp_inputs(5, 64, 256)
     with torch.no_grad():
-        y, h, z = torch.ops.clipfast.mlp_fwd(x, w1, b1, w2, b2, None, "quick_gelu", False)
-    assert z.numel() == 0 and h.shape == (5, 256)
+        y, z = torch.ops.clipfast.mlp_fwd(x, w1, b1, w2, b2, None, "quick_gelu", False)
+    assert z.numel() == 0
     torch.testing.assert_close(y, eager_mlp("quick_gelu")(x, w1, b1, w2, b2), atol=1e-5, rtol=1e-5)
 
 
@@ -180,6 +180,7 @@ def test_mlp_kernels_actually_run(monkeypatch):
     assert len(calls) == 6
     assert calls[0]["activation"] == "quick_gelu" and calls[0]["save_pre"]
     assert sum(bool(c.get("rowsum")) for c in calls) == 2 and sum(c.get("pre") is not None for c in calls) == 1
+    assert sum(bool(c.get("activate_b")) for c in calls) == 1  # H recomputed from Z in the proj wgrad
 
 
 def test_eager_fallback_matches_float64(monkeypatch):
@@ -198,6 +199,25 @@ def test_outputs_too_large_for_32_bit_offsets_run_in_row_blocks(monkeypatch):
     monkeypatch.setattr(kernel, "MAX_EPILOGUE_ELEMENTS", 50 * 256)  # 130 rows x 256 hidden: 3 launches
     assert_op_matches("mlp row blocks", fused_mlp("quick_gelu", True), eager_mlp("quick_gelu", True),
                       mlp_inputs(130, 64, 256) + [randn(130, 64, device=DEVICE)], torch.float32)
+
+
+def test_saved_activation_bytes_bound():
+    """The fused MLP keeps x and Z for backward (H is recomputed): <= 0.6x eager nn.GELU's activation bytes
+    (x, Z, H) and <= 0.4x eager QuickGELU's (x, Z, sigmoid, H), parameters excluded."""
+    from clipfast.benchmarks.mlp import saved_activation_bytes
+
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in mlp_inputs(197, 64, 256)]
+    params = [w1, b1, w2, b2]
+
+    def measure(fn):
+        return saved_activation_bytes(fn, x, *params, exclude=params)
+
+    fused = measure(fused_mlp("quick_gelu"))
+    assert fused == measure(fused_mlp("gelu")) == x.nbytes + 197 * 256 * 4  # x and Z
+    assert fused <= 0.6 * measure(lambda *a: F.linear(F.gelu(F.linear(*a[:3])), *a[3:]))
+    assert fused <= 0.4 * measure(eager_mlp("quick_gelu"))
+    with torch.no_grad():
+        assert measure(fused_mlp("quick_gelu")) == 0
 
 
 def test_poisoned_outputs_are_fully_written():
