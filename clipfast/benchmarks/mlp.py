@@ -15,6 +15,8 @@ SHAPES = {  # label -> (rows = batch * tokens, width, hidden)
     "ViT-B/16 B=256 L=197 768->3072": (256 * 197, 768, 3072),
     "ViT-L/14 B=128 L=257 1024->4096": (128 * 257, 1024, 4096),
     "text B=256 L=77 512->2048": (256 * 77, 512, 2048),
+    # small batch: the weight gradients have few output tiles for their K and run split-K
+    "ViT-B/16 B=32 L=197 768->3072": (32 * 197, 768, 3072),
 }
 SMOKE_SHAPES = {"smoke 37x64->256": (37, 64, 256)}
 

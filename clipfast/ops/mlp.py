@@ -142,10 +142,11 @@ def mlp_bwd(dy: Tensor, x: Tensor, fc_weight: Tensor, proj_weight: Tensor, z: Te
 def _(dy, x, fc_weight, proj_weight, z, activation, need_dx, need_fc_grads, need_proj_grads, has_fc_bias,
       has_proj_bias):
     fp32 = dict(dtype=torch.float32)
-    return (torch.empty_like(x) if need_dx else x.new_empty(0),
-            torch.empty_like(fc_weight) if need_fc_grads else x.new_empty(0),
+    # the kernels return contiguous gradients whatever the strides of x and the weights
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            x.new_empty(fc_weight.shape) if need_fc_grads else x.new_empty(0),
             x.new_empty((fc_weight.shape[0],), **fp32) if need_fc_grads and has_fc_bias else x.new_empty(0),
-            torch.empty_like(proj_weight) if need_proj_grads else x.new_empty(0),
+            x.new_empty(proj_weight.shape) if need_proj_grads else x.new_empty(0),
             x.new_empty((proj_weight.shape[0],), **fp32) if need_proj_grads and has_proj_bias else x.new_empty(0))
 
 
