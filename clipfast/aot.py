@@ -4,9 +4,12 @@ and bf16, on a machine without a GPU.
 Each kernel module in ``clipfast.kernels`` declares ``aot_cases()``. The compile runs in a child process
 without ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit``), and the cubins are inspected with
 the ``cuobjdump`` that ships with Triton: registers, spill bytes (STACK/LOCAL), shared memory and whether
-tensor-core instructions (HGMMA on sm_90, HMMA on sm_80) are present where the kernel has a ``tl.dot``.
-Pointer arguments are compiled as 16-byte aligned (``AotCase.divisible_by_16``), as the JIT specializes
-them for torch allocations, so the figures match what runs.
+tensor-core instructions (HGMMA on sm_90, HMMA on sm_80) are present where the kernel has a ``tl.dot``,
+whether loads use the tensor memory accelerator (UTMALDG, sm_90) or asynchronous copies (LDGSTS, the
+software-pipelined cp.async loads), and the occupancy: resident warps per SM as registers, shared memory
+and the warp limit allow (``occupancy``). Pointer arguments are compiled as 16-byte aligned, and integer
+arguments a case lists in ``AotCase.divisible_by_16`` as multiples of 16, as the JIT specializes them
+at run time (torch allocations; CLIP's widths and strides), so the figures match what runs.
 
 Exit status is non-zero on any compile error, any spill, or a missing tensor-core instruction.
 
@@ -47,7 +50,28 @@ def _inspect_cubin(cubin: bytes) -> dict:
         return int(m.group(1)) if m else 0
 
     return {"registers": field("REG"), "stack": field("STACK"), "local": field("LOCAL"),
-            "hgmma": "HGMMA" in sass, "hmma": "HMMA" in sass}
+            "hgmma": "HGMMA" in sass, "hmma": "HMMA" in sass, "tma": "UTMALDG" in sass, "ldgsts": "LDGSTS" in sass}
+
+
+# Per-SM limits (CUDA occupancy calculator): registers, shared memory, resident warps and blocks; shared
+# memory reserved per block; register allocation unit per warp.
+SM_LIMITS = {
+    80: {"registers": 65536, "shared": 167936, "warps": 64, "blocks": 32},
+    90: {"registers": 65536, "shared": 233472, "warps": 64, "blocks": 32},
+}
+SHARED_RESERVED_PER_BLOCK = 1024
+REGISTER_UNIT_PER_WARP = 256
+
+
+def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> int:
+    """Resident warps per SM for a kernel using ``registers`` per thread and ``shared`` bytes per block
+    of ``num_warps`` warps: the fewest blocks any of registers, shared memory, warps or blocks allow."""
+    limits = SM_LIMITS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // REGISTER_UNIT_PER_WARP) * REGISTER_UNIT_PER_WARP
+    by_registers = (limits["registers"] // regs_per_warp) // num_warps
+    by_shared = limits["shared"] // (shared + SHARED_RESERVED_PER_BLOCK)
+    blocks = min(by_registers, by_shared, limits["warps"] // num_warps, limits["blocks"])
+    return blocks * num_warps
 
 
 def _compile_case(case, dtype: str, arch: int) -> dict:
@@ -64,6 +88,7 @@ def _compile_case(case, dtype: str, arch: int) -> dict:
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     info = _inspect_cubin(compiled.asm["cubin"])
     info["shared"] = int(compiled.metadata.shared)
+    info["occupancy_warps"] = occupancy(arch, info["registers"], info["shared"], case.num_warps)
     return info
 
 
@@ -119,7 +144,8 @@ def run(arch=ARCHS, quick=False, name_filter=None, json_path=None, stream=sys.st
         stream.write("clipfast aot: the compile worker failed\n")
         return 1
 
-    header = f"{'kernel':<44} {'config':<34} {'dtype':<5} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':<6} status"
+    header = (f"{'kernel':<44} {'config':<34} {'dtype':<5} {'arch':<6} {'regs':>4} {'spill':>5} {'smem':>7} {'mma':<6} "
+              f"{'tma':<3} {'async':<5} {'warps/SM':>8} status")
     stream.write(header + "\n" + "-" * len(header) + "\n")
     failures = 0
     for row in rows:
@@ -129,7 +155,8 @@ def run(arch=ARCHS, quick=False, name_filter=None, json_path=None, stream=sys.st
         mma = ("HGMMA" if row.get("hgmma") else "HMMA" if row.get("hmma") else "-") if not row["error"] else "?"
         stream.write(f"{row['kernel']:<44} {row['config']:<34} {row['dtype']:<5} {row['arch']:<6} "
                      f"{row.get('registers', 0):>4} {row.get('stack', 0) + row.get('local', 0):>5} "
-                     f"{row.get('shared', 0):>7} {mma:<6} {row['status']}\n")
+                     f"{row.get('shared', 0):>7} {mma:<6} {'yes' if row.get('tma') else '-':<3} "
+                     f"{'yes' if row.get('ldgsts') else '-':<5} {row.get('occupancy_warps', 0):>8} {row['status']}\n")
     stream.write(f"\n{len(rows)} compiles, {failures} failing\n")
     if json_path:
         with open(json_path, "w") as f:

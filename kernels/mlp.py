@@ -12,7 +12,7 @@ product               A [M, K]           B [N, K]           epilogue
 fc forward            x                  W1                 + b1, store Z (training), act -> H
 proj forward          H                  W2                 + b2 (+ residual) -> Y
 proj dgrad            dY                 W2.T (a view)      * act'(Z) -> dZ   (dH is never stored)
-proj wgrad            dY.T (a view)      H.T (a view)       -> dW2, and row sums of A -> db2
+proj wgrad            dY.T (a view)      act(Z).T (a view)  -> dW2, and row sums of A -> db2
 fc wgrad              dZ.T (a view)      x.T (a view)       -> dW1, and row sums of A -> db1
 fc dgrad              dZ                 W1.T (a view)      -> dx
 ====================  =================  =================  =========================================
@@ -32,18 +32,33 @@ activation pass (read Z, write H), and the fused dgrad skips storing dH and the 
 
 What the backward keeps
 -----------------------
-Training needs H (the operand of the proj wgrad) and act'(Z) (for dZ). The fc epilogue writes the
-pre-activation Z next to H (only when a gradient is needed), the backward keeps both (the same two
-M x hidden tensors eager autograd keeps) and the dgrad epilogue recomputes act'(Z) from Z: a few fp32
-flops per element, hidden behind the tensor-core loop. Estimated at ViT-B/16 in bf16 (M = 256 * 197,
-768 -> 3072): writing Z is 310 MB, ~0.1 ms at H100 bandwidth, against ~0.4 ms for one of the six GEMMs
-at 600 TFLOP/s; the alternative that does not store Z, recomputing the fc GEMM in the backward, costs
-that whole GEMM. Saving act'(Z) instead of Z is the same size and would only move the few epilogue
-flops into the forward. (Estimates from sizes and peak rates; the benchmark cases measure the total.)
+Training needs H (the B operand of the proj wgrad) and act'(Z) (for dZ). The fc epilogue writes the
+pre-activation Z (only when a gradient is needed) and the backward keeps Z alone: the proj wgrad applies
+act() to each Z tile as it loads it (IS_B_ACTIVATED) and the dgrad epilogue computes act'(Z) from the
+same Z, so H never outlives the forward. That halves the activation memory of the block against eager
+nn.GELU (x, Z, H) and saves two of three M x hidden tensors against QuickGELU written out (Z, sigmoid, H)
+(bench/results/mlp_saved_bytes_cpu has the measured table). The cost is a few fp32 flops per loaded Z element in
+one of the six GEMMs, hidden behind the tensor-core loop (ViT-B/16, bf16: storing H instead would be
+another 310 MB per layer at batch 256). The forward applies act() to Z rounded to the output dtype,
+exactly what the backward recomputes, so forward and backward see the same H.
 
-Bias gradients: db2 = sum_m dY and db1 = sum_m dZ are the row sums of the A operand of the wgrad GEMMs
-(dY.T, dZ.T). The programs of the first tile column already load every A tile, so they add its row sums
-to an fp32 register vector and store it once: no extra pass over dY or dZ, fp32 accumulation, no atomics.
+Bias gradients, off the GEMM main loop: db1 = sum_m dZ is summed where dZ is produced, in the dgrad
+epilogue (HAS_COLSUM: each tile adds up its stored dZ values per 64-row group into an fp32 partial row,
+[M / 64, hidden] fp32, about 1/16 of dZ's bytes in bf16); db2 = sum_m dY is one read of dY (D_out
+columns, a quarter of a hidden-wide tensor). Both finish in ``column_sums``: fixed-order fp32 sums over
+row chunks, deterministic and without atomics.
+
+Split-K
+-------
+The weight gradients have small outputs and a long K (ViT-B/16 at batch 256: 768 x 3072 outputs, K =
+50432 tokens: 144 tiles of 128x128 for 132 SMs, 1.1 waves). When a weight gradient has fewer output
+tiles than ``SPLIT_K_WAVES`` x SMs, it runs as S programs per tile over K slices (grid axis 1), each
+writing an fp32 partial [M, N]; ``column_sums`` adds the S partials in a fixed order and casts (one
+extra read/write of S x M x N fp32, ~1% of the GEMM's operand traffic at that shape). No atomics, so the
+result does not depend on scheduling.
+
+Indexing is 64-bit wherever index products can pass 2**31 (row x stride in loads and the epilogue, the
+K-slice offsets, the split partials), so one launch covers any output size.
 
 Activation kernel
 -----------------
@@ -52,6 +67,8 @@ Activation kernel
 the backward), the minimum.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -125,10 +142,12 @@ def _tile_ptrs(BASE, rows, cols, stride, IS_ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _mma_step(a, b, acc, rowsum, pid_n, IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr,
-              HAS_ROWSUM: tl.constexpr, IS_TF32: tl.constexpr):
-    """acc += A_tile @ B_tile.T on tensor cores (a, b as loaded, see ``_tile_ptrs``); the first tile column
-    also adds the row sums of the A tile (bias gradients)."""
+def _mma_step(a, b, acc, IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr, IS_TF32: tl.constexpr,
+              IS_B_ACTIVATED: tl.constexpr, ACTIVATION: tl.constexpr):
+    """acc += A_tile @ act(B_tile).T on tensor cores (a, b as loaded, see ``_tile_ptrs``; act applied only
+    when IS_B_ACTIVATED, in fp32 and rounded back to B's dtype)."""
+    if IS_B_ACTIVATED:
+        b = _activation(b.to(tl.float32), ACTIVATION).to(b.dtype)
     if not IS_A_ROW_MAJOR:
         a = tl.trans(a)
     if IS_B_ROW_MAJOR:
@@ -137,18 +156,22 @@ def _mma_step(a, b, acc, rowsum, pid_n, IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_M
         acc = tl.dot(a, b, acc, input_precision="tf32")
     else:
         acc = tl.dot(a, b, acc, input_precision="ieee")
-    if HAS_ROWSUM:
-        if pid_n == 0:
-            rowsum += tl.sum(a.to(tl.float32), axis=1)
-    return acc, rowsum
+    return acc
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
-              HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+def _epilogue(acc, rm, rn, row0, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS: tl.constexpr,
+              ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
+              HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
               IS_ALIGNED: tl.constexpr):
-    """Bias, activation (or the activation gradient from the saved Z), residual and the store, for the
-    rows rm and columns rn of the output. C, Z and RES share one layout (row stride stride_c)."""
+    """Bias, activation (or the activation gradient from the saved Z), residual, the store, and the
+    column sums of the stored values, for the rows rm (int64) and columns rn of the output. C, Z and RES
+    share one layout (row stride stride_c).
+
+    The activation is applied to the pre-activation rounded to the output dtype, the Z the backward sees:
+    the H this forward uses and the H the weight gradient recomputes from Z are then the same values.
+    Column sums (HAS_COLSUM, the bias gradient db1 = sum_m dZ) go to COLSUM[row // COLSUM_ROWS, column],
+    one fp32 row per COLSUM_ROWS output rows (every BLOCK_M is a multiple), summed by the launcher."""
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -157,52 +180,142 @@ def _epilogue(acc, rm, rn, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS: tl.constex
     if HAS_ACT_GRAD:
         z = tl.load(_tile_ptrs(Z, rm, rn, stride_c, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
         acc *= _activation_grad(z, ACTIVATION)
-    else:
-        acc = _activation(acc, ACTIVATION)
+    elif ACTIVATION != 0 and not IS_B_ACTIVATED:
+        acc = _activation(acc.to(C.dtype.element_ty).to(tl.float32), ACTIVATION)
     if HAS_RESIDUAL:
         acc += tl.load(_tile_ptrs(RES, rm, rn, stride_c, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
-    tl.store(_tile_ptrs(C, rm, rn, stride_c, IS_ALIGNED), acc.to(C.dtype.element_ty), mask=mask)
+    out = acc.to(C.dtype.element_ty)
+    tl.store(_tile_ptrs(C, rm, rn, stride_c, IS_ALIGNED), out, mask=mask)
+    if HAS_COLSUM:
+        GROUPS: tl.constexpr = acc.shape[0] // COLSUM_ROWS
+        vals = tl.where(mask, out.to(tl.float32), 0.0)
+        sums = tl.sum(tl.reshape(vals, (GROUPS, COLSUM_ROWS, acc.shape[1])), axis=1)
+        g = row0 // COLSUM_ROWS + tl.arange(0, GROUPS)
+        ok = (g < tl.cdiv(M, COLSUM_ROWS))[:, None] & (rn < N)[None, :]
+        tl.store(COLSUM + g.to(tl.int64)[:, None] * N + rn[None, :], sums, mask=ok)
 
 
-# Shipped tile configurations. The first one is what the interpreter runs (large tiles keep it fast)
-# and a good default on both architectures. Every entry compiles without spills, software-pipelined, with
-# tensor cores for fp16/bf16 on sm_80 and sm_90, for every epilogue on aligned operands (``aot_cases``).
-# Measured out by the AOT check: 128x256 tiles (8 warps) and 4-warp tiles with BLOCK_K=64 spill with
-# these epilogues. Operands that are not 16-byte aligned load element by element, which needs more
-# registers, so they are tuned over the small tiles only (``_prune``).
-GEMM_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+@triton.jit
+def _split_columns(acc):
+    """[BM, BN] -> the [BM, BN/2] left and right halves (sub-tiles for the epilogue)."""
+    BM: tl.constexpr = acc.shape[0]
+    BN: tl.constexpr = acc.shape[1]
+    return tl.split(tl.permute(tl.reshape(acc, (BM, 2, BN // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue_halves(acc, rm, rn0, row0, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS: tl.constexpr,
+                     ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
+                     IS_ALIGNED: tl.constexpr):
+    """The epilogue over the two column halves of ``acc`` (columns rn0 + [0, BN)), one after the other."""
+    HALF: tl.constexpr = acc.shape[1] // 2
+    lo, hi = _split_columns(acc)
+    rn = rn0 + tl.arange(0, HALF)
+    _epilogue(lo, rm, rn, row0, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS, ACTIVATION, HAS_PRE_OUT,
+              HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED)
+    _epilogue(hi, rm, rn + HALF, row0, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS, ACTIVATION, HAS_PRE_OUT,
+              HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED)
+
+
+# Rows of output summed into one fp32 partial row by the column-sum epilogue (the smallest BLOCK_M).
+COLSUM_ROWS: tl.constexpr = tl.constexpr(64)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One shipped GEMM tile. ``epilogue_subtiles`` (2 or 4) column slices are finished one after the
+    other, so the epilogue's fp32 temporaries cover a half or a quarter of the accumulator.
+
+    ``avoid`` lists the kinds of product (``_product_kinds``) the tile is not offered to, because the AOT
+    check measured it spilling there: "heavy" (erf/tanh activation epilogues: fc forward, dgrad),
+    "activated_b" (the proj weight gradient applying the activation to its [BLOCK_K, BLOCK_N] B tiles in
+    registers as it loads them), "residual" (the proj forward's residual epilogue). ``unaligned``: offered
+    to operands that load element by element (more registers per value)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int
+    stages: int
+    epilogue_subtiles: int = 2
+    avoid: tuple[str, ...] = ()
+    unaligned: bool = False
+    group_m: int = 8
+
+    def config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                              "GROUP_M": self.group_m, "EPILOGUE_SUBTILES": self.epilogue_subtiles},
+                             num_warps=self.warps, num_stages=self.stages)
+
+
+# Shipped tiles. The first is what the interpreter runs (large tiles keep it fast) and a good default on
+# both architectures. Every entry compiles without spills, software-pipelined, with tensor cores for
+# fp16/bf16 on sm_80 and sm_90, for every epilogue it is offered to (``aot_cases``); the Hopper tiles
+# (128x256 and 256x128 at 8 warps, 128x128x64 at 4 warps) fit by finishing the accumulator in quarters.
+TILES = [
+    Tile(128, 128, 32, warps=8, stages=4),
+    Tile(128, 128, 64, warps=8, stages=3),
+    # measured spills where avoided: 80-1100 B (128x256), 180-1000 B on sm_80 (256x128), 8-1360 B (4 warps)
+    Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b",)),
+    Tile(256, 128, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b",)),
+    Tile(128, 128, 64, warps=4, stages=4, epilogue_subtiles=4, avoid=("activated_b", "residual")),
+    Tile(64, 128, 32, warps=4, stages=4),
+    Tile(128, 64, 32, warps=4, stages=4),
+    Tile(64, 64, 32, warps=4, stages=4, unaligned=True),
 ]
-UNALIGNED_MAX_TILE = 64 * 64
+GEMM_CONFIGS = [t.config() for t in TILES]
+_TILE_OF = {(t.block_m, t.block_n, t.block_k, t.warps, t.stages): t for t in TILES}
+_HEAVY_ACTIVATIONS = (2, 3)  # erf and tanh GELU
+
+
+def _tile(config: triton.Config) -> Tile:
+    kw = config.kwargs
+    return _TILE_OF[(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)]
+
+
+def _product_kinds(args: dict) -> set[str]:
+    """The kinds of product (see ``Tile.avoid``) a launch's constexpr flags make."""
+    kinds = set()
+    if args.get("IS_B_ACTIVATED", False):
+        kinds.add("activated_b")
+    elif args.get("ACTIVATION", 0) in _HEAVY_ACTIVATIONS:
+        kinds.add("heavy")
+    if args.get("HAS_RESIDUAL", False):
+        kinds.add("residual")
+    return kinds
 
 
 def _prune(configs, named_args, **kwargs):
-    """Unaligned operands (see ``_tile_ptrs``) are tuned over the small tiles only."""
-    if named_args.get("IS_ALIGNED", kwargs.get("IS_ALIGNED", True)):
-        return configs
-    small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= UNALIGNED_MAX_TILE]
-    return small or configs
+    """The tiles offered to one epilogue and operand alignment (see ``Tile``)."""
+    args = {**named_args, **kwargs}
+    kinds = _product_kinds(args)
+    aligned = args.get("IS_ALIGNED", True)
+    kept = [c for c in configs if not kinds & set(_tile(c).avoid) and (_tile(c).unaligned or aligned)]
+    return kept or configs[:1]
 
 
-@runtime.autotune(GEMM_CONFIGS, key=["M", "N", "K", "IS_A_ROW_MAJOR", "IS_B_ROW_MAJOR", "IS_ALIGNED"],
+@runtime.autotune(GEMM_CONFIGS, key=["M_BUCKET", "N", "K_BUCKET", "IS_A_ROW_MAJOR", "IS_B_ROW_MAJOR", "IS_ALIGNED"],
                   prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _gemm_kernel(
-    A, B, C, BIAS, RES, Z, ROWSUM,
-    M, N, K, stride_a, stride_b, stride_c,
+    A, B, C, BIAS, RES, Z, COLSUM,
+    M, N, K, K_PER_SPLIT, stride_a, stride_b, stride_c, M_BUCKET, K_BUCKET,
     IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr, IS_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_ROWSUM: tl.constexpr, IS_TF32: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_TF32: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILES: tl.constexpr,
 ):
     """A: [M, K], unit stride along K (IS_A_ROW_MAJOR) or M; B: [N, K], unit stride along K (IS_B_ROW_MAJOR,
-    nn.Linear layout) or N. C, and Z / RES when used, are [M, N] with row stride stride_c."""
+    nn.Linear layout) or N. C, and Z / RES when used, are [M, N] with row stride stride_c.
+
+    Split-K: program (tile, s) of a grid (tiles, S) sums k in [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT) and
+    writes its fp32 partial to C + s * M * N (C is then an [S, M, N] fp32 buffer; no epilogue flags).
+    M_BUCKET and K_BUCKET only key the autotune cache (powers of two of M and K)."""
     # Grouped tile order: GROUP_M tile rows sweep the tile columns together (B stays in L2).
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles_per_group = GROUP_M * num_pid_n
@@ -215,49 +328,71 @@ def _gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     # Rows/columns past the edge load wrapped (valid) addresses and are never stored, so only K is masked.
+    # Offsets are 64-bit wherever a product of indices can pass 2**31 (rows x strides, split offsets).
     rm_load = (rm % M).to(tl.int64)
     rn_load = (rn % N).to(tl.int64)
+    k_first = pid_k.to(tl.int64) * K_PER_SPLIT
+    k_count = tl.minimum(K - k_first, K_PER_SPLIT)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     if IS_A_ROW_MAJOR:  # [BLOCK_M, BLOCK_K] tiles
-        a_ptrs = _tile_ptrs(A, rm_load, rk, stride_a, IS_ALIGNED)
+        a_ptrs = _tile_ptrs(A + k_first, rm_load, rk, stride_a, IS_ALIGNED)
         a_step = BLOCK_K
     else:  # [BLOCK_K, BLOCK_M] tiles
-        a_ptrs = _tile_ptrs(A, rk, rm_load, stride_a, IS_ALIGNED)
+        a_ptrs = _tile_ptrs(A + k_first * stride_a, rk, rm_load, stride_a, IS_ALIGNED)
         a_step = BLOCK_K * stride_a
     if IS_B_ROW_MAJOR:  # [BLOCK_N, BLOCK_K] tiles
-        b_ptrs = _tile_ptrs(B, rn_load, rk, stride_b, IS_ALIGNED)
+        b_ptrs = _tile_ptrs(B + k_first, rn_load, rk, stride_b, IS_ALIGNED)
         b_step = BLOCK_K
     else:  # [BLOCK_K, BLOCK_N] tiles
-        b_ptrs = _tile_ptrs(B, rk, rn_load, stride_b, IS_ALIGNED)
+        b_ptrs = _tile_ptrs(B + k_first * stride_b, rk, rn_load, stride_b, IS_ALIGNED)
         b_step = BLOCK_K * stride_b
     # Whole K tiles load without a mask, so they move in vectors and the loop is software-pipelined
     # whatever K is; a K tail (K % BLOCK_K) takes one masked step after the loop.
-    k_tiles = K // BLOCK_K
+    k_tiles = k_count // BLOCK_K
     for _ in range(0, k_tiles):
-        acc, rowsum = _mma_step(tl.load(a_ptrs), tl.load(b_ptrs), acc, rowsum, pid_n, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR,
-                                HAS_ROWSUM, IS_TF32)
+        acc = _mma_step(tl.load(a_ptrs), tl.load(b_ptrs), acc, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, IS_TF32,
+                        IS_B_ACTIVATED, ACTIVATION)
         a_ptrs += a_step
         b_ptrs += b_step
-    k_left = K - k_tiles * BLOCK_K
+    k_left = k_count - k_tiles * BLOCK_K
     if k_left > 0:
         k_ok = rk < k_left
         a = tl.load(a_ptrs, mask=k_ok[None, :] if IS_A_ROW_MAJOR else k_ok[:, None], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[None, :] if IS_B_ROW_MAJOR else k_ok[:, None], other=0.0)
-        acc, rowsum = _mma_step(a, b, acc, rowsum, pid_n, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, HAS_ROWSUM, IS_TF32)
+        acc = _mma_step(a, b, acc, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, IS_TF32, IS_B_ACTIVATED, ACTIVATION)
 
-    # Epilogue on the fp32 accumulator, one half of the tile columns at a time (fewer values live at
-    # once: the activation and its gradient need several temporaries per element).
-    acc_lo, acc_hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
-    rn_lo = pid_n * BLOCK_N + tl.arange(0, BLOCK_N // 2)
-    _epilogue(acc_lo, rm, rn_lo, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD,
-              HAS_RESIDUAL, IS_ALIGNED)
-    _epilogue(acc_hi, rm, rn_lo + BLOCK_N // 2, M, N, stride_c, C, BIAS, RES, Z, HAS_BIAS, ACTIVATION, HAS_PRE_OUT,
-              HAS_ACT_GRAD, HAS_RESIDUAL, IS_ALIGNED)
-    if HAS_ROWSUM:
-        if pid_n == 0:
-            tl.store(ROWSUM + rm, rowsum, mask=rm < M)
+    # Epilogue on the fp32 accumulator in column sub-tiles (fewer values live at once: the activation and
+    # its gradient need several temporaries per element).
+    rm = rm.to(tl.int64)
+    row0 = pid_m * BLOCK_M
+    C += pid_k.to(tl.int64) * M * N
+    if EPILOGUE_SUBTILES == 4:
+        left, right = _split_columns(acc)
+        _epilogue_halves(left, rm, pid_n * BLOCK_N, row0, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS,
+                         ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED)
+        _epilogue_halves(right, rm, pid_n * BLOCK_N + BLOCK_N // 2, row0, M, N, stride_c, C, BIAS, RES, Z, COLSUM,
+                         HAS_BIAS, ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED,
+                         IS_ALIGNED)
+    else:
+        _epilogue_halves(acc, rm, pid_n * BLOCK_N, row0, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS,
+                         ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED)
+
+
+@triton.jit
+def _column_sum_kernel(X, OUT, S, R, stride_x, ROWS_PER_PROGRAM, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
+    """OUT[p, r] = sum of X[s, r] over the rows s of chunk p ([p * ROWS_PER_PROGRAM, (p + 1) * ...)), in
+    fp32, in a fixed order (deterministic). Reads X once; one program per (column block, row chunk)."""
+    cols = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    chunk = tl.program_id(1)
+    first = chunk.to(tl.int64) * ROWS_PER_PROGRAM
+    last = tl.minimum(first + ROWS_PER_PROGRAM, S)
+    acc = tl.zeros((BLOCK_S, BLOCK_R), dtype=tl.float32)
+    for s0 in range(first, last, BLOCK_S):
+        rows = s0 + tl.arange(0, BLOCK_S)
+        ok = (rows < last)[:, None] & (cols < R)[None, :]
+        acc += tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + chunk.to(tl.int64) * R + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cols < R)
 
 
 @triton.jit
@@ -273,8 +408,6 @@ def _activation_kernel(X, DY, OUT, n, ACTIVATION: tl.constexpr, BACKWARD: tl.con
 
 
 ELEMENTWISE_BLOCK = 4096
-# The most elements one GEMM launch writes (its epilogue offsets are 32-bit).
-MAX_EPILOGUE_ELEMENTS = 2**31 - 1
 ELEMENTWISE_WARPS = 8
 
 
@@ -308,25 +441,78 @@ def _aligned(*operands) -> bool:
     return True
 
 
+def _bucket(n: int) -> int:
+    """Autotune cache key of a size that varies with the batch: the next power of two, so a new batch
+    size re-tunes only when it crosses one."""
+    return runtime.next_power_of_2(n)
+
+
+# Split-K: a product with fewer than SPLIT_K_WAVES x SMs output tiles (of the 128x128 tiles that the
+# large shapes tune to) splits K into up to MAX_SPLIT_K slices of at least MIN_K_PER_SPLIT each.
+SPLIT_K_WAVES = 2
+MAX_SPLIT_K = 16
+MIN_K_PER_SPLIT = 2048
+SPLIT_K_ALIGN = 64  # slice length multiple: every tile's BLOCK_K divides it
+FORCE_SPLIT_K: int | None = None  # tests: force this many slices on every split-eligible product
+
+
+def split_k_slices(M: int, N: int, K: int, device: torch.device) -> int:
+    """How many K slices a product without epilogue runs in (1: no split)."""
+    if FORCE_SPLIT_K is not None:
+        return max(1, min(FORCE_SPLIT_K, runtime.cdiv(K, SPLIT_K_ALIGN)))
+    tiles = runtime.cdiv(M, 128) * runtime.cdiv(N, 128)
+    target = SPLIT_K_WAVES * runtime.sm_count(device)
+    if tiles >= target:
+        return 1
+    return max(1, min(MAX_SPLIT_K, runtime.cdiv(target, tiles), K // MIN_K_PER_SPLIT))
+
+
+COLUMN_SUM_ROWS = 1024  # rows one column-sum program adds up
+COLUMN_SUM_BLOCK = (16, 256)  # (rows, columns) loaded per step
+
+
+def column_sums(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``x.sum(0)`` of a 2-D ``x`` with unit column stride, accumulated in fp32 in a fixed order: chunks of
+    COLUMN_SUM_ROWS rows are summed into an fp32 partial, then the partials (a second pass while more
+    than one chunk is left). Deterministic, no atomics."""
+    S, R = x.shape
+    if S == 0 or R == 0:
+        return torch.zeros(R, dtype=dtype, device=x.device)
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    while True:
+        chunks = runtime.cdiv(S, COLUMN_SUM_ROWS)
+        out = runtime.empty((chunks, R), dtype if chunks == 1 else torch.float32, x.device)
+        grid = (runtime.cdiv(R, COLUMN_SUM_BLOCK[1]), chunks)
+        _column_sum_kernel[grid](x, out, S, R, x.stride(0), COLUMN_SUM_ROWS, BLOCK_S=COLUMN_SUM_BLOCK[0],
+                                 BLOCK_R=COLUMN_SUM_BLOCK[1], num_warps=4)
+        if chunks == 1:
+            return out[0]
+        x, S = out, chunks
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none", residual=None,
-         save_pre: bool = False, pre=None, rowsum: bool = False):
+         save_pre: bool = False, pre=None, colsum: bool = False, activate_b: bool = False, split_k: bool = False):
     """``epilogue(a @ b.T)`` for 2-D views ``a`` [M, K] and ``b`` [N, K] with a unit stride along either
     axis (other views are copied).
 
     - ``bias`` [N] is added, then ``activation`` applied (``save_pre`` also returns the value before it);
     - ``pre`` [M, N] given (contiguous): the product is multiplied by ``activation'(pre)`` instead (dgrad);
     - ``residual`` [M, N] is added last;
-    - ``rowsum``: also returns the fp32 row sums of ``a`` ([M]).
+    - ``colsum``: also returns the fp32 column sums of the output ([N], the bias gradient of a dgrad);
+    - ``activate_b``: multiply by ``activation(b)`` instead of ``b`` (b holds the pre-activation Z; the
+      epilogue then applies no activation).
 
-    Returns ``(c, pre_activation or None, rowsum or None)``; ``c`` is contiguous in ``a``'s dtype.
+    ``split_k`` (weight gradients: no epilogue, few output tiles, long K) lets the product run in K slices
+    (``split_k_slices``): fp32 partials, then one deterministic sum. Returns ``(c, pre_activation or None, column sums or None)``; ``c`` is
+    contiguous in ``a``'s dtype.
     """
     M, K = a.shape
     N = b.shape[0]
-    c = runtime.empty((M, N), a.dtype, a.device)
     z = runtime.empty((M, N), a.dtype, a.device) if save_pre else None
-    sums = runtime.empty((M,), torch.float32, a.device) if rowsum else None
     if M == 0 or N == 0:
-        return c, z, sums
+        sums = torch.zeros(N, dtype=torch.float32, device=a.device) if colsum else None
+        return runtime.empty((M, N), a.dtype, a.device), z, sums
     # K == 0 (e.g. the weight gradient of an empty batch) runs no loop step and writes the epilogue of 0.
     a, a_row_major, stride_a = _layout(a)
     b, b_row_major, stride_b = _layout(b)
@@ -335,56 +521,53 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
     zz = z if z is not None else pre
     if zz is not None:
         assert zz.stride() == (N, 1)
-    # The epilogue addresses C, Z and RES with 32-bit offsets: outputs of 2**31 elements or more run
-    # as several launches over row blocks (row slices of every operand are views).
-    rows_per_launch = max(1, MAX_EPILOGUE_ELEMENTS // N)
-    for start in range(0, M, rows_per_launch):
-        rows = slice(start, min(M, start + rows_per_launch))
-        _launch(a[rows], a_row_major, stride_a, b, b_row_major, stride_b, c[rows], bias,
-                residual[rows] if residual is not None else None, zz[rows] if zz is not None else None,
-                sums[rows] if sums is not None else None, activation, save_pre, pre is not None)
-    return c, z, sums
-
-
-def _launch(a, a_row_major, stride_a, b, b_row_major, stride_b, c, bias, residual, zz, sums, activation,
-            save_pre, act_grad):
-    M, K = a.shape
-    N = b.shape[0]
+    plain = bias is None and residual is None and zz is None and not colsum
+    slices = split_k_slices(M, N, K, a.device) if split_k and plain and K else 1
+    per_slice = runtime.cdiv(runtime.cdiv(K, slices), SPLIT_K_ALIGN) * SPLIT_K_ALIGN if slices > 1 else K
+    slices = runtime.cdiv(K, per_slice) if K else 1
+    c = runtime.empty((slices, M, N) if slices > 1 else (M, N), torch.float32 if slices > 1 else a.dtype, a.device)
+    partial = runtime.empty((runtime.cdiv(M, COLSUM_ROWS.value), N), torch.float32, a.device) if colsum else None
     epilogue = [(t, True, N, N) for t in (c, zz, residual) if t is not None]
     aligned = _aligned((a, a_row_major, stride_a, M), (b, b_row_major, stride_b, N), *epilogue)
 
     def grid(meta):
-        return (runtime.cdiv(M, meta["BLOCK_M"]) * runtime.cdiv(N, meta["BLOCK_N"]),)
+        return (runtime.cdiv(M, meta["BLOCK_M"]) * runtime.cdiv(N, meta["BLOCK_N"]), slices)
 
     _gemm_kernel[grid](
         a, b, c, bias if bias is not None else c, residual if residual is not None else c,
-        zz if zz is not None else c, sums if sums is not None else c,
-        M, N, K, stride_a, stride_b, N,
+        zz if zz is not None else c, partial if partial is not None else c,
+        M, N, K, per_slice, stride_a, stride_b, N, _bucket(M), _bucket(K),
         IS_A_ROW_MAJOR=a_row_major, IS_B_ROW_MAJOR=b_row_major, IS_ALIGNED=aligned,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_PRE_OUT=save_pre,
-        HAS_ACT_GRAD=act_grad, HAS_RESIDUAL=residual is not None, HAS_ROWSUM=sums is not None,
-        IS_TF32=_allow_tf32(a),
+        HAS_ACT_GRAD=pre is not None, HAS_RESIDUAL=residual is not None, HAS_COLSUM=colsum,
+        IS_TF32=_allow_tf32(a), IS_B_ACTIVATED=activate_b,
     )
+    if slices > 1:
+        c = column_sums(c.view(slices, M * N), a.dtype).view(M, N)
+    return c, z, column_sums(partial) if colsum else None
 
 
 def mlp_fwd(x2, w1, b1, w2, b2, residual2, activation: str, save_for_backward: bool):
-    """Forward over 2-D ``x2`` [M, D]. Returns ``(y [M, D_out], h [M, hidden], z [M, hidden] or None)``."""
+    """Forward over 2-D ``x2`` [M, D]. Returns ``(y [M, D_out], z [M, hidden] or None)``: the pre-activation
+    Z only when a backward will need it; H lives only between the two GEMMs."""
     h, z, _ = gemm(x2, w1, bias=b1, activation=activation, save_pre=save_for_backward)
     y, _, _ = gemm(h, w2, bias=b2, residual=residual2)
-    return y, h, z
+    return y, z
 
 
-def mlp_bwd(dy2, x2, w1, w2, h, z, activation: str, need_dx: bool, need_fc_grads: bool, need_proj_grads: bool,
+def mlp_bwd(dy2, x2, w1, w2, z, activation: str, need_dx: bool, need_fc_grads: bool, need_proj_grads: bool,
             has_b1: bool, has_b2: bool):
-    """Backward over 2-D tensors. Returns ``(dx, dw1, db1, dw2, db2)``: weight gradients in the weights'
-    dtype, bias gradients in fp32, None where not requested."""
+    """Backward over 2-D tensors from the saved Z (H = act(Z) is recomputed as the proj weight gradient
+    loads its Z tiles). Returns ``(dx, dw1, db1, dw2, db2)``: weight gradients in the weights' dtype, bias
+    gradients in fp32, None where not requested."""
     dw2 = db2 = dx = dw1 = db1 = None
     if need_proj_grads:
-        dw2, _, db2 = gemm(dy2.t(), h.t(), rowsum=has_b2)
+        dw2, _, _ = gemm(dy2.t(), z.t(), activation=activation, activate_b=True, split_k=True)
+        db2 = column_sums(dy2) if has_b2 else None
     if need_dx or need_fc_grads:
-        dz, _, _ = gemm(dy2, w2.t(), activation=activation, pre=z)
+        dz, _, db1 = gemm(dy2, w2.t(), activation=activation, pre=z, colsum=need_fc_grads and has_b1)
         if need_fc_grads:
-            dw1, _, db1 = gemm(dz.t(), x2.t(), rowsum=has_b1)
+            dw1, _, _ = gemm(dz.t(), x2.t(), split_k=True)
         if need_dx:
             dx, _, _ = gemm(dz, w1.t())
     return dx, dw1, db1, dw2, db2
@@ -418,11 +601,18 @@ def activation_bwd(dy: torch.Tensor, x: torch.Tensor, activation: str) -> torch.
 
 _GEMM_SIGNATURE = {
     "A": "*{dtype}", "B": "*{dtype}", "C": "*{dtype}", "BIAS": "*{dtype}", "RES": "*{dtype}", "Z": "*{dtype}",
-    "ROWSUM": "*fp32", "M": "i32", "N": "i32", "K": "i32", "stride_a": "i32", "stride_b": "i32", "stride_c": "i32",
+    "COLSUM": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_a": "i32", "stride_b": "i32",
+    "stride_c": "i32", "M_BUCKET": "i32", "K_BUCKET": "i32",
 }
+# Integers the JIT sees as multiples of 16 at CLIP shapes (widths 512-1280 and 4x, their strides, the
+# split length, the power-of-two buckets); M (batch x tokens, e.g. 256 x 197) and K of the wgrad GEMMs
+# (tokens) are not. Pointers are 16-byte aligned (torch allocations).
+_GEMM_DIVISIBLE = ("A", "B", "C", "BIAS", "RES", "Z", "COLSUM", "N", "K_PER_SPLIT", "stride_a", "stride_b", "stride_c",
+                   "M_BUCKET", "K_BUCKET")
+_FWD_DIVISIBLE = _GEMM_DIVISIBLE + ("K",)  # forward and dgrad: K is a width
 
 _NO_EPILOGUE = {"HAS_BIAS": False, "ACTIVATION": 0, "HAS_PRE_OUT": False, "HAS_ACT_GRAD": False, "HAS_RESIDUAL": False,
-                "HAS_ROWSUM": False, "IS_TF32": False}
+                "HAS_COLSUM": False, "IS_TF32": False, "IS_B_ACTIVATED": False}
 
 # The products of the MLP (see the table at the top) with the operand layouts they run with.
 _FWD = {"IS_A_ROW_MAJOR": True, "IS_B_ROW_MAJOR": True}
@@ -433,31 +623,50 @@ _GEMM_VARIANTS = {
     "fc_fwd_gelu": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 2, "HAS_PRE_OUT": True},
     "fc_fwd_gelu_tanh": {**_FWD, "HAS_BIAS": True, "ACTIVATION": 3, "HAS_PRE_OUT": True},
     "proj_fwd_residual": {**_FWD, "HAS_BIAS": True, "HAS_RESIDUAL": True},
-    "dgrad_quick_gelu": {**_DGRAD, "ACTIVATION": 1, "HAS_ACT_GRAD": True},
-    "dgrad_gelu": {**_DGRAD, "ACTIVATION": 2, "HAS_ACT_GRAD": True},
-    "dgrad_gelu_tanh": {**_DGRAD, "ACTIVATION": 3, "HAS_ACT_GRAD": True},
-    "wgrad_bias": {**_WGRAD, "HAS_ROWSUM": True},
+    "dgrad_quick_gelu": {**_DGRAD, "ACTIVATION": 1, "HAS_ACT_GRAD": True, "HAS_COLSUM": True},
+    "dgrad_gelu": {**_DGRAD, "ACTIVATION": 2, "HAS_ACT_GRAD": True, "HAS_COLSUM": True},
+    "dgrad_gelu_tanh": {**_DGRAD, "ACTIVATION": 3, "HAS_ACT_GRAD": True, "HAS_COLSUM": True},
     "dgrad_input": {**_DGRAD},
+    "wgrad": {**_WGRAD},
+    "wgrad_quick_gelu_b": {**_WGRAD, "ACTIVATION": 1, "IS_B_ACTIVATED": True},
+    "wgrad_gelu_b": {**_WGRAD, "ACTIVATION": 2, "IS_B_ACTIVATED": True},
+    "wgrad_gelu_tanh_b": {**_WGRAD, "ACTIVATION": 3, "IS_B_ACTIVATED": True},
+    # split-K weight gradients write fp32 partials
+    "wgrad_split": {**_WGRAD, "_C": "*fp32"},
+    "wgrad_quick_gelu_b_split": {**_WGRAD, "ACTIVATION": 1, "IS_B_ACTIVATED": True, "_C": "*fp32"},
 }
-_QUICK_VARIANTS = ("fc_fwd_quick_gelu", "proj_fwd_residual", "dgrad_quick_gelu", "wgrad_bias")
+_QUICK_VARIANTS = ("fc_fwd_quick_gelu", "proj_fwd_residual", "dgrad_quick_gelu", "wgrad_quick_gelu_b_split")
+
+
+def gemm_aot_case(variant: str, config: triton.Config, aligned: bool = True, quick: bool = False) -> runtime.AotCase:
+    """The AOT case of one MLP product (``_GEMM_VARIANTS``) at one tile config."""
+    flags = dict(_GEMM_VARIANTS[variant])
+    signature = {**_GEMM_SIGNATURE, "C": flags.pop("_C", _GEMM_SIGNATURE["C"])}
+    constexprs = {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned, **config.kwargs}
+    divisible = (_GEMM_DIVISIBLE if not flags["IS_A_ROW_MAJOR"] else _FWD_DIVISIBLE) if aligned else ()
+    return runtime.AotCase(
+        name=f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}", kernel=runtime.jit_function(_gemm_kernel),
+        signature=signature, constexprs=constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
+        expects_mma=True, quick=quick, divisible_by_16=divisible)
 
 
 def aot_cases() -> list[runtime.AotCase]:
-    """Every MLP product at every shipped config on aligned operands (CLIP widths), and on unaligned
-    operands at the configs they are tuned over; plus the elementwise activation kernel."""
+    """Every MLP product at every tile it is offered (``_prune``) on aligned operands (CLIP widths), and on
+    unaligned operands at the tiles they are tuned over; the column-sum kernel; the activation kernel."""
     cases = []
     for variant, flags in _GEMM_VARIANTS.items():
         for aligned in (True, False):
-            constexprs = {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned}
-            configs = _prune(_gemm_kernel.shipped_configs, constexprs)
+            if not aligned and "split" in variant:
+                continue
+            configs = _prune(_gemm_kernel.shipped_configs, {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned})
             for i, cfg in enumerate(configs):
-                cases.append(runtime.AotCase(
-                    name=f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}",
-                    kernel=runtime.jit_function(_gemm_kernel),
-                    signature=_GEMM_SIGNATURE, constexprs={**constexprs, **cfg.kwargs}, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages, expects_mma=True,
-                    quick=aligned and i == 0 and variant in _QUICK_VARIANTS,
-                ))
+                cases.append(gemm_aot_case(variant, cfg, aligned, quick=aligned and i == 0 and variant in _QUICK_VARIANTS))
+    for out in ("fp32", "{dtype}"):
+        cases.append(runtime.AotCase(
+            name=f"mlp_column_sum_to_{'fp32' if out == 'fp32' else 'dtype'}", kernel=_column_sum_kernel,
+            signature={"X": "*fp32" if out != "fp32" else "*{dtype}", "OUT": f"*{out}", "S": "i32", "R": "i32",
+                       "stride_x": "i32", "ROWS_PER_PROGRAM": "i32"},
+            constexprs={"BLOCK_S": COLUMN_SUM_BLOCK[0], "BLOCK_R": COLUMN_SUM_BLOCK[1]}, num_warps=4, quick=True))
     for backward in (False, True):
         cases.append(runtime.AotCase(
             name=f"quick_gelu_{'bwd' if backward else 'fwd'}", kernel=_activation_kernel,

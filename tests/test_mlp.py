@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
+from clipfast.kernels import mlp as kernel
 from clipfast.kernels import runtime
 from clipfast.ops.mlp import eager_activation
 
@@ -112,8 +113,8 @@ def test_mlp_gradient_subsets():
 def test_mlp_no_grad_does_not_save_the_pre_activation():
     x, w1, b1, w2, b2 = mlp_inputs(5, 64, 256)
     with torch.no_grad():
-        y, h, z = torch.ops.clipfast.mlp_fwd(x, w1, b1, w2, b2, None, "quick_gelu", False)
-    assert z.numel() == 0 and h.shape == (5, 256)
+        y, z = torch.ops.clipfast.mlp_fwd(x, w1, b1, w2, b2, None, "quick_gelu", False)
+    assert z.numel() == 0
     torch.testing.assert_close(y, eager_mlp("quick_gelu")(x, w1, b1, w2, b2), atol=1e-5, rtol=1e-5)
 
 
@@ -176,10 +177,12 @@ def test_mlp_kernels_actually_run(monkeypatch):
     monkeypatch.setattr(kernel, "gemm", lambda *a, **k: calls.append(k) or real(*a, **k))
     x, w1, b1, w2, b2 = [t.requires_grad_() for t in mlp_inputs(3, 32, 128)]
     clipfast.mlp(x, w1, b1, w2, b2).sum().backward()
-    # fc (+act), proj; proj wgrad (+db2), dgrad (*act'), fc wgrad (+db1), dx
+    # fc (+act), proj; proj wgrad (act(Z) operand), dgrad (*act', column sums -> db1), fc wgrad, dx
     assert len(calls) == 6
     assert calls[0]["activation"] == "quick_gelu" and calls[0]["save_pre"]
-    assert sum(bool(c.get("rowsum")) for c in calls) == 2 and sum(c.get("pre") is not None for c in calls) == 1
+    assert sum(bool(c.get("colsum")) for c in calls) == 1 and sum(c.get("pre") is not None for c in calls) == 1
+    assert sum(bool(c.get("split_k")) for c in calls) == 2
+    assert sum(bool(c.get("activate_b")) for c in calls) == 1  # H recomputed from Z in the proj wgrad
 
 
 def test_eager_fallback_matches_float64(monkeypatch):
@@ -192,12 +195,60 @@ def test_eager_fallback_matches_float64(monkeypatch):
                           [randn(5, 33, device=DEVICE)], dtype)
 
 
-def test_outputs_too_large_for_32_bit_offsets_run_in_row_blocks(monkeypatch):
-    from clipfast.kernels import mlp as kernel
+def _tile_id(tile):
+    return f"{tile.block_m}x{tile.block_n}x{tile.block_k}w{tile.warps}s{tile.stages}e{tile.epilogue_subtiles}"
 
-    monkeypatch.setattr(kernel, "MAX_EPILOGUE_ELEMENTS", 50 * 256)  # 130 rows x 256 hidden: 3 launches
-    assert_op_matches("mlp row blocks", fused_mlp("quick_gelu", True), eager_mlp("quick_gelu", True),
-                      mlp_inputs(130, 64, 256) + [randn(130, 64, device=DEVICE)], torch.float32)
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tile", kernel.TILES[1:], ids=_tile_id)
+def test_every_shipped_tile_matches_float64(monkeypatch, tile, dtype):
+    """The interpreter runs the first tile only: force each other one (its epilogue sub-tiles, 256-row
+    tiles with several column-sum groups) on ragged shapes (rows past a 64-row group, N and K tails)."""
+    monkeypatch.setattr(kernel._gemm_kernel, "configs", [tile.config()])
+    inputs = mlp_inputs(70, 48, 136) + [randn(70, 48, device=DEVICE)]
+    assert_op_matches(f"mlp tile {_tile_id(tile)}", fused_mlp("gelu", True), eager_mlp("gelu", True), inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_k_weight_gradients_match_float64(monkeypatch, dtype):
+    """Weight gradients in K slices (fp32 partials + one sum; the last slice has a K tail), and bias
+    gradients summed over several chunks of rows (three passes of the column-sum kernel)."""
+    monkeypatch.setattr(kernel, "FORCE_SPLIT_K", 3)
+    monkeypatch.setattr(kernel, "COLUMN_SUM_ROWS", 16)
+    calls = []
+    real = kernel._column_sum_kernel.run
+    monkeypatch.setattr(kernel._column_sum_kernel, "run", lambda *a, **k: calls.append(k["grid"]) or real(*a, **k))
+    assert kernel.split_k_slices(64, 256, 300, torch.device("cpu")) == 3
+    assert_op_matches("mlp split-K", fused_mlp("quick_gelu"), eager_mlp("quick_gelu"), mlp_inputs(300, 64, 256), dtype)
+    assert any(g[1] == 19 for g in calls) and any(g[1] == 2 for g in calls)  # chunked db2 / db1 sums
+
+
+def test_split_k_policy():
+    """Split only when the output tiles do not fill SPLIT_K_WAVES waves, and only K long enough."""
+    sms = runtime.sm_count(torch.device("cpu"))
+    assert kernel.split_k_slices(768, 3072, 50432, torch.device("cpu")) == 1 or sms * 2 > 144
+    few_tiles = kernel.split_k_slices(128, 128, 64 * 2048, torch.device("cpu"))
+    assert few_tiles == min(kernel.MAX_SPLIT_K, kernel.SPLIT_K_WAVES * sms)
+    assert kernel.split_k_slices(128, 128, 1000, torch.device("cpu")) == 1
+
+
+def test_saved_activation_bytes_bound():
+    """The fused MLP keeps x and Z for backward (H is recomputed): <= 0.6x eager nn.GELU's activation bytes
+    (x, Z, H) and <= 0.4x eager QuickGELU's (x, Z, sigmoid, H), parameters excluded."""
+    from clipfast.benchmarks.mlp import saved_activation_bytes
+
+    x, w1, b1, w2, b2 = [t.requires_grad_() for t in mlp_inputs(197, 64, 256)]
+    params = [w1, b1, w2, b2]
+
+    def measure(fn):
+        return saved_activation_bytes(fn, x, *params, exclude=params)
+
+    fused = measure(fused_mlp("quick_gelu"))
+    assert fused == measure(fused_mlp("gelu")) == x.nbytes + 197 * 256 * 4  # x and Z
+    assert fused <= 0.6 * measure(lambda *a: F.linear(F.gelu(F.linear(*a[:3])), *a[3:]))
+    assert fused <= 0.4 * measure(eager_mlp("quick_gelu"))
+    with torch.no_grad():
+        assert measure(fused_mlp("quick_gelu")) == 0
 
 
 def test_poisoned_outputs_are_fully_written():
@@ -322,7 +373,7 @@ def test_mlp_clip_widths_on_gpu(dtype, rows, width):
 # Patch rules
 # ----------------------------------------------------------------------------------------------
 
-MLP_ONLY = dict(layer_norm=False, attention=False, patch_embed=False, mlp=True)
+MLP_ONLY = dict(layer_norm=False, attention=False, patch_embed=False, residual=False, mlp=True)
 
 
 class _Block(torch.nn.Module):

@@ -2,11 +2,17 @@
 ops with Triton forward and backward (see ``clipfast/kernels/mlp.py`` for the kernels).
 
 Ops:
-- ``clipfast::mlp_fwd`` -> ``(y, h, z)``: the output, the activation H (the operand of the proj weight
-  gradient) and the pre-activation Z (empty when no gradient is needed), both [M, hidden];
+- ``clipfast::mlp_fwd`` -> ``(y, z)``: the output and the pre-activation Z [M, hidden] (empty when no
+  gradient is needed);
 - ``clipfast::mlp_bwd`` -> ``(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias)``, computing only the
   gradients autograd asks for (frozen weights skip their GEMMs);
 - ``clipfast::activation_fwd`` / ``clipfast::activation_bwd``: elementwise activation (``quick_gelu``).
+
+What is saved for backward: x and Z, plus the weights (the parameters themselves, or their cast to
+x's dtype). The activation H = act(Z) is not kept: the proj weight gradient recomputes it from Z as it
+loads each Z tile, and the fc gradients take act'(Z) from Z in the dgrad epilogue. That is one M x hidden
+tensor per layer against eager's two (nn.GELU: Z and H) or three (QuickGELU written as
+``z * sigmoid(1.702 * z)``: Z, the sigmoid and H); ``bench/results/mlp_saved_bytes_cpu`` has the table.
 
 Parameters of another float dtype than ``x`` (fp32 weights with fp16/bf16 activations) are cast to
 ``x``'s dtype first, as autocast does for ``nn.Linear``; their gradients flow back in their own dtype.
@@ -59,17 +65,16 @@ def eager_activation_grad(z: Tensor, activation: str) -> Tensor:
 
 def _eager_mlp_fwd(x2, w1, b1, w2, b2, residual2, activation, save_for_backward):
     z = F.linear(x2, w1, b1)
-    h = eager_activation(z, activation)
-    y = F.linear(h, w2, b2)
+    y = F.linear(eager_activation(z, activation), w2, b2)
     if residual2 is not None:
         y = y + residual2
-    return y, h, (z if save_for_backward else None)
+    return y, (z if save_for_backward else None)
 
 
-def _eager_mlp_bwd(dy2, x2, w1, w2, h, z, activation, need_dx, need_fc_grads, need_proj_grads, has_b1, has_b2):
+def _eager_mlp_bwd(dy2, x2, w1, w2, z, activation, need_dx, need_fc_grads, need_proj_grads, has_b1, has_b2):
     dw2 = db2 = dx = dw1 = db1 = None
     if need_proj_grads:
-        dw2 = dy2.t() @ h
+        dw2 = dy2.t() @ eager_activation(z, activation)
         db2 = dy2.float().sum(0) if has_b2 else None
     if need_dx or need_fc_grads:
         dz = ((dy2 @ w2).float() * eager_activation_grad(z, activation)).to(dy2.dtype)
@@ -97,18 +102,18 @@ def _empty_like_none(x: Tensor) -> Tensor:
 @torch.library.custom_op("clipfast::mlp_fwd", mutates_args=())
 def mlp_fwd(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor,
             proj_bias: Optional[Tensor], residual: Optional[Tensor], activation: str,
-            save_for_backward: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y [..., D_out], h [M, hidden], z [M, hidden] or empty)."""
+            save_for_backward: bool) -> tuple[Tensor, Tensor]:
+    """Returns (y [..., D_out], z [M, hidden] or empty)."""
     x2 = _as_rows(x)
     res2 = _as_rows(residual) if residual is not None else None
     if runtime.uses_triton(x):
         if res2 is not None and res2.stride(-1) != 1:
             res2 = res2.contiguous()  # the epilogue reads residual rows with unit stride
-        y, h, z = kernel.mlp_fwd(x2, fc_weight, fc_bias, proj_weight, proj_bias, res2, activation, save_for_backward)
+        y, z = kernel.mlp_fwd(x2, fc_weight, fc_bias, proj_weight, proj_bias, res2, activation, save_for_backward)
     else:
-        y, h, z = _eager_mlp_fwd(x2, fc_weight, fc_bias, proj_weight, proj_bias, res2, activation, save_for_backward)
+        y, z = _eager_mlp_fwd(x2, fc_weight, fc_bias, proj_weight, proj_bias, res2, activation, save_for_backward)
     y = y.reshape(*x.shape[:-1], proj_weight.shape[0])
-    return y, h, (z if z is not None else _empty_like_none(x))
+    return y, (z if z is not None else _empty_like_none(x))
 
 
 @mlp_fwd.register_fake
@@ -116,19 +121,18 @@ def _(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation, save_
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     hidden = fc_weight.shape[0]
     y = x.new_empty((*x.shape[:-1], proj_weight.shape[0]))
-    h = x.new_empty((rows, hidden))
-    return y, h, (x.new_empty((rows, hidden)) if save_for_backward else x.new_empty(0))
+    return y, (x.new_empty((rows, hidden)) if save_for_backward else x.new_empty(0))
 
 
 @torch.library.custom_op("clipfast::mlp_bwd", mutates_args=())
-def mlp_bwd(dy: Tensor, x: Tensor, fc_weight: Tensor, proj_weight: Tensor, h: Tensor, z: Tensor, activation: str,
+def mlp_bwd(dy: Tensor, x: Tensor, fc_weight: Tensor, proj_weight: Tensor, z: Tensor, activation: str,
             need_dx: bool, need_fc_grads: bool, need_proj_grads: bool, has_fc_bias: bool,
             has_proj_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias); bias gradients in fp32; empty tensors
     for what was not asked for."""
     x2, dy2 = _as_rows(x), _as_rows(dy)
     impl = kernel.mlp_bwd if runtime.uses_triton(x) else _eager_mlp_bwd
-    dx, dw1, db1, dw2, db2 = impl(dy2, x2, fc_weight, proj_weight, h, z, activation, need_dx, need_fc_grads,
+    dx, dw1, db1, dw2, db2 = impl(dy2, x2, fc_weight, proj_weight, z, activation, need_dx, need_fc_grads,
                                   need_proj_grads, has_fc_bias, has_proj_bias)
     # absent results are distinct empty tensors (custom-op outputs may not alias each other)
     return (dx.reshape(x.shape) if dx is not None else _empty_like_none(x),
@@ -136,35 +140,36 @@ def mlp_bwd(dy: Tensor, x: Tensor, fc_weight: Tensor, proj_weight: Tensor, h: Te
 
 
 @mlp_bwd.register_fake
-def _(dy, x, fc_weight, proj_weight, h, z, activation, need_dx, need_fc_grads, need_proj_grads, has_fc_bias,
+def _(dy, x, fc_weight, proj_weight, z, activation, need_dx, need_fc_grads, need_proj_grads, has_fc_bias,
       has_proj_bias):
     fp32 = dict(dtype=torch.float32)
-    return (torch.empty_like(x) if need_dx else x.new_empty(0),
-            torch.empty_like(fc_weight) if need_fc_grads else x.new_empty(0),
+    # the kernels return contiguous gradients whatever the strides of x and the weights
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            x.new_empty(fc_weight.shape) if need_fc_grads else x.new_empty(0),
             x.new_empty((fc_weight.shape[0],), **fp32) if need_fc_grads and has_fc_bias else x.new_empty(0),
-            torch.empty_like(proj_weight) if need_proj_grads else x.new_empty(0),
+            x.new_empty(proj_weight.shape) if need_proj_grads else x.new_empty(0),
             x.new_empty((proj_weight.shape[0],), **fp32) if need_proj_grads and has_proj_bias else x.new_empty(0))
 
 
 def _mlp_setup_context(ctx, inputs, output):
     x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation, save_for_backward = inputs
-    _, h, z = output
+    _, z = output
     ctx.activation = activation
     ctx.fc_bias_dtype = fc_bias.dtype if fc_bias is not None else None
     ctx.proj_bias_dtype = proj_bias.dtype if proj_bias is not None else None
     ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, fc_weight, proj_weight, h, z)
+    ctx.save_for_backward(x, fc_weight, proj_weight, z)
 
 
-def _mlp_backward(ctx, dy, dh, dz):
-    x, fc_weight, proj_weight, h, z = ctx.saved_tensors
+def _mlp_backward(ctx, dy, dz):
+    x, fc_weight, proj_weight, z = ctx.saved_tensors
     need = ctx.needs_input_grad
-    if z.numel() == 0 and h.numel() != 0:
+    if z.numel() == 0 and x.numel() and fc_weight.numel():
         raise RuntimeError("clipfast.mlp: backward called on a forward that ran without gradient tracking")
     need_dx = need[0]
     need_fc = need[1] or need[2]
     need_proj = need[3] or need[4]
-    dx, dw1, db1, dw2, db2 = mlp_bwd(dy, x, fc_weight, proj_weight, h, z, ctx.activation, need_dx, need_fc,
+    dx, dw1, db1, dw2, db2 = mlp_bwd(dy, x, fc_weight, proj_weight, z, ctx.activation, need_dx, need_fc,
                                      need_proj, ctx.fc_bias_dtype is not None, ctx.proj_bias_dtype is not None)
     return (dx if need_dx else None,
             dw1 if need[1] else None,

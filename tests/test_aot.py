@@ -1,0 +1,41 @@
+"""AOT check columns: occupancy from registers / shared memory, TMA and async-copy detection, and the
+integer divisibility the MLP cases compile with (the JIT's specialization)."""
+import io
+import json
+
+import pytest
+
+from clipfast import aot
+from clipfast.kernels import mlp as kernel
+
+
+@pytest.mark.parametrize("arch,regs,shared,warps,expected", [
+    (90, 128, 57344, 8, 16),    # registers: 4096 per warp -> 16 warps (2 blocks); shared allows 4
+    (90, 255, 147456, 8, 8),    # one block: 255 registers (8160 per warp) and 144 KB shared
+    (90, 32, 0, 4, 64),         # the warp limit
+    (80, 64, 98304, 4, 4),      # shared: 96 KB of 164 KB -> one block
+    (80, 40, 16384, 1, 9),      # shared: 9 blocks of 17 KB (with the 1 KB reserved per block)
+])
+def test_occupancy(arch, regs, shared, warps, expected):
+    assert aot.occupancy(arch, regs, shared, warps) == expected
+
+
+def test_mlp_cases_compile_integers_as_the_jit_specializes_them():
+    fwd = kernel.gemm_aot_case("fc_fwd_gelu", kernel.GEMM_CONFIGS[0])
+    wgrad = kernel.gemm_aot_case("wgrad", kernel.GEMM_CONFIGS[0])
+    unaligned = kernel.gemm_aot_case("dgrad_input", kernel.GEMM_CONFIGS[-1], aligned=False)
+    for case in (fwd, wgrad):
+        assert {"N", "stride_a", "stride_b", "stride_c", "K_PER_SPLIT", "A", "C"} <= set(case.aligned_args())
+        assert "M" not in case.aligned_args()  # batch x tokens (e.g. 256 x 197)
+    assert "K" in fwd.aligned_args() and "K" not in wgrad.aligned_args()  # a width vs a token count
+    assert unaligned.aligned_args() == ()
+
+
+def test_table_and_json_report_tma_async_copies_and_occupancy(tmp_path):
+    out = io.StringIO()
+    path = tmp_path / "aot.json"
+    assert aot.run(arch=(90,), name_filter="mlp_column_sum", json_path=str(path), stream=out) == 0
+    rows = json.loads(path.read_text())
+    assert rows and all({"tma", "ldgsts", "occupancy_warps"} <= row.keys() for row in rows)
+    assert all(row["occupancy_warps"] > 0 and not row["tma"] for row in rows)
+    assert "warps/SM" in out.getvalue() and "async" in out.getvalue()
