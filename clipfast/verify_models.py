@@ -129,20 +129,16 @@ def open_clip_timm_spec(name: str, config: dict, tiny: bool) -> ModelSpec:
                      _siglip_forward if "init_logit_bias" in config else _openai_style_forward)
 
 
-def hf_siglip_spec(tiny: bool) -> ModelSpec:
-    try:
-        from transformers import SiglipConfig, SiglipModel
-    except ImportError as exc:
-        raise SystemExit(f"clipfast verify: transformers is not installed ({exc}); pip install 'clipfast[integrations]'")
-    tower = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4) if tiny else {}
-    text = dict(tower, max_position_embeddings=16, vocab_size=100, bos_token_id=1, eos_token_id=2,
-                pad_token_id=0) if tiny else {}
-    vision = dict(tower, image_size=32, patch_size=8) if tiny else {}
-    config = SiglipConfig(text_config=text, vision_config=vision)
+_TINY_HF_TOWER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
+_TINY_HF_TEXT = dict(_TINY_HF_TOWER, max_position_embeddings=16, vocab_size=100)
+_TINY_HF_VISION = dict(_TINY_HF_TOWER, image_size=32, patch_size=8)
 
-    def build():
-        return SiglipModel(config)
 
+def _hf_spec(model_name: str, config) -> ModelSpec:
+    """A Hugging Face dual-encoder (``CLIPModel``, ``SiglipModel``) built from ``config``."""
+    import transformers
+
+    model_cls = getattr(transformers, model_name)
     make = _clip_inputs(config.vision_config.image_size, config.text_config.max_position_embeddings,
                         config.text_config.vocab_size)
 
@@ -151,32 +147,36 @@ def hf_siglip_spec(tiny: bool) -> ModelSpec:
         out = model(input_ids=tokens, pixel_values=images)
         return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits_per_image": out.logits_per_image}
 
-    return ModelSpec("hf SiglipModel" + (" (tiny)" if tiny else ""), build, make, forward)
+    return ModelSpec(f"hf {model_name}", lambda: model_cls(config), make, forward)
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise SystemExit(f"clipfast verify: transformers is not installed ({exc}); pip install 'clipfast[integrations]'")
 
 
 def hf_clip_spec(tiny: bool) -> ModelSpec:
-    try:
-        from transformers import CLIPConfig, CLIPModel
-    except ImportError as exc:
-        raise SystemExit(f"clipfast verify: transformers is not installed ({exc}); pip install 'clipfast[integrations]'")
-    text = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                max_position_embeddings=16, vocab_size=100) if tiny else {}
-    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  image_size=32, patch_size=8) if tiny else {}
-    config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=32 if tiny else 512)
+    _require_transformers()
+    from transformers import CLIPConfig
 
-    def build():
-        return CLIPModel(config)
+    config = CLIPConfig(text_config=_TINY_HF_TEXT if tiny else {}, vision_config=_TINY_HF_VISION if tiny else {},
+                        projection_dim=32 if tiny else 512)
+    spec = _hf_spec("CLIPModel", config)
+    spec.name += " (tiny)" if tiny else ""
+    return spec
 
-    make = _clip_inputs(config.vision_config.image_size, config.text_config.max_position_embeddings,
-                        config.text_config.vocab_size)
 
-    def forward(model, inputs):
-        images, tokens = inputs
-        out = model(input_ids=tokens, pixel_values=images)
-        return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits_per_image": out.logits_per_image}
+def hf_siglip_spec(tiny: bool) -> ModelSpec:
+    _require_transformers()
+    from transformers import SiglipConfig
 
-    return ModelSpec("hf CLIPModel" + (" (tiny)" if tiny else ""), build, make, forward)
+    text = dict(_TINY_HF_TEXT, bos_token_id=1, eos_token_id=2, pad_token_id=0) if tiny else {}
+    config = SiglipConfig(text_config=text, vision_config=_TINY_HF_VISION if tiny else {})
+    spec = _hf_spec("SiglipModel", config)
+    spec.name += " (tiny)" if tiny else ""
+    return spec
 
 
 def resolve(model: str | None, tiny: bool) -> ModelSpec:

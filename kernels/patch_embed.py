@@ -32,11 +32,11 @@ Backward, from ``dtokens`` (the gradient of the pre-LN tokens):
   the GPU; each split writes an fp32 partial ``[S, width, K]`` that is summed afterwards (deterministic, no
   atomics). Traffic: each output tile re-reads its slices of dT and of the pixels, so dT is read
   K / BLOCK_K times and the pixels width / BLOCK_N times (6 each at ViT-B/16), partly from L2.
-  The conv-bias gradient ``db[n] = sum_r dT[r, n]`` is a second launch of the same kernel walking the same
-  rows (``BIAS_SUM``: column sums of dT, fp32 partial ``[S, width]``, no pixel reads): one more read of dT.
-  Summing inside the GEMM programs instead (the first K tile's programs already read every dT row of
-  their columns) costs registers: the AOT compile measured 96 and 112 bytes of spills on sm_80 for the
-  4-warp tiles (64 x 128 x 64 and 32 x 128 x 128), so the two stay separate.
+- ``_bias_grad_kernel``: the conv-bias gradient ``db[n] = sum_r dT[r, n]`` over the patch rows, split over
+  row runs like dW (fp32 partial ``[S, width]``): one more read of dT. Summing inside the dW programs
+  instead (the first K tile's programs already read every dT row of their columns) costs registers: the
+  AOT compile measured 96 and 112 bytes of spills on sm_80 for the 4-warp tiles (64 x 128 x 64 and
+  32 x 128 x 128), so it is a kernel of its own.
 - ``_patch_embed_dpixels_kernel``: ``dA = dT @ W``, scattered back into the image (col2im). Patches do
   not overlap (stride == kernel), so every pixel belongs to exactly one (row, column) of A: a plain
   scatter store, no atomics. Normalized float pixels get the ``scale[c]`` chain factor. Only run when the
@@ -193,22 +193,18 @@ DWEIGHT_CONFIGS = _gemm_configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (32,
 @runtime.autotune(DWEIGHT_CONFIGS, key=["width", "K"])
 @triton.jit
 def _patch_embed_dweight_kernel(
-    PIX, SCALE, SHIFT, DT, PARTIAL,
+    PIX, SCALE, SHIFT, DT, DW_PARTIAL,
     n_rows, n_patches, n_patches_w, width, K, n_splits,
     stride_pb, stride_pc, stride_ph, stride_pw, stride_db, stride_dt, stride_dn,
-    PATCH: tl.constexpr, HAS_CLS: tl.constexpr, HAS_NORM: tl.constexpr, BIAS_SUM: tl.constexpr,
+    PATCH: tl.constexpr, HAS_CLS: tl.constexpr, HAS_NORM: tl.constexpr,
     VEC: tl.constexpr, W_VEC: tl.constexpr, DT_VEC: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """dW[n, k] = sum over patch rows r of dT[r, n] * A[r, k]; program (tile, split) covers one run of rows
-    and writes its fp32 partial [S, width, K]. With BIAS_SUM the same row walk computes the conv-bias
-    gradient db[n] = sum_r dT[r, n] instead (one K tile, fp32 partial [S, width], no pixel reads)."""
+    and writes its fp32 partial."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    if BIAS_SUM:
-        n_tiles_k = 1
-    else:
-        n_tiles_k = tl.cdiv(K, BLOCK_K)
+    n_tiles_k = tl.cdiv(K, BLOCK_K)
     pid_n = pid // n_tiles_k
     pid_k = pid % n_tiles_k
     dtype = DT.dtype.element_ty
@@ -220,10 +216,7 @@ def _patch_embed_dweight_kernel(
     rows_per_split = tl.cdiv(tl.cdiv(n_rows, n_splits), BLOCK_M) * BLOCK_M
     first_row = split * rows_per_split
     end_row = tl.minimum(first_row + rows_per_split, n_rows)
-    if BIAS_SUM:
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for start in range(first_row, end_row, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < end_row
@@ -235,18 +228,37 @@ def _patch_embed_dweight_kernel(
         dt_ptrs = _ptrs(DT, b.to(tl.int64) * stride_db + tok.to(tl.int64) * stride_dt,
                         cols.to(tl.int64) * stride_dn, DT_VEC, 1)
         dt = tl.load(dt_ptrs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        if BIAS_SUM:
-            acc += tl.sum(dt.to(tl.float32), axis=0)
-        else:
-            a = _patch_tile(PIX, SCALE, SHIFT, row_off, row_ok, k, K, stride_pc, stride_ph, stride_pw,
-                            PATCH, HAS_NORM, VEC, dtype)
-            acc = tl.dot(tl.trans(dt), a, acc, input_precision=DOT_PRECISION)
+        a = _patch_tile(PIX, SCALE, SHIFT, row_off, row_ok, k, K, stride_pc, stride_ph, stride_pw,
+                        PATCH, HAS_NORM, VEC, dtype)
+        acc = tl.dot(tl.trans(dt), a, acc, input_precision=DOT_PRECISION)
 
-    if BIAS_SUM:
-        tl.store(PARTIAL + split.to(tl.int64) * width + cols, acc, mask=col_ok)
-    else:
-        out = _ptrs(PARTIAL + split.to(tl.int64) * width * K, cols * K, k, W_VEC, 1)
-        tl.store(out, acc, mask=col_ok[:, None] & (k < K)[None, :])
+    out = _ptrs(DW_PARTIAL + split.to(tl.int64) * width * K, cols * K, k, W_VEC, 1)
+    tl.store(out, acc, mask=col_ok[:, None] & (k < K)[None, :])
+
+
+@triton.jit
+def _bias_grad_kernel(DT, DB_PARTIAL, n_rows, n_patches, width, n_splits, stride_db, stride_dt, stride_dn,
+                      HAS_CLS: tl.constexpr, DT_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DB_PARTIAL[split, n] = sum over the split's patch rows r of dT[r, n] in fp32 (the conv-bias gradient).
+    Rows accumulate elementwise in a [BLOCK_M, BLOCK_N] tile, reduced across rows once at the end."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < width
+    rows_per_split = tl.cdiv(tl.cdiv(n_rows, n_splits), BLOCK_M) * BLOCK_M
+    first_row = split * rows_per_split
+    end_row = tl.minimum(first_row + rows_per_split, n_rows)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(first_row, end_row, BLOCK_M):
+        rows = start + tl.arange(0, BLOCK_M)
+        tok = rows % n_patches + HAS_CLS
+        dt_rows = (rows // n_patches).to(tl.int64) * stride_db + tok.to(tl.int64) * stride_dt
+        ptrs = _ptrs(DT, dt_rows, cols.to(tl.int64) * stride_dn, DT_VEC, 1)
+        acc += tl.load(ptrs, mask=(rows < end_row)[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    tl.store(DB_PARTIAL + split.to(tl.int64) * width + cols, tl.sum(acc, axis=0), mask=col_ok)
+
+
+BIAS_TILE = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
 
 
 DPIXELS_CONFIGS = _gemm_configs([(128, 64, 128, 8, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 3)])
@@ -394,9 +406,29 @@ def patch_embed_bwd(dtokens, pixels, weight, scale, shift, has_cls: bool, need_p
     dpixels = dweight = dbias = dsum = None
 
     if need_weight:
-        dweight = _row_reduction(dtokens, pixels, scale, shift, g, has_cls, bias_sum=False).reshape(weight.shape)
+        splits = _dweight_splits(g["n_rows"], width, K, pixels.device)
+        partial = runtime.empty((splits, width, K), torch.float32, pixels.device)
+        has_norm = scale is not None
+        grid = lambda meta: (runtime.cdiv(width, meta["BLOCK_N"]) * runtime.cdiv(K, meta["BLOCK_K"]), splits)  # noqa: E731
+        _patch_embed_dweight_kernel[grid](
+            pixels, scale if has_norm else partial, shift if has_norm else partial, dtokens, partial,
+            g["n_rows"], g["n_patches"], g["n_patches_w"], width, K, splits,
+            *pixels.stride(), db, dt, dn,
+            PATCH=g["patch"], HAS_CLS=has_cls, HAS_NORM=has_norm,
+            VEC=_vec(pixels, pixels.stride()[:3], g["patch"], pixels.stride(3)), W_VEC=_vec(partial, (K,), K),
+            DT_VEC=dt_vec, DOT_PRECISION=precision,
+        )
+        dweight = partial.sum(0).reshape(weight.shape)
+
     if need_bias:
-        dbias = _row_reduction(dtokens, pixels, scale, shift, g, has_cls, bias_sum=True)
+        splits = _dweight_splits(g["n_rows"], width, 1, pixels.device)
+        partial = runtime.empty((splits, width), torch.float32, pixels.device)
+        _bias_grad_kernel[(runtime.cdiv(width, BIAS_TILE["BLOCK_N"]), splits)](
+            dtokens, partial, g["n_rows"], g["n_patches"], width, splits, db, dt, dn, HAS_CLS=has_cls,
+            DT_VEC=dt_vec, BLOCK_M=BIAS_TILE["BLOCK_M"], BLOCK_N=BIAS_TILE["BLOCK_N"],
+            num_warps=BIAS_TILE["num_warps"],
+        )
+        dbias = partial.sum(0)
 
     if need_pixels:
         dpixels = runtime.empty(pixels.shape, pixels.dtype, pixels.device)
@@ -423,28 +455,6 @@ def patch_embed_bwd(dtokens, pixels, weight, scale, shift, has_cls: bool, need_p
     return dpixels, dweight, dbias, dsum
 
 
-def _row_reduction(dtokens, pixels, scale, shift, g: dict, has_cls: bool, bias_sum: bool) -> torch.Tensor:
-    """One launch of ``_patch_embed_dweight_kernel``: fp32 dW [width, K], or with ``bias_sum`` db [width].
-    The per-split partials are summed here (a deterministic reduction over a few splits)."""
-    width, K = g["width"], g["K"]
-    splits = _dweight_splits(g["n_rows"], width, 1 if bias_sum else K, pixels.device)
-    partial = runtime.empty((splits, width) if bias_sum else (splits, width, K), torch.float32, pixels.device)
-    has_norm = scale is not None
-    db, dt, dn = dtokens.stride()
-    k_tiles = (lambda meta: 1) if bias_sum else (lambda meta: runtime.cdiv(K, meta["BLOCK_K"]))
-    grid = lambda meta: (runtime.cdiv(width, meta["BLOCK_N"]) * k_tiles(meta), splits)  # noqa: E731
-    _patch_embed_dweight_kernel[grid](
-        pixels, scale if has_norm else partial, shift if has_norm else partial, dtokens, partial,
-        g["n_rows"], g["n_patches"], g["n_patches_w"], width, K, splits,
-        *pixels.stride(), db, dt, dn,
-        PATCH=g["patch"], HAS_CLS=has_cls, HAS_NORM=has_norm, BIAS_SUM=bias_sum,
-        VEC=_vec(pixels, pixels.stride()[:3], g["patch"], pixels.stride(3)),
-        W_VEC=1 if bias_sum else _vec(partial, (K,), K),
-        DT_VEC=_vec(dtokens, (db, dt), width, dn), DOT_PRECISION=_dot_precision(dtokens.dtype),
-    )
-    return partial.sum(0)
-
-
 # ---------------------------------------------------------------------------------------------
 # AOT cases
 # ---------------------------------------------------------------------------------------------
@@ -463,7 +473,7 @@ def _clip_vecs(label: str, patch: int, uint8: bool) -> dict:
 def aot_cases() -> list[runtime.AotCase]:
     """Every shipped GEMM config at patch 16 (ViT-B/16) for CLIP (class token, no conv bias) and, in the
     forward, for SigLIP (conv bias, no class token), the first config at patches 14 (SigLIP SO400M/14 too)
-    and 32, the uint8 forward, the conv-bias gradient (BIAS_SUM) at every config and the batch-sum kernel.
+    and 32, the uint8 forward, and the conv-bias gradient and batch-sum kernels.
     Quick subset: the first config of each kernel at patch 16, CLIP and SigLIP."""
     geometry = {"n_rows": "i32", "n_patches": "i32", "n_patches_w": "i32"}
     pix_strides = {"stride_pb": "i32", "stride_pc": "i32", "stride_ph": "i32", "stride_pw": "i32"}
@@ -475,9 +485,9 @@ def aot_cases() -> list[runtime.AotCase]:
                  "width": "i32", "K": "i32", **pix_strides},
                 {"HAS_POS": True}),
         "dweight": (_patch_embed_dweight_kernel,
-                    {"PIX": "{pix}", "SCALE": "*fp32", "SHIFT": "*fp32", "DT": "*{dtype}", "PARTIAL": "*fp32",
+                    {"PIX": "{pix}", "SCALE": "*fp32", "SHIFT": "*fp32", "DT": "*{dtype}", "DW_PARTIAL": "*fp32",
                      **geometry, "width": "i32", "K": "i32", "n_splits": "i32", **pix_strides, **dt_strides},
-                    {"BIAS_SUM": False}),
+                    {}),
         "dpixels": (_patch_embed_dpixels_kernel,
                     {"DT": "*{dtype}", "W": "*{dtype}", "SCALE": "*fp32", "DPIX": "*{dtype}", **geometry,
                      "width": "i32", "K": "i32", **dt_strides, "stride_xb": "i32", "stride_xc": "i32",
@@ -491,7 +501,7 @@ def aot_cases() -> list[runtime.AotCase]:
         variants = [(16, False, i, False) for i in range(n_configs)] + [(14, False, 0, False), (32, False, 0, False)]
         if label != "dpixels":  # uint8 pixels have no gradient
             variants.append((16, True, 0, False))
-        if label == "fwd":  # the bias is only in the forward's epilogue (its gradient: BIAS_SUM below)
+        if label == "fwd":  # the bias is only in the forward's epilogue (its gradient: _bias_grad_kernel)
             variants += [(16, False, i, True) for i in range(n_configs)] + [(14, False, 0, True)]
         for patch, uint8, config, siglip in variants:
             cfg = fn.shipped_configs[config]
@@ -505,14 +515,13 @@ def aot_cases() -> list[runtime.AotCase]:
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=True,
                 quick=(patch == 16 and config == 0 and not uint8),
             ))
-    for i, cfg in enumerate(_patch_embed_dweight_kernel.shipped_configs):  # the conv-bias gradient
-        cases.append(runtime.AotCase(
-            name="patch_embed_dbias[p=16]", kernel=runtime.jit_function(_patch_embed_dweight_kernel),
-            signature={k: v.replace("{pix}", "*{dtype}") for k, v in kernels["dweight"][1].items()},
-            constexprs={"PATCH": 16, "HAS_CLS": False, "HAS_NORM": False, "BIAS_SUM": True,
-                        **_clip_vecs("dweight", 16, False), "W_VEC": 1, "DOT_PRECISION": None, **cfg.kwargs},
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, quick=i == 0,
-        ))
+    cases.append(runtime.AotCase(
+        name="patch_embed_bias_grad", kernel=_bias_grad_kernel,
+        signature={"DT": "*{dtype}", "DB_PARTIAL": "*fp32", "n_rows": "i32", "n_patches": "i32", "width": "i32",
+                   "n_splits": "i32", **dt_strides},
+        constexprs={"HAS_CLS": False, "DT_VEC": 8, "BLOCK_M": BIAS_TILE["BLOCK_M"], "BLOCK_N": BIAS_TILE["BLOCK_N"]},
+        num_warps=BIAS_TILE["num_warps"], quick=True,
+    ))
     cases.append(runtime.AotCase(
         name="patch_embed_sum_over_batch", kernel=_sum_over_batch_kernel,
         signature={"DT": "*{dtype}", "OUT": "*fp32", "n_batch": "i32", "n_elems": "i32", "width": "i32", **dt_strides},

@@ -63,10 +63,11 @@ BUILDERS = {"open_clip": ("open_clip", _open_clip_model), "hf": ("transformers",
 
 
 class _Models:
-    """The eager and patched model of one codebase and size, built once per (device, dtype) on first use."""
+    """The eager and patched model of one codebase and size, built once per (device, dtype) on first use
+    (``build(name)`` instead of the codebase's builder when given)."""
 
-    def __init__(self, codebase: str, name: str):
-        self.build, self.name, self.cache = BUILDERS[codebase][1], name, {}
+    def __init__(self, codebase: str, name: str, build=None):
+        self.build, self.name, self.cache = build or BUILDERS[codebase][1], name, {}
 
     @torch.compiler.disable  # built outside any compiled region: torch.compile traces only the step itself
     def get(self, which: str, device, dtype):

@@ -17,6 +17,7 @@ import torch
 import clipfast
 
 from .harness import BenchCase
+from .integrations import _Models
 
 TEXT = dict(max_position_embeddings=64, vocab_size=32000)
 DIMS = {
@@ -45,23 +46,6 @@ def _model(name: str):
     text = dict(dims["text"], bos_token_id=1, eos_token_id=2, pad_token_id=0)
     config = transformers.SiglipConfig(text_config=text, vision_config=dims["vision"], attn_implementation="sdpa")
     return transformers.SiglipModel(config)
-
-
-class _Models:
-    """The eager and patched model, built once per (device, dtype) on first use."""
-
-    def __init__(self, name: str):
-        self.name, self.cache = name, {}
-
-    def get(self, which: str, device, dtype):
-        key = (which, device, dtype)
-        if key not in self.cache:
-            torch.manual_seed(0)
-            model = _model(self.name).to(device=device, dtype=dtype)
-            if which == "clipfast":
-                clipfast.patch(model)
-            self.cache[key] = model
-        return self.cache[key]
 
 
 def _inputs(name: str, batch: int):
@@ -101,7 +85,7 @@ def cases(smoke: bool):
     found = []
     dtype = torch.float32 if smoke else torch.bfloat16
     for name, batch in SMOKE_CONFIGS if smoke else GPU_CONFIGS:
-        encode, train_step = _fns(_Models(name))
+        encode, train_step = _fns(_Models("hf", name, build=_model))
         for label, make_fn, modes in (("image encoding", encode, ("fwd",)), ("training step", train_step, ("fwd+bwd",))):
             impls = {"clipfast": make_fn("clipfast"), "eager": make_fn("eager")}
             if not smoke:
