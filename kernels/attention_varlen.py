@@ -33,11 +33,19 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .attention import (DKDV_TILES, DQ_TILES, FWD_TILES, LOG2E, _attn_bwd_preprocess_kernel,
-                        _configs, _dot_precision, _dq_key_blocks, _fwd_key_blocks, _load_tile, _mask_scores,
-                        _prune, _store_tile, _unmasked_key_end, block_d)
+from .attention import (_D128, _D256, _SMALL, LOG2E, _attn_bwd_preprocess_kernel, _configs, _dot_precision,
+                        _dq_key_blocks, _fwd_key_blocks, _load_tile, _mask_scores, _prune, _store_tile,
+                        _unmasked_key_end, block_d)
 
 MAX_HEAD_DIM = 256
+
+# Shipped tiles, (BLOCK_M, BLOCK_N, warps, stages, the BLOCK_D values it serves): the dense kernels' first
+# tile per head-dim group, one per kernel (no autotuning), each compiled for sm_80 and sm_90 under triton
+# 3.6 and 3.8 without spills. The key-block kernel takes 16 query rows a step: the dense kernels' (32, 64)
+# tile spills 16-32 bytes on sm_80 under triton 3.6 with the per-sequence bookkeeping added.
+FWD_TILES = [(64, 32, 8, 3, _SMALL + _D128), (64, 16, 8, 3, _D256)]
+DKDV_TILES = [(16, 64, 8, 2, _SMALL + _D128 + _D256)]
+DQ_TILES = [(64, 32, 8, 2, _SMALL + _D128), (64, 16, 8, 2, _D256)]
 
 
 # ---------------------------------------------------------------------------------------------
