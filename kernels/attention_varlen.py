@@ -33,11 +33,20 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .attention import (DKDV_TILES, DQ_TILES, FWD_TILES, LOG2E, _attn_bwd_preprocess_kernel,
-                        _configs, _dot_precision, _dq_key_blocks, _fwd_key_blocks, _load_tile, _mask_scores,
-                        _prune, _store_tile, _unmasked_key_end, block_d)
+from .attention import _aot_signature as _dense_aot_signature
+from .attention import (_D128, _D256, _SMALL, LOG2E, _attn_bwd_preprocess_kernel, _configs, _dot_precision,
+                        _dq_key_blocks, _fwd_key_blocks, _load_tile, _mask_scores, _prune, _store_tile,
+                        _unmasked_key_end, block_d)
 
 MAX_HEAD_DIM = 256
+
+# Shipped tiles, (BLOCK_M, BLOCK_N, warps, stages, the BLOCK_D values it serves): the dense kernels' first
+# tile per head-dim group, one per kernel (no autotuning), each compiled for sm_80 and sm_90 under triton
+# 3.6 and 3.8 without spills. The key-block kernel takes 16 query rows a step: the dense kernels' (32, 64)
+# tile spills 16-32 bytes on sm_80 under triton 3.6 with the per-sequence bookkeeping added.
+FWD_TILES = [(64, 32, 8, 3, _SMALL + _D128), (64, 16, 8, 3, _D256)]
+DKDV_TILES = [(16, 64, 8, 2, _SMALL + _D128 + _D256)]
+DQ_TILES = [(64, 32, 8, 2, _SMALL + _D128), (64, 16, 8, 2, _D256)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,26 +320,9 @@ def varlen_bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
 # ---------------------------------------------------------------------------------------------
 
 def _aot_signature(kernel) -> tuple[dict[str, str], dict[str, int]]:
-    """Upper-case names are pointers (int32 offsets, fp32 statistics, the case dtype otherwise), the scales
-    fp32, other scalars i32; head-dim strides are the constant 1, as the runtime specializes them."""
-    sig, unit = {}, {}
-    for param in runtime.jit_function(kernel).params:
-        name = param.name
-        if param.is_constexpr:
-            continue
-        if name in ("CU_Q", "CU_K"):
-            sig[name] = "*i32"
-        elif name in ("LSE", "DELTA"):
-            sig[name] = "*fp32"
-        elif name.isupper():
-            sig[name] = "*{dtype}"
-        elif name.endswith("_scale"):
-            sig[name] = "fp32"
-        elif name.startswith("stride_") and name.endswith("d"):
-            unit[name] = 1
-        else:
-            sig[name] = "i32"
-    return sig, unit
+    """The dense kernels' AOT signature rule (``kernels/attention.py``), with the int32 sequence offsets."""
+    sig, unit = _dense_aot_signature(kernel)
+    return {**sig, **{name: "*i32" for name in ("CU_Q", "CU_K")}}, unit
 
 
 def aot_cases() -> list[runtime.AotCase]:

@@ -71,7 +71,8 @@ def test_single_token_sequences():
     out = clipfast.flash_attention_varlen(q, k, v, cu, cu, 1, 1, is_causal=True)
     torch.testing.assert_close(out, v, atol=0, rtol=0)
     out.sum().backward()
-    assert torch.equal(v.grad, torch.ones_like(v))
+    # p = exp2(s - max) recomputed from the transposed product k q^T: 1 up to an ulp or two
+    torch.testing.assert_close(v.grad, torch.ones_like(v), atol=0, rtol=1e-6)
     assert q.grad.abs().max() < 1e-5 and k.grad.abs().max() < 1e-5
 
 
