@@ -34,19 +34,27 @@ factor (1/N or 1/2N, applied later in fp32 so that fp16/bf16 tiles do not underf
             (the column term only for the square loss), recomputed from the saved statistics
             (``softmax - 1`` at the positive is saved, exact);
     SigLIP: G_ij = -y_ij * sigmoid(-y_ij * (z_ij + b)).
-One program per (row block, d-chunk) recomputes the tiles of its rows and accumulates
-``acc = sum_j G_ij Bhat_j`` over all columns for a BLOCK_D slice of the features (fp32 registers). The
-same kernel on the transposed problem (B as rows, A as columns, statistics swapped, offset negated)
-gives ``sum_i G_ij Ahat_i``. No N x M buffer, no atomics: deterministic. Each program recomputes the
-full-depth z tile for its d-chunk, so the backward costs (1 + d / BLOCK_D) GEMM passes per side.
+One program per (row block, d-chunk, column split) recomputes the tiles of its rows and accumulates
+``acc = sum_j G_ij Bhat_j`` over the columns of its split for a BLOCK_D slice of the features (fp32
+registers), written as an fp32 partial [S, N, d]; the feature-gradient kernel sums the S partials in split
+order (``grad_splits``: S = 1 for square losses, whose row blocks fill the GPU; a local loss of 256 rows
+against 32k gathered columns gets its columns split until there are ~2 programs per SM, instead of 4 x
+d / BLOCK_D programs). The same kernel on the transposed problem (B as rows, A as columns, statistics
+swapped, offset negated) gives ``sum_i G_ij Ahat_i``. No N x M buffer, no atomics: deterministic. Each
+program recomputes the full-depth z tile for its d-chunk, so the backward costs (1 + d / BLOCK_D) GEMM
+passes per side (BLOCK_D = 512 spills: ``clipfast aot``).
 The programs of the first d-chunk on the A side also sum ``G_ij`` and ``G_ij * z_ij`` per row in fp32,
 from which the gradients of the bias and of the scale follow (for fp32 operands the scale's gradient
 comes more accurately from ``sum_i <xhat_i, acc_i>``, see below; fp16/bf16 operands saw G rounded).
 
-Feature gradients (``_feature_grad_kernel``): ``dxhat = coef * acc`` (``coef``: upstream gradient times
-the loss factor, times s on the A side), back through the normalization
-``dx = (dxhat - xhat * <xhat, dxhat>) / max(||x||, eps)`` (no projection for rows clamped by eps),
-and optionally ``<xhat_i, acc_i>``. Traffic: read x and acc, write dx.
+Feature gradients (``_feature_grad_kernel``): ``acc`` summed over the column splits,
+``dxhat = coef * acc`` (``coef``: upstream gradient times the loss factor, times s on the A side), back
+through the normalization ``dx = (dxhat - xhat * <xhat, dxhat>) / max(||x||, eps)`` (no projection for
+rows clamped by eps), and optionally ``<xhat_i, acc_i>``. Traffic: read x and the S partials of acc,
+write dx.
+
+Offsets: row offsets are ``row.to(int64) * stride`` and partial offsets int64 pointer steps, so operands
+and partials past 2**31 elements are addressed correctly.
 """
 from __future__ import annotations
 
@@ -85,7 +93,7 @@ def _prepare_kernel(X, Y, SCALE, n_rows, n_cols, stride_x, stride_y, eps,
 
 @triton.jit
 def _feature_grad_kernel(X, ACC, DX, COEF, DOT,
-                         n_rows, n_cols, stride_x, stride_acc, stride_dx, eps,
+                         n_rows, n_cols, n_splits, stride_x, stride_split, stride_acc, stride_dx, eps,
                          NORMALIZE: tl.constexpr, HAS_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -94,7 +102,12 @@ def _feature_grad_kernel(X, ACC, DX, COEF, DOT,
     rows = rows.to(tl.int64)
     c = tl.load(COEF).to(tl.float32)
     x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    acc = tl.load(ACC + rows[:, None] * stride_acc + cols[None, :], mask=mask, other=0.0)
+    # the column splits' fp32 partials, summed in split order (deterministic)
+    acc_ptrs = ACC + rows[:, None] * stride_acc + cols[None, :]
+    acc = tl.load(acc_ptrs, mask=mask, other=0.0)
+    for _ in range(1, n_splits):
+        acc_ptrs += stride_split
+        acc += tl.load(acc_ptrs, mask=mask, other=0.0)
     if NORMALIZE:
         norm = tl.sqrt(tl.sum(x * x, axis=1))
         r = 1.0 / tl.maximum(norm, eps)
@@ -211,13 +224,16 @@ def _contrastive_fwd_kernel(
 @triton.jit
 def _contrastive_grad_kernel(
     A, B, LSE_A, LSE_B, BIAS, OUT, ROW_SUMS,
-    n_a, n_b, n_cols, stride_a, stride_b, stride_out, offset,
+    n_a, n_b, n_cols, stride_a, stride_b, stride_out, stride_split, offset, cols_per_split,
     KIND: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, HAS_ROW_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)  # column split: its partial goes to OUT[pid_s] (and ROW_SUMS[pid_s])
+    col_begin = pid_s * cols_per_split
+    col_end = tl.minimum(col_begin + cols_per_split, n_b)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_a
     dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -231,9 +247,9 @@ def _contrastive_grad_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     g_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     gz_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for col0 in range(0, n_b, BLOCK_N):
+    for col0 in range(col_begin, col_end, BLOCK_N):
         cols = col0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < n_b
+        col_ok = cols < col_end
         z = _dot_tile(A, B, rows, cols, n_a, n_b, n_cols, stride_a, stride_b,
                       BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, DOT_PRECISION)
         is_pos = (rows + offset)[:, None] == cols[None, :]
@@ -256,11 +272,13 @@ def _contrastive_grad_kernel(
         b = tl.load(B + cols.to(tl.int64)[:, None] * stride_b + dcols[None, :],
                     mask=col_ok[:, None] & d_ok[None, :], other=0.0)
         acc = tl.dot(g.to(b.dtype), b, acc, input_precision=DOT_PRECISION)
-    tl.store(OUT + rows.to(tl.int64)[:, None] * stride_out + dcols[None, :], acc,
+    out = OUT + pid_s.to(tl.int64) * stride_split
+    tl.store(out + rows.to(tl.int64)[:, None] * stride_out + dcols[None, :], acc,
              mask=row_ok[:, None] & d_ok[None, :])
     if HAS_ROW_SUMS:
-        tl.store(ROW_SUMS + rows, g_sum, mask=row_ok & (pid_d == 0))
-        tl.store(ROW_SUMS + n_a + rows, gz_sum, mask=row_ok & (pid_d == 0))
+        sums = ROW_SUMS + pid_s.to(tl.int64) * (2 * n_a)
+        tl.store(sums + rows, g_sum, mask=row_ok & (pid_d == 0))
+        tl.store(sums + n_a + rows, gz_sum, mask=row_ok & (pid_d == 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,34 +381,50 @@ def _combine(m: torch.Tensor, r: torch.Tensor, pos: torch.Tensor) -> tuple[torch
     return loss, torch.stack([top, log_total, -neg / total])
 
 
+def grad_splits(n_a: int, n_b: int, n_cols: int, cfg: dict, device) -> tuple[int, int]:
+    """Column splits S of the gradient grid, and columns per split. Row blocks x feature chunks alone
+    fill the GPU for square losses (S = 1: no partials at all); a rectangular local loss (256 rows
+    against 32k gathered columns: 4 row blocks) gets its columns split until the grid has about two
+    programs per SM. Partials cost S x N x d fp32 values, at most ~2 x SMs x BLOCK_M x BLOCK_D."""
+    n_rb, n_cb = runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_b, cfg["BLOCK_N"])
+    base = n_rb * runtime.cdiv(n_cols, cfg["BLOCK_D"])
+    n_s = min(n_cb, max(1, 2 * runtime.sm_count(device) // base), runtime.MAX_GRID_YZ)
+    blocks_per_split = runtime.cdiv(n_cb, n_s)
+    return runtime.cdiv(n_cb, blocks_per_split), blocks_per_split * cfg["BLOCK_N"]
+
+
 def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums: bool):
-    """``acc_i = sum_j G_ij b_j`` (fp32 [N, d]) for the tiles of the operands ``a`` against ``b``; with
-    ``want_sums`` also the per-row sums of ``G_ij`` and of ``G_ij z_ij`` (fp32 [2, N]), from which the
-    gradients of the bias and the scale follow. See the module docstring for G."""
+    """``acc_i = sum_j G_ij b_j`` for the tiles of the operands ``a`` against ``b``, as fp32 partials
+    [S, N, d] over S column splits (``feature_grad`` sums them); with ``want_sums`` also the per-row sums
+    of ``G_ij`` and of ``G_ij z_ij`` (fp32 [S, 2, N]), from which the gradients of the bias and the scale
+    follow. See the module docstring for G."""
     a, b = _rows(a), _rows(b)
     n_a, n_b, n_cols = a.shape[0], b.shape[0], a.shape[1]
     cfg = dict(tiles(a.dtype, n_cols)["grad"])
-    acc = runtime.empty((n_a, n_cols), torch.float32, a.device)
-    sums = runtime.empty((2, n_a), torch.float32, a.device) if want_sums else acc
-    grid = (runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_cols, cfg["BLOCK_D"]))
+    n_s, cols_per_split = grad_splits(n_a, n_b, n_cols, cfg, a.device)
+    acc = runtime.empty((n_s, n_a, n_cols), torch.float32, a.device)
+    sums = runtime.empty((n_s, 2, n_a), torch.float32, a.device) if want_sums else acc
+    grid = (runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_cols, cfg["BLOCK_D"]), n_s)
     _contrastive_grad_kernel[grid](
         a, b, lse_a if lse_a is not None else acc, lse_b if lse_b is not None else acc,
         bias if bias is not None else acc, acc, sums,
-        n_a, n_b, n_cols, a.stride(0), b.stride(0), acc.stride(0), offset,
+        n_a, n_b, n_cols, a.stride(0), b.stride(0), acc.stride(1), acc.stride(0), offset, cols_per_split,
         KIND=kind, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_ROW_SUMS=want_sums,
         EVEN_K=n_cols % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(a.dtype), **cfg)
     return acc, (sums if want_sums else None)
 
 
 def feature_grad(x, acc, coef, normalize: bool, eps: float, want_dot: bool = False):
-    """Gradient of the raw features ``x`` from ``acc`` (see the module docstring), in x's dtype; with
-    ``want_dot`` also ``<xhat_i, acc_i>`` per row (fp32 [N])."""
+    """Gradient of the raw features ``x`` from ``acc`` (the [S, N, d] partials of ``contrastive_grad``,
+    summed here; see the module docstring), in x's dtype; with ``want_dot`` also ``<xhat_i, acc_i>`` per
+    row (fp32 [N])."""
     x = _rows(x)
     dx = runtime.empty(x.shape, x.dtype, x.device)
     dot = runtime.empty((x.shape[0],), torch.float32, x.device) if want_dot else acc
     tile = row_tile(x.shape[1])
     _feature_grad_kernel[(runtime.cdiv(x.shape[0], tile["BLOCK_M"]),)](
-        x, acc, dx, coef, dot, x.shape[0], x.shape[1], x.stride(0), acc.stride(0), dx.stride(0), eps,
+        x, acc, dx, coef, dot, x.shape[0], x.shape[1], acc.shape[0], x.stride(0), acc.stride(0), acc.stride(1),
+        dx.stride(0), eps,
         NORMALIZE=normalize, HAS_DOT=want_dot,
         BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], num_warps=tile["num_warps"])
     return dx, (dot if want_dot else None)
@@ -410,7 +444,8 @@ def aot_cases() -> list[runtime.AotCase]:
                "n_row_programs": "i32"}
     grad_sig = {"A": "*{dtype}", "B": "*{dtype}", "LSE_A": "*fp32", "LSE_B": "*fp32", "BIAS": "*fp32",
                 "OUT": "*fp32", "ROW_SUMS": "*fp32", "n_a": "i32", "n_b": "i32", "n_cols": "i32",
-                "stride_a": "i32", "stride_b": "i32", "stride_out": "i32", "offset": "i32"}
+                "stride_a": "i32", "stride_b": "i32", "stride_out": "i32", "stride_split": "i32", "offset": "i32",
+                "cols_per_split": "i32"}
     for d in (512, 80):
         t = tiles(torch.float16, d)
         fwd = {k: v for k, v in t["fwd"].items() if k.isupper()}
@@ -453,7 +488,7 @@ def aot_cases() -> list[runtime.AotCase]:
         cases.append(runtime.AotCase(
             name=f"contrastive_feature_grad[d={d}]", kernel=_feature_grad_kernel,
             signature={"X": "*{dtype}", "ACC": "*fp32", "DX": "*{dtype}", "COEF": "*fp32", "DOT": "*fp32",
-                       "n_rows": "i32", "n_cols": "i32", "stride_x": "i32", "stride_acc": "i32",
-                       "stride_dx": "i32", "eps": "fp32"},
+                       "n_rows": "i32", "n_cols": "i32", "n_splits": "i32", "stride_x": "i32", "stride_split": "i32",
+                       "stride_acc": "i32", "stride_dx": "i32", "eps": "fp32"},
             constexprs={"NORMALIZE": True, "HAS_DOT": False, **meta}, num_warps=tile["num_warps"], quick=d == 512))
     return cases

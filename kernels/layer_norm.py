@@ -101,11 +101,6 @@ def _layer_norm_bwd_kernel(
         rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
 
         xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        # parameter gradients first: dy is then dead once g exists (fewer live registers for wide rows)
-        if HAS_WEIGHT:
-            dw_acc += tl.sum(dy * xhat, axis=0)
-        if HAS_BIAS:
-            db_acc += tl.sum(dy, axis=0)
         g = dy
         if HAS_WEIGHT:
             g = dy * w[None, :]
@@ -116,7 +111,12 @@ def _layer_norm_bwd_kernel(
             dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
 
-    part = pid.to(tl.int64) * n_cols + cols
+        if HAS_WEIGHT:
+            dw_acc += tl.sum(dy * xhat, axis=0)
+        if HAS_BIAS:
+            db_acc += tl.sum(dy, axis=0)
+
+    part = pid * n_cols + cols  # G x N partials: far below 2**31 elements (int32 keeps wide rows spill-free)
     if HAS_WEIGHT:
         tl.store(DW_PARTIAL + part, dw_acc, mask=col_ok)
     if HAS_BIAS:
@@ -137,7 +137,7 @@ def _layer_norm_param_grad_kernel(
     for g0 in range(0, n_partials, BLOCK_G):
         parts = g0 + tl.arange(0, BLOCK_G)
         mask = (parts < n_partials)[:, None] & col_ok[None, :]
-        offs = parts.to(tl.int64)[:, None] * n_cols + cols[None, :]
+        offs = parts[:, None] * n_cols + cols[None, :]  # G x N < 2**31
         if HAS_WEIGHT:
             dw += tl.load(DW_PARTIAL + offs, mask=mask, other=0.0)
         if HAS_BIAS:

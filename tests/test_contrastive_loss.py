@@ -170,6 +170,42 @@ def test_rectangular_cross_entropy_with_label_offset(dtype, n, m, offset):
         reference_fn=lambda q, k, s: eager_cross_entropy(q, k, s, offset, exact=True), param_dtype_inputs=[2])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("loss", ["cross_entropy", "siglip"])
+@pytest.mark.parametrize("sms", [1, 4])
+def test_column_split_gradient_for_rectangular_local_loss(monkeypatch, dtype, loss, sms):
+    """Few rows against many columns (the local loss of one rank): the gradient grid splits the columns
+    into fp32 partials (evenly, and with a short last split), summed in order by the feature-gradient
+    kernel. Every gradient, the scale's and the bias's included, against float64."""
+    from clipfast.kernels import contrastive_loss as kernel, runtime
+
+    monkeypatch.setattr(runtime, "sm_count", lambda device: sms)
+    splits = []
+    grad_splits = kernel.grad_splits
+
+    def spy(*args):
+        splits.append(grad_splits(*args)[0])
+        return grad_splits(*args)
+
+    monkeypatch.setattr(kernel, "grad_splits", spy)
+    n, m, offset, d = 5, 300, 150, 96
+    queries, keys = features(n, d, normalize=False), features(m, d, normalize=False)
+    scale = torch.tensor(10.0, device=DEVICE)
+    if loss == "siglip":
+        bias = torch.tensor(-5.0, device=DEVICE)
+        check("siglip_loss column split",
+              lambda i, t, s, b: clipfast.siglip_loss(i, t, s, b, label_offset=offset),
+              lambda i, t, s, b: eager_siglip_loss(i, t, s, b, offset=offset),
+              [queries, keys, scale.log(), bias], dtype, param_dtype_inputs=[2, 3])
+    else:
+        check("contrastive_cross_entropy column split",
+              lambda q, k, s: ops.contrastive_cross_entropy(q, k, s, label_offset=offset),
+              lambda q, k, s: eager_cross_entropy(q, k, s, offset), [queries, keys, scale], dtype,
+              reference_fn=lambda q, k, s: eager_cross_entropy(q, k, s, offset, exact=True), param_dtype_inputs=[2])
+    if not ON_GPU:  # interpreter tiles: 5 column blocks of 64 for one row block
+        assert max(splits) == (5 if sms == 4 else 2)
+
+
 def test_zero_norm_features_give_finite_loss_and_gradients():
     # F.normalize semantics: x / max(||x||, 1e-12); a zero row has zero logits and a gradient scaled by 1/eps
     image, text = features(9, 64), features(9, 64)

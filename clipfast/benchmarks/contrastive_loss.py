@@ -15,6 +15,10 @@ from .harness import BenchCase
 CLIP_SHAPES = [(n, d) for n in (4096, 16384, 32768) for d in (512, 768, 1024)]
 SIGLIP_SHAPES = [(16384, 768)]
 SMOKE_SHAPES = [(67, 64)]
+# The local loss of one data-parallel rank (open_clip ``local_loss=True``): its N rows against the M
+# gathered columns, one direction (the other is the same shape); rank 1, so the positives sit at N..2N.
+LOCAL_SHAPES = [(n, m, d) for n, m in ((256, 32768), (512, 65536)) for d in (512, 768)]
+LOCAL_SMOKE_SHAPES = [(5, 150, 64)]
 
 
 def _big_memory_shapes() -> list:
@@ -37,6 +41,21 @@ def eager_siglip_loss(image, text, logit_scale, logit_bias):
     logits = logit_scale * image @ text.T + logit_bias
     labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
     return -F.logsigmoid((labels * logits).float()).sum() / image.shape[0]
+
+
+def eager_local_cross_entropy(queries, keys, logit_scale):
+    """open_clip ``ClipLoss(local_loss=True)``, one direction: the rank's rows against all gathered columns."""
+    n = queries.shape[0]
+    labels = torch.arange(n, device=queries.device) + n
+    return F.cross_entropy((logit_scale * queries @ keys.T).float(), labels)
+
+
+def _make_local(n, m, d):
+    def make(device, dtype):
+        return {"queries": F.normalize(torch.randn(n, d, device=device), dim=-1).to(dtype).requires_grad_(),
+                "keys": F.normalize(torch.randn(m, d, device=device), dim=-1).to(dtype).requires_grad_(),
+                "logit_scale": torch.tensor(100.0, device=device, requires_grad=True)}
+    return make
 
 
 def _open_clip_impls(siglip: bool) -> dict:
@@ -83,5 +102,13 @@ def cases(smoke: bool):
                                                                                           logit_bias),
                    "eager": eager_siglip_loss, **_open_clip_impls(True)},
             flops=lambda mode, n=n, d=d: flops[mode] * n * n * d, shape={"n": n, "d": d, "loss": "siglip"},
+        ))
+    for n, m, d in LOCAL_SMOKE_SHAPES if smoke else LOCAL_SHAPES:
+        found.append(BenchCase(
+            family="contrastive_loss", name=f"local CE N={n} M={m} d={d}", dtype=dtype, make_inputs=_make_local(n, m, d),
+            impls={"clipfast": lambda queries, keys, logit_scale: clipfast.ops.contrastive_cross_entropy(
+                       queries, keys, logit_scale, label_offset=queries.shape[0]),
+                   "eager": eager_local_cross_entropy},
+            flops=lambda mode, n=n, m=m, d=d: flops[mode] * n * m * d, shape={"n": n, "m": m, "d": d, "loss": "local"},
         ))
     return found

@@ -176,7 +176,7 @@ def contrastive_loss_bwd(grad: Tensor, a: Tensor, b: Tensor, a_hat: Tensor, b_ha
     exact_acc = a.dtype == torch.float32  # G entered the fp32 accumulator unrounded
     da, dots = kernel.feature_grad(a, acc_a, coef * s, normalize, EPS, want_dot=exact_acc)
     db, _ = kernel.feature_grad(b, acc_b, coef, normalize, EPS)
-    sums = sums.sum(1)
+    sums = sums.sum((0, 2))  # over column splits and rows
     # dz_ij/ds = <xhat_i, bhat_j> = z_ij / s
     dscale = (coef * (dots.sum() if exact_acc else sums[1] / s)).to(scale.dtype)
     dbias = (coef * sums[0]).to(bias.dtype) if bias is not None else a.new_empty(0)
