@@ -299,6 +299,17 @@ def _nvidia_smi() -> str | None:
         return None
 
 
+def _kill(procs) -> None:
+    """Kill the still-running ones among ``procs`` (children this run started, each in its own session),
+    with whatever they started."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class Run:
     """The results of one run, rewritten to ``OUT`` after every change."""
 
@@ -395,9 +406,7 @@ class Run:
                 self.poll(g)
             if time.time() > hard:
                 killed = True
-                for p in group["procs"]:
-                    if p.poll() is None:
-                        os.killpg(p.pid, signal.SIGKILL)
+                _kill(group["procs"])
         for p in group["procs"]:
             p.wait()
         for t in group["threads"]:
@@ -414,12 +423,12 @@ class Run:
     def _ingest(self, step_name: str, offsets: dict, status: dict) -> bool:
         changed = False
         for records in offsets:
-            with open(records) as f:
+            with open(records, "rb") as f:
                 f.seek(offsets[records])
                 chunk = f.read()
-            complete = chunk[:chunk.rfind("\n") + 1]
+            complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
             offsets[records] += len(complete)
-            for line in complete.splitlines():
+            for line in complete.decode("utf-8", "replace").splitlines():
                 try:
                     entry = json.loads(line)
                 except ValueError:
@@ -444,9 +453,7 @@ class Run:
         return changed
 
     def stop_children(self) -> None:
-        for p in self.children:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+        _kill(self.children)
 
     # -- steps -------------------------------------------------------------------------------------
     def commands(self, step: Step, budget: float) -> list[tuple[list[str], dict, str]]:
