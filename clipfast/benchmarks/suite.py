@@ -58,6 +58,16 @@ OUTPUT_FILES = ("results.json", "summary.md", "log.txt", "junit.xml",
 LOG_LIMIT_BYTES = 8 * 2**20
 
 
+OPTIONAL_PACKAGES = {  # what a missing package costs the run (skipped with this note, never a failure)
+    "open_clip": "open_clip's benchmark cases and integration tests are",
+    "clip": "OpenAI clip's integration tests are",
+    "cn_clip": "Chinese-CLIP's integration tests are",
+    "transformers": "Hugging Face benchmark cases and integration tests are",
+    "matplotlib": "the plots are",
+    "pytest": "the test steps are",
+}
+
+
 @dataclass(frozen=True)
 class Pick:
     """Benchmark cases of one family whose name matches ``gpu`` (at GPU shapes) or ``smoke`` (rehearsal),
@@ -330,6 +340,9 @@ class Run:
                      "workers": self.workers, "steps": [], "tests": [], "warm": [], "rows": [], "notes": []}
         if self.rehearsal:
             self.data["notes"].append("CPU rehearsal: smoke shapes through the Triton interpreter; no timings.")
+        for package, what in OPTIONAL_PACKAGES.items():
+            if importlib.util.find_spec(package) is None:
+                self.data["notes"].append(f"{package} is not installed: {what} skipped.")
         self.tmp = tempfile.mkdtemp(prefix="clipfast-suite-")
         self.lock = threading.Lock()
         self.log = open(os.path.join(out, "log.txt"), "a")
@@ -549,8 +562,7 @@ class Run:
     def plots(self) -> None:
         try:
             import matplotlib  # noqa: F401
-        except ImportError:
-            self.data["notes"].append("matplotlib is not installed: no plots.")
+        except ImportError:  # noted at the start
             return
         from .cli import plot, plot_loss_scaling
 
