@@ -341,6 +341,25 @@ def test_summary_files_gpu_results_and_refuses_a_rehearsal(tmp_path, capsys):
     assert "CPU rehearsal" in summary.suite_markdown(_results(True))
 
 
+def test_records_are_merged_as_they_come_and_partial_lines_wait(tmp_path):
+    run = suite.Run(str(tmp_path), budget_s=60)
+    records, status = tmp_path / "r.jsonl", {}
+    row = {"kind": "row", "family": "layer_norm", "case": "c µs", "impl": "clipfast", "mode": "fwd", "dtype": "float16",
+           "ms_median": 1.0, "error": None}
+    line = json.dumps(row, ensure_ascii=False)
+    records.write_bytes((line + "\n" + line[:10]).encode())
+    offsets = {str(records): 0}
+    assert run._ingest("headline_kernels", offsets, status)
+    assert len(run.data["rows"]) == 1 and run.data["rows"][0]["step"] == "headline_kernels"
+    with open(records, "ab") as f:
+        f.write((line[10:] + "\n" + json.dumps({"kind": "collected", "count": 3}) + "\n").encode())
+    run._ingest("headline_kernels", offsets, status)
+    assert [r["case"] for r in run.data["rows"]] == ["c µs", "c µs"] and status["collected"] == 3
+    run.write()
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["case"] == "c µs"
+    assert (tmp_path / "summary.md").exists()
+
+
 # ------------------------------------------------------------------------------------------------
 # The rehearsal of the whole command
 # ------------------------------------------------------------------------------------------------

@@ -32,6 +32,9 @@ def format_rows(rows: list[dict]) -> str:
         head = f"{r['family'][:17]:<18}{r['case'][:33]:<34}{r['impl'][:15]:<16}{r['mode']:<9}"
         if r.get("error"):
             lines.append(head + f"error: {r['error'][:80]}")
+        elif "host_us" in r:  # host time per call, not device time
+            lines.append(head + f"{r['host_us']:>9.1f} us per call on the host"
+                         f"{r.get('speedup_of_clipfast', float('nan')):>16.2f}x")
         elif smoke:
             lines.append(head + f"{'ok':<10}{r.get('smoke_seconds', 0):>22.3f}")
         else:
@@ -87,11 +90,17 @@ def plot(rows: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+def _batch(row: dict):
+    """The contrastive-loss batch size N of a row (the cases record it as ``n``)."""
+    shape = row.get("shape", {})
+    return shape.get("n", shape.get("N"))
+
+
 def plot_loss_scaling(rows: list[dict], path: str) -> bool:
     """Contrastive-loss time and peak memory against batch size N (fwd+bwd), one line per implementation.
     Returns False when there are no timed loss rows to plot."""
     picked = [r for r in rows if r["family"] == "contrastive_loss" and r["mode"] == "fwd+bwd"
-              and not r.get("error") and "ms_median" in r and "N" in r.get("shape", {})]
+              and not r.get("error") and "ms_median" in r and _batch(r) and "m" not in r["shape"]]
     if not picked:
         return False
     import matplotlib
@@ -101,8 +110,8 @@ def plot_loss_scaling(rows: list[dict], path: str) -> bool:
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     for impl in dict.fromkeys(r["impl"] for r in picked):
-        mine = sorted((r for r in picked if r["impl"] == impl), key=lambda r: r["shape"]["N"])
-        ns = [r["shape"]["N"] for r in mine]
+        mine = sorted((r for r in picked if r["impl"] == impl), key=_batch)
+        ns = [_batch(r) for r in mine]
         ax_t.plot(ns, [r["ms_median"] for r in mine], marker="o", label=impl)
         ax_m.plot(ns, [r.get("peak_mem_mb", float("nan")) for r in mine], marker="o", label=impl)
     for ax, label in ((ax_t, "fwd+bwd time (ms)"), (ax_m, "peak extra memory (MiB)")):

@@ -58,6 +58,16 @@ OUTPUT_FILES = ("results.json", "summary.md", "log.txt", "junit.xml",
 LOG_LIMIT_BYTES = 8 * 2**20
 
 
+OPTIONAL_PACKAGES = {  # what a missing package costs the run (skipped with this note, never a failure)
+    "open_clip": "open_clip's benchmark cases and integration tests are",
+    "clip": "OpenAI clip's integration tests are",
+    "cn_clip": "Chinese-CLIP's integration tests are",
+    "transformers": "Hugging Face benchmark cases and integration tests are",
+    "matplotlib": "the plots are",
+    "pytest": "the test steps are",
+}
+
+
 @dataclass(frozen=True)
 class Pick:
     """Benchmark cases of one family whose name matches ``gpu`` (at GPU shapes) or ``smoke`` (rehearsal),
@@ -299,6 +309,17 @@ def _nvidia_smi() -> str | None:
         return None
 
 
+def _kill(procs) -> None:
+    """Kill the still-running ones among ``procs`` (children this run started, each in its own session),
+    with whatever they started."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 class Run:
     """The results of one run, rewritten to ``OUT`` after every change."""
 
@@ -319,6 +340,9 @@ class Run:
                      "workers": self.workers, "steps": [], "tests": [], "warm": [], "rows": [], "notes": []}
         if self.rehearsal:
             self.data["notes"].append("CPU rehearsal: smoke shapes through the Triton interpreter; no timings.")
+        for package, what in OPTIONAL_PACKAGES.items():
+            if importlib.util.find_spec(package) is None:
+                self.data["notes"].append(f"{package} is not installed: {what} skipped.")
         self.tmp = tempfile.mkdtemp(prefix="clipfast-suite-")
         self.lock = threading.Lock()
         self.log = open(os.path.join(out, "log.txt"), "a")
@@ -395,9 +419,7 @@ class Run:
                 self.poll(g)
             if time.time() > hard:
                 killed = True
-                for p in group["procs"]:
-                    if p.poll() is None:
-                        os.killpg(p.pid, signal.SIGKILL)
+                _kill(group["procs"])
         for p in group["procs"]:
             p.wait()
         for t in group["threads"]:
@@ -414,12 +436,12 @@ class Run:
     def _ingest(self, step_name: str, offsets: dict, status: dict) -> bool:
         changed = False
         for records in offsets:
-            with open(records) as f:
+            with open(records, "rb") as f:
                 f.seek(offsets[records])
                 chunk = f.read()
-            complete = chunk[:chunk.rfind("\n") + 1]
+            complete = chunk[:chunk.rfind(b"\n") + 1]  # a line still being written waits for the next poll
             offsets[records] += len(complete)
-            for line in complete.splitlines():
+            for line in complete.decode("utf-8", "replace").splitlines():
                 try:
                     entry = json.loads(line)
                 except ValueError:
@@ -444,9 +466,7 @@ class Run:
         return changed
 
     def stop_children(self) -> None:
-        for p in self.children:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+        _kill(self.children)
 
     # -- steps -------------------------------------------------------------------------------------
     def commands(self, step: Step, budget: float) -> list[tuple[list[str], dict, str]]:
@@ -542,8 +562,7 @@ class Run:
     def plots(self) -> None:
         try:
             import matplotlib  # noqa: F401
-        except ImportError:
-            self.data["notes"].append("matplotlib is not installed: no plots.")
+        except ImportError:  # noted at the start
             return
         from .cli import plot, plot_loss_scaling
 
