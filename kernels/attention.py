@@ -56,16 +56,26 @@ NO_BIAS, KEY_BIAS, FULL_BIAS = 0, 1, 2
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _offsets(rows, cols, stride_r, stride_c):
+    """Element offsets ``rows * stride_r + cols * stride_c`` of a [len(rows), len(cols)] tile in 64 bits.
+
+    The products pass 2**31 in real layouts (a row stride of B * 3E in the sequence-first in-projection
+    output passes it from a few thousand sequences) and wrap in 32 bits. The index vectors are widened
+    before the multiply: one 64-bit product per row and per column, not per element."""
+    return rows.to(tl.int64)[:, None] * stride_r + cols.to(tl.int64)[None, :] * stride_c
+
+
+@triton.jit
 def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
     """[len(rows), len(cols)] tile at base + rows * stride_r + cols * stride_c, zero outside."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
+    return tl.load(base + _offsets(rows, cols, stride_r, stride_c), mask=mask, other=0.0)
 
 
 @triton.jit
 def _store_tile(base, value, rows, cols, stride_r, stride_c, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(base + rows[:, None] * stride_r + cols[None, :] * stride_c, value.to(base.dtype.element_ty), mask=mask)
+    tl.store(base + _offsets(rows, cols, stride_r, stride_c), value.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -82,10 +92,11 @@ def _mask_scores(s, offs_q, offs_k, bias_base, stride_bm, stride_bn, seqlen_q, s
         qi = offs_q[None, :]
         kj = offs_k[:, None]
     if BIAS_KIND == 1:
-        s += tl.load(bias_base + kj * stride_bn, mask=kj < seqlen_k, other=0.0) * 1.4426950408889634
+        s += tl.load(bias_base + kj.to(tl.int64) * stride_bn, mask=kj < seqlen_k, other=0.0) * 1.4426950408889634
     if BIAS_KIND == 2:
         bias_ok = (qi < seqlen_q) & (kj < seqlen_k)
-        s += tl.load(bias_base + qi * stride_bm + kj * stride_bn, mask=bias_ok, other=0.0) * 1.4426950408889634
+        bias_off = qi.to(tl.int64) * stride_bm + kj.to(tl.int64) * stride_bn
+        s += tl.load(bias_base + bias_off, mask=bias_ok, other=0.0) * 1.4426950408889634
     if MASKED:
         valid = kj < seqlen_k
         if IS_CAUSAL:
