@@ -12,6 +12,8 @@ the test still needs the allocation to succeed and runs only where the memory is
 import pytest
 import torch
 
+from clipfast.kernels import attention as kernel
+
 from .conftest import DEVICE
 from .numerics import randn
 from .test_attention import check
@@ -47,6 +49,13 @@ def big_rows(n_rows: int, width: int, dtype=torch.float16) -> torch.Tensor:
     return rows
 
 
+def test_wide_offsets_only_where_a_slice_spans_2_to_the_31():
+    # ViT-B/16 in-projection views [L=197, B, 3 * 768]: 32-bit indices up to B = 4755, 64-bit from 4756
+    for batch, wide in ((4755, False), (4756, True)):
+        rows = torch.empty_strided((1, 12, 197, 64), (64, 64, batch * 3 * 768, 1), device="meta")
+        assert kernel.has_wide_offsets(rows) is wide
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_attention_reads_rows_past_2_to_the_31(causal):
     # q, k, v: [1, 1, 3, 64] views of in-projection rows [L=3, 3 * 64]; k and v rows 2 start past 2**31
@@ -54,4 +63,5 @@ def test_attention_reads_rows_past_2_to_the_31(causal):
     qkv = big_rows(length, 3 * d).view(length, 3, d)
     q, k, v = (qkv[:, i][None, None] for i in range(3))
     assert k.stride(2) == ROW_STRIDE and k.storage_offset() + (length - 1) * ROW_STRIDE > 2**31
+    assert kernel.has_wide_offsets(q, k, v)  # the kernels index these in 64 bits
     check(q, k, v, torch.float16, is_causal=causal)
