@@ -104,6 +104,8 @@ def _worker(args) -> int:
                 continue
             for dtype in case.dtypes:
                 for arch in args.arch:
+                    if case.archs is not None and arch not in case.archs:
+                        continue
                     row = {"family": family, "kernel": case.name, "config": case.config_text(), "dtype": dtype,
                            "arch": f"sm_{arch}", "expects_mma": case.expects_mma}
                     t0 = time.time()

@@ -5,9 +5,16 @@ Shapes and layouts
 q [B, H, Lq, D], k/v [B, H, Lk, D] with any strides on every dimension (the strided views that an
 in-projection ``[B, L, 3, H, D]`` split produces are read in place). Any Lq, Lk >= 1 and head dims up to
 256: the head dim is padded to ``BLOCK_D = next_power_of_2(D)`` (at least 16) with masked loads. The grid
-puts batch*heads on axis 0 (up to 2**31 - 1 programs, so B=1024, H=16 launches) and sequence blocks on
-axis 1. Outputs (o, dq, dk, dv) are written in a [B, L, H, D] memory layout returned as [B, H, L, D] views,
-so merging the heads for the out-projection is free.
+is one flattened axis 0 (up to 2**31 - 1 programs) with the sequence block varying fastest within a
+(batch, head), so the programs sharing one head's k/v (or q/dO) run together and read it from L2. Offsets
+within a (batch, head) slice are 32-bit unless some slice spans 2**31 elements (then 64-bit, see
+``_indices``); batch and head offsets are always 64-bit. Outputs (o, dq, dk, dv) are written in a
+[B, L, H, D] memory layout returned as [B, H, L, D] views, so merging the heads for the out-projection is
+free.
+
+Tiles are data (``Tile`` rows in one ``TileTable`` per kernel, default first) with one filter
+(``TileTable.offered``) that picks those for a head dim and architecture; autotuning keys on sequence
+lengths rounded up to a multiple of 32 (``runtime.seqlen_bucket``).
 
 Masks: ``IS_CAUSAL`` (query i attends keys j <= i, top-left aligned like SDPA) skips the key blocks above
 the diagonal. Each loop runs in two parts: the blocks every query of the tile sees whole (no mask
@@ -36,6 +43,7 @@ opposite block, and each gradient written once.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -56,8 +64,31 @@ NO_BIAS, KEY_BIAS, FULL_BIAS = 0, 1, 2
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _indices(start, BLOCK: tl.constexpr, like):
+    """``start + arange(BLOCK)`` in the integer width of ``like``.
+
+    Tile offsets are ``rows * stride_r + cols * stride_c``. They pass 2**31 in real layouts: q/k/v as views
+    of the sequence-first in-projection output [L, B, 3E] have a row stride of B * 3E, so ``(L-1) * B * 3E``
+    passes 2**31 from a few thousand sequences, and 32-bit products wrap and read the wrong memory. The
+    kernels take ``HAS_WIDE_OFFSETS`` from the launcher (set when some tensor's span within one (batch,
+    head) slice reaches 2**31) and then make the head-dim indices int64; every row index is made here in
+    the same width, so the products are 64-bit exactly when they must be. 32-bit indices otherwise: the
+    64-bit address math costs registers (spills in several tiles at head dim 128 and 256)."""
+    return (start + tl.arange(0, BLOCK)).to(like.dtype)
+
+
+@triton.jit
+def _head_dim_indices(BLOCK_D: tl.constexpr, HAS_WIDE_OFFSETS: tl.constexpr):
+    offs_d = tl.arange(0, BLOCK_D)
+    if HAS_WIDE_OFFSETS:
+        offs_d = offs_d.to(tl.int64)
+    return offs_d
+
+
+@triton.jit
 def _load_tile(base, rows, cols, stride_r, stride_c, n_rows, n_cols):
-    """[len(rows), len(cols)] tile at base + rows * stride_r + cols * stride_c, zero outside."""
+    """[len(rows), len(cols)] tile at base + rows * stride_r + cols * stride_c, zero outside (the index
+    vectors' width decides the width of the offsets, see ``_indices``)."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(base + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0)
 
@@ -105,19 +136,29 @@ def _unmasked_key_end(start_m, seqlen_k, IS_CAUSAL: tl.constexpr, BLOCK_N: tl.co
 
 
 @triton.jit
-def _load_stats(LSE, offs_m, seqlen_q):
-    """Saved row max and log2(sum) of this program's head; rows past the end read as fully masked."""
-    stats = LSE + tl.program_id(0).to(tl.int64) * 2 * seqlen_q + offs_m
+def _load_stats(LSE, bh, offs_m, seqlen_q):
+    """Saved row max and log2(sum) of head ``bh``; rows past the end read as fully masked."""
+    stats = LSE + bh.to(tl.int64) * 2 * seqlen_q + offs_m
     m_ok = offs_m < seqlen_q
     return tl.load(stats, mask=m_ok, other=float("inf")), tl.load(stats + seqlen_q, mask=m_ok, other=0.0)
 
 
 @triton.jit
-def _program_bases(n_heads, stride_b, stride_h):
-    """Offset of this program's (batch, head) slice; int64 so huge batches cannot overflow."""
-    pid_bh = tl.program_id(0)
-    off_b = (pid_bh // n_heads).to(tl.int64)
-    off_h = (pid_bh % n_heads).to(tl.int64)
+def _program_block(seqlen, BLOCK: tl.constexpr):
+    """(batch*head index, sequence block) of this program. The grid is one flattened axis 0 of
+    ``B*H*cdiv(seqlen, BLOCK)`` programs with the sequence block varying fastest, so the blocks of one head
+    run side by side and the operand they all read (k, v in the forward and dq; q, dO in dk/dv) comes from
+    HBM about once and from L2 after that."""
+    pid = tl.program_id(0)
+    n_blocks = tl.cdiv(seqlen, BLOCK)
+    return pid // n_blocks, pid % n_blocks
+
+
+@triton.jit
+def _head_offset(bh, n_heads, stride_b, stride_h):
+    """Element offset of the (batch, head) slice ``bh``; int64 so huge batches cannot overflow."""
+    off_b = (bh // n_heads).to(tl.int64)
+    off_h = (bh % n_heads).to(tl.int64)
     return off_b * stride_b + off_h * stride_h
 
 
@@ -133,7 +174,7 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, lo
                     MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
     """Online softmax over the key blocks in [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = _indices(start_n, BLOCK_N, offs_d)
         k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim)
         v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -150,40 +191,107 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, lo
     return acc, l_i, m_i
 
 
-# Shipped tiles: (BLOCK_M, BLOCK_N, warps, stages, the BLOCK_D values it serves). Each was compiled for
-# sm_80 and sm_90 (`clipfast aot`) at those head dims: no spills, tensor-core MMAs. The first tile of each
-# list is also the interpreter's (one config there) and the one the masked variants are checked at.
-# The key-block kernel's MMA rows are keys (BLOCK_N >= 64 for HGMMA), the query kernels' are queries.
+# ---------------------------------------------------------------------------------------------
+# Tiles: data, and one filter
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Tile:
+    """One shipped tile: query and key block sizes, warps, pipeline stages, the padded head dims (BLOCK_D)
+    it ships for, and the GPU generations (compute capability majors: 8 Ampere, 9 Hopper) it is offered on
+    (None: all)."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    block_ds: tuple[int, ...]
+    archs: tuple[int, ...] | None = None
+
+    @property
+    def key(self) -> tuple[int, int, int, int]:
+        return (self.block_m, self.block_n, self.warps, self.stages)
+
+    def config(self) -> triton.Config:
+        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.warps,
+                             num_stages=self.stages)
+
+
+def _config_key(cfg: triton.Config) -> tuple[int, int, int, int]:
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+
+
+def _arch(named_args) -> int:
+    major, minor = runtime.capability(named_args["Q"].device) if "Q" in named_args else (0, 0)
+    return 10 * major + minor
+
+
+@dataclass(frozen=True)
+class TileTable:
+    """A kernel's shipped tiles, default first, and the one filter that picks those offered for a head dim
+    on an architecture. ``mma_rows`` names the block the kernel's MMAs run along (the query block in the
+    forward and dq kernels, the key block in the dk/dv kernel)."""
+    tiles: tuple[Tile, ...]
+    mma_rows: str  # "BLOCK_M" or "BLOCK_N"
+
+    def fits_arch(self, tile: Tile, arch: int) -> bool:
+        """Whether ``tile`` is offered on ``arch`` (sm number; 0 = any, the interpreter). Besides the tile's
+        own ``archs``: on Hopper a warpgroup (4 warps) issues 64-row wgmma and Triton lays the warps of
+        chained dots along the MMA rows, so 8 warps on fewer than 128 rows would duplicate MMA work."""
+        if arch == 0:
+            return True
+        if tile.archs is not None and arch // 10 not in tile.archs:
+            return False
+        rows = tile.block_m if self.mma_rows == "BLOCK_M" else tile.block_n
+        return not (arch // 10 == 9 and tile.warps == 8 and rows < 128)
+
+    def offered(self, block_d: int, arch: int) -> list[Tile]:
+        """The tiles for ``block_d`` on ``arch`` (arch 0: any); where the architecture rule leaves none, the
+        head dim's tiles regardless (so every head dim has one)."""
+        for_d = [t for t in self.tiles if block_d in t.block_ds]
+        return ([t for t in for_d if self.fits_arch(t, arch)]
+                or [t for t in for_d if t.archs is None or arch // 10 in t.archs] or for_d)
+
+    def configs(self) -> list[triton.Config]:
+        """One config per distinct tile (a tile may have one row per architecture and head dims)."""
+        return [t.config() for t in {t.key: t for t in reversed(self.tiles)}.values()][::-1]
+
+    def prune(self, configs, named_args, **kwargs):
+        """``early_config_prune`` for the autotuner: the configs of the offered tiles (the interpreter's
+        single config is kept as it is)."""
+        block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
+        allowed = {t.key for t in self.offered(block_d, _arch(named_args))}
+        return [c for c in configs if _config_key(c) in allowed] or configs[:1]
+
+
+# Each tile was compiled (`clipfast aot`, triton 3.6 and 3.8) for the architectures it is offered on, at the
+# head dims it ships for: no spills, tensor-core MMAs (HMMA / HGMMA). The first tile offered is the default
+# for a head dim and architecture (what CLIPFAST_AUTOTUNE=0 runs; the interpreter runs the first row). 8 warps
+# on 64 MMA rows are Ampere tiles; Hopper keeps them only where every 4-warp or 128-row tile tried spills
+# (dk/dv at head dim 128, everything at 256). 128-row and 3-stage 4-warp tiles spill on sm_80 (Hopper only).
 _SMALL, _D128, _D256 = (16, 32, 64), (128,), (256,)
-FWD_TILES = [(64, 32, 8, 3, _SMALL + _D128), (64, 64, 8, 3, _SMALL + _D128), (128, 64, 8, 3, _SMALL),
-             (64, 64, 4, 3, _SMALL), (128, 32, 8, 3, _SMALL), (64, 32, 4, 3, _SMALL + _D128), (64, 16, 8, 3, _D256)]
-DKDV_TILES = [(32, 64, 8, 2, _SMALL), (32, 64, 4, 2, _SMALL), (32, 128, 8, 2, _SMALL), (16, 64, 4, 2, _SMALL),
-              (16, 64, 8, 2, _D128 + _D256)]
-DQ_TILES = [(64, 32, 8, 2, _SMALL + _D128), (64, 64, 8, 2, _SMALL), (128, 64, 8, 2, _SMALL), (128, 32, 8, 2, _SMALL),
-            (64, 32, 4, 2, _SMALL), (64, 16, 8, 2, _D256)]
+_ANY_D = _SMALL + _D128
+_HOPPER = (9,)
+FWD = TileTable((
+    Tile(128, 64, 8, 3, _SMALL, _HOPPER), Tile(64, 32, 8, 3, _ANY_D), Tile(128, 128, 8, 3, _SMALL, _HOPPER),
+    Tile(64, 64, 4, 3, _SMALL), Tile(128, 32, 8, 3, _SMALL), Tile(128, 32, 8, 3, _D128, _HOPPER),
+    Tile(64, 32, 4, 3, _ANY_D), Tile(64, 64, 8, 3, _ANY_D), Tile(64, 16, 8, 3, _D256),
+), "BLOCK_M")
+DKDV = TileTable((
+    Tile(32, 64, 4, 3, _SMALL, _HOPPER), Tile(32, 64, 8, 2, _SMALL), Tile(32, 128, 8, 3, _SMALL, _HOPPER),
+    Tile(16, 64, 4, 2, _SMALL), Tile(16, 64, 8, 2, _D128 + _D256),
+), "BLOCK_N")
+DQ = TileTable((
+    Tile(64, 32, 4, 3, _SMALL), Tile(128, 64, 8, 3, _SMALL), Tile(64, 32, 8, 2, _ANY_D), Tile(64, 64, 8, 2, _SMALL),
+    Tile(128, 32, 8, 2, _SMALL), Tile(64, 32, 4, 2, _D128, _HOPPER), Tile(64, 16, 8, 2, _D256),
+), "BLOCK_M")
 # Head dims above 128 (BLOCK_D 256) keep k, v, dk and dv of a key block in registers: the backward tiles
 # there spill on sm_80/sm_90 at every size tried (correct, slower); the forward does not.
 BWD_SPILL_FREE_MAX_D = 128
+# Autotune keys: lengths bucketed (nearby lengths share one tuning), the padded head dim and the variant.
+_TUNE_KEY = ["bucket_q", "bucket_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"]
 
 
-def _configs(tiles):
-    configs = []
-    for m, n, w, s, block_ds in tiles:
-        cfg = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-        cfg.block_ds = block_ds  # the head-dim tiles it is shipped for (read by _prune)
-        configs.append(cfg)
-    return configs
-
-
-def _prune(configs, named_args, **kwargs):
-    """Keep the tiles shipped for this head dim (the interpreter keeps its single config)."""
-    block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-    kept = [c for c in configs if block_d in c.block_ds]
-    return kept or configs[:1]
-
-
-@runtime.autotune(_configs(FWD_TILES), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
-                  prune_configs_by={"early_config_prune": _prune})
+@runtime.autotune(FWD.configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": FWD.prune})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, BIAS, O, LSE,
@@ -192,17 +300,17 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_ob, stride_oh, stride_om, stride_od,
-    n_heads, seqlen_q, seqlen_k, head_dim, qk_scale,
+    n_heads, seqlen_q, seqlen_k, bucket_q, bucket_k, head_dim, qk_scale,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WIDE_OFFSETS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(1)
-    q_base = Q + _program_bases(n_heads, stride_qb, stride_qh)
-    k_base = K + _program_bases(n_heads, stride_kb, stride_kh)
-    v_base = V + _program_bases(n_heads, stride_vb, stride_vh)
-    b_base = BIAS + _program_bases(n_heads, stride_bb, stride_bh)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    bh, pid_m = _program_block(seqlen_q, BLOCK_M)
+    q_base = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
+    k_base = K + _head_offset(bh, n_heads, stride_kb, stride_kh)
+    v_base = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
+    b_base = BIAS + _head_offset(bh, n_heads, stride_bb, stride_bh)
+    offs_d = _head_dim_indices(BLOCK_D, HAS_WIDE_OFFSETS)
+    offs_m = _indices(pid_m * BLOCK_M, BLOCK_M, offs_d)
 
     q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -224,10 +332,10 @@ def _attn_fwd_kernel(
 
     has_keys = l_i > 0.0
     l_i = tl.where(has_keys, l_i, 1.0)
-    o_base = O + _program_bases(n_heads, stride_ob, stride_oh)
+    o_base = O + _head_offset(bh, n_heads, stride_ob, stride_oh)
     _store_tile(o_base, acc / l_i[:, None], offs_m, offs_d, stride_om, stride_od, seqlen_q, head_dim)
     # the log-sum-exp as its two parts: max (+inf on rows without keys, so their p is 0) and log2(sum)
-    stats = LSE + tl.program_id(0).to(tl.int64) * 2 * seqlen_q + offs_m
+    stats = LSE + bh.to(tl.int64) * 2 * seqlen_q + offs_m
     tl.store(stats, tl.where(has_keys, m_i, float("inf")), mask=offs_m < seqlen_q)
     tl.store(stats + seqlen_q, tl.math.log2(l_i), mask=offs_m < seqlen_q)
 
@@ -242,21 +350,22 @@ def _attn_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     n_heads, seqlen_q, head_dim,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_WIDE_OFFSETS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """delta = rowsum(dO * O) in fp32, [B*H, Lq]."""
-    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(O + _program_bases(n_heads, stride_ob, stride_oh), offs_m, offs_d, stride_om, stride_od,
+    bh, pid_m = _program_block(seqlen_q, BLOCK_M)
+    offs_d = _head_dim_indices(BLOCK_D, HAS_WIDE_OFFSETS)
+    offs_m = _indices(pid_m * BLOCK_M, BLOCK_M, offs_d)
+    o = _load_tile(O + _head_offset(bh, n_heads, stride_ob, stride_oh), offs_m, offs_d, stride_om, stride_od,
                    seqlen_q, head_dim)
-    do = _load_tile(DO + _program_bases(n_heads, stride_dob, stride_doh), offs_m, offs_d, stride_dom, stride_dod,
+    do = _load_tile(DO + _head_offset(bh, n_heads, stride_dob, stride_doh), offs_m, offs_d, stride_dom, stride_dod,
                     seqlen_q, head_dim)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + tl.program_id(0).to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+    tl.store(DELTA + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, row_base, offs_n, offs_d, lo, hi,
+def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, bh, offs_n, offs_d, lo, hi,
                        stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
                        seqlen_q, seqlen_k, head_dim, qk_scale,
                        IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -264,12 +373,12 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, row_ba
     """dk, dv contributions of the query blocks in [lo, hi). Keys past the end need no masking here: their
     rows of dk and dv are never stored, and rows past the end of the queries have p = 0."""
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = _indices(start_m, BLOCK_M, offs_d)
         q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
         do = _load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, seqlen_q, head_dim)
         # rows past the end (and fully masked rows) have max = +inf, so their probabilities are 0
-        row_max, log2_sum = _load_stats(LSE, offs_m, seqlen_q)
-        delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        row_max, log2_sum = _load_stats(LSE, bh, offs_m, seqlen_q)
+        delta = tl.load(DELTA + bh.to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         s_t = _mask_scores(s_t, offs_m, offs_n, b_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
                            IS_CAUSAL, BIAS_KIND, False, MASKED)
@@ -281,8 +390,7 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, row_ba
     return dk, dv
 
 
-@runtime.autotune(_configs(DKDV_TILES), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
-                  prune_configs_by={"early_config_prune": _prune})
+@runtime.autotune(DKDV.configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": DKDV.prune})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, BIAS, DO, LSE, DELTA, DK, DV,
@@ -293,22 +401,21 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    n_heads, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale,
+    n_heads, seqlen_q, seqlen_k, bucket_q, bucket_k, head_dim, qk_scale, sm_scale,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WIDE_OFFSETS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One [BLOCK_N] block of keys: dk, dv accumulated over every query block that sees it."""
-    pid_n = tl.program_id(1)
-    q_base = Q + _program_bases(n_heads, stride_qb, stride_qh)
-    do_base = DO + _program_bases(n_heads, stride_dob, stride_doh)
-    b_base = BIAS + _program_bases(n_heads, stride_bb, stride_bh)
-    row_base = tl.program_id(0).to(tl.int64) * seqlen_q
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    bh, pid_n = _program_block(seqlen_k, BLOCK_N)
+    q_base = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
+    do_base = DO + _head_offset(bh, n_heads, stride_dob, stride_doh)
+    b_base = BIAS + _head_offset(bh, n_heads, stride_bb, stride_bh)
+    offs_d = _head_dim_indices(BLOCK_D, HAS_WIDE_OFFSETS)
+    offs_n = _indices(pid_n * BLOCK_N, BLOCK_N, offs_d)
 
-    k = _load_tile(K + _program_bases(n_heads, stride_kb, stride_kh), offs_n, offs_d, stride_kn, stride_kd,
+    k = _load_tile(K + _head_offset(bh, n_heads, stride_kb, stride_kh), offs_n, offs_d, stride_kn, stride_kd,
                    seqlen_k, head_dim)
-    v = _load_tile(V + _program_bases(n_heads, stride_vb, stride_vh), offs_n, offs_d, stride_vn, stride_vd,
+    v = _load_tile(V + _head_offset(bh, n_heads, stride_vb, stride_vh), offs_n, offs_d, stride_vn, stride_vd,
                    seqlen_k, head_dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -318,14 +425,14 @@ def _attn_bwd_dkdv_kernel(
         lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M
     # one loop: only the causal diagonal needs a mask here (a second, unmasked loop for the blocks below it
     # would double the code and spill at head dim 128; CLIP's causal text is one or two blocks anyway)
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, row_base, offs_n, offs_d,
+    dk, dv = _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, b_base, LSE, DELTA, bh, offs_n, offs_d,
                                 lo, seqlen_q, stride_qm, stride_qd, stride_dom, stride_dod, stride_bm, stride_bn,
                                 seqlen_q, seqlen_k, head_dim, qk_scale,
                                 IS_CAUSAL, BIAS_KIND, DOT_PRECISION, IS_CAUSAL, BLOCK_M)
 
-    _store_tile(DK + _program_bases(n_heads, stride_dkb, stride_dkh), dk * sm_scale, offs_n, offs_d,
+    _store_tile(DK + _head_offset(bh, n_heads, stride_dkb, stride_dkh), dk * sm_scale, offs_n, offs_d,
                 stride_dkn, stride_dkd, seqlen_k, head_dim)
-    _store_tile(DV + _program_bases(n_heads, stride_dvb, stride_dvh), dv, offs_n, offs_d,
+    _store_tile(DV + _head_offset(bh, n_heads, stride_dvb, stride_dvh), dv, offs_n, offs_d,
                 stride_dvn, stride_dvd, seqlen_k, head_dim)
 
 
@@ -337,7 +444,7 @@ def _dq_key_blocks(dq, q, do, row_max, log2_sum, delta, k_base, v_base, b_base, 
                    MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
     """dq contributions of the key blocks in [lo, hi)."""
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
+        offs_n = _indices(start_n, BLOCK_N, offs_d)
         k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim)
         v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -350,8 +457,7 @@ def _dq_key_blocks(dq, q, do, row_max, log2_sum, delta, k_base, v_base, b_base, 
     return dq
 
 
-@runtime.autotune(_configs(DQ_TILES), key=["seqlen_q", "seqlen_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"],
-                  prune_configs_by={"early_config_prune": _prune})
+@runtime.autotune(DQ.configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": DQ.prune})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, BIAS, DO, LSE, DELTA, DQ,
@@ -361,25 +467,25 @@ def _attn_bwd_dq_kernel(
     stride_bb, stride_bh, stride_bm, stride_bn,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    n_heads, seqlen_q, seqlen_k, head_dim, qk_scale, sm_scale,
+    n_heads, seqlen_q, seqlen_k, bucket_q, bucket_k, head_dim, qk_scale, sm_scale,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WIDE_OFFSETS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One [BLOCK_M] block of queries: dq accumulated over the key blocks it sees."""
-    pid_m = tl.program_id(1)
-    k_base = K + _program_bases(n_heads, stride_kb, stride_kh)
-    v_base = V + _program_bases(n_heads, stride_vb, stride_vh)
-    b_base = BIAS + _program_bases(n_heads, stride_bb, stride_bh)
-    row_base = tl.program_id(0).to(tl.int64) * seqlen_q
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    bh, pid_m = _program_block(seqlen_q, BLOCK_M)
+    k_base = K + _head_offset(bh, n_heads, stride_kb, stride_kh)
+    v_base = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
+    b_base = BIAS + _head_offset(bh, n_heads, stride_bb, stride_bh)
+    row_base = bh.to(tl.int64) * seqlen_q
+    offs_d = _head_dim_indices(BLOCK_D, HAS_WIDE_OFFSETS)
+    offs_m = _indices(pid_m * BLOCK_M, BLOCK_M, offs_d)
     m_ok = offs_m < seqlen_q
 
-    q = _load_tile(Q + _program_bases(n_heads, stride_qb, stride_qh), offs_m, offs_d, stride_qm, stride_qd,
+    q = _load_tile(Q + _head_offset(bh, n_heads, stride_qb, stride_qh), offs_m, offs_d, stride_qm, stride_qd,
                    seqlen_q, head_dim)
-    do = _load_tile(DO + _program_bases(n_heads, stride_dob, stride_doh), offs_m, offs_d, stride_dom, stride_dod,
+    do = _load_tile(DO + _head_offset(bh, n_heads, stride_dob, stride_doh), offs_m, offs_d, stride_dom, stride_dod,
                     seqlen_q, head_dim)
-    row_max, log2_sum = _load_stats(LSE, offs_m, seqlen_q)
+    row_max, log2_sum = _load_stats(LSE, bh, offs_m, seqlen_q)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
@@ -394,7 +500,7 @@ def _attn_bwd_dq_kernel(
                         stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                         seqlen_q, seqlen_k, head_dim, qk_scale, IS_CAUSAL, BIAS_KIND, DOT_PRECISION, True, BLOCK_N)
 
-    _store_tile(DQ + _program_bases(n_heads, stride_dqb, stride_dqh), dq * sm_scale, offs_m, offs_d,
+    _store_tile(DQ + _head_offset(bh, n_heads, stride_dqb, stride_dqh), dq * sm_scale, offs_m, offs_d,
                 stride_dqm, stride_dqd, seqlen_q, head_dim)
 
 
@@ -407,9 +513,23 @@ def block_d(head_dim: int) -> int:
     return max(16, runtime.next_power_of_2(head_dim))
 
 
-def grid(batch: int, heads: int, seqlen: int, block: int) -> tuple[int, int]:
-    """(batch*heads, sequence blocks): batch*heads on axis 0, which takes 2**31 - 1 programs."""
-    return (batch * heads, runtime.cdiv(seqlen, block))
+MAX_PROGRAMS = 2**31 - 1  # grid axis 0
+
+
+def grid(batch: int, heads: int, seqlen: int, block: int) -> tuple[int]:
+    """One flattened axis 0 of batch*heads*blocks programs, the sequence block varying fastest (see
+    ``_program_block``). Axis 0 takes 2**31 - 1 programs: B*H = 16M heads at 128 blocks each, far more than
+    fits in memory at any CLIP width."""
+    programs = batch * heads * runtime.cdiv(seqlen, block)
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"flash_attention: batch {batch} x heads {heads} x {runtime.cdiv(seqlen, block)} "
+                         f"sequence blocks is {programs} programs, more than one launch takes ({MAX_PROGRAMS})")
+    return (programs,)
+
+
+def _buckets(lq: int, lk: int) -> tuple[int, int]:
+    """The autotune key's sequence lengths (``runtime.seqlen_bucket``)."""
+    return runtime.seqlen_bucket(lq), runtime.seqlen_bucket(lk)
 
 
 def bias_kind(bias) -> int:
@@ -427,6 +547,14 @@ def _bias_args(bias, q, shape):
 
 def _strides(t):
     return tuple(t.stride())
+
+
+def has_wide_offsets(*tensors) -> bool:
+    """Whether an element offset within one (batch, head) slice of any [B, H, L, D] tensor (or bias view)
+    reaches 2**31, so the kernels must index in 64 bits (``HAS_WIDE_OFFSETS``, see ``_indices``). The batch
+    and head offsets are 64-bit always."""
+    return any(sum((n - 1) * abs(st) for n, st in zip(t.shape[2:], t.stride()[2:])) >= 2**31
+               for t in tensors if t is not None and t.numel())
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -457,11 +585,13 @@ def attention_fwd(q, k, v, bias, is_causal: bool, scale: float):
         return o, lse
     bias_ptr, bias_strides = _bias_args(bias, q, (b, h, lq, lk))
     bd = block_d(d)
+    wide = has_wide_offsets(q, k, v, o, bias.expand(b, h, lq, lk) if bias is not None else None)
     _attn_fwd_kernel[lambda meta: grid(b, h, lq, meta["BLOCK_M"])](
         q, k, v, bias_ptr, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *bias_strides, *_strides(o),
-        h, lq, lk, d, scale * LOG2E,
-        IS_CAUSAL=is_causal, BIAS_KIND=bias_kind(bias), DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=bd,
+        h, lq, lk, *_buckets(lq, lk), d, scale * LOG2E,
+        IS_CAUSAL=is_causal, BIAS_KIND=bias_kind(bias), DOT_PRECISION=_dot_precision(q.dtype),
+        HAS_WIDE_OFFSETS=wide, BLOCK_D=bd,
     )
     return o, lse
 
@@ -476,22 +606,24 @@ def attention_bwd(do, q, k, v, bias, o, lse, is_causal: bool, scale: float):
     if b * h == 0 or d == 0 or lq == 0 or lk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     bd = block_d(d)
+    wide = has_wide_offsets(q, k, v, o, do, dq, dk, dv, bias.expand(b, h, lq, lk) if bias is not None else None)
     delta = runtime.empty((b * h, lq), torch.float32, q.device)
     pre_block = max(16, min(64, 2048 // bd))
     _attn_bwd_preprocess_kernel[grid(b, h, lq, pre_block)](
-        o, do, delta, *_strides(o), *_strides(do), h, lq, d, BLOCK_D=bd, BLOCK_M=pre_block,
+        o, do, delta, *_strides(o), *_strides(do), h, lq, d, HAS_WIDE_OFFSETS=wide, BLOCK_D=bd, BLOCK_M=pre_block,
     )
     bias_ptr, bias_strides = _bias_args(bias, q, (b, h, lq, lk))
-    common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind(bias), DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=bd)
+    common = dict(IS_CAUSAL=is_causal, BIAS_KIND=bias_kind(bias), DOT_PRECISION=_dot_precision(q.dtype),
+                  HAS_WIDE_OFFSETS=wide, BLOCK_D=bd)
     _attn_bwd_dkdv_kernel[lambda meta: grid(b, h, lk, meta["BLOCK_N"])](
         q, k, v, bias_ptr, do, lse, delta, dk, dv,
         *_strides(q), *_strides(k), *_strides(v), *bias_strides, *_strides(do), *_strides(dk), *_strides(dv),
-        h, lq, lk, d, scale * LOG2E, scale, **common,
+        h, lq, lk, *_buckets(lq, lk), d, scale * LOG2E, scale, **common,
     )
     _attn_bwd_dq_kernel[lambda meta: grid(b, h, lq, meta["BLOCK_M"])](
         q, k, v, bias_ptr, do, lse, delta, dq,
         *_strides(q), *_strides(k), *_strides(v), *bias_strides, *_strides(do), *_strides(dq),
-        h, lq, lk, d, scale * LOG2E, scale, **common,
+        h, lq, lk, *_buckets(lq, lk), d, scale * LOG2E, scale, **common,
     )
     return dq, dk, dv
 
@@ -522,35 +654,55 @@ def _aot_signature(kernel) -> tuple[dict[str, str], dict[str, int]]:
     return sig, unit
 
 
+def _aot_tiles(table: TileTable, block_d: int) -> list[tuple[Tile, tuple[int, ...] | None]]:
+    """The tiles offered for ``block_d`` on sm_80 or sm_90, each with the architectures it ships for
+    (None: both)."""
+    per_arch = {arch: table.offered(block_d, arch) for arch in (80, 90)}
+    tiles = [t for t in table.tiles if any(t in offered for offered in per_arch.values())]
+    return [(t, None if all(t in o for o in per_arch.values()) else tuple(a for a, o in per_arch.items() if t in o))
+            for t in tiles]
+
+
+def _aot_default_tiles(table: TileTable, block_d: int) -> list[tuple[Tile, tuple[int, ...] | None]]:
+    """The default tile (first offered) for ``block_d`` on sm_80 and on sm_90: one entry if they agree."""
+    first = {arch: table.offered(block_d, arch)[0] for arch in (80, 90)}
+    if first[80] == first[90]:
+        return [(first[80], None)]
+    return [(first[80], (80,)), (first[90], (90,))]
+
+
 def aot_cases() -> list[runtime.AotCase]:
-    """Every shipped tile (after pruning) of the three kernels at head dims 64 (ViT-B/L, text) and 128
-    (80/88/104/128 pad to it), the forward at 256; the causal, key-padding and full-mask variants at the
-    first tile. Head-dim strides are 1, as the runtime specializes them for torch's layouts. The quick
-    subset is head dim 64 at the first tile."""
+    """Every tile the three kernels offer at head dims 64 (ViT-B/L, text) and 128 (80/88/104/128 pad to
+    it), the forward also at 256, compiled for the architectures it is offered on; the causal, key-padding
+    and full-mask variants at each architecture's default (first offered) tile. Head-dim strides are 1, as the runtime specializes
+    them for torch's layouts. The quick subset is head dim 64 at the default tile."""
     cases = []
     variants = [("", False, NO_BIAS), ("_causal", True, NO_BIAS), ("_keymask", False, KEY_BIAS),
                 ("_causal_fullmask", True, FULL_BIAS)]
-    kernels = ((_attn_fwd_kernel, "fwd"), (_attn_bwd_dkdv_kernel, "bwd_dkdv"), (_attn_bwd_dq_kernel, "bwd_dq"))
+    kernels = ((_attn_fwd_kernel, FWD, "fwd"), (_attn_bwd_dkdv_kernel, DKDV, "bwd_dkdv"),
+               (_attn_bwd_dq_kernel, DQ, "bwd_dq"))
     for bd in (64, 128, 256):
         for suffix, causal, kind in variants:
             if bd == 256 and suffix:
                 continue
-            flags = {"IS_CAUSAL": causal, "BIAS_KIND": kind, "DOT_PRECISION": "tf32", "BLOCK_D": bd}
-            for kernel, label in kernels:
+            flags = {"IS_CAUSAL": causal, "BIAS_KIND": kind, "DOT_PRECISION": "tf32", "HAS_WIDE_OFFSETS": False,
+                     "BLOCK_D": bd}
+            for kernel, table, label in kernels:
                 if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
                     continue
                 signature, unit_strides = _aot_signature(kernel)
-                configs = _prune(kernel.shipped_configs, {"BLOCK_D": bd})
-                for i, cfg in enumerate(configs if not suffix else configs[:1]):
+                tiles = _aot_tiles(table, bd) if not suffix else _aot_default_tiles(table, bd)
+                for i, (tile, archs) in enumerate(tiles):
                     cases.append(runtime.AotCase(
                         name=f"attention_{label}{suffix}[D={bd}]", kernel=runtime.jit_function(kernel),
-                        signature=signature, constexprs={**flags, **cfg.kwargs, **unit_strides},
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=True,
+                        signature=signature, constexprs={**flags, **tile.config().kwargs, **unit_strides},
+                        num_warps=tile.warps, num_stages=tile.stages, expects_mma=True, archs=archs,
                         quick=bd == 64 and i == 0 and (not suffix or (suffix == "_causal" and label == "fwd")),
                     ))
         signature, unit_strides = _aot_signature(_attn_bwd_preprocess_kernel)
         cases.append(runtime.AotCase(
             name=f"attention_bwd_preprocess[D={bd}]", kernel=_attn_bwd_preprocess_kernel, signature=signature,
-            constexprs={"BLOCK_D": bd, "BLOCK_M": max(16, min(64, 2048 // bd)), **unit_strides}, quick=False,
+            constexprs={"HAS_WIDE_OFFSETS": False, "BLOCK_D": bd, "BLOCK_M": max(16, min(64, 2048 // bd)),
+                        **unit_strides}, quick=False,
         ))
     return cases

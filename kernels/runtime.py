@@ -5,6 +5,7 @@ Nothing here knows about autograd or nn; ``clipfast`` builds on these.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass, field
@@ -46,14 +47,28 @@ def cdiv(a: int, b: int) -> int:
 # Autotuning
 # ---------------------------------------------------------------------------------------------
 
+# CLIPFAST_AUTOTUNE=0: no config is timed; each kernel runs the first of its configs that its pruning keeps
+# (its default for that head dim / architecture), so runs are reproducible and start without tuning.
+AUTOTUNE: bool = os.environ.get("CLIPFAST_AUTOTUNE", "1") != "0"
+
+
+def _untimed(kernel_call, quantiles=None, **kwargs):
+    """Benchmark stand-in that runs nothing: every config ties, and the autotuner keeps the first."""
+    return [0.0] * len(quantiles) if quantiles else 0.0
+
+
 def autotune(configs: list[triton.Config], key: list[str], **kwargs: Any) -> Callable:
-    """``triton.autotune`` that collapses to the first config under the interpreter.
+    """``triton.autotune`` that collapses to the first config under the interpreter, and times nothing
+    when ``CLIPFAST_AUTOTUNE=0`` (the first config left after pruning runs).
 
     Several configs crash the interpreter (it has no driver to benchmark with); a single config skips
-    benchmarking, so the interpreter runs exactly the first shipped config. Every kernel that autotunes
-    goes through here. The full list stays reachable as ``kernel.shipped_configs`` for the AOT check.
+    benchmarking, so the interpreter runs exactly the first shipped config (``forced_config`` runs any
+    other). Every kernel that autotunes goes through here. The full list stays reachable as
+    ``kernel.shipped_configs`` for the AOT check.
     """
     chosen = configs[:1] if INTERPRET else configs
+    if not AUTOTUNE:
+        kwargs.setdefault("do_bench", _untimed)
 
     def decorate(fn):
         tuned = triton.autotune(chosen, key=key, **kwargs)(fn)
@@ -61,6 +76,27 @@ def autotune(configs: list[triton.Config], key: list[str], **kwargs: Any) -> Cal
         return tuned
 
     return decorate
+
+
+@contextlib.contextmanager
+def forced_config(kernel, config: triton.Config):
+    """Inside the block, the autotuned ``kernel`` runs ``config`` and nothing else (no pruning, no timing):
+    how tests run every shipped tile, on a GPU and under the interpreter, instead of only the one the
+    autotuner picks. The launch is otherwise the normal one (same launcher, grid and arguments)."""
+    saved = kernel.configs
+    kernel.configs = [config]
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+
+
+def seqlen_bucket(n: int) -> int:
+    """A sequence length rounded up for autotune keys, so nearby lengths share one tuning: to a multiple
+    of 32 up to 1024 (as FlashAttention's Triton kernel keys on ``seqlen // 32``), then to a power of two.
+    CLIP's 50, 77, 197, 257, 577 map to 64, 96, 224, 288, 608; padded text lengths 60-64 share 64."""
+    n = max(int(n), 1)
+    return cdiv(n, 32) * 32 if n <= 1024 else next_power_of_2(n)
 
 
 def jit_function(kernel) -> "triton.runtime.jit.JITFunction":
@@ -164,6 +200,8 @@ class AotCase:
     # them at run time: torch allocations are 16-byte aligned and CLIP's widths and strides are multiples of
     # 16. None means every pointer argument; () compiles with no alignment assumption at all.
     divisible_by_16: tuple[str, ...] | None = None
+    # The architectures (80, 90, ...) the configuration ships for; None means every one the check covers.
+    archs: tuple[int, ...] | None = None
 
     def aligned_args(self) -> tuple[str, ...]:
         if self.divisible_by_16 is not None:

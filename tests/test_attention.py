@@ -164,12 +164,108 @@ def test_in_projection_split_views_are_read_in_place(monkeypatch):
     check(qt, kv, kv, torch.float16)
 
 
-def test_large_batch_times_heads_uses_axis_zero():
-    # B=1024, H=16: 16384 (batch, head) pairs, beyond the 65535 limit of grid axes 1 and 2 when combined
-    # with sequence blocks; they go on axis 0
-    g = kernel.grid(1024, 16, 197, 64)
-    assert g == (1024 * 16, 4) and g[1] <= runtime.MAX_GRID_YZ
-    assert kernel.grid(8192, 16, 77, 64)[0] == 8192 * 16
+def test_grid_is_one_axis_with_sequence_blocks_fastest():
+    # B=1024, H=16 at 197 tokens in blocks of 64: 16384 heads x 4 blocks on axis 0 (which takes 2**31 - 1
+    # programs; axes 1 and 2 take 65535)
+    assert kernel.grid(1024, 16, 197, 64) == (1024 * 16 * 4,)
+    assert kernel.grid(2**20, 16, 77, 64) == (2**21 * 16,)
+    with pytest.raises(ValueError, match="programs"):
+        kernel.grid(2**24, 16, 577, 64)
+
+
+def test_program_order_puts_one_heads_blocks_side_by_side():
+    # which (head, block) each program id of the flattened grid runs, read back from the kernel's helper
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def where(OUT, seqlen, BLOCK: tl.constexpr):
+        bh, block = kernel._program_block(seqlen, BLOCK)
+        tl.store(OUT + 2 * tl.program_id(0), bh)
+        tl.store(OUT + 2 * tl.program_id(0) + 1, block)
+
+    b, h, length, block = 2, 3, 77, 32
+    (programs,) = kernel.grid(b, h, length, block)
+    out = torch.full((programs, 2), -1, dtype=torch.int32, device=DEVICE)
+    where[(programs,)](out, length, BLOCK=block)
+    blocks = runtime.cdiv(length, block)
+    expected = [(bh, blk) for bh in range(b * h) for blk in range(blocks)]
+    assert [tuple(r) for r in out.tolist()] == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# Shipped tiles: tables, the filter, and every tile run once (not only the one autotune picks)
+# ----------------------------------------------------------------------------------------------
+
+TABLES = {"fwd": (kernel.FWD, kernel._attn_fwd_kernel), "dkdv": (kernel.DKDV, kernel._attn_bwd_dkdv_kernel),
+          "dq": (kernel.DQ, kernel._attn_bwd_dq_kernel)}
+# a head dim that pads to each BLOCK_D (odd ones where the padding is exercised)
+HEAD_DIM_FOR_BLOCK_D = {16: 16, 32: 24, 64: 64, 128: 80, 256: 256}
+
+
+def _tile_id(label, tile, block_d):
+    return f"{label}-{tile.block_m}x{tile.block_n}-w{tile.warps}s{tile.stages}-D{block_d}"
+
+
+def test_tile_tables_offer_a_tile_for_every_head_dim_and_prune_hopper():
+    for table, _ in TABLES.values():
+        assert table.tiles[0] in table.offered(64, 0)  # the default leads the table
+        for block_d in HEAD_DIM_FOR_BLOCK_D:
+            for arch in (0, 80, 90):
+                assert table.offered(block_d, arch), (block_d, arch)
+            for tile in table.offered(block_d, 90):
+                rows = tile.block_m if table.mma_rows == "BLOCK_M" else tile.block_n
+                # 8 warps on fewer than 128 MMA rows only where the head dim has nothing else on Hopper
+                if tile.warps == 8 and rows < 128:
+                    assert not any(table.fits_arch(t, 90) for t in table.tiles if block_d in t.block_ds)
+        pruned = table.prune(table.configs(), {"BLOCK_D": 64})
+        assert [kernel._config_key(c) for c in pruned] == [t.key for t in table.offered(64, 0)]
+
+
+@pytest.mark.parametrize("label,tile", [pytest.param(label, tile, id=_tile_id(label, tile, min(tile.block_ds)))
+                                        for label, (table, _) in TABLES.items() for tile in table.tiles])
+def test_every_shipped_tile_runs_in_the_interpreter(label, tile):
+    # the interpreter collapses autotuning to the first config; each other tile is forced once here, at
+    # its smallest head dim, causal, with a block wholly below the diagonal and a ragged end
+    table, tuned = TABLES[label]
+    d = HEAD_DIM_FOR_BLOCK_D[min(tile.block_ds)]
+    length = tile.block_m + tile.block_n + 3
+    with runtime.forced_config(tuned, tile.config()):
+        check(*qkv(1, 1, length, length, d, outliers=2), torch.float16, is_causal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("label", list(TABLES))
+def test_every_offered_tile_runs_on_gpu(label):
+    # every tile offered on this GPU's architecture, at every head dim it ships for (16 and 32 run the
+    # tiles of 64), in fp16 and bf16, causal with key padding: a tile that only compiled is never first run
+    # in a user's job
+    table, tuned = TABLES[label]
+    arch = kernel._arch({"Q": torch.empty(0, device=DEVICE)})
+    failures = []
+    for block_d in (64, 128, 256):
+        for tile in table.offered(block_d, arch):
+            with runtime.forced_config(tuned, tile.config()):
+                for dtype in (torch.float16, torch.bfloat16):
+                    try:
+                        check(*qkv(2, 2, 197, 197, HEAD_DIM_FOR_BLOCK_D[block_d], outliers=2), dtype,
+                              mask=_padding(2, 197, n_dead_batches=0), is_causal=True)
+                    except AssertionError as exc:
+                        failures.append(f"{_tile_id(label, tile, block_d)} {dtype}: {exc}")
+    assert not failures, "\n".join(failures)
+
+
+def test_seqlen_buckets_and_untimed_autotune(monkeypatch):
+    assert [runtime.seqlen_bucket(n) for n in (1, 50, 64, 65, 77, 197, 257, 577, 1024, 1025, 5000)] == \
+        [32, 64, 64, 96, 96, 224, 288, 608, 1024, 2048, 8192]
+    assert runtime._untimed(None, quantiles=(0.5, 0.2, 0.8)) == [0.0, 0.0, 0.0]
+    # CLIPFAST_AUTOTUNE=0: the autotuner times nothing, so the first config the pruning keeps runs
+    import triton
+
+    monkeypatch.setattr(runtime, "AUTOTUNE", False)
+    tuned = runtime.autotune([triton.Config({"B": 1}), triton.Config({"B": 2})], key=["n"])(
+        kernel._attn_bwd_preprocess_kernel)
+    assert tuned.do_bench is runtime._untimed
 
 
 @pytest.mark.gpu
@@ -462,6 +558,33 @@ def test_patch_rules_match_the_unpatched_reference_model(name, monkeypatch):
 
     clipfast.unpatch(model)
     assert not any(type(m).__name__.startswith("Fast") for m in model.modules())
+
+
+def test_compiled_text_tower_runs_the_causal_kernel(monkeypatch):
+    # the text blocks' float causal mask is recognised when the model is patched, so a compiled text tower
+    # (which cannot look at the mask's values while tracing) runs the causal kernel, not the bias path
+    model = clipfast.models.create("tiny").to(DEVICE)
+    text = torch.randint(1, 100, (2, model.context_length), device=DEVICE)
+    expected = model.encode_text(text)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(model.transformer.parameters()))
+    _attention_only_patch(model)
+    assert all(getattr(b.attn_mask, "_clipfast_causal", None) is not None for b in model.transformer.resblocks)
+    launches = []
+    for name in ("attention_fwd", "attention_bwd"):
+        launcher = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, _f=launcher, _n=name: launches.append((_n, a)) or _f(*a))
+    torch._dynamo.reset()
+    compiled = torch.compile(model.encode_text, fullgraph=True, backend="aot_eager")
+    out = compiled(text)
+    grads = torch.autograd.grad(out.square().sum(), list(model.transformer.parameters()))
+    fwd = [a for n, a in launches if n == "attention_fwd"]
+    bwd = [a for n, a in launches if n == "attention_bwd"]
+    assert len(fwd) == len(bwd) == len(model.transformer.resblocks)
+    assert all(a[3] is None and a[4] is True for a in fwd)  # bias None, is_causal True
+    assert all(a[4] is None and a[7] is True for a in bwd)
+    torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-3, rtol=1e-3)
 
 
 def test_attention_pool_rule_leaves_unknown_layouts_alone():

@@ -5,8 +5,12 @@ projections run as ``F.linear`` and attention as ``clipfast.flash_attention`` on
 projection output (no copies). Masks:
 
 - a float ``-inf`` upper-triangular ``attn_mask`` (OpenAI CLIP, open_clip) or its bool form is recognised
-  and run as ``is_causal`` without reading the mask again: the check runs once per mask (cached by data
-  pointer and version counter, holding a reference so the memory cannot be reused);
+  and run as ``is_causal`` (the causal kernel, which skips the blocks above the diagonal) without reading
+  the mask again: the check runs once per mask (cached by data pointer and version counter, holding a
+  reference so the memory cannot be reused) and marks the tensor (``mark_causal``). Under
+  ``torch.compile`` nothing data-dependent can run, so only the mark is read (dynamo guards on it): the
+  fixed masks that blocks hold are marked by ``clipfast.patch`` and by the first eager call, and a mask
+  first made inside a compiled graph (e.g. converted to another dtype there) runs as a general mask;
 - other ``attn_mask`` ([L, S] or [B*num_heads, L, S], bool True = masked, or additive float) and
   ``key_padding_mask`` ([B, S], bool True = ignored, or additive float) run inside the kernel.
 
@@ -29,13 +33,28 @@ _CAUSAL_CACHE: "OrderedDict[tuple, tuple[Tensor, bool]]" = OrderedDict()
 _CAUSAL_CACHE_SIZE = 16
 
 
+# Python attribute set on a mask tensor found causal: the version counter at the check. Dynamo reads it
+# (and guards on it) while tracing, where the mask's values cannot be looked at.
+_CAUSAL_MARK = "_clipfast_causal"
+
+
+def mark_causal(mask: Tensor, causal: bool) -> None:
+    """Record on ``mask`` whether it is the causal mask, for ``is_causal_mask`` under ``torch.compile``."""
+    if causal:
+        setattr(mask, _CAUSAL_MARK, mask._version)
+    elif hasattr(mask, _CAUSAL_MARK):
+        delattr(mask, _CAUSAL_MARK)
+
+
 def is_causal_mask(mask: Optional[Tensor]) -> bool:
     """Whether ``mask`` is the square causal mask in MultiheadAttention's convention: float with -inf
-    above the diagonal and 0 elsewhere, or bool with True above the diagonal. Checked once per mask."""
+    above the diagonal and 0 elsewhere, or bool with True above the diagonal. Checked once per mask;
+    while compiling, only a mark left by an earlier check is read (no check of the values can run there,
+    and an in-place change after the check is not seen: masks are built once and not edited)."""
     if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1] or mask.numel() == 0:
         return False
     if torch.compiler.is_compiling():
-        return False  # no data-dependent check while tracing: the mask runs as a general mask
+        return getattr(mask, _CAUSAL_MARK, None) is not None
     key = (mask.data_ptr(), mask._version, tuple(mask.shape), tuple(mask.stride()), mask.dtype, mask.device)
     hit = _CAUSAL_CACHE.get(key)
     if hit is not None:
@@ -48,6 +67,7 @@ def is_causal_mask(mask: Optional[Tensor]) -> bool:
     else:
         result = bool(torch.equal(torch.isneginf(mask), above) and not mask.masked_fill(above, 0).any())
     _CAUSAL_CACHE[key] = (mask, result)  # the reference keeps the memory (and so the key) from being reused
+    mark_causal(mask, result)
     if len(_CAUSAL_CACHE) > _CAUSAL_CACHE_SIZE:
         _CAUSAL_CACHE.popitem(last=False)
     return result

@@ -3,7 +3,8 @@
 - ``torch.nn.MultiheadAttention`` (and subclasses that keep its forward): the text and vision blocks of
   the reference model, OpenAI CLIP, Chinese-CLIP's vision tower and open_clip up to 3.3 (sequence-first or
   ``batch_first``). The replacement runs ``clipfast.nn.MultiheadAttention``'s forward: OpenAI's float
-  causal mask is recognised and run as ``is_causal``; ``need_weights=True``, ``add_bias_kv``,
+  causal mask is recognised and run as ``is_causal`` (at patch time for the masks blocks hold, so compiled
+  models run the causal kernel too); ``need_weights=True``, ``add_bias_kv``,
   ``add_zero_attn`` and dropout while training run torch's forward (modules built with ``add_bias_kv`` or
   ``add_zero_attn`` are left alone and reported).
 - ``AttentionPool2d`` of ModifiedResNet (reference model, OpenAI, Chinese-CLIP, open_clip): one query (the
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from clipfast.nn.attention import mha_forward
+from clipfast.nn.attention import is_causal_mask, mha_forward
 from clipfast.ops.attention import flash_attention
 from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
 
@@ -35,7 +36,21 @@ def _qualname(cls: type) -> str:
 # nn.MultiheadAttention
 # ----------------------------------------------------------------------------------------------
 
+def recognise_causal_masks(module: nn.Module) -> None:
+    """Check, once, the square masks ``module`` holds for its attention (tensor attributes and buffers whose
+    name contains ``mask``: OpenAI's and the reference model's ``ResidualAttentionBlock.attn_mask``,
+    open_clip's ``attn_mask`` buffer) and mark the causal ones, so a compiled model runs them as
+    ``is_causal`` from its first call (see ``clipfast.nn.attention``)."""
+    tensors = {**{k: v for k, v in vars(module).items() if isinstance(v, torch.Tensor)}, **module._buffers}
+    for name, value in tensors.items():
+        if value is not None and "mask" in name and value.dim() == 2 and value.shape[0] == value.shape[1]:
+            is_causal_mask(value)
+
+
 def _match_mha(module: nn.Module) -> bool:
+    # patch asks every rule about every module, parents first: the attention rule uses that one visit to
+    # recognise the fixed causal masks that blocks hold for the attention modules below them
+    recognise_causal_masks(module)
     return isinstance(module, nn.MultiheadAttention) and not is_fast(module)
 
 
