@@ -374,11 +374,21 @@ def _record_changes(original: nn.Module, new: nn.Module) -> None:
     for key, value in new.__dict__.items():
         if key in _CONTAINERS or key not in original.__dict__:
             continue
-        before = original.__dict__[key]
-        if value is before or (isinstance(value, (dict, set)) and type(value) is type(before) and value == before):
-            continue
-        changed[key] = value
+        if not _same_contents(value, original.__dict__[key]):
+            changed[key] = value
     new.__dict__[_CHANGED] = changed
+
+
+def _same_contents(value, before) -> bool:
+    """``value is before``, or ``value`` is ``clone_as``'s copy of the dict/set ``before`` holding the very
+    same objects (compared by identity: values may be tensors, whose ``==`` is elementwise)."""
+    if value is before:
+        return True
+    if type(value) is not type(before) or not isinstance(value, (dict, set)) or len(value) != len(before):
+        return False
+    if isinstance(value, set):
+        return {id(v) for v in value} == {id(v) for v in before}
+    return all(k in before and value[k] is before[k] for k in value)
 
 
 def _restore(fast: nn.Module) -> nn.Module:

@@ -31,6 +31,11 @@ EXAMPLES = int(os.environ.get("CLIPFAST_FUZZ_EXAMPLES", "3"))
 SEED = int(os.environ.get("CLIPFAST_FUZZ_SEED", "0"))
 DTYPES = (torch.float32, torch.float16)
 ODD = (1, 2, 3, 5, 7, 13, 17)
+# The numerics standard (2x eager) with a floor of 16 ulps of the tensor's scale: at these tiny sizes eager is
+# often exact (a row with one visible key has dq = 0), where the flash backward's rowsum(dO * O) leaves
+# ~8 ulps of noise. Differences below the smallest normal number are not compared.
+FLOOR_ULPS = 16.0
+SUBNORMAL = {dtype: 8 * torch.finfo(dtype).tiny for dtype in (torch.float32, torch.float16)}
 
 
 @dataclass
@@ -76,11 +81,19 @@ def call(fn, args, others, dtype):
     return out, leaves
 
 
+def _kind(t):
+    """0 finite, 1 NaN, 2 +inf, 3 -inf, elementwise."""
+    return torch.isnan(t) * 1 + torch.isposinf(t) * 2 + torch.isneginf(t) * 3
+
+
 def _finite_parts(fast, eager, ref, what):
-    """Non-finite values must sit where eager's are; the rest is compared (non-finite positions zeroed)."""
-    for test in (torch.isnan, torch.isposinf, torch.isneginf):
-        assert torch.equal(test(fast), test(eager)), f"{what}: {test.__name__} positions differ from eager"
-    keep = torch.isfinite(eager) & torch.isfinite(ref)
+    """Each value of ``fast`` is NaN / +inf / -inf / finite where eager's is, or where the float64 reference's
+    is (eager may overflow in fp16 where the fused op does not); the rest is compared (other positions
+    zeroed)."""
+    kind = _kind(fast)
+    bad = (kind != _kind(eager)) & (kind != _kind(ref))
+    assert not bad.any(), f"{what}: NaN/inf at {bad.nonzero()[0].tolist()}: fused {fast[bad][0]}, eager {eager[bad][0]}"
+    keep = torch.isfinite(eager) & torch.isfinite(ref) & torch.isfinite(fast)
     zero = lambda t: torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))  # noqa: E731
     return zero(fast), zero(eager), zero(ref)
 
@@ -94,7 +107,9 @@ def differential(what, fast_fn, eager_fn, args, others, dtype, grads=True):
     for i, (f, e, r) in enumerate(zip(fast_out, eager_out, ref_out)):
         assert f.shape == r.shape and f.dtype == e.dtype, f"{what}: output {i} {f.shape} {f.dtype} vs {r.shape} {e.dtype}"
         if r.numel():
-            problems.append(check(f"{what}: output {i}", *_finite_parts(f, e, r, f"{what}: output {i}"), dtype))
+            f, e, r = _finite_parts(f, e, r, f"{what}: output {i}")
+            if float((f.double() - r).abs().max()) > SUBNORMAL[dtype]:
+                problems.append(check(f"{what}: output {i}", f, e, r, dtype, 2.0, FLOOR_ULPS))
     finite = all(bool(torch.isfinite(a.base).all()) for a in args)
     if grads and finite and any(a.grad for a in args) and any(r.numel() for r in ref_out):
         g = torch.Generator().manual_seed(7)
@@ -111,11 +126,12 @@ def differential(what, fast_fn, eager_fn, args, others, dtype, grads=True):
                 # zero in exact arithmetic (e.g. dq and dk with one key): any implementation gives rounding
                 # noise there, held to eager's plus a few ulps of the call's largest gradient
                 err, eager_err = (float((t.grad.double() - r.grad).abs().max()) for t in (f, e))
-                bound = 2 * eager_err + 8 * torch.finfo(dtype).eps * max(scale, 1e-30)
+                eager_err = eager_err if math.isfinite(eager_err) else math.inf  # eager overflowed (fp16)
+                bound = 2 * eager_err + FLOOR_ULPS * torch.finfo(dtype).eps * max(scale, 1e-30) + SUBNORMAL[dtype]
                 if not err <= bound:
                     problems.append(f"{what}: grad of input {i} (zero in exact arithmetic): {err:.3e} > {bound:.3e}")
-            else:
-                problems.append(check(f"{what}: grad of input {i}", f.grad, e.grad, r.grad, dtype))
+            elif float((f.grad.double() - r.grad).abs().max()) > SUBNORMAL[dtype]:
+                problems.append(check(f"{what}: grad of input {i}", f.grad, e.grad, r.grad, dtype, 2.0, FLOOR_ULPS))
     problems = [p for p in problems if p]
     assert not problems, "\n".join(problems)
 
@@ -330,12 +346,30 @@ OPS = {
 }
 
 
+def run_example(op, seed, i):
+    rng = random.Random(f"{op}:{seed}:{i}")
+    dtype = rng.choice(DTYPES)
+    OPS[op](rng, dtype, f"{op} [seed {seed}, example {i}, {str(dtype).replace('torch.', '')}]")
+
+
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_fuzz_matches_eager(op):
     for i in range(EXAMPLES):
-        rng = random.Random(f"{op}:{SEED}:{i}")
-        dtype = rng.choice(DTYPES)
-        OPS[op](rng, dtype, f"{op} [seed {SEED}, example {i}, {str(dtype).replace('torch.', '')}]")
+        run_example(op, SEED, i)
+
+
+#: (op, seed, example) that failed once: each runs in every default run
+FOUND = [
+    ("flash_attention", 0, 1),   # one key: dq, dk exactly zero in exact arithmetic
+    ("flash_attention", 1, 0),   # causal row with one visible key: ~8 ulps of dq noise where eager is exact
+    ("clip_loss", 1, 15),        # saturated loss: subnormal gradients
+    ("layer_norm", 1, 13),       # fp16, eps 1e-12: eager's gradient overflows to NaN, the fused one does not
+]
+
+
+@pytest.mark.parametrize("op, seed, i", FOUND)
+def test_fuzz_found_examples(op, seed, i):
+    run_example(op, seed, i)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -226,3 +226,29 @@ def test_bf16_under_the_interpreter_runs_eager_with_a_warning():
     assert float((out.float() - expected).abs().max()) < 4 * bf16_eps * float(expected.abs().max())
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (32,)), rtol=0, atol=0)
     assert runtime.uses_triton(q.float()) and not runtime.uses_triton(q)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole models with attn_implementation="clipfast" against the same model in eager (HF's own
+# eager-vs-sdpa scenario: padded text, with and without attention weights)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["clip", "chinese_clip", "clipseg", "siglip"])
+def test_whole_model_clipfast_matches_eager_with_padding_and_weights(family):
+    from .test_unpatch import hf_model, hf_text_inputs, run_hf
+
+    base = hf_model(family, "eager").to(DEVICE).eval()
+    fast = copy.deepcopy(base)
+    fast.set_attn_implementation("clipfast")
+    ids, mask = (t.to(DEVICE) for t in hf_text_inputs())
+    pixels = torch.randn(2, 3, 32, 32, device=DEVICE)
+    with torch.no_grad():
+        for i, (g, e) in enumerate(zip(run_hf(fast, pixels, ids, mask), run_hf(base, pixels, ids, mask))):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5, msg=f"{family}, output {i}")
+        towers = [getattr(m, "text_model", None) or m.clip.text_model for m in (base, fast)]
+        ref, out = (t(input_ids=ids, attention_mask=mask, output_attentions=True) for t in towers)
+    assert_same_on_real_tokens(out.last_hidden_state, ref.last_hidden_state, mask, f"{family} text, with weights")
+    assert out.attentions is not None and len(out.attentions) == len(ref.attentions) == 2
+    rows = mask.bool()[:, None, :, None]
+    for a, r in zip(out.attentions, ref.attentions):
+        torch.testing.assert_close(torch.where(rows, a, 0), torch.where(rows, r, 0), rtol=0, atol=1e-6)
