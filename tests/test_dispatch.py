@@ -374,6 +374,28 @@ def test_compile_fullgraph_in_every_mode(mode):
             "layer_norm": "torch", "flash_attention": "torch", "mlp": "hybrid"}
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "kernel", "torch"])
+def test_cuda_graph_capture_of_a_patched_forward(mode):
+    """Once tuned, the forward path neither tunes nor synchronizes: it can be captured in a CUDA graph."""
+    _, fast = _block_and_patched()
+    fast = fast.cuda().half()
+    x = torch.randn(4, 17, 32, device="cuda", dtype=torch.half)
+    with clipfast.dispatch(mode), torch.no_grad():
+        expected = fast(x)  # auto: tunes here, before the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fast(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)
+
+
 def test_patch_report_names_what_the_modules_run(eager_ops):
     _, fast = _block_and_patched()
     with clipfast.dispatch("torch"):
@@ -405,5 +427,6 @@ def test_tune_cli_times_every_op_with_the_host_clock(tmp_path, capsys, eager_ops
     for r in data["records"]:
         assert r["choice"] in r["ms"] and r["ms"][r["choice"]] is not None
         assert r["speedup"] is None or r["speedup"] >= 1.0
-    assert "choice" in text and "vs torch" in text and "(runs auto:" in text
+    assert "choice" in text and "vs torch" in text and "(runs auto:" in text and "whole step: eager" in text
+    assert set(data["step_ms"]) == {"eager", "clipfast (auto)"}
     assert os.path.exists(dispatcher.cache_path())
