@@ -396,6 +396,24 @@ def test_cuda_graph_capture_of_a_patched_forward(mode):
     torch.testing.assert_close(out, expected)
 
 
+def test_compile_reads_the_choice_and_never_tunes_while_tracing(toy_op):
+    timer = cpu_tuner({KERNEL: 3.0, "torch": 2.0, "boom": 9.0, "nan": 9.0, "fast": 1.0})
+
+    def f(x):
+        alt = dispatcher.route("toy", (x,))
+        return alt(x) if alt is not None else x * 3  # x * 3: "clipfast's path"
+
+    x = torch.randn(4, 8)
+    with clipfast.dispatch("auto"):
+        torch._dynamo.reset()
+        assert torch.compile(f, fullgraph=True, backend="eager")(x).equal(x * 3)  # untuned: clipfast, no timing
+        assert timer.calls == [] and not dispatcher._choices
+        with pytest.warns(RuntimeWarning):
+            f(x)  # tuned eagerly
+        assert torch.compile(f, fullgraph=True, backend="eager")(x).equal(x + x)  # guards see the new choice
+    torch._dynamo.reset()
+
+
 def test_patch_report_names_what_the_modules_run(eager_ops):
     _, fast = _block_and_patched()
     with clipfast.dispatch("torch"):
