@@ -142,6 +142,7 @@ def bucket(n: int) -> int:
 
 _choices: dict[tuple, Optional[Callable]] = {}   # key -> the candidate's fn (None: clipfast inline)
 _chosen_names: dict[tuple, str] = {}
+_UNTUNED = object()
 
 
 def _wants_grad(args) -> bool:
@@ -165,10 +166,8 @@ def route(op: str, args: tuple) -> Optional[Callable]:
         key = (op, first.dtype, _wants_grad(args), spec.shape_key(*args))
     except (TypeError, AttributeError):  # symbolic sizes while tracing with dynamic shapes
         return None
-    try:
-        return _choices[key]
-    except KeyError:
-        return _decide(spec, key, args)
+    fn = _choices.get(key, _UNTUNED)
+    return _decide(spec, key, args) if fn is _UNTUNED else fn
 
 
 def _busy() -> bool:

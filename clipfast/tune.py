@@ -3,12 +3,14 @@
 Builds the model (the names ``clipfast verify`` takes), patches it, runs one step -- the forward under
 ``no_grad`` with ``--infer``, forward + CLIP loss + backward with ``--train`` -- in dispatch ``auto``, timing
 every op and shape bucket it meets (the disk cache is ignored and rewritten), and prints one row per op and
-bucket: each candidate's time, the choice, and the choice's speedup over PyTorch's implementation. Without a
+bucket: each candidate's time, the choice, and the choice's speedup over PyTorch's implementation; then
+the whole step of the unpatched model against the patched one under the choices made. Without a
 GPU there is nothing to time; ``--cpu-timer`` times the CPU paths by the host clock instead (to exercise
 the command, not to choose anything worth keeping).
 """
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -34,6 +36,14 @@ def _step(model, spec, inputs, train: bool) -> None:
     loss = clip_loss(feats[0], feats[1], torch.tensor(2.6592, device=feats[0].device)) if len(feats) == 2 \
         else sum(t.float().mean() for t in out.values())
     loss.backward()
+
+
+def step_ms(model, spec, inputs, train: bool, timer) -> float:
+    """Milliseconds per step (forward, or forward + loss + backward) of ``model``."""
+    def step():
+        model.zero_grad(set_to_none=True)
+        _step(model, spec, inputs, train)
+    return timer(step, op="step", name="step", share_s=2.0)
 
 
 def format_records(records: list[dispatcher.TuneRecord]) -> str:
@@ -64,6 +74,7 @@ def main_tune(args) -> int:
     spec = resolve(args.model, tiny=not on_gpu)
     model = spec.build().to(device=device, dtype=dtype)
     model.train(args.train)
+    eager = copy.deepcopy(model)
     report = patch(model)
     inputs = spec.make_inputs(args.batch, device)
     tuner = dispatcher.Tuner() if on_gpu else dispatcher.Tuner(timer=dispatcher.wall_clock_timer, devices=("cpu",))
@@ -72,7 +83,9 @@ def main_tune(args) -> int:
         with dispatcher.retuning():
             _step(model, spec, inputs, args.train)
             records = list(dispatcher.tune_records)
-            report_text = str(report)  # what each swapped module now runs
+        report_text = str(report)  # what each swapped module now runs
+        steps = {"eager": step_ms(eager, spec, inputs, args.train, tuner.timer),
+                 "clipfast (auto)": step_ms(model, spec, inputs, args.train, tuner.timer)}
     finally:
         dispatcher.set_tuner(previous_tuner)
         dispatcher.set_dispatch(previous_mode)
@@ -80,12 +93,14 @@ def main_tune(args) -> int:
           f"{'train (forward + backward)' if args.train else 'inference (forward)'} on "
           f"{torch.cuda.get_device_name(device) if on_gpu else 'CPU (host clock)'}")
     print(format_records(records))
+    print("whole step: " + ", ".join(f"{k} {v:.3f} ms" for k, v in steps.items())
+          + f" ({steps['eager'] / steps['clipfast (auto)']:.2f}x)")
     print(f"cache: {dispatcher.cache_path()}")
     print(report_text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": spec.name, "batch": args.batch, "dtype": str(dtype), "train": args.train,
-                       "environment": dispatcher.environment(device),
+                       "environment": dispatcher.environment(device), "step_ms": steps,
                        "records": [r.__dict__ | {"speedup": r.speedup()} for r in records]}, f, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -374,6 +374,46 @@ def test_compile_fullgraph_in_every_mode(mode):
             "layer_norm": "torch", "flash_attention": "torch", "mlp": "hybrid"}
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "kernel", "torch"])
+def test_cuda_graph_capture_of_a_patched_forward(mode):
+    """Once tuned, the forward path neither tunes nor synchronizes: it can be captured in a CUDA graph."""
+    _, fast = _block_and_patched()
+    fast = fast.cuda().half()
+    x = torch.randn(4, 17, 32, device="cuda", dtype=torch.half)
+    with clipfast.dispatch(mode), torch.no_grad():
+        expected = fast(x)  # auto: tunes here, before the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fast(x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fast(x)
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(out, expected)
+
+
+def test_compile_reads_the_choice_and_never_tunes_while_tracing(toy_op):
+    timer = cpu_tuner({KERNEL: 3.0, "torch": 2.0, "boom": 9.0, "nan": 9.0, "fast": 1.0})
+
+    def f(x):
+        alt = dispatcher.route("toy", (x,))
+        return alt(x) if alt is not None else x * 3  # x * 3: "clipfast's path"
+
+    x = torch.randn(4, 8)
+    with clipfast.dispatch("auto"):
+        torch._dynamo.reset()
+        assert torch.compile(f, fullgraph=True, backend="eager")(x).equal(x * 3)  # untuned: clipfast, no timing
+        assert timer.calls == [] and not dispatcher._choices
+        with pytest.warns(RuntimeWarning):
+            f(x)  # tuned eagerly
+        assert torch.compile(f, fullgraph=True, backend="eager")(x).equal(x + x)  # guards see the new choice
+    torch._dynamo.reset()
+
+
 def test_patch_report_names_what_the_modules_run(eager_ops):
     _, fast = _block_and_patched()
     with clipfast.dispatch("torch"):
@@ -405,5 +445,6 @@ def test_tune_cli_times_every_op_with_the_host_clock(tmp_path, capsys, eager_ops
     for r in data["records"]:
         assert r["choice"] in r["ms"] and r["ms"][r["choice"]] is not None
         assert r["speedup"] is None or r["speedup"] >= 1.0
-    assert "choice" in text and "vs torch" in text and "(runs auto:" in text
+    assert "choice" in text and "vs torch" in text and "(runs auto:" in text and "whole step: eager" in text
+    assert set(data["step_ms"]) == {"eager", "clipfast (auto)"}
     assert os.path.exists(dispatcher.cache_path())
