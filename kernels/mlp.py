@@ -6,16 +6,16 @@ GEMM
 are addressed through their strides, so every product the MLP needs is this one kernel over views, with
 no transposed copy materialized:
 
-====================  =================  =================  =========================================
+====================  =================  =================  ===========================================================
 product               A [M, K]           B [N, K]           epilogue
-====================  =================  =================  =========================================
+====================  =================  =================  ===========================================================
 fc forward            x                  W1                 + b1, store Z (training), act -> H
 proj forward          H                  W2                 + b2 (+ residual) -> Y
-proj dgrad            dY                 W2.T (a view)      * act'(Z) -> dZ   (dH is never stored)
-proj wgrad            dY.T (a view)      act(Z).T (a view)  -> dW2, and row sums of A -> db2
-fc wgrad              dZ.T (a view)      x.T (a view)       -> dW1, and row sums of A -> db1
+proj dgrad            dY                 W2.T (a view)      * act'(Z) -> dZ, column sums -> db1 (dH never stored)
+proj wgrad            dY.T (a view)      act(Z).T (a view)  -> dW2 (split-K when few tiles)
+fc wgrad              dZ.T (a view)      x.T (a view)       -> dW1 (split-K when few tiles)
 fc dgrad              dZ                 W1.T (a view)      -> dx
-====================  =================  =================  =========================================
+====================  =================  =================  ===========================================================
 
 Each program computes one [BLOCK_M, BLOCK_N] tile with an fp32 accumulator, walking K in BLOCK_K steps
 (``tl.dot`` on tensor cores: HMMA on sm_80, HGMMA on sm_90). Programs are ordered in groups of GROUP_M
@@ -230,8 +230,9 @@ class Tile:
     ``avoid`` lists the kinds of product (``_product_kinds``) the tile is not offered to, because the AOT
     check measured it spilling there: "heavy" (erf/tanh activation epilogues: fc forward, dgrad),
     "activated_b" (the proj weight gradient applying the activation to its [BLOCK_K, BLOCK_N] B tiles in
-    registers as it loads them), "residual" (the proj forward's residual epilogue). ``unaligned``: offered
-    to operands that load element by element (more registers per value)."""
+    registers as it loads them), "residual" (the proj forward's residual epilogue), "split" (split-K
+    weight gradients storing fp32 partials). ``unaligned``: offered to operands that load element by
+    element (more registers per value)."""
 
     block_m: int
     block_n: int
@@ -252,14 +253,17 @@ class Tile:
 # Shipped tiles. The first is what the interpreter runs (large tiles keep it fast) and a good default on
 # both architectures. Every entry compiles without spills, software-pipelined, with tensor cores for
 # fp16/bf16 on sm_80 and sm_90, for every epilogue it is offered to (``aot_cases``); the Hopper tiles
-# (128x256 and 256x128 at 8 warps, 128x128x64 at 4 warps) fit by finishing the accumulator in quarters.
+# (128x256 and 256x128 at 8 warps) fit by finishing the accumulator in quarters.
 TILES = [
+    # measured spills where avoided (bf16, sm_80 / sm_90, triton 3.6 / 3.8): 16 B on sm_80 (128x128x64),
+    # 80-1100 B (128x256; 8 B for its split-K fp32 stores on sm_80), 180-1000 B on sm_80 (256x128).
+    # Not shipped: 128x128x64 at 4 warps (255 registers on sm_80 with every epilogue, 8-16 B spilled by
+    # the fc forward and residual epilogues under triton 3.6, 100+ B by act(B); 128 KB of shared memory
+    # at 4 stages leaves 4 warps per SM on sm_90).
     Tile(128, 128, 32, warps=8, stages=4),
-    Tile(128, 128, 64, warps=8, stages=3),
-    # measured spills where avoided: 80-1100 B (128x256), 180-1000 B on sm_80 (256x128), 8-1360 B (4 warps)
-    Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b",)),
+    Tile(128, 128, 64, warps=8, stages=3, avoid=("activated_b",)),
+    Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b", "split")),
     Tile(256, 128, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b",)),
-    Tile(128, 128, 64, warps=4, stages=4, epilogue_subtiles=4, avoid=("activated_b", "residual")),
     Tile(64, 128, 32, warps=4, stages=4),
     Tile(128, 64, 32, warps=4, stages=4),
     Tile(64, 64, 32, warps=4, stages=4, unaligned=True),
@@ -283,6 +287,8 @@ def _product_kinds(args: dict) -> set[str]:
         kinds.add("heavy")
     if args.get("HAS_RESIDUAL", False):
         kinds.add("residual")
+    if args.get("IS_SPLIT", False):
+        kinds.add("split")
     return kinds
 
 
@@ -295,7 +301,8 @@ def _prune(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-@runtime.autotune(GEMM_CONFIGS, key=["M_BUCKET", "N", "K_BUCKET", "IS_A_ROW_MAJOR", "IS_B_ROW_MAJOR", "IS_ALIGNED"],
+@runtime.autotune(GEMM_CONFIGS, key=["M_BUCKET", "N", "K_BUCKET", "IS_A_ROW_MAJOR", "IS_B_ROW_MAJOR", "IS_ALIGNED",
+                                     "IS_SPLIT"],
                   prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _gemm_kernel(
@@ -304,14 +311,15 @@ def _gemm_kernel(
     IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr, IS_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_TF32: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    IS_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SUBTILES: tl.constexpr,
 ):
     """A: [M, K], unit stride along K (IS_A_ROW_MAJOR) or M; B: [N, K], unit stride along K (IS_B_ROW_MAJOR,
     nn.Linear layout) or N. C, and Z / RES when used, are [M, N] with row stride stride_c.
 
-    Split-K: program (tile, s) of a grid (tiles, S) sums k in [s * K_PER_SPLIT, (s + 1) * K_PER_SPLIT) and
-    writes its fp32 partial to C + s * M * N (C is then an [S, M, N] fp32 buffer; no epilogue flags).
+    Split-K (IS_SPLIT): program (tile, s) of a grid (tiles, S) sums k in [s * K_PER_SPLIT, (s + 1) *
+    K_PER_SPLIT) and writes its fp32 partial to C + s * M * N (C is an [S, M, N] fp32 buffer; no epilogue
+    flags). Without it, the grid is (tiles, 1) and K_PER_SPLIT = K.
     M_BUCKET and K_BUCKET only key the autotune cache (powers of two of M and K)."""
     # Grouped tile order: GROUP_M tile rows sweep the tile columns together (B stays in L2).
     pid = tl.program_id(0)
@@ -366,7 +374,8 @@ def _gemm_kernel(
     # its gradient need several temporaries per element).
     rm = rm.to(tl.int64)
     row0 = pid_m * BLOCK_M
-    C += pid_k.to(tl.int64) * M * N
+    if IS_SPLIT:
+        C += pid_k.to(tl.int64) * M * N
     if EPILOGUE_SUBTILES == 4:
         left, right = _split_columns(acc)
         _epilogue_halves(left, rm, pid_n * BLOCK_N, row0, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS,
@@ -504,8 +513,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
       epilogue then applies no activation).
 
     ``split_k`` (weight gradients: no epilogue, few output tiles, long K) lets the product run in K slices
-    (``split_k_slices``): fp32 partials, then one deterministic sum. Returns ``(c, pre_activation or None, column sums or None)``; ``c`` is
-    contiguous in ``a``'s dtype.
+    (``split_k_slices``): fp32 partials, then one deterministic sum. Returns ``(c, pre_activation or None,
+    column sums or None)``; ``c`` is contiguous in ``a``'s dtype.
     """
     M, K = a.shape
     N = b.shape[0]
@@ -529,6 +538,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
     partial = runtime.empty((runtime.cdiv(M, COLSUM_ROWS.value), N), torch.float32, a.device) if colsum else None
     epilogue = [(t, True, N, N) for t in (c, zz, residual) if t is not None]
     aligned = _aligned((a, a_row_major, stride_a, M), (b, b_row_major, stride_b, N), *epilogue)
+    if activate_b and not aligned:
+        # element-by-element loads leave no registers for act() in the loop (AOT: spills): activate B once
+        b = activation_fwd(b.contiguous() if b_row_major else b.t().contiguous(), activation)
+        b, activate_b, activation = (b if b_row_major else b.t()), False, "none"
 
     def grid(meta):
         return (runtime.cdiv(M, meta["BLOCK_M"]) * runtime.cdiv(N, meta["BLOCK_N"]), slices)
@@ -540,7 +553,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
         IS_A_ROW_MAJOR=a_row_major, IS_B_ROW_MAJOR=b_row_major, IS_ALIGNED=aligned,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_PRE_OUT=save_pre,
         HAS_ACT_GRAD=pre is not None, HAS_RESIDUAL=residual is not None, HAS_COLSUM=colsum,
-        IS_TF32=_allow_tf32(a), IS_B_ACTIVATED=activate_b,
+        IS_TF32=_allow_tf32(a), IS_B_ACTIVATED=activate_b, IS_SPLIT=slices > 1,
     )
     if slices > 1:
         c = column_sums(c.view(slices, M * N), a.dtype).view(M, N)
@@ -612,7 +625,7 @@ _GEMM_DIVISIBLE = ("A", "B", "C", "BIAS", "RES", "Z", "COLSUM", "N", "K_PER_SPLI
 _FWD_DIVISIBLE = _GEMM_DIVISIBLE + ("K",)  # forward and dgrad: K is a width
 
 _NO_EPILOGUE = {"HAS_BIAS": False, "ACTIVATION": 0, "HAS_PRE_OUT": False, "HAS_ACT_GRAD": False, "HAS_RESIDUAL": False,
-                "HAS_COLSUM": False, "IS_TF32": False, "IS_B_ACTIVATED": False}
+                "HAS_COLSUM": False, "IS_TF32": False, "IS_B_ACTIVATED": False, "IS_SPLIT": False}
 
 # The products of the MLP (see the table at the top) with the operand layouts they run with.
 _FWD = {"IS_A_ROW_MAJOR": True, "IS_B_ROW_MAJOR": True}
@@ -632,8 +645,8 @@ _GEMM_VARIANTS = {
     "wgrad_gelu_b": {**_WGRAD, "ACTIVATION": 2, "IS_B_ACTIVATED": True},
     "wgrad_gelu_tanh_b": {**_WGRAD, "ACTIVATION": 3, "IS_B_ACTIVATED": True},
     # split-K weight gradients write fp32 partials
-    "wgrad_split": {**_WGRAD, "_C": "*fp32"},
-    "wgrad_quick_gelu_b_split": {**_WGRAD, "ACTIVATION": 1, "IS_B_ACTIVATED": True, "_C": "*fp32"},
+    "wgrad_split": {**_WGRAD, "IS_SPLIT": True, "_C": "*fp32"},
+    "wgrad_quick_gelu_b_split": {**_WGRAD, "ACTIVATION": 1, "IS_B_ACTIVATED": True, "IS_SPLIT": True, "_C": "*fp32"},
 }
 _QUICK_VARIANTS = ("fc_fwd_quick_gelu", "proj_fwd_residual", "dgrad_quick_gelu", "wgrad_quick_gelu_b_split")
 
@@ -656,11 +669,12 @@ def aot_cases() -> list[runtime.AotCase]:
     cases = []
     for variant, flags in _GEMM_VARIANTS.items():
         for aligned in (True, False):
-            if not aligned and "split" in variant:
-                continue
+            if not aligned and ("split" in variant or flags.get("IS_B_ACTIVATED")):
+                continue  # split-K runs aligned tiles only in the AOT set; unaligned act(B) is activated first
             configs = _prune(_gemm_kernel.shipped_configs, {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned})
             for i, cfg in enumerate(configs):
-                cases.append(gemm_aot_case(variant, cfg, aligned, quick=aligned and i == 0 and variant in _QUICK_VARIANTS))
+                quick = aligned and i == 0 and variant in _QUICK_VARIANTS
+                cases.append(gemm_aot_case(variant, cfg, aligned, quick=quick))
     for out in ("fp32", "{dtype}"):
         cases.append(runtime.AotCase(
             name=f"mlp_column_sum_to_{'fp32' if out == 'fp32' else 'dtype'}", kernel=_column_sum_kernel,

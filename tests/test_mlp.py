@@ -223,6 +223,33 @@ def test_split_k_weight_gradients_match_float64(monkeypatch, dtype):
     assert any(g[1] == 19 for g in calls) and any(g[1] == 2 for g in calls)  # chunked db2 / db1 sums
 
 
+def test_tiles_are_pruned_per_product_kind():
+    """Each product is offered only the tiles AOT measured spill-free for its kind; unaligned operands the
+    small tile."""
+    def offered(**flags):
+        args = {**kernel._NO_EPILOGUE, "IS_ALIGNED": True, **flags}
+        return {kernel._tile(c) for c in kernel._prune(kernel.GEMM_CONFIGS, args)}
+
+    everything = set(kernel.TILES)
+    assert offered() == everything
+    assert offered(ACTIVATION=1, IS_B_ACTIVATED=True) == {t for t in everything if "activated_b" not in t.avoid}
+    assert offered(HAS_BIAS=True, HAS_RESIDUAL=True) == {t for t in everything if "residual" not in t.avoid}
+    assert offered(ACTIVATION=2, HAS_ACT_GRAD=True) == {t for t in everything if "heavy" not in t.avoid}
+    assert offered(IS_ALIGNED=False) == {t for t in kernel.TILES if t.unaligned}
+    assert offered(IS_SPLIT=True) == {t for t in everything if "split" not in t.avoid}
+
+
+def test_unaligned_activated_operand_is_activated_first(monkeypatch):
+    """Odd hidden widths: the proj weight gradient gets act(Z) from the elementwise kernel (no act() in an
+    element-wise-load loop) and is still right."""
+    calls = []
+    real = kernel.activation_fwd
+    monkeypatch.setattr(kernel, "activation_fwd", lambda *a: calls.append(a[1]) or real(*a))
+    assert_op_matches("mlp odd hidden", fused_mlp("gelu"), eager_mlp("gelu"), mlp_inputs(13, 40, 102, out=24),
+                      torch.float32)
+    assert calls == ["gelu"]
+
+
 def test_split_k_policy():
     """Split only when the output tiles do not fill SPLIT_K_WAVES waves, and only K long enough."""
     sms = runtime.sm_count(torch.device("cpu"))
