@@ -155,3 +155,23 @@ def test_pack_offsets_and_positions():
     assert cu.tolist() == [0, 3, 4, 9] and cu.dtype == torch.int32 and longest == 5
     assert positions.tolist() == [0, 1, 2, 0, 0, 1, 2, 3, 4]
     assert torch.equal(ids, torch.cat([text[0, :3], text[1, :1], text[2, :5]]))
+
+
+def test_bench_text_counts_match_the_flop_counter_and_the_packed_tokens():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from clipfast.benchmarks import text as bench
+
+    model = reference_model()
+    lengths = [9, 1, 77, 5]
+    text = prompts(lengths)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.encode_text(text)  # padded (unpatched): torch's counter sees the linear layers, not attention
+    dims = dict(width=32, layers=2, embed=16, context=CONTEXT)
+    attention = dims["layers"] * sum(2 * 32 * n * (n + 1) for n in [CONTEXT] * len(lengths))
+    assert counter.get_total_flops() == bench.text_tower_flops([CONTEXT] * len(lengths), **dims) - attention
+    counts = bench.count(lengths, dims)
+    assert counts["unpadded"]["tokens"] == sum(lengths) == unpad.pack(text, text.argmax(-1) + 1)[0].numel()
+    assert counts["truncated"]["tokens"] == 77 * 4 and counts["padded"]["tokens"] == 77 * 4
+    assert bench.count([CONTEXT] * 3, dims)["unpadded"]["padded_over_this_flops"] == 1.0
+    assert sum(bench.sample_lengths(bench.IMAGENET_PROMPT_LENGTHS, 64)) < 64 * 23
