@@ -267,14 +267,20 @@ class TileTable:
 # head dims it ships for: no spills, tensor-core MMAs (HMMA / HGMMA). The first tile offered is the default
 # for a head dim and architecture (what CLIPFAST_AUTOTUNE=0 runs; the interpreter runs the first row). 8 warps
 # on 64 MMA rows are Ampere tiles; Hopper keeps them only where every 4-warp or 128-row tile tried spills
-# (dk/dv at head dim 128, everything at 256). 128-row and 3-stage 4-warp tiles spill on sm_80 (Hopper only).
+# (the backward at head dim 128, everything at 256). 128-row and 3-stage 4-warp tiles spill on sm_80 (Hopper
+# only). Tried and not shipped at head dim 128 on sm_90: forward 128x32 (8 warps) and dq 64x32 (4 warps) are
+# clean plain but spill with causal + full mask (16 and 40 bytes, triton 3.8); dk/dv 16x64 (4 warps) and
+# 16x128 (8 warps) spill plain. Known spills left: dq causal + full mask at head dim 128 on sm_90 (16 bytes,
+# triton 3.8); under triton 3.6 only, dk/dv causal at the Ampere default (16-32 bytes, as before these
+# tables), the forward at 256 on sm_90 (120 bytes, as before), forward and dq causal + full mask at head dim
+# 128 on sm_80 (8 bytes each).
 _SMALL, _D128, _D256 = (16, 32, 64), (128,), (256,)
 _ANY_D = _SMALL + _D128
 _HOPPER = (9,)
 FWD = TileTable((
     Tile(128, 64, 8, 3, _SMALL, _HOPPER), Tile(64, 32, 8, 3, _ANY_D), Tile(128, 128, 8, 3, _SMALL, _HOPPER),
-    Tile(64, 64, 4, 3, _SMALL), Tile(128, 32, 8, 3, _SMALL), Tile(128, 32, 8, 3, _D128, _HOPPER),
-    Tile(64, 32, 4, 3, _ANY_D), Tile(64, 64, 8, 3, _ANY_D), Tile(64, 16, 8, 3, _D256),
+    Tile(64, 64, 4, 3, _SMALL), Tile(128, 32, 8, 3, _SMALL), Tile(64, 32, 4, 3, _ANY_D), Tile(64, 64, 8, 3, _ANY_D),
+    Tile(64, 16, 8, 3, _D256),
 ), "BLOCK_M")
 DKDV = TileTable((
     Tile(32, 64, 4, 3, _SMALL, _HOPPER), Tile(32, 64, 8, 2, _SMALL), Tile(32, 128, 8, 3, _SMALL, _HOPPER),
@@ -282,7 +288,7 @@ DKDV = TileTable((
 ), "BLOCK_N")
 DQ = TileTable((
     Tile(64, 32, 4, 3, _SMALL), Tile(128, 64, 8, 3, _SMALL), Tile(64, 32, 8, 2, _ANY_D), Tile(64, 64, 8, 2, _SMALL),
-    Tile(128, 32, 8, 2, _SMALL), Tile(64, 32, 4, 2, _D128, _HOPPER), Tile(64, 16, 8, 2, _D256),
+    Tile(128, 32, 8, 2, _SMALL), Tile(64, 16, 8, 2, _D256),
 ), "BLOCK_M")
 # Head dims above 128 (BLOCK_D 256) keep k, v, dk and dv of a key block in registers: the backward tiles
 # there spill on sm_80/sm_90 at every size tried (correct, slower); the forward does not.
