@@ -680,8 +680,8 @@ def _aot_default_tiles(table: TileTable, block_d: int) -> list[tuple[Tile, tuple
 def aot_cases() -> list[runtime.AotCase]:
     """Every tile the three kernels offer at head dims 64 (ViT-B/L, text) and 128 (80/88/104/128 pad to
     it), the forward also at 256, compiled for the architectures it is offered on; the causal, key-padding
-    and full-mask variants at each architecture's default (first offered) tile. Head-dim strides are 1, as the runtime specializes
-    them for torch's layouts. The quick subset is head dim 64 at the default tile."""
+    and full-mask variants at each architecture's default (first offered) tile. Head-dim strides are 1, as
+    the runtime specializes them for torch's layouts. The quick subset is head dim 64 at each architecture's default tile."""
     cases = []
     variants = [("", False, NO_BIAS), ("_causal", True, NO_BIAS), ("_keymask", False, KEY_BIAS),
                 ("_causal_fullmask", True, FULL_BIAS)]
@@ -697,13 +697,14 @@ def aot_cases() -> list[runtime.AotCase]:
                 if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
                     continue
                 signature, unit_strides = _aot_signature(kernel)
+                defaults = [tile for tile, _ in _aot_default_tiles(table, bd)]
                 tiles = _aot_tiles(table, bd) if not suffix else _aot_default_tiles(table, bd)
-                for i, (tile, archs) in enumerate(tiles):
+                for tile, archs in tiles:
                     cases.append(runtime.AotCase(
                         name=f"attention_{label}{suffix}[D={bd}]", kernel=runtime.jit_function(kernel),
                         signature=signature, constexprs={**flags, **tile.config().kwargs, **unit_strides},
                         num_warps=tile.warps, num_stages=tile.stages, expects_mma=True, archs=archs,
-                        quick=bd == 64 and i == 0 and (not suffix or (suffix == "_causal" and label == "fwd")),
+                        quick=bd == 64 and tile in defaults and suffix in ("", "_causal" if label == "fwd" else ""),
                     ))
         signature, unit_strides = _aot_signature(_attn_bwd_preprocess_kernel)
         cases.append(runtime.AotCase(
