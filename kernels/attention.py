@@ -267,14 +267,20 @@ class TileTable:
 # head dims it ships for: no spills, tensor-core MMAs (HMMA / HGMMA). The first tile offered is the default
 # for a head dim and architecture (what CLIPFAST_AUTOTUNE=0 runs; the interpreter runs the first row). 8 warps
 # on 64 MMA rows are Ampere tiles; Hopper keeps them only where every 4-warp or 128-row tile tried spills
-# (dk/dv at head dim 128, everything at 256). 128-row and 3-stage 4-warp tiles spill on sm_80 (Hopper only).
+# (the backward at head dim 128, everything at 256). 128-row and 3-stage 4-warp tiles spill on sm_80 (Hopper
+# only). Tried and not shipped at head dim 128 on sm_90: forward 128x32 (8 warps) and dq 64x32 (4 warps) are
+# clean plain but spill with causal + full mask (16 and 40 bytes, triton 3.8); dk/dv 16x64 (4 warps) and
+# 16x128 (8 warps) spill plain. Known spills left: dq causal + full mask at head dim 128 on sm_90 (16 bytes,
+# triton 3.8); under triton 3.6 only, dk/dv causal at the Ampere default (16-32 bytes, as before these
+# tables), the forward at 256 on sm_90 (120 bytes, as before), forward and dq causal + full mask at head dim
+# 128 on sm_80 (8 bytes each).
 _SMALL, _D128, _D256 = (16, 32, 64), (128,), (256,)
 _ANY_D = _SMALL + _D128
 _HOPPER = (9,)
 FWD = TileTable((
     Tile(128, 64, 8, 3, _SMALL, _HOPPER), Tile(64, 32, 8, 3, _ANY_D), Tile(128, 128, 8, 3, _SMALL, _HOPPER),
-    Tile(64, 64, 4, 3, _SMALL), Tile(128, 32, 8, 3, _SMALL), Tile(128, 32, 8, 3, _D128, _HOPPER),
-    Tile(64, 32, 4, 3, _ANY_D), Tile(64, 64, 8, 3, _ANY_D), Tile(64, 16, 8, 3, _D256),
+    Tile(64, 64, 4, 3, _SMALL), Tile(128, 32, 8, 3, _SMALL), Tile(64, 32, 4, 3, _ANY_D), Tile(64, 64, 8, 3, _ANY_D),
+    Tile(64, 16, 8, 3, _D256),
 ), "BLOCK_M")
 DKDV = TileTable((
     Tile(32, 64, 4, 3, _SMALL, _HOPPER), Tile(32, 64, 8, 2, _SMALL), Tile(32, 128, 8, 3, _SMALL, _HOPPER),
@@ -282,7 +288,7 @@ DKDV = TileTable((
 ), "BLOCK_N")
 DQ = TileTable((
     Tile(64, 32, 4, 3, _SMALL), Tile(128, 64, 8, 3, _SMALL), Tile(64, 32, 8, 2, _ANY_D), Tile(64, 64, 8, 2, _SMALL),
-    Tile(128, 32, 8, 2, _SMALL), Tile(64, 32, 4, 2, _D128, _HOPPER), Tile(64, 16, 8, 2, _D256),
+    Tile(128, 32, 8, 2, _SMALL), Tile(64, 16, 8, 2, _D256),
 ), "BLOCK_M")
 # Head dims above 128 (BLOCK_D 256) keep k, v, dk and dv of a key block in registers: the backward tiles
 # there spill on sm_80/sm_90 at every size tried (correct, slower); the forward does not.
@@ -674,8 +680,8 @@ def _aot_default_tiles(table: TileTable, block_d: int) -> list[tuple[Tile, tuple
 def aot_cases() -> list[runtime.AotCase]:
     """Every tile the three kernels offer at head dims 64 (ViT-B/L, text) and 128 (80/88/104/128 pad to
     it), the forward also at 256, compiled for the architectures it is offered on; the causal, key-padding
-    and full-mask variants at each architecture's default (first offered) tile. Head-dim strides are 1, as the runtime specializes
-    them for torch's layouts. The quick subset is head dim 64 at the default tile."""
+    and full-mask variants at each architecture's default (first offered) tile. Head-dim strides are 1, as
+    the runtime specializes them for torch's layouts. The quick subset is head dim 64 at each architecture's default tile."""
     cases = []
     variants = [("", False, NO_BIAS), ("_causal", True, NO_BIAS), ("_keymask", False, KEY_BIAS),
                 ("_causal_fullmask", True, FULL_BIAS)]
@@ -691,13 +697,14 @@ def aot_cases() -> list[runtime.AotCase]:
                 if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
                     continue
                 signature, unit_strides = _aot_signature(kernel)
+                defaults = [tile for tile, _ in _aot_default_tiles(table, bd)]
                 tiles = _aot_tiles(table, bd) if not suffix else _aot_default_tiles(table, bd)
-                for i, (tile, archs) in enumerate(tiles):
+                for tile, archs in tiles:
                     cases.append(runtime.AotCase(
                         name=f"attention_{label}{suffix}[D={bd}]", kernel=runtime.jit_function(kernel),
                         signature=signature, constexprs={**flags, **tile.config().kwargs, **unit_strides},
                         num_warps=tile.warps, num_stages=tile.stages, expects_mma=True, archs=archs,
-                        quick=bd == 64 and i == 0 and (not suffix or (suffix == "_causal" and label == "fwd")),
+                        quick=bd == 64 and tile in defaults and suffix in ("", "_causal" if label == "fwd" else ""),
                     ))
         signature, unit_strides = _aot_signature(_attn_bwd_preprocess_kernel)
         cases.append(runtime.AotCase(
