@@ -29,7 +29,8 @@ OUT=${1:?usage: bash bench/gpu_suite.sh OUT_DIR}
 
 # Install (no dependencies: the GPU machine has no registry) unless this checkout is what imports already.
 here=$(pwd -P)
-if [ "$($PY -I -c 'import clipfast, os; print(os.path.dirname(os.path.dirname(os.path.realpath(clipfast.__file__))))' 2>/dev/null)" != "$here" ]; then
+installed=$($PY -I -c 'import clipfast, os; print(os.path.dirname(os.path.dirname(os.path.realpath(clipfast.__file__))))' 2>/dev/null)
+if [ "$installed" != "$here" ]; then
     $PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
 exec $PY -m clipfast.benchmarks.suite "$OUT"

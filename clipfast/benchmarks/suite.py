@@ -153,6 +153,11 @@ def _impl_names(case, smoke: bool) -> list[str]:
     return names
 
 
+def _whole_model_compile(case, impl: str) -> bool:
+    """A torch.compile of a whole model (minutes each): only the headline's two run in the check."""
+    return case.module_family in WHOLE_MODEL_FAMILIES and "torch.compile" in impl
+
+
 def plan(step: str, smoke: bool, cases=None) -> list[tuple]:
     """``[(case, [implementation names])]`` for a benchmark step (or ``warm``)."""
     cases = _all_cases(smoke) if cases is None else cases
@@ -170,7 +175,8 @@ def plan(step: str, smoke: bool, cases=None) -> list[tuple]:
                         picked[name].append((case, impls))
     if step in picked:
         return picked[step]
-    rest = [(case, [i for i in _impl_names(case, smoke) if i not in claimed.get(id(case), set())]) for case in cases]
+    rest = [(case, [i for i in _impl_names(case, smoke) if i not in claimed.get(id(case), set())
+                    and not _whole_model_compile(case, i)]) for case in cases]
     rest = [(case, impls) for case, impls in rest if impls]
     if step == "rest_bench":
         return rest

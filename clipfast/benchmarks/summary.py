@@ -84,7 +84,8 @@ def targets_table(rows: list[dict]) -> list[str]:
             out.append(f"| {target.hot_path} | {target.text} | — | not measured | — |")
         for v in verdicts:
             flag = {True: "met", False: "**missed**", None: "no figure"}[v["met"]]
-            out.append(f"| {target.hot_path} | {target.text} | {v['case']} | {_fmt(target.metric, v['value'])} | {flag} |")
+            measured = _fmt(target.metric, v["value"])
+            out.append(f"| {target.hot_path} | {target.text} | {v['case']} | {measured} | {flag} |")
     return out
 
 
@@ -143,7 +144,8 @@ def suite_markdown(data: dict) -> str:
         out += ["", "## Benchmarks", "", f"{len(rows)} smoke rows ({len(broken)} errors); no timings without a GPU."]
     else:
         headline = [r for r in rows if str(r.get("step", "")).startswith("headline")]
-        out += ["", "## Targets (GUIDE §3)", "", *targets_table(rows), "", "## Headline timings (median, CUDA events)", "",
+        out += ["", "## Targets (GUIDE §3)", "", *targets_table(rows), "",
+                "## Headline timings (median, CUDA events)", "",
                 *timings_table(headline), "", "## Other benchmark cases", "",
                 *timings_table([r for r in rows if r.get("step") == "rest_bench"])]
     if broken:
@@ -161,7 +163,8 @@ def suite_markdown(data: dict) -> str:
 def load_results(root: str = RESULTS_ROOT) -> list[dict]:
     """Committed GPU runs (``results.json`` of the GPU check, or ``bench_*.json`` of ``clipfast bench``)."""
     found = []
-    for path in sorted(glob.glob(os.path.join(root, "*", "results.json")) + glob.glob(os.path.join(root, "*", "bench_*.json"))):
+    paths = glob.glob(os.path.join(root, "*", "results.json")) + glob.glob(os.path.join(root, "*", "bench_*.json"))
+    for path in sorted(paths):
         with open(path) as f:
             data = json.load(f)
         if not data.get("smoke") and not data.get("rehearsal") and data.get("rows"):

@@ -34,7 +34,8 @@ class Target:
 
 LN_SHAPES = r"(ViT-B/16|ViT-L/14) "
 TARGETS = [
-    Target("LayerNorm (+residual add)", "layer_norm", LN_SHAPES, "fwd+bwd", "speedup", 1.5, ("eager",), ">= 1.5x eager"),
+    Target("LayerNorm (+residual add)", "layer_norm", LN_SHAPES, "fwd+bwd", "speedup", 1.5, ("eager",),
+           ">= 1.5x eager"),
     Target("LayerNorm (+residual add)", "layer_norm", LN_SHAPES, "fwd+bwd", "speedup", 1.1, ("torch.compile",),
            ">= 1.1x torch.compile"),
     Target("LayerNorm (+residual add)", "layer_norm", LN_SHAPES, "fwd", "pct_peak_bw", 85, text="fwd >= 85% HBM BW"),
