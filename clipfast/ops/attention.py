@@ -53,9 +53,9 @@ def _eager_fwd(q, k, v, bias, is_causal, scale):
     row_max = torch.where(live, row_max, torch.full_like(row_max, float("inf")))  # p = 0 on fully masked rows
     p = torch.exp2(s - row_max)
     row_sum = p.sum(-1, keepdim=True)
-    o = torch.matmul(p / torch.where(live, row_sum, 1.0), v.float()).to(q.dtype)
+    o = torch.matmul(p / torch.where(live, row_sum, 1.0), v.float())
     stats = torch.cat([row_max, torch.log2(torch.where(live, row_sum, 1.0))], -1)  # [B, H, Lq, 2]
-    return o, stats.reshape(b * h, lq, 2).transpose(1, 2).contiguous()
+    return _as_blhd(o, q.dtype), stats.reshape(b * h, lq, 2).transpose(1, 2).contiguous()
 
 
 def _eager_bwd(do, q, k, v, bias, o, lse, is_causal, scale):
@@ -69,7 +69,13 @@ def _eager_bwd(do, q, k, v, bias, o, lse, is_causal, scale):
     ds = p * (torch.matmul(dof, v.float().transpose(-1, -2)) - delta)
     dq = torch.matmul(ds, k.float()) * scale
     dk = torch.matmul(ds.transpose(-1, -2), q.float()) * scale
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return _as_blhd(dq, q.dtype), _as_blhd(dk, k.dtype), _as_blhd(dv, v.dtype)
+
+
+def _as_blhd(t, dtype):
+    """``t`` [B, H, L, D] in [B, L, H, D] memory, the layout the kernels write and the fake ops declare
+    (compiled graphs rely on the strides matching)."""
+    return t.transpose(1, 2).to(dtype).contiguous().transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------
