@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -594,3 +596,30 @@ def test_attention_pool_rule_leaves_unknown_layouts_alone():
     pool.q_proj = torch.nn.Sequential(pool.q_proj)
     report = _attention_only_patch(torch.nn.Sequential(pool))
     assert not report.swapped and "q_proj" in report.skipped[0].reason
+
+
+@pytest.mark.skipif(ON_GPU, reason="the eager reference runs on CPU without the interpreter")
+def test_eager_path_under_compile_matches_the_declared_layout():
+    """On CPU without the interpreter the op runs its eager reference; its outputs and gradients must have
+    the [B, L, H, D] memory the fake implementation declares, or compiled graphs read them wrongly."""
+    import subprocess
+    import sys
+
+    script = """
+import torch, torch.nn.functional as F, clipfast
+q, k, v = (torch.randn(2, 3, 7, 16, requires_grad=True) for _ in range(3))
+merged = lambda o: o.transpose(1, 2).view(2, 7, 48)  # a view only where the heads are merged in memory
+f = torch.compile(lambda q, k, v: merged(clipfast.flash_attention(q, k, v, is_causal=True)),
+                  fullgraph=True, backend="aot_eager")
+out = f(q, k, v)
+ref = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 7, 48)
+torch.testing.assert_close(out, ref)
+grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+expected = torch.autograd.grad(ref.square().sum(), (q, k, v))
+for g, e in zip(grads, expected):
+    torch.testing.assert_close(g, e)
+print("ok")
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
