@@ -123,7 +123,6 @@ def test_hf_siglip_unpatch_restores_modules():
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == state
 
 
-@pytest.mark.xfail(strict=True, reason="config restore lands with the HF unpatch fix")
 def test_hf_siglip_unpatch_restores_configs():
     """After unpatch every module holds the very config object it had before (the attention modules'
     ``_attn_implementation`` included)."""
