@@ -44,6 +44,9 @@ MAX_HEAD_DIM = 256
 # tile per head-dim group, one per kernel (no autotuning), each compiled for sm_80 and sm_90 under triton
 # 3.6 and 3.8 without spills. The key-block kernel takes 16 query rows a step: the dense kernels' (32, 64)
 # tile spills 16-32 bytes on sm_80 under triton 3.6 with the per-sequence bookkeeping added.
+# Known exception: the head-dim-256 forward tile (64, 16) spills 112-128 bytes on sm_90 under triton 3.6
+# (clean under 3.8, and on sm_80 under both); of the tiles tried there, (32, 16, 8 warps) is spill-free but
+# runs HMMA instead of HGMMA, (32, 32, 4 warps) and (64, 16, 2 stages) spill too. CLIP's head dims are 64-128.
 FWD_TILES = [(64, 32, 8, 3, _SMALL + _D128), (64, 16, 8, 3, _D256)]
 DKDV_TILES = [(16, 64, 8, 2, _SMALL + _D128 + _D256)]
 DQ_TILES = [(64, 32, 8, 2, _SMALL + _D128), (64, 16, 8, 2, _D256)]
