@@ -34,22 +34,22 @@ import triton.language as tl
 
 from . import runtime
 from .attention import _aot_signature as _dense_aot_signature
-from .attention import (_D128, _D256, _SMALL, LOG2E, _attn_bwd_preprocess_kernel, _configs, _dot_precision,
-                        _dq_key_blocks, _fwd_key_blocks, _load_tile, _mask_scores, _prune, _store_tile,
-                        _unmasked_key_end, block_d)
+from .attention import (_D128, _D256, _SMALL, LOG2E, Tile, TileTable, _attn_bwd_preprocess_kernel, _dot_precision,
+                        _dq_key_blocks, _fwd_key_blocks, _load_tile, _mask_scores, _store_tile, _unmasked_key_end,
+                        block_d, grid, has_wide_offsets)
 
 MAX_HEAD_DIM = 256
 
-# Shipped tiles, (BLOCK_M, BLOCK_N, warps, stages, the BLOCK_D values it serves): the dense kernels' first
+# Shipped tiles (Tile rows, as in kernels/attention.py): the dense kernels' first
 # tile per head-dim group, one per kernel (no autotuning), each compiled for sm_80 and sm_90 under triton
 # 3.6 and 3.8 without spills. The key-block kernel takes 16 query rows a step: the dense kernels' (32, 64)
 # tile spills 16-32 bytes on sm_80 under triton 3.6 with the per-sequence bookkeeping added.
 # Known exception: the head-dim-256 forward tile (64, 16) spills 112-128 bytes on sm_90 under triton 3.6
 # (clean under 3.8, and on sm_80 under both); of the tiles tried there, (32, 16, 8 warps) is spill-free but
 # runs HMMA instead of HGMMA, (32, 32, 4 warps) and (64, 16, 2 stages) spill too. CLIP's head dims are 64-128.
-FWD_TILES = [(64, 32, 8, 3, _SMALL + _D128), (64, 16, 8, 3, _D256)]
-DKDV_TILES = [(16, 64, 8, 2, _SMALL + _D128 + _D256)]
-DQ_TILES = [(64, 32, 8, 2, _SMALL + _D128), (64, 16, 8, 2, _D256)]
+FWD = TileTable((Tile(64, 32, 8, 3, _SMALL + _D128), Tile(64, 16, 8, 3, _D256)), "BLOCK_M")
+DKDV = TileTable((Tile(16, 64, 8, 2, _SMALL + _D128 + _D256),), "BLOCK_N")
+DQ = TileTable((Tile(64, 32, 8, 2, _SMALL + _D128), Tile(64, 16, 8, 2, _D256)), "BLOCK_M")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,8 +83,8 @@ def _row_stats(stats_base, delta_base, total_q, offs_m, seqlen_q):
 # Forward
 # ---------------------------------------------------------------------------------------------
 
-@runtime.autotune(_configs(FWD_TILES), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
-                  prune_configs_by={"early_config_prune": _prune})
+@runtime.autotune(FWD.configs(), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
+                  prune_configs_by={"early_config_prune": FWD.prune})
 @triton.jit
 def _varlen_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
@@ -159,8 +159,8 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, stats_base, delta_base, of
     return dk, dv
 
 
-@runtime.autotune(_configs(DKDV_TILES), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
-                  prune_configs_by={"early_config_prune": _prune})
+@runtime.autotune(DKDV.configs(), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
+                  prune_configs_by={"early_config_prune": DKDV.prune})
 @triton.jit
 def _varlen_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
@@ -204,8 +204,8 @@ def _varlen_bwd_dkdv_kernel(
                 stride_dvt, stride_dvd, seqlen_k, head_dim)
 
 
-@runtime.autotune(_configs(DQ_TILES), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
-                  prune_configs_by={"early_config_prune": _prune})
+@runtime.autotune(DQ.configs(), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
+                  prune_configs_by={"early_config_prune": DQ.prune})
 @triton.jit
 def _varlen_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
@@ -300,8 +300,9 @@ def varlen_bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     delta = runtime.empty((h, total_q), torch.float32, q.device)
     pre_block = max(16, min(64, 2048 // bd))
     o4, do4 = o.unsqueeze(0).transpose(1, 2), do.unsqueeze(0).transpose(1, 2)
-    _attn_bwd_preprocess_kernel[(h, runtime.cdiv(total_q, pre_block))](
-        o4, do4, delta, *o4.stride(), *do4.stride(), h, total_q, d, BLOCK_D=bd, BLOCK_M=pre_block,
+    _attn_bwd_preprocess_kernel[grid(1, h, total_q, pre_block)](
+        o4, do4, delta, *o4.stride(), *do4.stride(), h, total_q, d,
+        HAS_WIDE_OFFSETS=has_wide_offsets(o4, do4), BLOCK_D=bd, BLOCK_M=pre_block,
     )
     common = dict(IS_CAUSAL=is_causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=bd)
     bucket = _len_bucket(max(max_seqlen_q, max_seqlen_k))
@@ -335,15 +336,16 @@ def aot_cases() -> list[runtime.AotCase]:
     from .attention import BWD_SPILL_FREE_MAX_D
 
     cases = []
-    kernels = ((_varlen_fwd_kernel, "fwd"), (_varlen_bwd_dkdv_kernel, "bwd_dkdv"), (_varlen_bwd_dq_kernel, "bwd_dq"))
+    kernels = ((_varlen_fwd_kernel, FWD, "fwd"), (_varlen_bwd_dkdv_kernel, DKDV, "bwd_dkdv"),
+               (_varlen_bwd_dq_kernel, DQ, "bwd_dq"))
     for bd in (64, 128, 256):
         for causal in (False, True):
             flags = {"IS_CAUSAL": causal, "DOT_PRECISION": "tf32", "BLOCK_D": bd}
-            for kernel, label in kernels:
+            for kernel, table, label in kernels:
                 if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
                     continue
                 signature, unit_strides = _aot_signature(kernel)
-                for i, cfg in enumerate(_prune(kernel.shipped_configs, {"BLOCK_D": bd})):
+                for i, cfg in enumerate(t.config() for t in table.offered(bd, 0)):
                     cases.append(runtime.AotCase(
                         name=f"attention_varlen_{label}{'_causal' if causal else ''}[D={bd}]",
                         kernel=runtime.jit_function(kernel), signature=signature,

@@ -54,3 +54,15 @@ def _seed(request):
     CLIPFAST_TEST_SEED shifts all of them to draw another set of inputs."""
     base = int(os.environ.get("CLIPFAST_TEST_SEED", "0"))
     torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) + base) % (2**31))
+
+
+def run_without_interpreter(script: str) -> str:
+    """Run ``script`` in a fresh Python without TRITON_INTERPRET, so CPU tensors take the ops' eager reference
+    path (what a laptop without CUDA runs); returns its stdout, failing the test on a non-zero exit."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout

@@ -6,7 +6,7 @@ import clipfast
 from clipfast.kernels import layer_norm as kernel
 from clipfast.kernels import runtime
 
-from .conftest import DEVICE, DTYPES, ON_GPU
+from .conftest import DEVICE, DTYPES, ON_GPU, run_without_interpreter
 from .numerics import assert_op_matches, randn
 
 # awkward widths (non-powers of two, CLIP widths, the widest we keep in registers) and row counts
@@ -279,3 +279,30 @@ def test_rows_past_2_31_elements_use_64_bit_offsets():
     assert_op_matches("layer_norm 64-bit offsets", clipfast.layer_norm, eager_layer_norm, [x, w, b], torch.float16)
     assert_op_matches("add_layer_norm 64-bit offsets", clipfast.add_layer_norm, eager_add_layer_norm,
                       [x, r, w, b], torch.float16)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the eager reference runs on CPU without the interpreter")
+def test_eager_path_returns_the_contiguous_rows_its_fake_declares():
+    """A permuted input (a sequence-first text tower's first block) on the eager path: outputs and the input
+    gradient are contiguous like the kernels' and the fake's, so compiled graphs (and views) read them right."""
+    script = """
+import torch, torch.nn.functional as F, clipfast
+x = torch.randn(7, 3, 64).transpose(0, 1).requires_grad_()
+r = torch.randn(7, 3, 64).transpose(0, 1)
+w, b = torch.randn(64, requires_grad=True), torch.randn(64, requires_grad=True)
+def f(x, r, w, b):
+    h, y = clipfast.add_layer_norm(x, r, w, b)
+    return (h.view(-1, 64) + y.view(-1, 64)).sum(0) + clipfast.layer_norm(x, w, b).view(-1, 64).sum(0)
+def ref(x, r, w, b):
+    h = x + r
+    ln = lambda t: F.layer_norm(t, (64,), w, b)
+    return (h + ln(h)).reshape(-1, 64).sum(0) + ln(x).reshape(-1, 64).sum(0)
+for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+    out, expected = fn(x, r, w, b), ref(x, r, w, b)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)  # two fp32 LayerNorms
+    for g, e in zip(torch.autograd.grad(out.square().sum(), (x, w, b)),
+                    torch.autograd.grad(expected.square().sum(), (x, w, b))):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+print("ok")
+"""
+    assert "ok" in run_without_interpreter(script)

@@ -72,15 +72,17 @@ def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tenso
     if h is None:
         h = x.new_empty(0)
     elif h is x or h is residual:  # custom ops may not return their inputs
-        h = h.clone()
-    return y, h, mean, rstd
+        h = h.clone(memory_format=torch.contiguous_format)
+    # contiguous whatever the input's layout (the kernels write rows in order; the fake declares it)
+    return y.contiguous(), h.contiguous(), mean, rstd
 
 
 @layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps):
     n_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     stats = x.new_empty((n_rows,), dtype=torch.float32)
-    return torch.empty_like(x), (torch.empty_like(x) if residual is not None else x.new_empty(0)), stats, stats.clone()
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape), h, stats, stats.clone()
 
 
 @torch.library.custom_op("clipfast::layer_norm_bwd", mutates_args=())
@@ -90,12 +92,13 @@ def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional
     cast by the kernel); empty tensors where absent. ``bias`` is only read for its presence and dtype."""
     impl = kernel.layer_norm_bwd if _use_kernel(x) else _eager_bwd
     dx, dweight, dbias = impl(dy, dh, x, weight, bias, mean, rstd)
-    return (dx, dweight if dweight is not None else x.new_empty(0), dbias if dbias is not None else x.new_empty(0))
+    dweight = dweight if dweight is not None else x.new_empty(0)
+    return dx.contiguous(), dweight, dbias if dbias is not None else x.new_empty(0)
 
 
 @layer_norm_bwd.register_fake
 def _(dy, dh, x, weight, bias, mean, rstd):
-    return (torch.empty_like(x), torch.empty_like(weight) if weight is not None else x.new_empty(0),
+    return (x.new_empty(x.shape), torch.empty_like(weight) if weight is not None else x.new_empty(0),
             torch.empty_like(bias) if bias is not None else x.new_empty(0))
 
 
