@@ -161,8 +161,12 @@ def row_tile(n_cols: int, max_warps: int = 16) -> dict:
 
 
 def bwd_tile(n_cols: int) -> dict:
-    """The backward's tile (``row_tile`` with up to 16 warps)."""
-    return row_tile(n_cols)
+    """The backward's tile (``row_tile`` with up to 16 warps). Under triton < 3.8 a single row of 2048
+    (1025..2048 columns) spills on sm_90 with 8 warps (8 bytes at 80 registers); 16 warps hold it in 56."""
+    tile = row_tile(n_cols)
+    if not runtime.triton_at_least(3, 8) and tile["BLOCK_M"] == 1 and tile["BLOCK_N"] == 2048:
+        tile["num_warps"] = 16
+    return tile
 
 
 def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
