@@ -38,6 +38,16 @@ FLOOR_ULPS = 16.0
 SUBNORMAL = {dtype: 8 * torch.finfo(dtype).tiny for dtype in (torch.float32, torch.float16)}
 
 
+@pytest.fixture(autouse=True)
+def _own_one_time_warnings():
+    """The one-time warnings these tests trigger stay theirs: other tests expect to see them."""
+    from clipfast import _validate as validate
+
+    before = set(validate._warned)
+    yield
+    validate._warned.intersection_update(before)
+
+
 @dataclass
 class Arg:
     """A float input: ``base`` (float64) is cast to the dtype under test and made a leaf; ``view`` turns the

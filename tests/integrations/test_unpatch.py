@@ -18,6 +18,16 @@ VOCAB, CONTEXT = 100, 16
 CONTAINERS = ("_parameters", "_buffers", "_modules")
 
 
+@pytest.fixture(autouse=True)
+def _own_one_time_warnings():
+    """The one-time warnings these tests trigger stay theirs: other tests expect to see them."""
+    from clipfast import _validate as validate
+
+    before = set(validate._warned)
+    yield
+    validate._warned.intersection_update(before)
+
+
 def same(a, b, depth=0) -> bool:
     """Value equality that sees through deep copies (tensors bitwise, configs and plain objects by their
     attributes); submodules are compared path by path by the caller."""
