@@ -138,6 +138,12 @@ def _check(op, x, residual, weight, bias):
     check_same_device(op, x=x, residual=residual, weight=weight, bias=bias)
 
 
+def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The kernels read weight and bias with unit stride: an expanded (stride-0) or strided view is copied
+    (autograd sums the copy's gradient back into the view's source)."""
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dimension with fp32 statistics; returns x's dtype.
 
@@ -147,7 +153,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
     alt = route("layer_norm", (x, weight, bias, eps))
     if alt is not None:
         return alt(x, weight, bias, eps)
-    return layer_norm_fwd(x, None, weight, bias, float(eps))[0]
+    return layer_norm_fwd(x, None, _unit_stride(weight), _unit_stride(bias), float(eps))[0]
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
@@ -157,5 +163,5 @@ def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None,
     alt = route("add_layer_norm", (x, residual, weight, bias, eps))
     if alt is not None:
         return alt(x, residual, weight, bias, eps)
-    y, h, _, _ = layer_norm_fwd(x, residual, weight, bias, float(eps))
+    y, h, _, _ = layer_norm_fwd(x, residual, _unit_stride(weight), _unit_stride(bias), float(eps))
     return h, y
