@@ -76,11 +76,19 @@ def pack(text: torch.Tensor, lengths: torch.Tensor):
 # Blocks on packed tokens
 # ----------------------------------------------------------------------------------------------
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks (FSDP2's parameter all-gather, composable checkpointing, a
+    user's): they run only when the module itself is called, which the packed path does not do."""
+    return bool(module._forward_pre_hooks or module._forward_hooks)
+
+
 def packable_block(block: nn.Module) -> bool:
     """A pre-LN block ``x + ls_1(attn(ln_1(x))); x + ls_2(mlp(ln_2(x)))`` with a self-attention
-    ``nn.MultiheadAttention`` (packed QKV in-projection, no extra key/value rows)."""
+    ``nn.MultiheadAttention`` (packed QKV in-projection, no extra key/value rows) and no forward hooks of
+    its own (the packed path runs its submodules, not the block)."""
     attn = getattr(block, "attn", None)
-    return (all(hasattr(block, n) for n in ("ln_1", "ln_2", "mlp")) and isinstance(attn, nn.MultiheadAttention)
+    return (not _hooked(block) and all(hasattr(block, n) for n in ("ln_1", "ln_2", "mlp"))
+            and isinstance(attn, nn.MultiheadAttention)
             and attn._qkv_same_embed_dim and attn.bias_k is None and not attn.add_zero_attn
             and not hasattr(block, "ln_1_kv") and attn.head_dim <= 256)
 
@@ -154,7 +162,8 @@ def text_mode(model: nn.Module, check_masks: bool = True) -> Optional[str]:
             return "truncated"
     elif check_masks and not all(_is_causal_mask(getattr(b, "attn_mask", None)) for b in _blocks(model)):
         return None
-    return "unpadded" if all(packable_block(b) for b in _blocks(model)) else "truncated" if name == OPEN_CLIP else None
+    packable = not _hooked(model.transformer) and all(packable_block(b) for b in _blocks(model))
+    return "unpadded" if packable else "truncated" if name == OPEN_CLIP else None
 
 
 def _is_causal_mask(mask) -> bool:

@@ -127,6 +127,19 @@ def test_unpad_text_false_keeps_the_padded_computation(monkeypatch):
     model.encode_text(prompts([3, 5]).to(DEVICE))
 
 
+def test_blocks_with_forward_hooks_run_themselves(monkeypatch):
+    """Hooks on a block (FSDP2's all-gather, checkpointing, a user's) run only when the block is called: the
+    packed path, which calls its submodules, steps aside for the padded computation."""
+    model, text = reference_model(), prompts([3, 5]).to(DEVICE)
+    expected = model.encode_text(text)
+    clipfast.patch(model)
+    calls = []
+    model.transformer.resblocks[1].register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    monkeypatch.setattr(unpad, "flash_attention_varlen", None)  # must not be reached
+    torch.testing.assert_close(model.encode_text(text), expected, rtol=1e-4, atol=1e-5)
+    assert calls
+
+
 def test_unpatch_restores_and_patched_model_pickles():
     model = reference_model()
     text = prompts([4, 20]).to(DEVICE)
