@@ -400,7 +400,7 @@ def test_mlp_clip_widths_on_gpu(dtype, rows, width):
 # Patch rules
 # ----------------------------------------------------------------------------------------------
 
-MLP_ONLY = dict(layer_norm=False, attention=False, patch_embed=False, residual=False, mlp=True)
+MLP_ONLY = dict(layer_norm=False, attention=False, patch_embed=False, residual=False, unpad_text=False, mlp=True)
 
 
 class _Block(torch.nn.Module):
