@@ -78,8 +78,10 @@ def pack(text: torch.Tensor, lengths: torch.Tensor):
 
 def _hooked(module: nn.Module) -> bool:
     """Whether ``module`` has forward hooks (FSDP2's parameter all-gather, composable checkpointing, a
-    user's): they run only when the module itself is called, which the packed path does not do."""
-    return bool(module._forward_pre_hooks or module._forward_hooks)
+    user's): they run only when the module itself is called, which the packed path does not do. Hooks
+    marked ``observes_only`` (``clipfast verify``'s output capture) change nothing and do not count."""
+    hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
+    return any(not getattr(h, "observes_only", False) for h in hooks)
 
 
 def packable_block(block: nn.Module) -> bool:
