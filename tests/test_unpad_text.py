@@ -10,7 +10,7 @@ import clipfast
 from clipfast import models, unpad
 
 from .conftest import DEVICE
-from .integrations.common import check_patch
+from .integrations.common import check_patch, perturbed
 
 CONTEXT, VOCAB = 77, 50
 TINY = dict(embed_dim=16, image_resolution=32, vision_layers=1, vision_width=64, vision_patch_size=16,
@@ -33,15 +33,12 @@ BATCHES = {
 }
 
 
-def perturb(model):
-    with torch.no_grad():  # move parameters off their init (LayerNorm (1, 0), zero biases)
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
+def perturbed_eval(model):
+    return perturbed(model).eval()
 
 
 def reference_model():
-    return perturb(models.CLIP(**TINY))
+    return perturbed_eval(models.CLIP(**TINY))
 
 
 def openai_model():
@@ -51,12 +48,12 @@ def openai_model():
         clip = import_clip()
     except ImportError as e:
         pytest.skip(f"OpenAI clip is not installed ({e})")
-    return perturb(clip.model.CLIP(**TINY))
+    return perturbed_eval(clip.model.CLIP(**TINY))
 
 
 def open_clip_model(**text):
     open_clip = pytest.importorskip("open_clip")
-    return perturb(open_clip.create_model(
+    return perturbed_eval(open_clip.create_model(
         "ViT-B-32-quickgelu", pretrained=None, embed_dim=16,
         vision_cfg=dict(layers=1, width=32, head_width=16, image_size=32, patch_size=16),
         text_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=32, heads=2, layers=2, **text)))

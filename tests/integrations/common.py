@@ -51,6 +51,15 @@ def _outputs(model, run, inputs):
 _FP32_CASTING_LAYER_NORMS = {"clip.model.LayerNorm", "cn_clip.clip.model.LayerNorm", "open_clip.transformer.LayerNormFp32"}
 
 
+def perturbed(model: torch.nn.Module) -> torch.nn.Module:
+    """Random init leaves LayerNorm at (1, 0) and some weights at zero; move every parameter a little so each
+    gradient is exercised (in place; returns the model)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return model
+
+
 def float64_reference(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` in float64, with the fp32-casting LayerNorm subclasses computing in float64 (the same math
     one precision up, which is what the reference must be)."""

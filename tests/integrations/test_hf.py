@@ -11,6 +11,7 @@ import clipfast
 from ..conftest import DEVICE
 from ..numerics import check
 from .common import check_patch, float64_reference, grad_problems, paths_of
+from .common import perturbed as _perturbed
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed; `pip install -e .[integrations]`")
 
@@ -33,10 +34,7 @@ def chinese_clip_config(attn="sdpa"):
 
 
 def perturbed(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
+    return _perturbed(model).eval()
 
 
 def text_inputs(batch=3, length=12):

@@ -11,7 +11,7 @@ from clipfast.patching import patch
 
 from ..conftest import DEVICE
 from ..numerics import check
-from .common import check_patch, clip_tokens, float64_reference, paths_of
+from .common import check_patch, clip_tokens, float64_reference, paths_of, perturbed
 
 try:
     clip = import_clip()
@@ -34,15 +34,6 @@ def tiny_resnet():
     return clip.model.CLIP(embed_dim=32, image_resolution=64, vision_layers=(1, 1, 1, 1), vision_width=16,
                            vision_patch_size=None, context_length=CONTEXT, vocab_size=VOCAB, transformer_width=32,
                            transformer_heads=2, transformer_layers=1).eval()
-
-
-def perturbed(model):
-    """Random init leaves LayerNorm at (1, 0) and some weights at zero; move every parameter a little so each
-    gradient is exercised."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
 
 
 def tokens(batch=3):

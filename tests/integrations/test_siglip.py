@@ -11,6 +11,7 @@ import clipfast
 
 from ..conftest import DEVICE
 from .common import check_patch, module_types, paths_of
+from .common import perturbed as _perturbed
 from .kernel_launches import count_launches
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed; `pip install -e .[integrations]`")
@@ -28,10 +29,7 @@ def siglip_config():
 
 
 def perturbed(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model.eval()
+    return _perturbed(model).eval()
 
 
 def text_inputs(batch=3, length=12):

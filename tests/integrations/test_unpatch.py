@@ -12,7 +12,7 @@ import torch.nn as nn
 from clipfast.patching import patch, unpatch
 
 from ..conftest import DEVICE
-from .common import clip_tokens, require
+from .common import clip_tokens, perturbed, require
 
 VOCAB, CONTEXT = 100, 16
 CONTAINERS = ("_parameters", "_buffers", "_modules")
@@ -100,13 +100,6 @@ def check_unpatch_exact(model: nn.Module, run, *inputs, target=None):
         outs, expected = run(model, *inputs), run(snapshot, *inputs)
     for i, (o, e) in enumerate(zip(outs, expected)):
         assert torch.equal(o, e), f"output {i}: max difference {float((o - e).abs().max())}"
-
-
-def perturbed(model):
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return model
 
 
 # ----------------------------------------------------------------------------------------------
