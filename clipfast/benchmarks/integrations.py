@@ -112,11 +112,13 @@ def _open_clip_fns(models):
     return encode, train_step
 
 
-def _hf_fns(models):
+def hf_model_fns(models, image_features, clipfast_loss):
+    """Encode and train-step functions of a Hugging Face dual-encoder: ``image_features(model, images)`` gives
+    the image features, ``clipfast_loss(model, out)`` the patched model's loss from its outputs (the eager
+    model computes its own with ``return_loss=True``). Shared by the CLIP and SigLIP families."""
     def encode(which):
         def fn(images, tokens):
-            model = models.get(which, images.device, images.dtype)
-            return model.visual_projection(model.vision_model(pixel_values=images).pooler_output)
+            return image_features(models.get(which, images.device, images.dtype), images)
         return fn
 
     def train_step(which):
@@ -124,11 +126,17 @@ def _hf_fns(models):
             model = models.get(which, images.device, images.dtype)
             if which == "eager":
                 return model(input_ids=tokens, pixel_values=images, return_loss=True).loss
-            out = model(input_ids=tokens, pixel_values=images)
-            return clipfast.clip_loss(out.image_embeds, out.text_embeds, model.logit_scale)
+            return clipfast_loss(model, model(input_ids=tokens, pixel_values=images))
         return fn
 
     return encode, train_step
+
+
+def _hf_fns(models):
+    return hf_model_fns(
+        models,
+        lambda model, images: model.visual_projection(model.vision_model(pixel_values=images).pooler_output),
+        lambda model, out: clipfast.clip_loss(out.image_embeds, out.text_embeds, model.logit_scale))
 
 
 def cases(smoke: bool):

@@ -17,7 +17,7 @@ import torch
 import clipfast
 
 from .harness import BenchCase
-from .integrations import _Models
+from .integrations import _Models, hf_model_fns
 
 TEXT = dict(max_position_embeddings=64, vocab_size=32000)
 DIMS = {
@@ -60,23 +60,11 @@ def _inputs(name: str, batch: int):
 
 
 def _fns(models: _Models):
-    def encode(which):
-        def fn(images, tokens):
-            model = models.get(which, images.device, images.dtype)
-            return model.vision_model(pixel_values=images).pooler_output  # SigLIP's image features
-        return fn
-
-    def train_step(which):
-        def fn(images, tokens):
-            model = models.get(which, images.device, images.dtype)
-            if which == "eager":
-                return model(input_ids=tokens, pixel_values=images, return_loss=True).loss
-            out = model(input_ids=tokens, pixel_values=images)  # embeds already L2-normalized
-            return clipfast.siglip_loss(out.image_embeds, out.text_embeds, model.logit_scale, model.logit_bias,
-                                        normalize=False)
-        return fn
-
-    return encode, train_step
+    return hf_model_fns(
+        models,
+        lambda model, images: model.vision_model(pixel_values=images).pooler_output,  # SigLIP's image features
+        lambda model, out: clipfast.siglip_loss(out.image_embeds, out.text_embeds, model.logit_scale,  # embeds
+                                                model.logit_bias, normalize=False))  # already L2-normalized
 
 
 def cases(smoke: bool):
