@@ -1,5 +1,5 @@
-"""Unpadded text towers that take a padding mask: Hugging Face ``CLIPModel`` (causal, pooled at the
-end-of-text token), Hugging Face ``ChineseCLIPModel`` and Chinese-CLIP (``cn_clip``) (post-LN BERT,
+"""Unpadded text towers that take a padding mask: Hugging Face ``CLIPModel`` and
+``CLIPTextModelWithProjection`` (causal, pooled at the end-of-text token), Hugging Face ``ChineseCLIPModel`` and Chinese-CLIP (``cn_clip``) (post-LN BERT,
 bidirectional, pooled at the first token, CLS).
 
 Why it is exact
@@ -31,8 +31,8 @@ for BERT) on the QKV projections. The pooled rows are the last (CLIP) or first (
 When the padded model runs instead (detected exactly, per call)
 ---------------------------------------------------------------
 Only the pooled output is computed, so the unpadded path runs only where a caller asks for pooled
-features: HF ``get_text_features`` and ``forward`` (whose results are ``text_embeds`` / logits), cn_clip
-``encode_text`` (and its ``forward``). The bare text models (``CLIPTextModel``, ``ChineseCLIPTextModel``,
+features: HF ``get_text_features`` and ``forward`` (whose results are ``text_embeds`` / logits;
+``CLIPTextModelWithProjection.forward``'s ``text_embeds``), cn_clip ``encode_text`` (and its ``forward``). The bare text models (``CLIPTextModel``, ``ChineseCLIPTextModel``,
 cn_clip's ``bert``), whose main output is every position's state, are never changed. On the unpadded
 path the HF output object's ``last_hidden_state`` (``text_model_output.last_hidden_state`` from
 ``forward``) is ``None``: it is the one field this path does not compute (call ``model.text_model`` or
@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextvars
 import math
+import sys
 from typing import Optional
 
 import torch
@@ -58,9 +59,10 @@ from . import unpad
 from .ops.attention_varlen import flash_attention_varlen
 
 HF_CLIP = "transformers.models.clip.modeling_clip.CLIPModel"
+HF_CLIP_TEXT = "transformers.models.clip.modeling_clip.CLIPTextModelWithProjection"
 HF_CHINESE_CLIP = "transformers.models.chinese_clip.modeling_chinese_clip.ChineseCLIPModel"
 CN_CLIP = "cn_clip.clip.model.CLIP"
-TOWERS = (HF_CLIP, HF_CHINESE_CLIP, CN_CLIP)
+TOWERS = (HF_CLIP, HF_CLIP_TEXT, HF_CHINESE_CLIP, CN_CLIP)
 
 # set while a patched forward needs the padded text tower (return_dict=False), read by get_text_features
 _PADDED = contextvars.ContextVar("clipfast_unpad_padded", default=False)
@@ -194,6 +196,18 @@ def hf_clip_get_text_features(self, input_ids, attention_mask=None, position_ids
                                          **kwargs)
 
 
+def hf_clip_text_with_projection_forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+    """``CLIPTextModelWithProjection.forward`` computing only real tokens when only ``text_embeds`` is asked for
+    (``last_hidden_state`` is then None); the original otherwise."""
+    if input_ids is not None and _hf_pooled_only(self, self.text_model, input_ids, attention_mask, kwargs):
+        pooled = hf_clip_pooled(self.text_model, input_ids, attention_mask, position_ids)
+        if pooled is not None:
+            output_cls = sys.modules[_base(self).__module__].CLIPTextModelOutput
+            return output_cls(text_embeds=self.text_projection(pooled))
+    return _base(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               **kwargs)
+
+
 # ----------------------------------------------------------------------------------------------
 # BERT towers: Hugging Face ChineseCLIPModel, cn_clip
 # ----------------------------------------------------------------------------------------------
@@ -260,6 +274,7 @@ def cn_clip_encode_text(self, text):
 
 METHODS = {
     HF_CLIP: {"get_text_features": hf_clip_get_text_features, "forward": hf_forward},
+    HF_CLIP_TEXT: {"forward": hf_clip_text_with_projection_forward},
     HF_CHINESE_CLIP: {"get_text_features": hf_chinese_clip_get_text_features, "forward": hf_forward},
     CN_CLIP: {"encode_text": cn_clip_encode_text},
 }
@@ -277,7 +292,7 @@ def unsupported_reason(model: nn.Module) -> Optional[str]:
     """Why this tower's text encoding cannot skip padding (None when it can), from its structure."""
     name = unpad.tower_name(model)
     try:
-        if name == HF_CLIP:
+        if name in (HF_CLIP, HF_CLIP_TEXT):
             attn = model.text_model.encoder.layers[0].self_attn
             for layer in model.text_model.encoder.layers:
                 if not all(hasattr(layer, n) for n in ("layer_norm1", "layer_norm2", "mlp", "self_attn")):

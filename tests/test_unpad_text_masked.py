@@ -123,6 +123,23 @@ def test_hf_clip_forward_text_embeds_and_logits(packed_calls):
     assert out.text_model_output.last_hidden_state is None
 
 
+def test_hf_clip_text_model_with_projection(packed_calls):
+    """``CLIPTextModelWithProjection``: text_embeds from the packed tower (``last_hidden_state`` None); the bare
+    ``CLIPTextModel`` (every position's states are its main output) is left padded."""
+    ids, mask = clip_text([9, 1, CONTEXT])
+
+    def build():
+        return perturbed(transformers.CLIPTextModelWithProjection(clip_model().config.text_config)).eval()
+
+    def run(model, ids, mask):
+        return model(input_ids=ids, attention_mask=mask).text_embeds
+
+    model, _ = check_patch(build, run, [ids, mask], expected={"unpad_text": {""}})
+    assert packed_calls and model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE)).last_hidden_state is None
+    report = clipfast.patch(transformers.CLIPTextModel(clip_model().config.text_config))
+    assert not [s for s in report.swapped if s.family == "unpad_text"]
+
+
 def test_hf_clip_calls_that_need_every_position_run_padded(no_packing):
     """Hidden states or attentions requested (argument or config), return_dict=False (positional tuples), a
     padded pooled token or a mask other than 0/1: the padded model, every field as without clipfast."""
