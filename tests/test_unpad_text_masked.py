@@ -90,6 +90,18 @@ def test_hf_clip_get_text_features_with_mask(batch, packed_calls):
     assert packed_calls and {c for c in packed_calls} == {(tokens, True)}  # every layer: the real tokens only
 
 
+@pytest.mark.parametrize("tower", ["clip", "chinese-clip"])
+def test_hf_towers_fp16(tower, packed_calls):
+    lengths = [CONTEXT, 7, 1, 4]
+    if tower == "clip":
+        ids, mask = clip_text(lengths)
+        check_patch(clip_model, text_features, [ids, mask], dtype=torch.float16)
+    else:
+        ids, mask, _ = bert_text(lengths)
+        check_patch(chinese_clip_model, text_features, [ids, mask], dtype=torch.float16)
+    assert packed_calls
+
+
 @pytest.mark.parametrize("case", ["no-mask", "left-padding", "legacy-eos-2"])
 def test_hf_clip_without_mask_left_padding_and_argmax_pooling(case, packed_calls):
     """Without a mask the tower attends causally to every position, padding included: the packed path keeps
