@@ -236,7 +236,9 @@ def unpadded_class(cls: type) -> type:
     new = _CLASSES.get(cls)
     if new is None:
         methods = _methods(cls)
-        new = type(f"Unpadded{cls.__name__}", (cls,), {
+        # a transformers model keeps its class's __name__: save_pretrained records it as the architecture
+        name = cls.__name__ if cls.__module__.startswith("transformers.") else f"Unpadded{cls.__name__}"
+        new = type(name, (cls,), {
             **methods, "__module__": __name__, "__qualname__": f"Unpadded{cls.__name__}",
             "__doc__": f"{cls.__name__} whose {', '.join(methods)} compute(s) only real tokens (clipfast.unpad).",
             "_clipfast_fast": True, "_clipfast_unpadded_base": cls, "__reduce_ex__": _reduce,

@@ -3,6 +3,7 @@ pooled at the end-of-text token, with and without ``attention_mask``), Hugging F
 (BERT, pooled at CLS). Patched (packed, real tokens only) vs the unpatched padded model, forward and every
 parameter gradient against a float64 reference; calls that need more than pooled features run padded."""
 import copy
+import json
 
 import pytest
 import torch
@@ -192,14 +193,16 @@ def test_hf_clip_training_with_gradient_checkpointing_runs_padded(no_packing):
     text_features(model, ids, mask).sum().backward()
 
 
-def test_hf_clip_patched_model_deep_copies_and_unpatches():
+def test_hf_clip_patched_model_deep_copies_saves_and_unpatches(tmp_path):
     model = clip_model().to(DEVICE)
     ids, mask = (t.to(DEVICE) for t in clip_text([5, 12]))
     expected = text_features(model, ids, mask)
     clipfast.patch(model)
     clone = copy.deepcopy(model)
-    assert type(clone).__name__ == "UnpaddedCLIPModel"
+    assert type(clone).__qualname__ == "UnpaddedCLIPModel"
     torch.testing.assert_close(text_features(clone, ids, mask), expected, rtol=1e-4, atol=1e-5)
+    model.save_pretrained(tmp_path)  # records the architecture by class name: the original's
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["CLIPModel"]
     clipfast.unpatch(model)
     assert type(model) is transformers.CLIPModel
 
