@@ -25,6 +25,9 @@ What runs
 
 Only ``encode_text`` changes: code that needs every position (``forward_intermediates``, the transformer
 called directly) keeps the padded computation. ``clipfast.patch(model, unpad_text=False)`` keeps it too.
+
+Towers that take a padding mask (Hugging Face CLIP / ChineseCLIP, cn_clip's BERT) are in
+``clipfast/unpad_masked.py``; they share the packing helpers, hook test and patched classes here.
 """
 from __future__ import annotations
 
@@ -41,9 +44,10 @@ REFERENCE, OPENAI, OPEN_CLIP = "clipfast.models.model.CLIP", "clip.model.CLIP", 
 TEXT_TOWERS = (REFERENCE, OPENAI, OPEN_CLIP)
 
 
-def tower_name(model: nn.Module) -> str:
-    """module.qualname of the model's class (of the class it patches, for a patched model)."""
-    cls = type(model)
+def tower_name(model) -> str:
+    """module.qualname of the model's class (of the class it patches, for a patched model); ``model`` may
+    be the class itself."""
+    cls = model if isinstance(model, type) else type(model)
     cls = getattr(cls, "_clipfast_unpadded_base", cls)
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -63,13 +67,19 @@ def eot_positions(model: nn.Module, text: torch.Tensor) -> Optional[torch.Tensor
     return None
 
 
+def packed_offsets(keep: torch.Tensor):
+    """int32 ``cu_seqlens`` [B + 1] and the longest sequence (one host sync, for the shapes) of the packed
+    tokens ``x[keep]`` of a boolean [B, L] selection; row-major boolean indexing keeps each row's order."""
+    lengths = keep.sum(1)
+    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32), int(lengths.max())
+
+
 def pack(text: torch.Tensor, lengths: torch.Tensor):
     """Real tokens of ``text`` [B, L] (the first ``lengths[b]`` of row b) as flat ids and positions [T],
     int32 ``cu_seqlens`` [B + 1] and the longest length (one host sync, for the shapes)."""
     positions = torch.arange(text.shape[1], device=text.device)
     keep = positions[None, :] < lengths[:, None]
-    cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
-    return text[keep], positions.expand_as(text)[keep], cu_seqlens, int(lengths.max())
+    return (text[keep], positions.expand_as(text)[keep], *packed_offsets(keep))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +91,14 @@ def _hooked(module: nn.Module) -> bool:
     user's): they run only when the module itself is called, which the packed path does not do. Hooks
     marked ``observes_only`` (``clipfast verify``'s output capture) change nothing and do not count."""
     hooks = [*module._forward_pre_hooks.values(), *module._forward_hooks.values()]
-    return any(not getattr(h, "observes_only", False) for h in hooks)
+    return any(not (getattr(h, "observes_only", False) or _hf_output_capture(h)) for h in hooks)
+
+
+def _hf_output_capture(hook) -> bool:
+    """transformers 5.x's output-capturing hook (records hidden states / attentions only while a forward
+    asked for them; the unpadded paths never run when one does)."""
+    return (getattr(hook, "__name__", "") == "output_capturing_hook"
+            and getattr(hook, "__module__", "").startswith("transformers."))
 
 
 def packable_block(block: nn.Module) -> bool:
@@ -203,14 +220,27 @@ def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tens
 _CLASSES: dict[type, type] = {}
 
 
+def _methods(cls: type) -> dict:
+    """The methods the unpadded subclass of ``cls`` overrides: ``encode_text`` here, the masked towers'
+    (Hugging Face CLIP / ChineseCLIP, cn_clip) from ``clipfast.unpad_masked``."""
+    if tower_name(cls) in TEXT_TOWERS:
+        return {"encode_text": encode_text}
+    from . import unpad_masked
+
+    return unpad_masked.METHODS[tower_name(cls)]
+
+
 def unpadded_class(cls: type) -> type:
-    """The subclass of a CLIP class whose ``encode_text`` skips padding (one per class, cached); pickles
+    """The subclass of a CLIP class whose text encoding skips padding (one per class, cached); pickles
     and deep-copies by reference to this module."""
     new = _CLASSES.get(cls)
     if new is None:
-        new = type(f"Unpadded{cls.__name__}", (cls,), {
-            "encode_text": encode_text, "__module__": __name__, "__qualname__": f"Unpadded{cls.__name__}",
-            "__doc__": f"{cls.__name__} whose encode_text computes only real tokens (clipfast.unpad).",
+        methods = _methods(cls)
+        # a transformers model keeps its class's __name__: save_pretrained records it as the architecture
+        name = cls.__name__ if cls.__module__.startswith("transformers.") else f"Unpadded{cls.__name__}"
+        new = type(name, (cls,), {
+            **methods, "__module__": __name__, "__qualname__": f"Unpadded{cls.__name__}",
+            "__doc__": f"{cls.__name__} whose {', '.join(methods)} compute(s) only real tokens (clipfast.unpad).",
             "_clipfast_fast": True, "_clipfast_unpadded_base": cls, "__reduce_ex__": _reduce,
         })
         _CLASSES[cls] = new

@@ -134,8 +134,10 @@ _TINY_HF_TEXT = dict(_TINY_HF_TOWER, max_position_embeddings=16, vocab_size=100)
 _TINY_HF_VISION = dict(_TINY_HF_TOWER, image_size=32, patch_size=8)
 
 
-def _hf_spec(model_name: str, config) -> ModelSpec:
-    """A Hugging Face dual-encoder (``CLIPModel``, ``SiglipModel``) built from ``config``."""
+def _hf_spec(model_name: str, config, padding_mask: bool = False) -> ModelSpec:
+    """A Hugging Face dual-encoder (``CLIPModel``, ``SiglipModel``) built from ``config``; with
+    ``padding_mask``, the text goes in with the ``attention_mask`` a tokenizer returns (0 after the
+    end-of-text token), which the patched CLIPModel's text tower skips (``unpad_text``)."""
     import transformers
 
     model_cls = getattr(transformers, model_name)
@@ -144,7 +146,8 @@ def _hf_spec(model_name: str, config) -> ModelSpec:
 
     def forward(model, inputs):
         images, tokens = inputs
-        out = model(input_ids=tokens, pixel_values=images)
+        mask = (tokens != 0).long() if padding_mask else None  # real ids are >= 1, padding is 0
+        out = model(input_ids=tokens, pixel_values=images, attention_mask=mask)
         return {"image_embeds": out.image_embeds, "text_embeds": out.text_embeds, "logits_per_image": out.logits_per_image}
 
     return ModelSpec(f"hf {model_name}", lambda: model_cls(config), make, forward)
@@ -161,9 +164,11 @@ def hf_clip_spec(tiny: bool) -> ModelSpec:
     _require_transformers()
     from transformers import CLIPConfig
 
-    config = CLIPConfig(text_config=_TINY_HF_TEXT if tiny else {}, vision_config=_TINY_HF_VISION if tiny else {},
+    # the end-of-text id is the largest id, as in the real vocabulary (49407 of 49408): the pooled token
+    text = dict(_TINY_HF_TEXT, eos_token_id=_TINY_HF_TEXT["vocab_size"] - 1, bos_token_id=1, pad_token_id=0) if tiny else {}
+    config = CLIPConfig(text_config=text, vision_config=_TINY_HF_VISION if tiny else {},
                         projection_dim=32 if tiny else 512)
-    spec = _hf_spec("CLIPModel", config)
+    spec = _hf_spec("CLIPModel", config, padding_mask=True)
     spec.name += " (tiny)" if tiny else ""
     return spec
 

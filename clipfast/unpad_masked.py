@@ -1,0 +1,313 @@
+"""Unpadded text towers that take a padding mask: Hugging Face ``CLIPModel`` and
+``CLIPTextModelWithProjection`` (causal, pooled at the end-of-text token), Hugging Face ``ChineseCLIPModel`` and Chinese-CLIP (``cn_clip``) (post-LN BERT,
+bidirectional, pooled at the first token, CLS).
+
+Why it is exact
+---------------
+In every layer a token's state depends only on the tokens it attends to (its keys) and on itself; the
+token-wise ops (embeddings, LayerNorm, projections, MLP) mix nothing across positions. So the pooled
+state depends on a set of tokens closed under "attends to", and computing that set alone gives the same
+pooled features and the same gradients (tokens outside it get zero gradients either way):
+
+- **HF CLIP** pools at ``p`` = the first ``eos_token_id`` in each row (``argmax`` of the ids when the
+  config carries the old ``eos_token_id == 2``; position 0 when a row has no end-of-text token), exactly
+  as ``CLIPTextModel`` picks it. Its attention is causal, and ``attention_mask`` (when given) removes the
+  keys where it is 0. The closed set is ``{j <= p : attention_mask[j] == 1}``: right padding, left
+  padding and holes alike. Without a mask it is ``0..p`` (the positions after the end-of-text token,
+  padding or not, cannot reach it). The pooled token must itself be real (``attention_mask[p] == 1``).
+- **BERT towers** pool at position 0 with a key-padding mask and no causality: the closed set is every
+  real token (``attention_mask == 1``; for cn_clip ``text != [PAD]``, the mask its ``encode_text``
+  builds), with position 0 real. Token types and positions are gathered with the tokens, so each keeps
+  its original position id. HF ChineseCLIP called without ``attention_mask`` attends to every position:
+  nothing is padding and the model runs as it is.
+
+What runs
+---------
+The kept tokens are packed into one ``[total_tokens, width]`` tensor (``cu_seqlens`` marks the rows);
+the model's own (possibly clipfast-patched) embedding, LayerNorm, output and MLP modules run on it, and
+attention is ``clipfast.flash_attention_varlen`` (causal within each sequence for CLIP, bidirectional
+for BERT) on the QKV projections. The pooled rows are the last (CLIP) or first (BERT) row of each sequence.
+
+When the padded model runs instead (detected exactly, per call)
+---------------------------------------------------------------
+Only the pooled output is computed, so the unpadded path runs only where a caller asks for pooled
+features: HF ``get_text_features`` and ``forward`` (whose results are ``text_embeds`` / logits;
+``CLIPTextModelWithProjection.forward``'s ``text_embeds``), cn_clip ``encode_text`` (and its ``forward``). The bare text models (``CLIPTextModel``, ``ChineseCLIPTextModel``,
+cn_clip's ``bert``), whose main output is every position's state, are never changed. On the unpadded
+path the HF output object's ``last_hidden_state`` (``text_model_output.last_hidden_state`` from
+``forward``) is ``None``: it is the one field this path does not compute (call ``model.text_model`` or
+patch with ``unpad_text=False`` for it). The padded model runs, with every field as without clipfast,
+when the call asks for more than pooled features or the packed path cannot take it:
+``output_hidden_states`` / ``output_attentions`` (passed, or set in the configs), ``return_dict=False``
+(the positional tuple would shift), any other keyword argument, ``torch.compile`` tracing (the packed
+length is data dependent; the padded graph has static shapes and no graph break), gradient checkpointing
+or attention dropout in training, forward hooks on the modules the packed path does not call (FSDP2,
+checkpoint wrappers, a user's; transformers' own output-capturing hooks are fine), masks other than 0/1,
+a padded pooled token, inputs that are not [batch, length].
+"""
+from __future__ import annotations
+
+import contextvars
+import math
+import sys
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from . import unpad
+from .ops.attention_varlen import flash_attention_varlen
+
+HF_CLIP = "transformers.models.clip.modeling_clip.CLIPModel"
+HF_CLIP_TEXT = "transformers.models.clip.modeling_clip.CLIPTextModelWithProjection"
+HF_CHINESE_CLIP = "transformers.models.chinese_clip.modeling_chinese_clip.ChineseCLIPModel"
+CN_CLIP = "cn_clip.clip.model.CLIP"
+TOWERS = (HF_CLIP, HF_CLIP_TEXT, HF_CHINESE_CLIP, CN_CLIP)
+
+# set while a patched forward needs the padded text tower (return_dict=False), read by get_text_features
+_PADDED = contextvars.ContextVar("clipfast_unpad_padded", default=False)
+
+
+def _base(self) -> type:
+    return type(self)._clipfast_unpadded_base
+
+
+# ----------------------------------------------------------------------------------------------
+# Layers on packed tokens
+# ----------------------------------------------------------------------------------------------
+
+def _heads(linear: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+    return linear(x).view(x.shape[0], heads, -1)
+
+
+def _clip_layer(layer: nn.Module, x: torch.Tensor, cu_seqlens, max_len: int) -> torch.Tensor:
+    """HF ``CLIPEncoderLayer`` (pre-LN, causal) on packed rows [T, W]."""
+    attn, h = layer.self_attn, layer.layer_norm1(x)
+    q, k, v = (_heads(p, h, attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    o = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, is_causal=True, scale=attn.scale)
+    x = x + attn.out_proj(o.reshape(x.shape))
+    return x + layer.mlp(layer.layer_norm2(x))
+
+
+def _bert_layer(layer: nn.Module, x: torch.Tensor, cu_seqlens, max_len: int) -> torch.Tensor:
+    """A post-LN BERT layer (HF ChineseCLIP's or cn_clip's: ``attention.self`` / ``attention.output`` /
+    ``intermediate`` / ``output``) on packed rows [T, W], bidirectional within each sequence."""
+    sa = layer.attention.self
+    q, k, v = (_heads(p, x, sa.num_attention_heads) for p in (sa.query, sa.key, sa.value))
+    o = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, is_causal=False,
+                               scale=1.0 / math.sqrt(sa.attention_head_size))
+    x = layer.attention.output(o.reshape(x.shape[0], -1), x)  # dense, dropout, LayerNorm(. + x)
+    return layer.output(layer.intermediate(x), x)
+
+
+# ----------------------------------------------------------------------------------------------
+# When the packed path may run
+# ----------------------------------------------------------------------------------------------
+
+def _bypassed(model: nn.Module, layers, parts) -> list:
+    """The modules whose forward the packed path does not call (their hooks would not run)."""
+    return [model, *[m for layer in layers for m in (layer, *(p(layer) for p in parts))]]
+
+
+def _packable_call(modules, training_blockers: bool) -> bool:
+    return (not torch.compiler.is_compiling() and not training_blockers
+            and not any(unpad._hooked(m) for m in modules))
+
+
+def _hf_pooled_only(model: nn.Module, text_model: nn.Module, input_ids, attention_mask, kwargs) -> bool:
+    """Whether an HF ``get_text_features`` call asks for the pooled features only (see the module docstring)."""
+    if torch.compiler.is_compiling() or _PADDED.get() or any(k != "return_dict" for k in kwargs):
+        return False
+    return_dict = kwargs.get("return_dict")
+    if not (model.config.return_dict if return_dict is None else return_dict):
+        return False
+    if any(getattr(c, f"output_{what}", False) for c in (model.config, text_model.config)
+           for what in ("hidden_states", "attentions")):
+        return False
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[0] == 0:
+        return False
+    return attention_mask is None or (isinstance(attention_mask, torch.Tensor)
+                                      and attention_mask.shape == input_ids.shape
+                                      and (attention_mask.dtype == torch.bool or not attention_mask.is_floating_point()))
+
+
+def _real(attention_mask: torch.Tensor, pooled_at: torch.Tensor) -> bool:
+    """A 0/1 mask whose pooled tokens are real (one host sync)."""
+    binary = ((attention_mask == 0) | (attention_mask == 1)).all()
+    return bool(binary & attention_mask.gather(1, pooled_at[:, None]).bool().all())
+
+
+def _gather_ids(ids: Optional[torch.Tensor], default: torch.Tensor, like: torch.Tensor, keep) -> torch.Tensor:
+    """``ids`` (or ``default``, [1, L]) broadcast to ``like`` [B, L], at the kept tokens."""
+    return (default if ids is None else ids).expand_as(like)[keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face CLIPModel
+# ----------------------------------------------------------------------------------------------
+
+def hf_eot_positions(text_model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """The position ``CLIPTextModel`` pools at, by its own rule (same expressions)."""
+    ids = input_ids.to(torch.int)
+    if text_model.eos_token_id == 2:
+        return ids.argmax(dim=-1)
+    return (ids == text_model.eos_token_id).int().argmax(dim=-1)
+
+
+def hf_clip_pooled(text_model: nn.Module, input_ids, attention_mask=None, position_ids=None):
+    """``CLIPTextModel(...).pooler_output`` from the real tokens only, or None where the packed path cannot
+    take this call (a padded pooled token, a mask other than 0/1, hooks, checkpointing, dropout)."""
+    layers = list(text_model.encoder.layers)
+    dropout = text_model.training and (text_model.config.attention_dropout > 0
+                                       or any(getattr(m, "gradient_checkpointing", False) for m in layers))
+    bypassed = _bypassed(text_model, layers, (lambda l: l.self_attn,)) + [text_model.encoder, text_model.embeddings]
+    if not _packable_call(bypassed, dropout):
+        return None
+    length = input_ids.shape[1]
+    eot = hf_eot_positions(text_model, input_ids)
+    keep = torch.arange(length, device=input_ids.device)[None, :] <= eot[:, None]
+    if attention_mask is not None:
+        if not _real(attention_mask, eot):
+            return None
+        keep = keep & attention_mask.bool()
+    cu_seqlens, max_len = unpad.packed_offsets(keep)
+    emb = text_model.embeddings
+    positions = _gather_ids(position_ids, emb.position_ids[:, :length], input_ids, keep)
+    x = emb.token_embedding(input_ids[keep]) + emb.position_embedding(positions)
+    for layer in layers:
+        x = _clip_layer(layer, x, cu_seqlens, max_len)
+    return text_model.final_layer_norm(x[cu_seqlens[1:].long() - 1])  # per token: only the pooled rows
+
+
+def _pooled_output(pooled: torch.Tensor):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=pooled)
+
+
+def hf_clip_get_text_features(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
+    """``CLIPModel.get_text_features`` computing only real tokens when only pooled features are asked for
+    (``last_hidden_state`` is then None); the original otherwise."""
+    if _hf_pooled_only(self, self.text_model, input_ids, attention_mask, kwargs):
+        pooled = hf_clip_pooled(self.text_model, input_ids, attention_mask, position_ids)
+        if pooled is not None:
+            return _pooled_output(self.text_projection(pooled))
+    return _base(self).get_text_features(self, input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                         **kwargs)
+
+
+def hf_clip_text_with_projection_forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+    """``CLIPTextModelWithProjection.forward`` computing only real tokens when only ``text_embeds`` is asked for
+    (``last_hidden_state`` is then None); the original otherwise."""
+    if input_ids is not None and _hf_pooled_only(self, self.text_model, input_ids, attention_mask, kwargs):
+        pooled = hf_clip_pooled(self.text_model, input_ids, attention_mask, position_ids)
+        if pooled is not None:
+            output_cls = sys.modules[_base(self).__module__].CLIPTextModelOutput
+            return output_cls(text_embeds=self.text_projection(pooled))
+    return _base(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# BERT towers: Hugging Face ChineseCLIPModel, cn_clip
+# ----------------------------------------------------------------------------------------------
+
+def _bert_packable(bert: nn.Module) -> bool:
+    layers = list(bert.encoder.layer)
+    config = getattr(bert, "config", None)
+    checkpointing = getattr(bert.encoder, "grad_checkpointing", False) or getattr(bert.encoder, "gradient_checkpointing",
+                                                                                 False)
+    checkpointing = checkpointing or any(getattr(m, "gradient_checkpointing", False) for m in layers)
+    dropout = bert.training and (checkpointing or getattr(config, "attention_probs_dropout_prob", 0) > 0)
+    bypassed = _bypassed(bert, layers, (lambda l: l.attention, lambda l: l.attention.self)) + [bert.encoder]
+    return _packable_call(bypassed, dropout)
+
+
+def bert_cls(bert: nn.Module, input_ids, keep, token_type_ids=None, position_ids=None) -> torch.Tensor:
+    """The last layer's first-token (CLS) state of every row, computed on the ``keep`` tokens [B, L] only
+    (position 0 of every row kept). Token types default to 0 and positions to 0..L-1, as both BERTs do."""
+    cu_seqlens, max_len = unpad.packed_offsets(keep)
+    length = input_ids.shape[1]
+    positions = _gather_ids(position_ids, torch.arange(length, device=input_ids.device)[None], input_ids, keep)
+    types = _gather_ids(token_type_ids, torch.zeros_like(input_ids[:1]), input_ids, keep)
+    x = bert.embeddings(input_ids=input_ids[keep][None], token_type_ids=types[None], position_ids=positions[None])[0]
+    for layer in bert.encoder.layer:
+        x = _bert_layer(layer, x, cu_seqlens, max_len)
+    return x[cu_seqlens[:-1].long()]
+
+
+def hf_chinese_clip_get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                                      **kwargs):
+    """``ChineseCLIPModel.get_text_features`` computing only real tokens when only pooled features are asked
+    for and an ``attention_mask`` marks padding (``last_hidden_state`` is then None); the original otherwise."""
+    if (attention_mask is not None and _hf_pooled_only(self, self.text_model, input_ids, attention_mask, kwargs)
+            and _bert_packable(self.text_model)
+            and _real(attention_mask, torch.zeros_like(input_ids[:, 0]))):
+        cls = bert_cls(self.text_model, input_ids, attention_mask.bool(), token_type_ids, position_ids)
+        return _pooled_output(self.text_projection(cls))
+    return _base(self).get_text_features(self, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                         position_ids=position_ids, **kwargs)
+
+
+def hf_forward(self, *args, **kwargs):
+    """The original ``forward``; with ``return_dict=False`` (the tuples are positional) its text tower runs padded."""
+    return_dict = kwargs.get("return_dict")
+    if torch.compiler.is_compiling() or (self.config.return_dict if return_dict is None else return_dict):
+        return _base(self).forward(self, *args, **kwargs)
+    token = _PADDED.set(True)
+    try:
+        return _base(self).forward(self, *args, **kwargs)
+    finally:
+        _PADDED.reset(token)
+
+
+def cn_clip_encode_text(self, text):
+    """cn_clip ``encode_text`` on the real (non-[PAD]) tokens only; the original where the packed path
+    cannot take the call."""
+    if (not torch.compiler.is_compiling() and isinstance(text, torch.Tensor) and text.dim() == 2 and text.shape[0] > 0
+            and _bert_packable(self.bert)):
+        keep = text.ne(self.tokenizer.vocab["[PAD]"])
+        if bool(keep[:, 0].all()):
+            return bert_cls(self.bert, text, keep).type(self.dtype) @ self.text_projection
+    return _base(self).encode_text(self, text)
+
+
+METHODS = {
+    HF_CLIP: {"get_text_features": hf_clip_get_text_features, "forward": hf_forward},
+    HF_CLIP_TEXT: {"forward": hf_clip_text_with_projection_forward},
+    HF_CHINESE_CLIP: {"get_text_features": hf_chinese_clip_get_text_features, "forward": hf_forward},
+    CN_CLIP: {"encode_text": cn_clip_encode_text},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Structure (checked when patching)
+# ----------------------------------------------------------------------------------------------
+
+def _head_dim_ok(dim: int) -> Optional[str]:
+    return None if 16 <= dim <= 256 else f"head dim {dim} outside 16..256"
+
+
+def unsupported_reason(model: nn.Module) -> Optional[str]:
+    """Why this tower's text encoding cannot skip padding (None when it can), from its structure."""
+    name = unpad.tower_name(model)
+    try:
+        if name in (HF_CLIP, HF_CLIP_TEXT):
+            attn = model.text_model.encoder.layers[0].self_attn
+            for layer in model.text_model.encoder.layers:
+                if not all(hasattr(layer, n) for n in ("layer_norm1", "layer_norm2", "mlp", "self_attn")):
+                    return "text encoder layers are not CLIPEncoderLayer-shaped"
+            return _head_dim_ok(attn.head_dim)
+        bert = model.text_model if name == HF_CHINESE_CLIP else model.bert
+        for layer in bert.encoder.layer:
+            sa = layer.attention.self
+            if not all(hasattr(sa, n) for n in ("query", "key", "value", "attention_head_size")):
+                return "BERT self-attention without query/key/value projections (e.g. cn_clip's FlashMHA)"
+            for n in ("output", "intermediate"):
+                if not hasattr(layer, n) or not hasattr(layer.attention, "output"):
+                    return "BERT layers are not attention/intermediate/output-shaped"
+        if name == CN_CLIP and "[PAD]" not in getattr(getattr(model, "tokenizer", None), "vocab", {}):
+            return "no [PAD] token in the tokenizer"
+        return _head_dim_ok(bert.encoder.layer[0].attention.self.attention_head_size)
+    except (AttributeError, IndexError, TypeError) as e:
+        return f"unexpected text tower structure ({e})"
