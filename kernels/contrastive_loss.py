@@ -40,9 +40,28 @@ registers), written as an fp32 partial [S, N, d]; the feature-gradient kernel su
 order (``grad_splits``: S = 1 for square losses, whose row blocks fill the GPU; a local loss of 256 rows
 against 32k gathered columns gets its columns split until there are ~2 programs per SM, instead of 4 x
 d / BLOCK_D programs). The same kernel on the transposed problem (B as rows, A as columns, statistics
-swapped, offset negated) gives ``sum_i G_ij Ahat_i``. No N x M buffer, no atomics: deterministic. Each
-program recomputes the full-depth z tile for its d-chunk, so the backward costs (1 + d / BLOCK_D) GEMM
-passes per side (BLOCK_D = 512 spills: ``clipfast aot``).
+swapped, offset negated) gives ``sum_i G_ij Ahat_i``. No N x M buffer, no atomics: deterministic.
+
+GEMM passes (``gemm_passes``, counted from the launch grid and tiles; a pass is the N x M x d product):
+each program recomputes the full-depth z tile for its d-chunk, so one side costs
+``chunks * (d + BLOCK_D) / d`` passes, ``chunks = ceil(d / BLOCK_D)``. ``GRAD_TILES`` ships two chunk
+widths for fp16/bf16: 256 (64 x 64 tiles, any width) and 512 (64 x 32 tiles, a 64 x 512 fp32 accumulator
+that fits in 255 registers without spills only with the 16-aligned widths and strides the JIT specializes
+on: every CLIP width); ``grad_block_d`` takes the one with fewer passes. Whole backward (both sides, also
+for the 256 x 32768 local loss, whose column split adds no work; ``backward_gemm_passes``):
+
+    d        chunk 256   chunk 512 (default when aligned)
+    512      6           4
+    768      8           6.67   (two 512 chunks, the second half padding)
+    1024     10          6
+
+Not taken: one program producing both sides' products from one recomputed tile (3 passes) needs, without
+atomics, a partial of one side per program along the other (O(N * M * d / tile) memory for square losses;
+for the 256-row local loss O(S * N * d), but with an fp32 read-modify-write of a 64 x BLOCK_D partial per
+tile: ~80 FLOP/byte, L2-bound on H100); keeping every chunk's accumulator of a row block in registers is
+the 512-wide tile (a 64 x 768 fp32 accumulator does not fit: 16 warps spill at their 128-register cap).
+The 256-wide chunk stays a dispatch candidate (``clipfast.candidates``): twice the column tile re-reads
+the row operand half as often, which may win on a GPU despite the passes.
 The programs of the first d-chunk on the A side also sum ``G_ij`` and ``G_ij * z_ij`` per row in fp32,
 from which the gradients of the bias and of the scale follow (for fp32 operands the scale's gradient
 comes more accurately from ``sum_i <xhat_i, acc_i>``, see below; fp16/bf16 operands saw G rounded).
@@ -285,24 +304,75 @@ def _contrastive_grad_kernel(
 # Tiles and launchers
 # ---------------------------------------------------------------------------------------------
 
-def tiles(dtype: torch.dtype, n_cols: int) -> dict:
+# The fp16/bf16 gradient tiles, by feature-chunk width: each program recomputes the full-depth logit tile
+# once per chunk, so a wider chunk means fewer GEMM passes (``gemm_passes``). The 512-wide chunk holds a
+# 64 x 512 fp32 accumulator and compiles without spills for sm_80 and sm_90 only with the 16-aligned widths
+# and strides the JIT specializes on (d % 16 == 0: every CLIP width), so it needs them (``aligned``); the
+# 256-wide chunk with twice the column tile takes every width.
+GRAD_TILES = {
+    256: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=256, num_warps=8, num_stages=2),
+    512: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=512, num_warps=8, num_stages=2),
+}
+ALIGNED_ONLY = (512,)
+
+
+def tiles(dtype: torch.dtype, n_cols: int, block_d: int = 0) -> dict:
     """Tile sizes for the forward (``fwd``) and gradient (``grad``) kernels. The fp16/bf16 ones are the
     largest that compile without spills for sm_80 and sm_90 (``clipfast aot``); BLOCK_K = 32 keeps the
-    operand tiles of the nested loops small enough."""
+    operand tiles of the nested loops small enough. ``block_d`` picks a gradient tile of ``GRAD_TILES``
+    (0: the interpreter's tile, or ``GRAD_TILES[256]``; see ``grad_block_d`` for the choice by passes)."""
     p2 = runtime.next_power_of_2(n_cols)
-    if runtime.INTERPRET:  # few, large tiles: the interpreter's cost is per tile operation
-        k = max(16, min(128, p2))
-        return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=4, num_stages=1),
-                "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, BLOCK_D=max(16, min(1024, p2)), num_warps=4,
-                             num_stages=1)}
     k = max(16, min(32, p2))
+    if runtime.INTERPRET:  # few, large tiles: the interpreter's cost is per tile operation
+        ik = max(16, min(128, p2))
+        fwd = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=ik, num_warps=4, num_stages=1)
+        if not block_d:
+            return {"fwd": fwd, "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=ik, BLOCK_D=max(16, min(1024, p2)),
+                                             num_warps=4, num_stages=1)}
+        return {"fwd": fwd, "grad": _grad_tile(block_d, k, p2)}
     if dtype == torch.float32:
         return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=8, num_stages=2),
                 "grad": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=k, BLOCK_D=max(16, min(128, p2)), num_warps=8,
                              num_stages=2)}
     return {"fwd": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=k, num_warps=8, num_stages=3),
-            "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, BLOCK_D=max(16, min(256, p2)), num_warps=8,
-                         num_stages=2)}
+            "grad": _grad_tile(block_d or 256, k, p2)}
+
+
+def _grad_tile(block_d: int, block_k: int, p2: int) -> dict:
+    """``GRAD_TILES[block_d]`` with the feature chunk shrunk to the (power-of-two) width when narrower."""
+    return dict(GRAD_TILES[block_d], BLOCK_K=block_k, BLOCK_D=max(16, min(block_d, p2)))
+
+
+def gemm_passes(n_a: int, n_b: int, n_cols: int, cfg: dict, cols_per_split: int) -> float:
+    """Tensor-core work of one ``contrastive_grad`` launch in GEMM passes (units of the ``n_a x n_b x d``
+    product), counted from its grid and tiles: every program (row block, feature chunk, column split)
+    computes, per column tile of its split, the full-depth logit tile (d rounded up to BLOCK_K) and the
+    product of its G tile with a BLOCK_D-wide chunk of the columns' features. Padded rows, columns and
+    features count: it is the work the tensor cores do."""
+    bm, bn, bk, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"]
+    n_splits = runtime.cdiv(n_b, cols_per_split)
+    last = n_b - (n_splits - 1) * cols_per_split
+    col_tiles = (n_splits - 1) * runtime.cdiv(cols_per_split, bn) + runtime.cdiv(last, bn)
+    programs_per_split_tile = runtime.cdiv(n_a, bm) * runtime.cdiv(n_cols, bd)
+    per_tile = bm * bn * (runtime.cdiv(n_cols, bk) * bk + bd)
+    return programs_per_split_tile * col_tiles * per_tile / (n_a * n_b * n_cols)
+
+
+def grad_block_d(dtype: torch.dtype, n_cols: int, aligned: bool) -> int:
+    """The ``GRAD_TILES`` chunk width with the fewest GEMM passes (per row and column, which is what the
+    chunking changes; ties keep the 256-wide chunk, whose twice-wider column tile re-reads the row
+    operand half as often). fp32 features have their own tile (0)."""
+    if dtype == torch.float32:
+        return 0
+    p2 = runtime.next_power_of_2(n_cols)
+    k = max(16, min(32, p2))
+
+    def passes(block_d):  # per row and column, in units of d
+        chunk = _grad_tile(block_d, k, p2)["BLOCK_D"]
+        return runtime.cdiv(n_cols, chunk) * (runtime.cdiv(n_cols, k) * k + chunk) / n_cols
+
+    allowed = [bd for bd in GRAD_TILES if aligned or bd not in ALIGNED_ONLY]
+    return min(allowed, key=lambda bd: (passes(bd), bd))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -382,25 +452,45 @@ def _combine(m: torch.Tensor, r: torch.Tensor, pos: torch.Tensor) -> tuple[torch
 
 
 def grad_splits(n_a: int, n_b: int, n_cols: int, cfg: dict, device) -> tuple[int, int]:
+    """Column splits S of the gradient grid, and columns per split (``split_columns`` on ``device``)."""
+    return split_columns(n_a, n_b, n_cols, cfg, runtime.sm_count(device))
+
+
+def split_columns(n_a: int, n_b: int, n_cols: int, cfg: dict, sm_count: int) -> tuple[int, int]:
     """Column splits S of the gradient grid, and columns per split. Row blocks x feature chunks alone
     fill the GPU for square losses (S = 1: no partials at all); a rectangular local loss (256 rows
     against 32k gathered columns: 4 row blocks) gets its columns split until the grid has about two
     programs per SM. Partials cost S x N x d fp32 values, at most ~2 x SMs x BLOCK_M x BLOCK_D."""
     n_rb, n_cb = runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_b, cfg["BLOCK_N"])
     base = n_rb * runtime.cdiv(n_cols, cfg["BLOCK_D"])
-    n_s = min(n_cb, max(1, 2 * runtime.sm_count(device) // base), runtime.MAX_GRID_YZ)
+    n_s = min(n_cb, max(1, 2 * sm_count // base), runtime.MAX_GRID_YZ)
     blocks_per_split = runtime.cdiv(n_cb, n_s)
     return runtime.cdiv(n_cb, blocks_per_split), blocks_per_split * cfg["BLOCK_N"]
 
 
-def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums: bool):
+def aligned_rows(*tensors) -> bool:
+    """Whether rows start 16-byte aligned with widths and row strides multiples of 16, as the JIT then
+    specializes them (and the 512-wide gradient tile needs)."""
+    return all(t.data_ptr() % 16 == 0 and t.shape[1] % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors)
+
+
+def grad_config(a, b, block_d: int = 0) -> dict:
+    """The gradient kernel's tile for the operands ``a`` [N, d] against ``b`` [M, d]: ``GRAD_TILES[block_d]``,
+    or with ``block_d = 0`` the interpreter's tile / the one with the fewest GEMM passes."""
+    n_cols = a.shape[1]
+    if not block_d and not runtime.INTERPRET:
+        block_d = grad_block_d(a.dtype, n_cols, aligned_rows(a, b))
+    return dict(tiles(a.dtype, n_cols, block_d)["grad"])
+
+
+def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums: bool, block_d: int = 0):
     """``acc_i = sum_j G_ij b_j`` for the tiles of the operands ``a`` against ``b``, as fp32 partials
     [S, N, d] over S column splits (``feature_grad`` sums them); with ``want_sums`` also the per-row sums
     of ``G_ij`` and of ``G_ij z_ij`` (fp32 [S, 2, N]), from which the gradients of the bias and the scale
-    follow. See the module docstring for G."""
+    follow. See the module docstring for G; ``block_d``: see ``grad_config``."""
     a, b = _rows(a), _rows(b)
     n_a, n_b, n_cols = a.shape[0], b.shape[0], a.shape[1]
-    cfg = dict(tiles(a.dtype, n_cols)["grad"])
+    cfg = grad_config(a, b, block_d)
     n_s, cols_per_split = grad_splits(n_a, n_b, n_cols, cfg, a.device)
     acc = runtime.empty((n_s, n_a, n_cols), torch.float32, a.device)
     sums = runtime.empty((n_s, 2, n_a), torch.float32, a.device) if want_sums else acc
@@ -412,6 +502,16 @@ def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums
         KIND=kind, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_ROW_SUMS=want_sums,
         EVEN_K=n_cols % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(a.dtype), **cfg)
     return acc, (sums if want_sums else None)
+
+
+def backward_gemm_passes(n_a: int, n_b: int, n_cols: int, sm_count: int, block_d: int = 0) -> float:
+    """GEMM passes of the whole loss backward for fp16/bf16 features (both sides: ``a`` against ``b`` and
+    the transposed problem) on a GPU of ``sm_count`` SMs, counted from the launches ``contrastive_grad``
+    makes (``gemm_passes``) with 16-aligned features; ``block_d`` as in ``grad_config``."""
+    p2 = runtime.next_power_of_2(n_cols)
+    cfg = _grad_tile(block_d or grad_block_d(torch.float16, n_cols, True), max(16, min(32, p2)), p2)
+    return sum(gemm_passes(rows, cols, n_cols, cfg, split_columns(rows, cols, n_cols, cfg, sm_count)[1])
+               for rows, cols in ((n_a, n_b), (n_b, n_a)))
 
 
 def feature_grad(x, acc, coef, normalize: bool, eps: float, want_dot: bool = False):
@@ -434,6 +534,11 @@ def feature_grad(x, acc, coef, normalize: bool, eps: float, want_dot: bool = Fal
 # AOT cases
 # ---------------------------------------------------------------------------------------------
 
+# Arguments 16-aligned when the 512-wide gradient tile runs (``aligned_rows``): pointers, width, strides.
+ALIGNED_GRAD_ARGS = ("A", "B", "LSE_A", "LSE_B", "BIAS", "OUT", "ROW_SUMS", "n_cols", "stride_a", "stride_b",
+                     "stride_out")
+
+
 def aot_cases() -> list[runtime.AotCase]:
     """The shipped fp16/bf16 tiles (the same for every d >= 256; BLOCK_D shrinks below) for each loss
     variant, the unmasked (d a multiple of BLOCK_K) and masked feature loops, and the row kernels."""
@@ -449,7 +554,6 @@ def aot_cases() -> list[runtime.AotCase]:
     for d in (512, 80):
         t = tiles(torch.float16, d)
         fwd = {k: v for k, v in t["fwd"].items() if k.isupper()}
-        grad = {k: v for k, v in t["grad"].items() if k.isupper()}
         even = d % fwd["BLOCK_K"] == 0
         for name, kind, has_cols in (("clip", CLIP, True), ("clip_rows", CLIP, False), ("siglip", SIGLIP, False)):
             cases.append(runtime.AotCase(
@@ -457,14 +561,21 @@ def aot_cases() -> list[runtime.AotCase]:
                 constexprs={"KIND": kind, "HAS_COLS": has_cols, "EVEN_K": even, "DOT_PRECISION": "tf32", **fwd},
                 num_warps=t["fwd"]["num_warps"], num_stages=t["fwd"]["num_stages"], expects_mma=True,
                 quick=d == 512 and name != "clip_rows"))
-        for name, kind, lse_a, lse_b in (("clip", CLIP, True, True), ("clip_rows", CLIP, True, False),
-                                         ("clip_rows_t", CLIP, False, True), ("siglip", SIGLIP, False, False)):
-            cases.append(runtime.AotCase(
-                name=f"contrastive_grad_{name}[d={d}]", kernel=_contrastive_grad_kernel, signature=grad_sig,
-                constexprs={"KIND": kind, "HAS_LSE_A": lse_a, "HAS_LSE_B": lse_b, "HAS_ROW_SUMS": True,
-                            "EVEN_K": even, "DOT_PRECISION": "tf32", **grad},
-                num_warps=t["grad"]["num_warps"], num_stages=t["grad"]["num_stages"], expects_mma=True,
-                quick=d == 512 and name in ("clip", "siglip")))
+        # every chunk width for any width; the 512-wide one, which needs 16-aligned widths and strides,
+        # only at d = 512 and compiled with that alignment (as the JIT specializes it)
+        for block_d in GRAD_TILES if d == 512 else [w for w in GRAD_TILES if w not in ALIGNED_ONLY]:
+            g = tiles(torch.float16, d, block_d)["grad"]
+            aligned = block_d in ALIGNED_ONLY
+            for name, kind, lse_a, lse_b in (("clip", CLIP, True, True), ("clip_rows", CLIP, True, False),
+                                             ("clip_rows_t", CLIP, False, True), ("siglip", SIGLIP, False, False)):
+                cases.append(runtime.AotCase(
+                    name=f"contrastive_grad_{name}[d={d},chunk={block_d}]", kernel=_contrastive_grad_kernel,
+                    signature=grad_sig,
+                    constexprs={"KIND": kind, "HAS_LSE_A": lse_a, "HAS_LSE_B": lse_b, "HAS_ROW_SUMS": True,
+                                "EVEN_K": even, "DOT_PRECISION": "tf32", **{k: v for k, v in g.items() if k.isupper()}},
+                    num_warps=g["num_warps"], num_stages=g["num_stages"], expects_mma=True,
+                    quick=d == 512 and name in ("clip", "siglip"),
+                    divisible_by_16=ALIGNED_GRAD_ARGS if aligned else None))
     # fp32 features: full-precision dots (FMA, no tensor cores) unless TF32 is allowed
     t = tiles(torch.float32, 512)
     for key, kernel, sig, extra in (("fwd", _contrastive_fwd_kernel, fwd_sig, {"HAS_COLS": True}),

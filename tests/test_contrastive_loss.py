@@ -446,3 +446,75 @@ def test_eager_path_matches_float64(monkeypatch, loss):
         torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-4, atol=1e-6)
     if loss == "siglip_rectangular":
         torch.testing.assert_close(leaves[3].grad.double(), ref_leaves[3].grad, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient tiles: feature-chunk widths and the GEMM passes they cost
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_d", [256, 512])
+@pytest.mark.parametrize("loss", ["clip", "siglip_rectangular", "cross_entropy_rectangular"])
+def test_each_gradient_chunk_width_matches_float64(dtype, block_d, loss):
+    """The backward on each shipped feature-chunk width (the GPU tiles, run by the interpreter): one
+    chunk of 512 or two of 256 at d = 512, a masked chunk at d = 80; every gradient against float64."""
+    scale, bias = torch.tensor(math.log(20.0), device=DEVICE), torch.tensor(-4.0, device=DEVICE)
+    if loss == "clip":
+        image, text = features(33, 512), features(33, 512)
+        check(f"clip_loss chunk {block_d}",
+              lambda i, t, s: ops.fused_loss(i, t, s.exp(), None, ops.CLIP, 0, True, True, block_d),
+              eager_clip_loss, [image, text, scale], dtype, reference_fn=reference_clip_loss, param_dtype_inputs=[2])
+    elif loss == "siglip_rectangular":
+        image, text = features(9, 80), features(70, 80)
+        check(f"siglip_loss chunk {block_d}",
+              lambda i, t, s, b: ops.fused_loss(i, t, s.exp(), b, ops.SIGLIP, 37, False, True, block_d),
+              lambda i, t, s, b: eager_siglip_loss(i, t, s, b, offset=37), [image, text, scale, bias], dtype,
+              param_dtype_inputs=[2, 3])
+    else:
+        queries, keys = features(9, 512, normalize=False), features(70, 512, normalize=False)
+        check(f"contrastive_cross_entropy chunk {block_d}",
+              lambda q, k, s: ops.fused_loss(q, k, s, None, ops.CLIP, 61, False, False, block_d),
+              lambda q, k, s: eager_cross_entropy(q, k, s, 61), [queries, keys, scale.exp()], dtype,
+              reference_fn=lambda q, k, s: eager_cross_entropy(q, k, s, 61, exact=True), param_dtype_inputs=[2])
+
+
+def _enumerated_passes(n_a, n_b, d, cfg, cols_per_split):
+    """The same count as ``gemm_passes``, program by program and tile by tile."""
+    macs = 0
+    for _ in range(0, n_a, cfg["BLOCK_M"]):
+        for _ in range(0, d, cfg["BLOCK_D"]):
+            for begin in range(0, n_b, cols_per_split):
+                for _ in range(begin, min(begin + cols_per_split, n_b), cfg["BLOCK_N"]):
+                    depth = -(-d // cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+                    macs += cfg["BLOCK_M"] * cfg["BLOCK_N"] * (depth + cfg["BLOCK_D"])
+    return macs / (n_a * n_b * d)
+
+
+@pytest.mark.parametrize("block_d", [256, 512])
+@pytest.mark.parametrize("n_a,n_b,d,sms", [(1000, 1000, 768, 132), (256, 4099, 80, 8), (77, 3000, 1024, 132)])
+def test_gemm_pass_count_follows_the_launch_grid(block_d, n_a, n_b, d, sms):
+    from clipfast.kernels import contrastive_loss as kernel
+
+    cfg = kernel._grad_tile(block_d, 32, 1 << (d - 1).bit_length())
+    cols_per_split = kernel.split_columns(n_a, n_b, d, cfg, sms)[1]
+    assert kernel.gemm_passes(n_a, n_b, d, cfg, cols_per_split) == pytest.approx(
+        _enumerated_passes(n_a, n_b, d, cfg, cols_per_split))
+
+
+@pytest.mark.parametrize("d", [512, 768, 1024])
+@pytest.mark.parametrize("n_a,n_b", [(32768, 32768), (256, 32768)])
+def test_wider_chunks_cut_the_backward_gemm_passes(d, n_a, n_b):
+    """Each side recomputes the full-depth logit tile once per feature chunk and multiplies G by the
+    chunks once: 2 x chunks x (d + chunk) / d passes for both sides (H100: 132 SMs)."""
+    from clipfast.kernels import contrastive_loss as kernel
+
+    def expected(chunk):
+        return 2 * -(-d // chunk) * (d + chunk) / d
+
+    before = kernel.backward_gemm_passes(n_a, n_b, d, 132, block_d=256)
+    after = kernel.backward_gemm_passes(n_a, n_b, d, 132)
+    assert before == pytest.approx(expected(256))
+    assert after == pytest.approx(expected(512)) and after < before
+    assert kernel.grad_block_d(torch.float16, d, aligned=True) == 512
+    assert kernel.grad_block_d(torch.float16, d, aligned=False) == 256  # the 512-wide tile spills unaligned
+    assert kernel.grad_block_d(torch.float16, 256, aligned=True) == 256  # one chunk either way
