@@ -47,12 +47,14 @@ each program recomputes the full-depth z tile for its d-chunk, so one side costs
 ``chunks * (d + BLOCK_D) / d`` passes, ``chunks = ceil(d / BLOCK_D)``. ``GRAD_TILES`` ships two chunk
 widths for fp16/bf16: 256 (64 x 64 tiles, any width) and 512 (64 x 32 tiles, a 64 x 512 fp32 accumulator
 that fits in 255 registers without spills only with the 16-aligned widths and strides the JIT specializes
-on: every CLIP width); ``grad_block_d`` takes the one with fewer passes. Whole backward (both sides, also
-for the 256 x 32768 local loss, whose column split adds no work; ``backward_gemm_passes``):
+on: every CLIP width). ``grad_plan`` covers 16-aligned features with 512-wide chunks and the rest
+(``d % 512``) with one launch of the narrowest tile that holds it, starting at feature ``d_start`` (both
+launches write the same column-split partials); other widths take 256-wide chunks. Whole backward (both
+sides, also for the 256 x 32768 local loss, whose column split adds no work; ``backward_gemm_passes``):
 
-    d        chunk 256   chunk 512 (default when aligned)
+    d        chunk 256   chunks of 512 + rest (default when aligned)
     512      6           4
-    768      8           6.67   (two 512 chunks, the second half padding)
+    768      8           6      (512 + 256)
     1024     10          6
 
 Not taken: one program producing both sides' products from one recomputed tile (3 passes) needs, without
@@ -243,7 +245,7 @@ def _contrastive_fwd_kernel(
 @triton.jit
 def _contrastive_grad_kernel(
     A, B, LSE_A, LSE_B, BIAS, OUT, ROW_SUMS,
-    n_a, n_b, n_cols, stride_a, stride_b, stride_out, stride_split, offset, cols_per_split,
+    n_a, n_b, n_cols, stride_a, stride_b, stride_out, stride_split, offset, cols_per_split, d_start,
     KIND: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, HAS_ROW_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -255,7 +257,7 @@ def _contrastive_grad_kernel(
     col_end = tl.minimum(col_begin + cols_per_split, n_b)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_a
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dcols = d_start + pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # this launch's features start at d_start
     d_ok = dcols < n_cols
     if KIND == 1:
         bias = tl.load(BIAS).to(tl.float32)
@@ -320,7 +322,7 @@ def tiles(dtype: torch.dtype, n_cols: int, block_d: int = 0) -> dict:
     """Tile sizes for the forward (``fwd``) and gradient (``grad``) kernels. The fp16/bf16 ones are the
     largest that compile without spills for sm_80 and sm_90 (``clipfast aot``); BLOCK_K = 32 keeps the
     operand tiles of the nested loops small enough. ``block_d`` picks a gradient tile of ``GRAD_TILES``
-    (0: the interpreter's tile, or ``GRAD_TILES[256]``; see ``grad_block_d`` for the choice by passes)."""
+    (0: the interpreter's tile, or ``GRAD_TILES[256]``), its chunk shrunk to a narrower ``n_cols``."""
     p2 = runtime.next_power_of_2(n_cols)
     k = max(16, min(32, p2))
     if runtime.INTERPRET:  # few, large tiles: the interpreter's cost is per tile operation
@@ -329,50 +331,57 @@ def tiles(dtype: torch.dtype, n_cols: int, block_d: int = 0) -> dict:
         if not block_d:
             return {"fwd": fwd, "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=ik, BLOCK_D=max(16, min(1024, p2)),
                                              num_warps=4, num_stages=1)}
-        return {"fwd": fwd, "grad": _grad_tile(block_d, k, p2)}
+        return {"fwd": fwd, "grad": dict(GRAD_TILES[block_d], BLOCK_K=k, BLOCK_D=max(16, min(block_d, p2)))}
     if dtype == torch.float32:
         return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=8, num_stages=2),
                 "grad": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=k, BLOCK_D=max(16, min(128, p2)), num_warps=8,
                              num_stages=2)}
     return {"fwd": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=k, num_warps=8, num_stages=3),
-            "grad": _grad_tile(block_d or 256, k, p2)}
+            "grad": dict(GRAD_TILES[block_d or 256], BLOCK_K=k, BLOCK_D=max(16, min(block_d or 256, p2)))}
 
 
-def _grad_tile(block_d: int, block_k: int, p2: int) -> dict:
-    """``GRAD_TILES[block_d]`` with the feature chunk shrunk to the (power-of-two) width when narrower."""
-    return dict(GRAD_TILES[block_d], BLOCK_K=block_k, BLOCK_D=max(16, min(block_d, p2)))
+def grad_plan(dtype: torch.dtype, n_cols: int, aligned: bool, block_d: int = 0) -> list[tuple[int, dict]]:
+    """The gradient launches over the features: ``(d_start, tile)`` pairs, each launch covering the
+    features from ``d_start`` to the next launch's start in chunks of the tile's BLOCK_D.
+
+    fp16/bf16 with 16-aligned rows (``aligned_rows``; ``block_d`` 0 or 512): 512-wide chunks, and the
+    rest (``d % 512``) as one chunk of the narrowest tile that holds it (d = 768: 512 + 256, 6 passes for
+    the backward instead of 6.67 with a padded second 512 chunk). Otherwise one launch: ``block_d`` =
+    256 (or unaligned rows) gives 256-wide chunks; fp32 its own tile; the interpreter its large tile."""
+    if dtype == torch.float32 or (runtime.INTERPRET and not block_d):
+        return [(0, dict(tiles(dtype, n_cols)["grad"]))]
+    if block_d == 256 or not aligned:
+        return [(0, dict(tiles(dtype, n_cols, 256)["grad"]))]
+    wide = n_cols - n_cols % 512
+    plan = [(0, dict(tiles(dtype, n_cols, 512)["grad"]))] if wide else []
+    if n_cols > wide:
+        rest = n_cols - wide
+        rest_tile = tiles(dtype, rest, 256 if rest <= 256 else 512)["grad"]
+        plan.append((wide, dict(rest_tile, BLOCK_K=tiles(dtype, n_cols, 512)["grad"]["BLOCK_K"])))
+    return plan
 
 
-def gemm_passes(n_a: int, n_b: int, n_cols: int, cfg: dict, cols_per_split: int) -> float:
-    """Tensor-core work of one ``contrastive_grad`` launch in GEMM passes (units of the ``n_a x n_b x d``
-    product), counted from its grid and tiles: every program (row block, feature chunk, column split)
-    computes, per column tile of its split, the full-depth logit tile (d rounded up to BLOCK_K) and the
-    product of its G tile with a BLOCK_D-wide chunk of the columns' features. Padded rows, columns and
-    features count: it is the work the tensor cores do."""
-    bm, bn, bk, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"]
+def launch_ranges(plan: list[tuple[int, dict]], n_cols: int):
+    """``(d_start, d_end, tile)`` of each launch of ``plan``: the features it covers."""
+    for i, (d_start, cfg) in enumerate(plan):
+        yield d_start, (plan[i + 1][0] if i + 1 < len(plan) else n_cols), cfg
+
+
+def gemm_passes(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], cols_per_split: int) -> float:
+    """Tensor-core work of the gradient launches of ``plan`` (``grad_plan``) for one side, in GEMM passes
+    (units of the ``n_a x n_b x d`` product), counted from their grids and tiles: every program (row
+    block, feature chunk, column split) computes, per column tile of its split, the full-depth logit tile
+    (d rounded up to BLOCK_K) and the product of its G tile with a BLOCK_D-wide chunk of the columns'
+    features. Padded rows, columns and features count: it is the work the tensor cores do."""
     n_splits = runtime.cdiv(n_b, cols_per_split)
     last = n_b - (n_splits - 1) * cols_per_split
-    col_tiles = (n_splits - 1) * runtime.cdiv(cols_per_split, bn) + runtime.cdiv(last, bn)
-    programs_per_split_tile = runtime.cdiv(n_a, bm) * runtime.cdiv(n_cols, bd)
-    per_tile = bm * bn * (runtime.cdiv(n_cols, bk) * bk + bd)
-    return programs_per_split_tile * col_tiles * per_tile / (n_a * n_b * n_cols)
-
-
-def grad_block_d(dtype: torch.dtype, n_cols: int, aligned: bool) -> int:
-    """The ``GRAD_TILES`` chunk width with the fewest GEMM passes (per row and column, which is what the
-    chunking changes; ties keep the 256-wide chunk, whose twice-wider column tile re-reads the row
-    operand half as often). fp32 features have their own tile (0)."""
-    if dtype == torch.float32:
-        return 0
-    p2 = runtime.next_power_of_2(n_cols)
-    k = max(16, min(32, p2))
-
-    def passes(block_d):  # per row and column, in units of d
-        chunk = _grad_tile(block_d, k, p2)["BLOCK_D"]
-        return runtime.cdiv(n_cols, chunk) * (runtime.cdiv(n_cols, k) * k + chunk) / n_cols
-
-    allowed = [bd for bd in GRAD_TILES if aligned or bd not in ALIGNED_ONLY]
-    return min(allowed, key=lambda bd: (passes(bd), bd))
+    macs = 0
+    for d_start, d_end, cfg in launch_ranges(plan, n_cols):
+        bm, bn, bk, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"]
+        col_tiles = (n_splits - 1) * runtime.cdiv(cols_per_split, bn) + runtime.cdiv(last, bn)
+        programs = runtime.cdiv(n_a, bm) * runtime.cdiv(d_end - d_start, bd)
+        macs += programs * col_tiles * bm * bn * (runtime.cdiv(n_cols, bk) * bk + bd)
+    return macs / (n_a * n_b * n_cols)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -451,21 +460,24 @@ def _combine(m: torch.Tensor, r: torch.Tensor, pos: torch.Tensor) -> tuple[torch
     return loss, torch.stack([top, log_total, -neg / total])
 
 
-def grad_splits(n_a: int, n_b: int, n_cols: int, cfg: dict, device) -> tuple[int, int]:
+def grad_splits(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], device) -> tuple[int, int]:
     """Column splits S of the gradient grid, and columns per split (``split_columns`` on ``device``)."""
-    return split_columns(n_a, n_b, n_cols, cfg, runtime.sm_count(device))
+    return split_columns(n_a, n_b, n_cols, plan, runtime.sm_count(device))
 
 
-def split_columns(n_a: int, n_b: int, n_cols: int, cfg: dict, sm_count: int) -> tuple[int, int]:
-    """Column splits S of the gradient grid, and columns per split. Row blocks x feature chunks alone
-    fill the GPU for square losses (S = 1: no partials at all); a rectangular local loss (256 rows
-    against 32k gathered columns: 4 row blocks) gets its columns split until the grid has about two
+def split_columns(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], sm_count: int) -> tuple[int, int]:
+    """Column splits S of the gradient grid, and columns per split (a multiple of every launch's
+    BLOCK_N: all launches of ``plan`` write the same S partials). Row blocks x feature chunks alone fill
+    the GPU for square losses (S = 1: no partials at all); a rectangular local loss (256 rows against 32k
+    gathered columns: 4 row blocks) gets its columns split until the first launch's grid has about two
     programs per SM. Partials cost S x N x d fp32 values, at most ~2 x SMs x BLOCK_M x BLOCK_D."""
-    n_rb, n_cb = runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_b, cfg["BLOCK_N"])
-    base = n_rb * runtime.cdiv(n_cols, cfg["BLOCK_D"])
+    cfg = plan[0][1]
+    block_n = max(c["BLOCK_N"] for _, c in plan)
+    n_rb, n_cb = runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_b, block_n)
+    base = n_rb * runtime.cdiv(next(launch_ranges(plan, n_cols))[1], cfg["BLOCK_D"])
     n_s = min(n_cb, max(1, 2 * sm_count // base), runtime.MAX_GRID_YZ)
     blocks_per_split = runtime.cdiv(n_cb, n_s)
-    return runtime.cdiv(n_cb, blocks_per_split), blocks_per_split * cfg["BLOCK_N"]
+    return runtime.cdiv(n_cb, blocks_per_split), blocks_per_split * block_n
 
 
 def aligned_rows(*tensors) -> bool:
@@ -474,43 +486,36 @@ def aligned_rows(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 and t.shape[1] % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors)
 
 
-def grad_config(a, b, block_d: int = 0) -> dict:
-    """The gradient kernel's tile for the operands ``a`` [N, d] against ``b`` [M, d]: ``GRAD_TILES[block_d]``,
-    or with ``block_d = 0`` the interpreter's tile / the one with the fewest GEMM passes."""
-    n_cols = a.shape[1]
-    if not block_d and not runtime.INTERPRET:
-        block_d = grad_block_d(a.dtype, n_cols, aligned_rows(a, b))
-    return dict(tiles(a.dtype, n_cols, block_d)["grad"])
-
-
 def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums: bool, block_d: int = 0):
     """``acc_i = sum_j G_ij b_j`` for the tiles of the operands ``a`` against ``b``, as fp32 partials
     [S, N, d] over S column splits (``feature_grad`` sums them); with ``want_sums`` also the per-row sums
     of ``G_ij`` and of ``G_ij z_ij`` (fp32 [S, 2, N]), from which the gradients of the bias and the scale
-    follow. See the module docstring for G; ``block_d``: see ``grad_config``."""
+    follow. See the module docstring for G; the launches over the features: ``grad_plan`` (``block_d``:
+    0 for the fewest GEMM passes, 256 or 512 to pick a tile)."""
     a, b = _rows(a), _rows(b)
     n_a, n_b, n_cols = a.shape[0], b.shape[0], a.shape[1]
-    cfg = grad_config(a, b, block_d)
-    n_s, cols_per_split = grad_splits(n_a, n_b, n_cols, cfg, a.device)
+    plan = grad_plan(a.dtype, n_cols, aligned_rows(a, b), block_d)
+    n_s, cols_per_split = grad_splits(n_a, n_b, n_cols, plan, a.device)
     acc = runtime.empty((n_s, n_a, n_cols), torch.float32, a.device)
     sums = runtime.empty((n_s, 2, n_a), torch.float32, a.device) if want_sums else acc
-    grid = (runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_cols, cfg["BLOCK_D"]), n_s)
-    _contrastive_grad_kernel[grid](
-        a, b, lse_a if lse_a is not None else acc, lse_b if lse_b is not None else acc,
-        bias if bias is not None else acc, acc, sums,
-        n_a, n_b, n_cols, a.stride(0), b.stride(0), acc.stride(1), acc.stride(0), offset, cols_per_split,
-        KIND=kind, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_ROW_SUMS=want_sums,
-        EVEN_K=n_cols % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(a.dtype), **cfg)
+    for d_start, d_end, cfg in launch_ranges(plan, n_cols):
+        grid = (runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(d_end - d_start, cfg["BLOCK_D"]), n_s)
+        _contrastive_grad_kernel[grid](
+            a, b, lse_a if lse_a is not None else acc, lse_b if lse_b is not None else acc,
+            bias if bias is not None else acc, acc, sums,
+            n_a, n_b, n_cols, a.stride(0), b.stride(0), acc.stride(1), acc.stride(0), offset, cols_per_split,
+            d_start, KIND=kind, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None,
+            HAS_ROW_SUMS=want_sums and d_start == 0, EVEN_K=n_cols % cfg["BLOCK_K"] == 0,
+            DOT_PRECISION=dot_precision(a.dtype), **cfg)
     return acc, (sums if want_sums else None)
 
 
 def backward_gemm_passes(n_a: int, n_b: int, n_cols: int, sm_count: int, block_d: int = 0) -> float:
-    """GEMM passes of the whole loss backward for fp16/bf16 features (both sides: ``a`` against ``b`` and
-    the transposed problem) on a GPU of ``sm_count`` SMs, counted from the launches ``contrastive_grad``
-    makes (``gemm_passes``) with 16-aligned features; ``block_d`` as in ``grad_config``."""
-    p2 = runtime.next_power_of_2(n_cols)
-    cfg = _grad_tile(block_d or grad_block_d(torch.float16, n_cols, True), max(16, min(32, p2)), p2)
-    return sum(gemm_passes(rows, cols, n_cols, cfg, split_columns(rows, cols, n_cols, cfg, sm_count)[1])
+    """GEMM passes of the whole loss backward for 16-aligned fp16/bf16 features (both sides: ``a``
+    against ``b`` and the transposed problem) on a GPU of ``sm_count`` SMs, counted from the launches
+    ``contrastive_grad`` makes (``grad_plan``, ``gemm_passes``); ``block_d`` as there."""
+    plan = grad_plan(torch.float16, n_cols, True, block_d or 512)
+    return sum(gemm_passes(rows, cols, n_cols, plan, split_columns(rows, cols, n_cols, plan, sm_count)[1])
                for rows, cols in ((n_a, n_b), (n_b, n_a)))
 
 
@@ -536,7 +541,7 @@ def feature_grad(x, acc, coef, normalize: bool, eps: float, want_dot: bool = Fal
 
 # Arguments 16-aligned when the 512-wide gradient tile runs (``aligned_rows``): pointers, width, strides.
 ALIGNED_GRAD_ARGS = ("A", "B", "LSE_A", "LSE_B", "BIAS", "OUT", "ROW_SUMS", "n_cols", "stride_a", "stride_b",
-                     "stride_out")
+                     "stride_out", "d_start")
 
 
 def aot_cases() -> list[runtime.AotCase]:
@@ -550,20 +555,22 @@ def aot_cases() -> list[runtime.AotCase]:
     grad_sig = {"A": "*{dtype}", "B": "*{dtype}", "LSE_A": "*fp32", "LSE_B": "*fp32", "BIAS": "*fp32",
                 "OUT": "*fp32", "ROW_SUMS": "*fp32", "n_a": "i32", "n_b": "i32", "n_cols": "i32",
                 "stride_a": "i32", "stride_b": "i32", "stride_out": "i32", "stride_split": "i32", "offset": "i32",
-                "cols_per_split": "i32"}
-    for d in (512, 80):
+                "cols_per_split": "i32", "d_start": "i32"}
+    for d in (512, 80, 784):
         t = tiles(torch.float16, d)
         fwd = {k: v for k, v in t["fwd"].items() if k.isupper()}
         even = d % fwd["BLOCK_K"] == 0
         for name, kind, has_cols in (("clip", CLIP, True), ("clip_rows", CLIP, False), ("siglip", SIGLIP, False)):
+            if d == 784:  # (the forward's tiles are those of d = 80)
+                break
             cases.append(runtime.AotCase(
                 name=f"contrastive_fwd_{name}[d={d}]", kernel=_contrastive_fwd_kernel, signature=fwd_sig,
                 constexprs={"KIND": kind, "HAS_COLS": has_cols, "EVEN_K": even, "DOT_PRECISION": "tf32", **fwd},
                 num_warps=t["fwd"]["num_warps"], num_stages=t["fwd"]["num_stages"], expects_mma=True,
                 quick=d == 512 and name != "clip_rows"))
-        # every chunk width for any width; the 512-wide one, which needs 16-aligned widths and strides,
-        # only at d = 512 and compiled with that alignment (as the JIT specializes it)
-        for block_d in GRAD_TILES if d == 512 else [w for w in GRAD_TILES if w not in ALIGNED_ONLY]:
+        # the 256-wide chunk for any width; the 512-wide one, which needs 16-aligned widths and strides,
+        # compiled with that alignment (as the JIT specializes it), unmasked (512) and masked (784 = 512 + 272)
+        for block_d in {512: GRAD_TILES, 80: [256], 784: [512]}[d]:
             g = tiles(torch.float16, d, block_d)["grad"]
             aligned = block_d in ALIGNED_ONLY
             for name, kind, lse_a, lse_b in (("clip", CLIP, True, True), ("clip_rows", CLIP, True, False),

@@ -116,8 +116,8 @@ def contrastive_loss_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Ten
     """Returns (loss, a_hat, b_hat, lse_a, lse_b): the fp32 scalar loss, the tile operands ``s * a / |a|``
     and ``b / |b|`` (``b_hat`` empty without normalization: the tiles read ``b``) and the row / column
     softmax statistics [3, n] (max, log of the sum, softmax - 1 at the positive; empty where the loss has
-    none). ``grad_block_d``: the backward's feature-chunk width (``kernels.contrastive_loss.grad_config``;
-    0: the tile with the fewest GEMM passes)."""
+    none). ``grad_block_d``: the backward's feature-chunk width (``kernels.contrastive_loss.grad_plan``;
+    0: the fewest GEMM passes)."""
     if not _use_kernel(a):
         # the eager backward recomputes everything; the saved outputs only keep their declared shapes
         _, a_hat, b_hat, lse_a, lse_b = _saved_like(a, b, kind, both_directions, normalize, torch.zeros)
