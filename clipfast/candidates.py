@@ -15,7 +15,10 @@ implementations a user would otherwise run; the one named ``"torch"`` is what ``
 - ``patch_embed``: ``conv2d -> flatten -> cat(class) -> + positional`` (and ``F.layer_norm`` for ln_pre).
 - ``clip_loss`` / ``siglip_loss``: the eager formula, which builds the N x M logits, offered only while they
   stay under ``EAGER_LOSS_MAX_LOGITS`` elements (``CLIPFAST_EAGER_LOSS_MAX_LOGITS``); above it the fused
-  loss is the only choice in ``auto`` (``torch`` mode still runs the formula, as asked).
+  loss is the only choice in ``auto`` (``torch`` mode still runs the formula, as asked). Beside clipfast's
+  default (its backward on the feature-chunk width with the fewest GEMM passes, 512 for 16-aligned widths
+  above 256), ``"clipfast_chunk256"`` runs the backward on 256-wide chunks with a twice-wider column tile:
+  more passes, but each re-reads the row operand half as often (CUDA only).
 
 The hook arguments of each op (what ``route`` and every candidate receive) are listed at its spec. To add
 a candidate: see CONTRIBUTING.md ("Adding a dispatch candidate").
@@ -230,15 +233,24 @@ def _loss_key(a, b, scale, bias, kind, offset, both_directions, normalize):
 
 
 def _eager_loss_fits(name, a, b, *rest) -> bool:
-    return a.shape[0] * b.shape[0] <= EAGER_LOSS_MAX_LOGITS
+    return name != "torch" or a.shape[0] * b.shape[0] <= EAGER_LOSS_MAX_LOGITS
+
+
+def _fused_loss_with_chunk(block_d: int):
+    def run(*args):
+        from .ops.contrastive_loss import fused_loss
+
+        return fused_loss(*args, grad_block_d=block_d)
+    return run
 
 
 def _loss_specs():
     from .ops.contrastive_loss import _run
 
     for op in ("clip_loss", "siglip_loss"):
-        register(OpSpec(op, _loss_key, [Candidate(KERNEL, None), Candidate("torch", torch_loss)], "torch",
-                        _forced_kernel(_run), eligible=_eager_loss_fits))
+        register(OpSpec(op, _loss_key, [Candidate(KERNEL, None), Candidate("torch", torch_loss),
+                                        Candidate("clipfast_chunk256", _fused_loss_with_chunk(256), cuda_only=True)],
+                        "torch", _forced_kernel(_run), eligible=_eager_loss_fits))
 
 
 _layer_norm_specs()

@@ -40,9 +40,30 @@ registers), written as an fp32 partial [S, N, d]; the feature-gradient kernel su
 order (``grad_splits``: S = 1 for square losses, whose row blocks fill the GPU; a local loss of 256 rows
 against 32k gathered columns gets its columns split until there are ~2 programs per SM, instead of 4 x
 d / BLOCK_D programs). The same kernel on the transposed problem (B as rows, A as columns, statistics
-swapped, offset negated) gives ``sum_i G_ij Ahat_i``. No N x M buffer, no atomics: deterministic. Each
-program recomputes the full-depth z tile for its d-chunk, so the backward costs (1 + d / BLOCK_D) GEMM
-passes per side (BLOCK_D = 512 spills: ``clipfast aot``).
+swapped, offset negated) gives ``sum_i G_ij Ahat_i``. No N x M buffer, no atomics: deterministic.
+
+GEMM passes (``gemm_passes``, counted from the launch grid and tiles; a pass is the N x M x d product):
+each program recomputes the full-depth z tile for its d-chunk, so one side costs
+``chunks * (d + BLOCK_D) / d`` passes, ``chunks = ceil(d / BLOCK_D)``. ``GRAD_TILES`` ships two chunk
+widths for fp16/bf16: 256 (64 x 64 tiles, any width) and 512 (64 x 32 tiles, a 64 x 512 fp32 accumulator
+that fits in 255 registers without spills only with the 16-aligned widths and strides the JIT specializes
+on: every CLIP width). ``grad_plan`` covers 16-aligned features with 512-wide chunks and the rest
+(``d % 512``) with one launch of the narrowest tile that holds it, starting at feature ``d_start`` (both
+launches write the same column-split partials); other widths take 256-wide chunks. Whole backward (both
+sides, also for the 256 x 32768 local loss, whose column split adds no work; ``backward_gemm_passes``):
+
+    d        chunk 256   chunks of 512 + rest (default when aligned)
+    512      6           4
+    768      8           6      (512 + 256)
+    1024     10          6
+
+Not taken: one program producing both sides' products from one recomputed tile (3 passes) needs, without
+atomics, a partial of one side per program along the other (O(N * M * d / tile) memory for square losses;
+for the 256-row local loss O(S * N * d), but with an fp32 read-modify-write of a 64 x BLOCK_D partial per
+tile: ~80 FLOP/byte, L2-bound on H100); keeping every chunk's accumulator of a row block in registers is
+the 512-wide tile (a 64 x 768 fp32 accumulator does not fit: 16 warps spill at their 128-register cap).
+The 256-wide chunk stays a dispatch candidate (``clipfast.candidates``): twice the column tile re-reads
+the row operand half as often, which may win on a GPU despite the passes.
 The programs of the first d-chunk on the A side also sum ``G_ij`` and ``G_ij * z_ij`` per row in fp32,
 from which the gradients of the bias and of the scale follow (for fp32 operands the scale's gradient
 comes more accurately from ``sum_i <xhat_i, acc_i>``, see below; fp16/bf16 operands saw G rounded).
@@ -224,7 +245,7 @@ def _contrastive_fwd_kernel(
 @triton.jit
 def _contrastive_grad_kernel(
     A, B, LSE_A, LSE_B, BIAS, OUT, ROW_SUMS,
-    n_a, n_b, n_cols, stride_a, stride_b, stride_out, stride_split, offset, cols_per_split,
+    n_a, n_b, n_cols, stride_a, stride_b, stride_out, stride_split, offset, cols_per_split, d_start,
     KIND: tl.constexpr, HAS_LSE_A: tl.constexpr, HAS_LSE_B: tl.constexpr, HAS_ROW_SUMS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -236,7 +257,7 @@ def _contrastive_grad_kernel(
     col_end = tl.minimum(col_begin + cols_per_split, n_b)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_a
-    dcols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    dcols = d_start + pid_d * BLOCK_D + tl.arange(0, BLOCK_D)  # this launch's features start at d_start
     d_ok = dcols < n_cols
     if KIND == 1:
         bias = tl.load(BIAS).to(tl.float32)
@@ -285,24 +306,82 @@ def _contrastive_grad_kernel(
 # Tiles and launchers
 # ---------------------------------------------------------------------------------------------
 
-def tiles(dtype: torch.dtype, n_cols: int) -> dict:
+# The fp16/bf16 gradient tiles, by feature-chunk width: each program recomputes the full-depth logit tile
+# once per chunk, so a wider chunk means fewer GEMM passes (``gemm_passes``). The 512-wide chunk holds a
+# 64 x 512 fp32 accumulator and compiles without spills for sm_80 and sm_90 only with the 16-aligned widths
+# and strides the JIT specializes on (d % 16 == 0: every CLIP width), so it needs them (``aligned``); the
+# 256-wide chunk with twice the column tile takes every width.
+GRAD_TILES = {
+    256: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=256, num_warps=8, num_stages=2),
+    512: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=512, num_warps=8, num_stages=2),
+}
+ALIGNED_ONLY = (512,)
+
+
+def tiles(dtype: torch.dtype, n_cols: int, block_d: int = 0) -> dict:
     """Tile sizes for the forward (``fwd``) and gradient (``grad``) kernels. The fp16/bf16 ones are the
     largest that compile without spills for sm_80 and sm_90 (``clipfast aot``); BLOCK_K = 32 keeps the
-    operand tiles of the nested loops small enough."""
+    operand tiles of the nested loops small enough. ``block_d`` picks a gradient tile of ``GRAD_TILES``
+    (0: the interpreter's tile, or ``GRAD_TILES[256]``), its chunk shrunk to a narrower ``n_cols``."""
     p2 = runtime.next_power_of_2(n_cols)
-    if runtime.INTERPRET:  # few, large tiles: the interpreter's cost is per tile operation
-        k = max(16, min(128, p2))
-        return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=4, num_stages=1),
-                "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, BLOCK_D=max(16, min(1024, p2)), num_warps=4,
-                             num_stages=1)}
     k = max(16, min(32, p2))
+    if runtime.INTERPRET:  # few, large tiles: the interpreter's cost is per tile operation
+        ik = max(16, min(128, p2))
+        fwd = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=ik, num_warps=4, num_stages=1)
+        if not block_d:
+            return {"fwd": fwd, "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=ik, BLOCK_D=max(16, min(1024, p2)),
+                                             num_warps=4, num_stages=1)}
+        return {"fwd": fwd, "grad": dict(GRAD_TILES[block_d], BLOCK_K=k, BLOCK_D=max(16, min(block_d, p2)))}
     if dtype == torch.float32:
         return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=8, num_stages=2),
                 "grad": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=k, BLOCK_D=max(16, min(128, p2)), num_warps=8,
                              num_stages=2)}
     return {"fwd": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=k, num_warps=8, num_stages=3),
-            "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, BLOCK_D=max(16, min(256, p2)), num_warps=8,
-                         num_stages=2)}
+            "grad": dict(GRAD_TILES[block_d or 256], BLOCK_K=k, BLOCK_D=max(16, min(block_d or 256, p2)))}
+
+
+def grad_plan(dtype: torch.dtype, n_cols: int, aligned: bool, block_d: int = 0) -> list[tuple[int, dict]]:
+    """The gradient launches over the features: ``(d_start, tile)`` pairs, each launch covering the
+    features from ``d_start`` to the next launch's start in chunks of the tile's BLOCK_D.
+
+    fp16/bf16 with 16-aligned rows (``aligned_rows``; ``block_d`` 0 or 512): 512-wide chunks, and the
+    rest (``d % 512``) as one chunk of the narrowest tile that holds it (d = 768: 512 + 256, 6 passes for
+    the backward instead of 6.67 with a padded second 512 chunk). Otherwise one launch: ``block_d`` =
+    256 (or unaligned rows) gives 256-wide chunks; fp32 its own tile; the interpreter its large tile."""
+    if dtype == torch.float32 or (runtime.INTERPRET and not block_d):
+        return [(0, dict(tiles(dtype, n_cols)["grad"]))]
+    if block_d == 256 or not aligned:
+        return [(0, dict(tiles(dtype, n_cols, 256)["grad"]))]
+    wide = n_cols - n_cols % 512
+    plan = [(0, dict(tiles(dtype, n_cols, 512)["grad"]))] if wide else []
+    if n_cols > wide:
+        rest = n_cols - wide
+        rest_tile = tiles(dtype, rest, 256 if rest <= 256 else 512)["grad"]
+        plan.append((wide, dict(rest_tile, BLOCK_K=tiles(dtype, n_cols, 512)["grad"]["BLOCK_K"])))
+    return plan
+
+
+def launch_ranges(plan: list[tuple[int, dict]], n_cols: int):
+    """``(d_start, d_end, tile)`` of each launch of ``plan``: the features it covers."""
+    for i, (d_start, cfg) in enumerate(plan):
+        yield d_start, (plan[i + 1][0] if i + 1 < len(plan) else n_cols), cfg
+
+
+def gemm_passes(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], cols_per_split: int) -> float:
+    """Tensor-core work of the gradient launches of ``plan`` (``grad_plan``) for one side, in GEMM passes
+    (units of the ``n_a x n_b x d`` product), counted from their grids and tiles: every program (row
+    block, feature chunk, column split) computes, per column tile of its split, the full-depth logit tile
+    (d rounded up to BLOCK_K) and the product of its G tile with a BLOCK_D-wide chunk of the columns'
+    features. Padded rows, columns and features count: it is the work the tensor cores do."""
+    n_splits = runtime.cdiv(n_b, cols_per_split)
+    last = n_b - (n_splits - 1) * cols_per_split
+    macs = 0
+    for d_start, d_end, cfg in launch_ranges(plan, n_cols):
+        bm, bn, bk, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"]
+        col_tiles = (n_splits - 1) * runtime.cdiv(cols_per_split, bn) + runtime.cdiv(last, bn)
+        programs = runtime.cdiv(n_a, bm) * runtime.cdiv(d_end - d_start, bd)
+        macs += programs * col_tiles * bm * bn * (runtime.cdiv(n_cols, bk) * bk + bd)
+    return macs / (n_a * n_b * n_cols)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -381,37 +460,63 @@ def _combine(m: torch.Tensor, r: torch.Tensor, pos: torch.Tensor) -> tuple[torch
     return loss, torch.stack([top, log_total, -neg / total])
 
 
-def grad_splits(n_a: int, n_b: int, n_cols: int, cfg: dict, device) -> tuple[int, int]:
-    """Column splits S of the gradient grid, and columns per split. Row blocks x feature chunks alone
-    fill the GPU for square losses (S = 1: no partials at all); a rectangular local loss (256 rows
-    against 32k gathered columns: 4 row blocks) gets its columns split until the grid has about two
+def grad_splits(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], device) -> tuple[int, int]:
+    """Column splits S of the gradient grid, and columns per split (``split_columns`` on ``device``)."""
+    return split_columns(n_a, n_b, n_cols, plan, runtime.sm_count(device))
+
+
+def split_columns(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], sm_count: int) -> tuple[int, int]:
+    """Column splits S of the gradient grid, and columns per split (a multiple of every launch's
+    BLOCK_N: all launches of ``plan`` write the same S partials). Row blocks x feature chunks alone fill
+    the GPU for square losses (S = 1: no partials at all); a rectangular local loss (256 rows against 32k
+    gathered columns: 4 row blocks) gets its columns split until the first launch's grid has about two
     programs per SM. Partials cost S x N x d fp32 values, at most ~2 x SMs x BLOCK_M x BLOCK_D."""
-    n_rb, n_cb = runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_b, cfg["BLOCK_N"])
-    base = n_rb * runtime.cdiv(n_cols, cfg["BLOCK_D"])
-    n_s = min(n_cb, max(1, 2 * runtime.sm_count(device) // base), runtime.MAX_GRID_YZ)
+    cfg = plan[0][1]
+    block_n = max(c["BLOCK_N"] for _, c in plan)
+    n_rb, n_cb = runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_b, block_n)
+    base = n_rb * runtime.cdiv(next(launch_ranges(plan, n_cols))[1], cfg["BLOCK_D"])
+    n_s = min(n_cb, max(1, 2 * sm_count // base), runtime.MAX_GRID_YZ)
     blocks_per_split = runtime.cdiv(n_cb, n_s)
-    return runtime.cdiv(n_cb, blocks_per_split), blocks_per_split * cfg["BLOCK_N"]
+    return runtime.cdiv(n_cb, blocks_per_split), blocks_per_split * block_n
 
 
-def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums: bool):
+def aligned_rows(*tensors) -> bool:
+    """Whether rows start 16-byte aligned with widths and row strides multiples of 16, as the JIT then
+    specializes them (and the 512-wide gradient tile needs)."""
+    return all(t.data_ptr() % 16 == 0 and t.shape[1] % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors)
+
+
+def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums: bool, block_d: int = 0):
     """``acc_i = sum_j G_ij b_j`` for the tiles of the operands ``a`` against ``b``, as fp32 partials
     [S, N, d] over S column splits (``feature_grad`` sums them); with ``want_sums`` also the per-row sums
     of ``G_ij`` and of ``G_ij z_ij`` (fp32 [S, 2, N]), from which the gradients of the bias and the scale
-    follow. See the module docstring for G."""
+    follow. See the module docstring for G; the launches over the features: ``grad_plan`` (``block_d``:
+    0 for the fewest GEMM passes, 256 or 512 to pick a tile)."""
     a, b = _rows(a), _rows(b)
     n_a, n_b, n_cols = a.shape[0], b.shape[0], a.shape[1]
-    cfg = dict(tiles(a.dtype, n_cols)["grad"])
-    n_s, cols_per_split = grad_splits(n_a, n_b, n_cols, cfg, a.device)
+    plan = grad_plan(a.dtype, n_cols, aligned_rows(a, b), block_d)
+    n_s, cols_per_split = grad_splits(n_a, n_b, n_cols, plan, a.device)
     acc = runtime.empty((n_s, n_a, n_cols), torch.float32, a.device)
     sums = runtime.empty((n_s, 2, n_a), torch.float32, a.device) if want_sums else acc
-    grid = (runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_cols, cfg["BLOCK_D"]), n_s)
-    _contrastive_grad_kernel[grid](
-        a, b, lse_a if lse_a is not None else acc, lse_b if lse_b is not None else acc,
-        bias if bias is not None else acc, acc, sums,
-        n_a, n_b, n_cols, a.stride(0), b.stride(0), acc.stride(1), acc.stride(0), offset, cols_per_split,
-        KIND=kind, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None, HAS_ROW_SUMS=want_sums,
-        EVEN_K=n_cols % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(a.dtype), **cfg)
+    for d_start, d_end, cfg in launch_ranges(plan, n_cols):
+        grid = (runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(d_end - d_start, cfg["BLOCK_D"]), n_s)
+        _contrastive_grad_kernel[grid](
+            a, b, lse_a if lse_a is not None else acc, lse_b if lse_b is not None else acc,
+            bias if bias is not None else acc, acc, sums,
+            n_a, n_b, n_cols, a.stride(0), b.stride(0), acc.stride(1), acc.stride(0), offset, cols_per_split,
+            d_start, KIND=kind, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None,
+            HAS_ROW_SUMS=want_sums and d_start == 0, EVEN_K=n_cols % cfg["BLOCK_K"] == 0,
+            DOT_PRECISION=dot_precision(a.dtype), **cfg)
     return acc, (sums if want_sums else None)
+
+
+def backward_gemm_passes(n_a: int, n_b: int, n_cols: int, sm_count: int, block_d: int = 0) -> float:
+    """GEMM passes of the whole loss backward for 16-aligned fp16/bf16 features (both sides: ``a``
+    against ``b`` and the transposed problem) on a GPU of ``sm_count`` SMs, counted from the launches
+    ``contrastive_grad`` makes (``grad_plan``, ``gemm_passes``); ``block_d`` as there."""
+    plan = grad_plan(torch.float16, n_cols, True, block_d or 512)
+    return sum(gemm_passes(rows, cols, n_cols, plan, split_columns(rows, cols, n_cols, plan, sm_count)[1])
+               for rows, cols in ((n_a, n_b), (n_b, n_a)))
 
 
 def feature_grad(x, acc, coef, normalize: bool, eps: float, want_dot: bool = False):
@@ -434,6 +539,11 @@ def feature_grad(x, acc, coef, normalize: bool, eps: float, want_dot: bool = Fal
 # AOT cases
 # ---------------------------------------------------------------------------------------------
 
+# Arguments 16-aligned when the 512-wide gradient tile runs (``aligned_rows``): pointers, width, strides.
+ALIGNED_GRAD_ARGS = ("A", "B", "LSE_A", "LSE_B", "BIAS", "OUT", "ROW_SUMS", "n_cols", "stride_a", "stride_b",
+                     "stride_out", "d_start")
+
+
 def aot_cases() -> list[runtime.AotCase]:
     """The shipped fp16/bf16 tiles (the same for every d >= 256; BLOCK_D shrinks below) for each loss
     variant, the unmasked (d a multiple of BLOCK_K) and masked feature loops, and the row kernels."""
@@ -445,26 +555,34 @@ def aot_cases() -> list[runtime.AotCase]:
     grad_sig = {"A": "*{dtype}", "B": "*{dtype}", "LSE_A": "*fp32", "LSE_B": "*fp32", "BIAS": "*fp32",
                 "OUT": "*fp32", "ROW_SUMS": "*fp32", "n_a": "i32", "n_b": "i32", "n_cols": "i32",
                 "stride_a": "i32", "stride_b": "i32", "stride_out": "i32", "stride_split": "i32", "offset": "i32",
-                "cols_per_split": "i32"}
-    for d in (512, 80):
+                "cols_per_split": "i32", "d_start": "i32"}
+    for d in (512, 80, 784):
         t = tiles(torch.float16, d)
         fwd = {k: v for k, v in t["fwd"].items() if k.isupper()}
-        grad = {k: v for k, v in t["grad"].items() if k.isupper()}
         even = d % fwd["BLOCK_K"] == 0
         for name, kind, has_cols in (("clip", CLIP, True), ("clip_rows", CLIP, False), ("siglip", SIGLIP, False)):
+            if d == 784:  # (the forward's tiles are those of d = 80)
+                break
             cases.append(runtime.AotCase(
                 name=f"contrastive_fwd_{name}[d={d}]", kernel=_contrastive_fwd_kernel, signature=fwd_sig,
                 constexprs={"KIND": kind, "HAS_COLS": has_cols, "EVEN_K": even, "DOT_PRECISION": "tf32", **fwd},
                 num_warps=t["fwd"]["num_warps"], num_stages=t["fwd"]["num_stages"], expects_mma=True,
                 quick=d == 512 and name != "clip_rows"))
-        for name, kind, lse_a, lse_b in (("clip", CLIP, True, True), ("clip_rows", CLIP, True, False),
-                                         ("clip_rows_t", CLIP, False, True), ("siglip", SIGLIP, False, False)):
-            cases.append(runtime.AotCase(
-                name=f"contrastive_grad_{name}[d={d}]", kernel=_contrastive_grad_kernel, signature=grad_sig,
-                constexprs={"KIND": kind, "HAS_LSE_A": lse_a, "HAS_LSE_B": lse_b, "HAS_ROW_SUMS": True,
-                            "EVEN_K": even, "DOT_PRECISION": "tf32", **grad},
-                num_warps=t["grad"]["num_warps"], num_stages=t["grad"]["num_stages"], expects_mma=True,
-                quick=d == 512 and name in ("clip", "siglip")))
+        # the 256-wide chunk for any width; the 512-wide one, which needs 16-aligned widths and strides,
+        # compiled with that alignment (as the JIT specializes it), unmasked (512) and masked (784 = 512 + 272)
+        for block_d in {512: GRAD_TILES, 80: [256], 784: [512]}[d]:
+            g = tiles(torch.float16, d, block_d)["grad"]
+            aligned = block_d in ALIGNED_ONLY
+            for name, kind, lse_a, lse_b in (("clip", CLIP, True, True), ("clip_rows", CLIP, True, False),
+                                             ("clip_rows_t", CLIP, False, True), ("siglip", SIGLIP, False, False)):
+                cases.append(runtime.AotCase(
+                    name=f"contrastive_grad_{name}[d={d},chunk={block_d}]", kernel=_contrastive_grad_kernel,
+                    signature=grad_sig,
+                    constexprs={"KIND": kind, "HAS_LSE_A": lse_a, "HAS_LSE_B": lse_b, "HAS_ROW_SUMS": True,
+                                "EVEN_K": even, "DOT_PRECISION": "tf32", **{k: v for k, v in g.items() if k.isupper()}},
+                    num_warps=g["num_warps"], num_stages=g["num_stages"], expects_mma=True,
+                    quick=d == 512 and name in ("clip", "siglip"),
+                    divisible_by_16=ALIGNED_GRAD_ARGS if aligned else None))
     # fp32 features: full-precision dots (FMA, no tensor cores) unless TF32 is allowed
     t = tiles(torch.float32, 512)
     for key, kernel, sig, extra in (("fwd", _contrastive_fwd_kernel, fwd_sig, {"HAS_COLS": True}),

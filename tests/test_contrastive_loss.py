@@ -446,3 +446,101 @@ def test_eager_path_matches_float64(monkeypatch, loss):
         torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-4, atol=1e-6)
     if loss == "siglip_rectangular":
         torch.testing.assert_close(leaves[3].grad.double(), ref_leaves[3].grad, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gradient tiles: feature-chunk widths and the GEMM passes they cost
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_d", [256, 512])
+@pytest.mark.parametrize("loss", ["clip", "siglip_rectangular", "cross_entropy_rectangular"])
+def test_each_gradient_chunk_width_matches_float64(dtype, block_d, loss):
+    """The backward on each shipped feature-chunk width (the GPU tiles, run by the interpreter): one
+    chunk of 512 or two of 256 at d = 512; a masked chunk at d = 80; at d = 640 a 512-wide launch and a
+    second one from feature 512 (or three 256-wide chunks). Every gradient against float64."""
+    scale, bias = torch.tensor(math.log(20.0), device=DEVICE), torch.tensor(-4.0, device=DEVICE)
+    if loss == "clip":
+        image, text = features(33, 512), features(33, 512)
+        check(f"clip_loss chunk {block_d}",
+              lambda i, t, s: ops.fused_loss(i, t, s.exp(), None, ops.CLIP, 0, True, True, block_d),
+              eager_clip_loss, [image, text, scale], dtype, reference_fn=reference_clip_loss, param_dtype_inputs=[2])
+    elif loss == "siglip_rectangular":
+        image, text = features(9, 80), features(70, 80)
+        check(f"siglip_loss chunk {block_d}",
+              lambda i, t, s, b: ops.fused_loss(i, t, s.exp(), b, ops.SIGLIP, 37, False, True, block_d),
+              lambda i, t, s, b: eager_siglip_loss(i, t, s, b, offset=37), [image, text, scale, bias], dtype,
+              param_dtype_inputs=[2, 3])
+    else:
+        queries, keys = features(9, 640, normalize=False), features(70, 640, normalize=False)
+        check(f"contrastive_cross_entropy chunk {block_d}",
+              lambda q, k, s: ops.fused_loss(q, k, s, None, ops.CLIP, 61, False, False, block_d),
+              lambda q, k, s: eager_cross_entropy(q, k, s, 61), [queries, keys, scale.exp()], dtype,
+              reference_fn=lambda q, k, s: eager_cross_entropy(q, k, s, 61, exact=True), param_dtype_inputs=[2])
+
+
+def _enumerated_passes(n_a, n_b, d, plan, cols_per_split):
+    """The same count as ``gemm_passes``, launch by launch, program by program, tile by tile."""
+    macs = 0
+    for i, (d_start, cfg) in enumerate(plan):
+        d_end = d if i + 1 == len(plan) else plan[i + 1][0]
+        depth = -(-d // cfg["BLOCK_K"]) * cfg["BLOCK_K"]
+        for _ in range(0, n_a, cfg["BLOCK_M"]):
+            for _ in range(d_start, d_end, cfg["BLOCK_D"]):
+                for begin in range(0, n_b, cols_per_split):
+                    for _ in range(begin, min(begin + cols_per_split, n_b), cfg["BLOCK_N"]):
+                        macs += cfg["BLOCK_M"] * cfg["BLOCK_N"] * (depth + cfg["BLOCK_D"])
+    return macs / (n_a * n_b * d)
+
+
+@pytest.mark.parametrize("block_d", [256, 512])
+@pytest.mark.parametrize("n_a,n_b,d,sms", [(1000, 1000, 768, 132), (256, 4099, 80, 8), (77, 3000, 1040, 132)])
+def test_gemm_pass_count_follows_the_launch_grid(block_d, n_a, n_b, d, sms):
+    from clipfast.kernels import contrastive_loss as kernel
+
+    plan = kernel.grad_plan(torch.float16, d, True, block_d)
+    n_s, cols_per_split = kernel.split_columns(n_a, n_b, d, plan, sms)
+    assert cols_per_split % max(c["BLOCK_N"] for _, c in plan) == 0 and (n_s - 1) * cols_per_split < n_b
+    assert kernel.gemm_passes(n_a, n_b, d, plan, cols_per_split) == pytest.approx(
+        _enumerated_passes(n_a, n_b, d, plan, cols_per_split))
+
+
+@pytest.mark.parametrize("d", [512, 768, 1024])
+@pytest.mark.parametrize("n_a,n_b", [(32768, 32768), (256, 32768)])
+def test_wider_chunks_cut_the_backward_gemm_passes(d, n_a, n_b):
+    """Each side recomputes the full-depth logit tile once per feature chunk and multiplies G by every
+    chunk once: 2 x (chunks x d + sum of chunk widths) / d passes for both sides (H100: 132 SMs)."""
+    from clipfast.kernels import contrastive_loss as kernel
+
+    def expected(chunks):
+        return 2 * (len(chunks) * d + sum(chunks)) / d
+
+    before = kernel.backward_gemm_passes(n_a, n_b, d, 132, block_d=256)
+    after = kernel.backward_gemm_passes(n_a, n_b, d, 132)
+    assert before == pytest.approx(expected([256] * (d // 256)))
+    assert after == pytest.approx(expected([512] * (d // 512) + ([d % 512] if d % 512 else []))) and after < before
+    # the 512-wide tile spills without 16-aligned rows: those take 256-wide chunks
+    assert [cfg["BLOCK_D"] for _, cfg in kernel.grad_plan(torch.float16, d, False, 512)] == [256]
+
+
+def test_chunk256_dispatch_candidate_runs_the_256_wide_backward(monkeypatch):
+    from clipfast import dispatcher
+    from clipfast.kernels import contrastive_loss as kernel
+
+    seen = []
+    grad = kernel.contrastive_grad
+
+    def spy(*args):
+        seen.append(args[-1])
+        return grad(*args)
+
+    monkeypatch.setattr(kernel, "contrastive_grad", spy)
+    candidate = dispatcher.specs()["clip_loss"].by_name["clipfast_chunk256"]
+    assert candidate.cuda_only
+    image = features(9, 64).requires_grad_()
+    text = features(9, 64).requires_grad_()
+    scale = torch.tensor(20.0, device=DEVICE)
+    loss = candidate.fn(image, text, scale, None, ops.CLIP, 0, True, True)
+    loss.backward()
+    torch.testing.assert_close(loss, eager_clip_loss(image, text, scale.log()).float(), rtol=1e-5, atol=1e-5)
+    assert seen == [256, 256]

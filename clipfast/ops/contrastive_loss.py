@@ -111,11 +111,13 @@ def eager_loss_bwd(grad, a, b, scale, bias, kind: int, offset: int, both_directi
 
 @torch.library.custom_op("clipfast::contrastive_loss_fwd", mutates_args=())
 def contrastive_loss_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: int, offset: int,
-                         both_directions: bool, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                         both_directions: bool, normalize: bool, grad_block_d: int = 0
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, a_hat, b_hat, lse_a, lse_b): the fp32 scalar loss, the tile operands ``s * a / |a|``
     and ``b / |b|`` (``b_hat`` empty without normalization: the tiles read ``b``) and the row / column
     softmax statistics [3, n] (max, log of the sum, softmax - 1 at the positive; empty where the loss has
-    none)."""
+    none). ``grad_block_d``: the backward's feature-chunk width (``kernels.contrastive_loss.grad_plan``;
+    0: the fewest GEMM passes)."""
     if not _use_kernel(a):
         # the eager backward recomputes everything; the saved outputs only keep their declared shapes
         _, a_hat, b_hat, lse_a, lse_b = _saved_like(a, b, kind, both_directions, normalize, torch.zeros)
@@ -152,14 +154,15 @@ def _saved_like(a, b, kind, both_directions, normalize, make=torch.empty):
 
 
 @contrastive_loss_fwd.register_fake
-def _(a, b, scale, bias, kind, offset, both_directions, normalize):
+def _(a, b, scale, bias, kind, offset, both_directions, normalize, grad_block_d=0):
     return _saved_like(a, b, kind, both_directions, normalize)
 
 
 @torch.library.custom_op("clipfast::contrastive_loss_bwd", mutates_args=())
 def contrastive_loss_bwd(grad: Tensor, a: Tensor, b: Tensor, a_hat: Tensor, b_hat: Tensor, scale: Tensor,
                          bias: Optional[Tensor], lse_a: Tensor, lse_b: Tensor, kind: int, offset: int,
-                         both_directions: bool, normalize: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                         both_directions: bool, normalize: bool, grad_block_d: int = 0
+                         ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (da, db, dscale, dbias); dbias is empty without a bias."""
     if not _use_kernel(a):
         return eager_loss_bwd(grad, a, b, scale, bias, kind, offset, both_directions, normalize)
@@ -170,8 +173,8 @@ def contrastive_loss_bwd(grad: Tensor, a: Tensor, b: Tensor, a_hat: Tensor, b_ha
     lse_a_ = lse_a if kind == CLIP else None
     lse_b_ = lse_b if has_lse_b else None
     # acc_a = sum_j G_ij b_hat_j and acc_b = sum_i G_ij a_hat_i (the transposed problem); a_hat carries s
-    acc_a, sums = kernel.contrastive_grad(a_hat, b_hat, lse_a_, lse_b_, bias, kind, offset, True)
-    acc_b, _ = kernel.contrastive_grad(b_hat, a_hat, lse_b_, lse_a_, bias, kind, -offset, False)
+    acc_a, sums = kernel.contrastive_grad(a_hat, b_hat, lse_a_, lse_b_, bias, kind, offset, True, grad_block_d)
+    acc_b, _ = kernel.contrastive_grad(b_hat, a_hat, lse_b_, lse_a_, bias, kind, -offset, False, grad_block_d)
     s = scale.float().reshape(())
     exact_acc = a.dtype == torch.float32  # G entered the fp32 accumulator unrounded
     da, dots = kernel.feature_grad(a, acc_a, coef * s, normalize, EPS, want_dot=exact_acc)
@@ -184,16 +187,17 @@ def contrastive_loss_bwd(grad: Tensor, a: Tensor, b: Tensor, a_hat: Tensor, b_ha
 
 
 @contrastive_loss_bwd.register_fake
-def _(grad, a, b, a_hat, b_hat, scale, bias, lse_a, lse_b, kind, offset, both_directions, normalize):
+def _(grad, a, b, a_hat, b_hat, scale, bias, lse_a, lse_b, kind, offset, both_directions, normalize,
+      grad_block_d=0):
     return (torch.empty_like(a, memory_format=torch.contiguous_format),
             torch.empty_like(b, memory_format=torch.contiguous_format), torch.empty_like(scale),
             torch.empty_like(bias) if bias is not None else a.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, scale, bias, kind, offset, both_directions, normalize = inputs
+    a, b, scale, bias, kind, offset, both_directions, normalize, *grad_block_d = inputs
     _, a_hat, b_hat, lse_a, lse_b = output
-    ctx.args = (kind, offset, both_directions, normalize)
+    ctx.args = (kind, offset, both_directions, normalize, *grad_block_d)
     ctx.has_bias = bias is not None
     ctx.save_for_backward(a, b, a_hat, b_hat, scale, bias, lse_a, lse_b)
 
@@ -201,7 +205,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, *unused):
     a, b, a_hat, b_hat, scale, bias, lse_a, lse_b = ctx.saved_tensors
     da, db, dscale, dbias = contrastive_loss_bwd(grad, a, b, a_hat, b_hat, scale, bias, lse_a, lse_b, *ctx.args)
-    return da, db, dscale, (dbias if ctx.has_bias else None), None, None, None, None
+    return da, db, dscale, (dbias if ctx.has_bias else None), None, None, None, None, None
 
 
 contrastive_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -247,7 +251,14 @@ def _run(a, b, scale, bias, kind, offset, both_directions, normalize) -> Tensor:
                                                                     normalize))
     if alt is not None:
         return alt(a, b, scale, bias, kind, offset, both_directions, normalize)
-    return contrastive_loss_fwd(a, b, scale, bias, kind, int(offset), bool(both_directions), bool(normalize))[0]
+    return fused_loss(a, b, scale, bias, kind, offset, both_directions, normalize)
+
+
+def fused_loss(a, b, scale, bias, kind, offset, both_directions, normalize, grad_block_d: int = 0) -> Tensor:
+    """The fused op itself (no dispatch), its backward with the feature-chunk width ``grad_block_d``
+    (0: the tile with the fewest GEMM passes)."""
+    return contrastive_loss_fwd(a, b, scale, bias, kind, int(offset), bool(both_directions), bool(normalize),
+                                int(grad_block_d))[0]
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float],
