@@ -67,10 +67,10 @@ registers, and no K-tail step (boxes past an edge read zeros). The epilogue (``_
 activation or its gradient, residual, Z, column sums, split-K partials) is the pointer variant's. The
 autotuner is offered these tiles only where ``tma_applies``: sm_90 or newer, operands the launcher found
 16-byte aligned (TMA needs 16-byte base addresses and row strides: CLIP widths always are; any token
-count is fine), and a triton with in-kernel descriptors. Memory traffic is that of the pointer variant;
-what changes is the issue cost of the loads and the launch of one wave instead of several. Descriptors
-built in a kernel live in global scratch that Triton allocates per launch (128 bytes per descriptor and
-program, ``_ensure_descriptor_scratch``).
+count is fine), and a triton with in-kernel descriptors; and to fp16/bf16 operands only (``Tile.avoid``).
+Memory traffic is that of the pointer variant; what changes is the issue cost of the loads, and one wave
+of programs instead of several. Descriptors built in a kernel live in global scratch that Triton
+allocates per launch (128 bytes per descriptor and program, ``_ensure_descriptor_scratch``).
 
 The Triton interpreter (3.6 and 3.8) runs tensor descriptors, including TMA's checks (16-byte strides)
 and its zero fill past the edges, so the tests run this variant end to end on CPU, forward and every
@@ -253,7 +253,8 @@ class Tile:
     "activated_b" (the proj weight gradient applying the activation to its [BLOCK_K, BLOCK_N] B tiles in
     registers as it loads them), "act_grad" (the dgrad epilogue: act'(Z) from the loaded Z times the
     product, and the column sums), "residual" (the proj forward's residual epilogue), "split" (split-K
-    weight gradients storing fp32 partials). ``unaligned``: offered to operands that load element by
+    weight gradients storing fp32 partials), "fp32" (fp32 operands: twice the shared memory per stage, and
+    no AOT row, which covers fp16 and bf16). ``unaligned``: offered to operands that load element by
     element (more registers per value). ``persistent``: the persistent tensor-descriptor (TMA) variant,
     offered only where ``tma_applies``. ``archs``: the compute capability majors (8 Ampere, 9 Hopper) the
     tile is offered on (None: every one)."""
@@ -303,9 +304,10 @@ TILES = [
     Tile(128, 128, 64, warps=4, stages=3, avoid=("act_grad", "activated_b"), archs=(9,)),
     # Persistent, tensor descriptors (TMA), sm_90+ and aligned operands only (``tma_applies``): no spills
     # for any product on sm_90 under triton 3.6 and 3.8 (100-255 registers, 128-180 KB of shared memory,
-    # one 8-warp program per SM).
-    Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, persistent=True),
-    Tile(128, 128, 64, warps=8, stages=4, persistent=True),
+    # one 8-warp program per SM). fp16/bf16 only: with fp32 operands the 128x256 tile asks for 288 KB of
+    # shared memory (sm_90 has 227 KB) and the exact-fp32 dgrad spills 27 KB (triton 3.8).
+    Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, persistent=True, avoid=("fp32",)),
+    Tile(128, 128, 64, warps=8, stages=4, persistent=True, avoid=("fp32",)),
 ]
 GEMM_CONFIGS = [t.config() for t in TILES]
 _TILE_OF = {t.key: t for t in TILES}
@@ -350,6 +352,9 @@ def _product_kinds(args: dict) -> set[str]:
         kinds.add("residual")
     if args.get("IS_SPLIT", False):
         kinds.add("split")
+    a = args.get("A")
+    if isinstance(a, torch.Tensor) and a.dtype == torch.float32:
+        kinds.add("fp32")
     return kinds
 
 

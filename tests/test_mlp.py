@@ -248,6 +248,9 @@ def test_tiles_are_pruned_per_product_kind():
     assert offered(ACTIVATION=1, HAS_ACT_GRAD=True) == {t for t in hopper if "act_grad" not in t.avoid}
     assert offered(IS_ALIGNED=False) == {t for t in kernel.TILES if t.unaligned}
     assert offered(IS_SPLIT=True) == {t for t in hopper if "split" not in t.avoid}
+    fp32 = offered(A=torch.empty(1, 1))
+    assert fp32 == {t for t in hopper if "fp32" not in t.avoid} and not any(t.persistent for t in fp32)
+    assert {t for t in kernel.TILES if t.persistent} <= offered(A=torch.empty(1, 1, dtype=torch.float16))
     ampere = offered(arch=80)
     assert ampere == {t for t in kernel.TILES if not t.persistent and t.archs in (None, (8,))}
     assert offered(arch=0) == ampere - {t for t in kernel.TILES if t.archs}  # not a CUDA tensor
