@@ -253,8 +253,8 @@ class Tile:
     "activated_b" (the proj weight gradient applying the activation to its [BLOCK_K, BLOCK_N] B tiles in
     registers as it loads them), "act_grad" (the dgrad epilogue: act'(Z) from the loaded Z times the
     product, and the column sums), "residual" (the proj forward's residual epilogue), "split" (split-K
-    weight gradients storing fp32 partials), "fp32" (fp32 operands: twice the shared memory per stage, and
-    no AOT row, which covers fp16 and bf16). ``unaligned``: offered to operands that load element by
+    weight gradients storing fp32 partials), "fp32" (fp32 operands: twice the shared memory per stage; the
+    AOT check compiles fp16 and bf16 only). ``unaligned``: offered to operands that load element by
     element (more registers per value). ``persistent``: the persistent tensor-descriptor (TMA) variant,
     offered only where ``tma_applies``. ``archs``: the compute capability majors (8 Ampere, 9 Hopper) the
     tile is offered on (None: every one)."""
