@@ -5,13 +5,15 @@ Each kernel module in ``clipfast.kernels`` declares ``aot_cases()``. The compile
 without ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit``), and the cubins are inspected with
 the ``cuobjdump`` that ships with Triton: registers, spill bytes (STACK/LOCAL), shared memory and whether
 tensor-core instructions (HGMMA on sm_90, HMMA on sm_80) are present where the kernel has a ``tl.dot``,
-whether loads use the tensor memory accelerator (UTMALDG, sm_90) or asynchronous copies (LDGSTS, the
+whether loads use the tensor memory accelerator (UTMALDG, sm_90; required of cases that load through
+tensor descriptors, ``AotCase.expects_tma``) or asynchronous copies (LDGSTS, the
 software-pipelined cp.async loads), and the occupancy: resident warps per SM as registers, shared memory
 and the warp limit allow (``occupancy``). Pointer arguments are compiled as 16-byte aligned, and integer
 arguments a case lists in ``AotCase.divisible_by_16`` as multiples of 16, as the JIT specializes them
 at run time (torch allocations; CLIP's widths and strides), so the figures match what runs.
 
-Exit status is non-zero on any compile error, any spill, or a missing tensor-core instruction.
+Exit status is non-zero on any compile error, any spill, a missing tensor-core instruction, or a
+missing TMA load where a case expects one.
 
     python -m clipfast.aot [--quick] [--arch 80 90] [--filter NAME] [--json PATH]
 """
@@ -107,7 +109,8 @@ def _worker(args) -> int:
                     if case.archs is not None and arch not in case.archs:
                         continue
                     row = {"family": family, "kernel": case.name, "config": case.config_text(), "dtype": dtype,
-                           "arch": f"sm_{arch}", "expects_mma": case.expects_mma}
+                           "arch": f"sm_{arch}", "expects_mma": case.expects_mma,
+                           "expects_tma": case.expects_tma}
                     t0 = time.time()
                     try:
                         row.update(_compile_case(case, dtype, arch))
@@ -129,6 +132,8 @@ def _problems(row: dict) -> list[str]:
         want = "hgmma" if row["arch"] == "sm_90" else "hmma"
         if not row[want]:
             found.append(f"no {want.upper()} tensor-core instructions")
+    if row.get("expects_tma") and row["arch"] != "sm_80" and not row["tma"]:
+        found.append("no UTMALDG (TMA) loads")
     return found
 
 

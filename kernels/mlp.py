@@ -57,8 +57,29 @@ writing an fp32 partial [M, N]; ``column_sums`` adds the S partials in a fixed o
 extra read/write of S x M x N fp32, ~1% of the GEMM's operand traffic at that shape). No atomics, so the
 result does not depend on scheduling.
 
+Persistent TMA variant (sm_90+)
+-------------------------------
+Tiles marked ``persistent`` run the same kernel with IS_PERSISTENT: one program per SM walks the output
+tiles in the same grouped order (tile t, t + programs, ...), and the operands are read through tensor
+descriptors built in the kernel (``tl.make_tensor_descriptor``), which sm_90 executes as TMA copies
+(UTMALDG) straight into shared memory: no per-element address arithmetic or cp.async bookkeeping in
+registers, and no K-tail step (boxes past an edge read zeros). The epilogue (``_finish_tile``: bias,
+activation or its gradient, residual, Z, column sums, split-K partials) is the pointer variant's. The
+autotuner is offered these tiles only where ``tma_applies``: sm_90 or newer, operands the launcher found
+16-byte aligned (TMA needs 16-byte base addresses and row strides: CLIP widths always are; any token
+count is fine), and a triton with in-kernel descriptors; and to fp16/bf16 operands only (``Tile.avoid``).
+Memory traffic is that of the pointer variant; what changes is the issue cost of the loads, and one wave
+of programs instead of several. Descriptors built in a kernel live in global scratch that Triton
+allocates per launch (128 bytes per descriptor and program, ``_ensure_descriptor_scratch``).
+
+The Triton interpreter (3.6 and 3.8) runs tensor descriptors, including TMA's checks (16-byte strides)
+and its zero fill past the edges, so the tests run this variant end to end on CPU, forward and every
+gradient (``forced_config``); what only a compile shows (UTMALDG in the SASS, registers, spills) is
+checked by ``clipfast aot``, and the speed only on a GPU.
+
 Indexing is 64-bit wherever index products can pass 2**31 (row x stride in loads and the epilogue, the
-K-slice offsets, the split partials), so one launch covers any output size.
+K-slice offsets, the split partials), so one launch covers any output size. Tensor-descriptor
+coordinates are 32-bit (as TMA takes them; every dimension is below 2**31).
 
 Activation kernel
 -----------------
@@ -230,9 +251,13 @@ class Tile:
     ``avoid`` lists the kinds of product (``_product_kinds``) the tile is not offered to, because the AOT
     check measured it spilling there: "heavy" (erf/tanh activation epilogues: fc forward, dgrad),
     "activated_b" (the proj weight gradient applying the activation to its [BLOCK_K, BLOCK_N] B tiles in
-    registers as it loads them), "residual" (the proj forward's residual epilogue), "split" (split-K
-    weight gradients storing fp32 partials). ``unaligned``: offered to operands that load element by
-    element (more registers per value)."""
+    registers as it loads them), "act_grad" (the dgrad epilogue: act'(Z) from the loaded Z times the
+    product, and the column sums), "residual" (the proj forward's residual epilogue), "split" (split-K
+    weight gradients storing fp32 partials), "fp32" (fp32 operands: twice the shared memory per stage; the
+    AOT check compiles fp16 and bf16 only). ``unaligned``: offered to operands that load element by
+    element (more registers per value). ``persistent``: the persistent tensor-descriptor (TMA) variant,
+    offered only where ``tma_applies``. ``archs``: the compute capability majors (8 Ampere, 9 Hopper) the
+    tile is offered on (None: every one)."""
 
     block_m: int
     block_n: int
@@ -243,10 +268,17 @@ class Tile:
     avoid: tuple[str, ...] = ()
     unaligned: bool = False
     group_m: int = 8
+    persistent: bool = False
+    archs: tuple[int, ...] | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.block_m, self.block_n, self.block_k, self.warps, self.stages, self.persistent)
 
     def config(self) -> triton.Config:
         return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
-                              "GROUP_M": self.group_m, "EPILOGUE_SUBTILES": self.epilogue_subtiles},
+                              "GROUP_M": self.group_m, "EPILOGUE_SUBTILES": self.epilogue_subtiles,
+                              "IS_PERSISTENT": self.persistent},
                              num_warps=self.warps, num_stages=self.stages)
 
 
@@ -257,25 +289,56 @@ class Tile:
 TILES = [
     # measured spills where avoided (bf16, sm_80 / sm_90, triton 3.6 / 3.8): 16 B on sm_80 (128x128x64),
     # 80-1100 B (128x256; 8 B for its split-K fp32 stores on sm_80), 180-1000 B on sm_80 (256x128).
-    # Not shipped: 128x128x64 at 4 warps (255 registers on sm_80 with every epilogue, 8-16 B spilled by
-    # the fc forward and residual epilogues under triton 3.6, 100+ B by act(B); 128 KB of shared memory
-    # at 4 stages leaves 4 warps per SM on sm_90).
     Tile(128, 128, 32, warps=8, stages=4),
     Tile(128, 128, 64, warps=8, stages=3, avoid=("activated_b",)),
     Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b", "split")),
     Tile(256, 128, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b",)),
     Tile(64, 128, 32, warps=4, stages=4),
-    Tile(128, 64, 32, warps=4, stages=4),
+    # 128x64x32 spills 16-24 B on sm_80 under triton 3.6 for act(B) with the tanh GELU (as before the
+    # persistent variant was added: 168 registers either way), so it is not offered to act(B).
+    Tile(128, 64, 32, warps=4, stages=4, avoid=("activated_b",)),
     Tile(64, 64, 32, warps=4, stages=4, unaligned=True),
+    # One warpgroup on 128x128 (sm_90, fp16/bf16, triton 3.6 and 3.8): 218-237 registers and no spills for
+    # the fc forward (every activation), the residual proj forward, dx and the plain / split-K weight
+    # gradients, 96 KB of shared memory at 3 stages (8 warps per SM); the dgrad epilogue (act'(Z), column
+    # sums) spills 8-300 B and act(B) 8-120 B at 255 registers. On sm_80 it needs 255 registers with every
+    # epilogue and spills 8-16 B in the fc forward and residual epilogues under triton 3.6: Hopper only.
+    Tile(128, 128, 64, warps=4, stages=3, avoid=("act_grad", "activated_b"), archs=(9,)),
+    # Persistent, tensor descriptors (TMA), sm_90+ and aligned operands only (``tma_applies``): no spills
+    # for any product on sm_90 under triton 3.6 and 3.8 (100-255 registers, 128-180 KB of shared memory,
+    # one 8-warp program per SM). fp16/bf16 only: with fp32 operands the 128x256 tile asks for 288 KB of
+    # shared memory (sm_90 has 227 KB) and the exact-fp32 dgrad spills 27 KB (triton 3.8).
+    Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, persistent=True, avoid=("fp32",)),
+    Tile(128, 128, 64, warps=8, stages=4, persistent=True, avoid=("fp32",)),
 ]
 GEMM_CONFIGS = [t.config() for t in TILES]
-_TILE_OF = {(t.block_m, t.block_n, t.block_k, t.warps, t.stages): t for t in TILES}
+_TILE_OF = {t.key: t for t in TILES}
 _HEAVY_ACTIVATIONS = (2, 3)  # erf and tanh GELU
+
+# Tensor descriptors built in the kernel (``tl.make_tensor_descriptor``): triton 3.6 and later have them.
+HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
 
 
 def _tile(config: triton.Config) -> Tile:
     kw = config.kwargs
-    return _TILE_OF[(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages)]
+    return _TILE_OF[(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages,
+                     kw.get("IS_PERSISTENT", False))]
+
+
+def tma_applies(arch: int, aligned: bool) -> bool:
+    """Whether the persistent TMA variant can run: sm_90 or newer (``arch`` = 10 x major + minor), operands
+    that the launcher found 16-byte aligned (TMA needs 16-byte base addresses and row strides), and a
+    triton with in-kernel tensor descriptors."""
+    return arch >= 90 and aligned and HAS_TENSOR_DESCRIPTORS
+
+
+def _arch(named_args: dict) -> int:
+    """10 x major + minor of the device the launch's A operand is on (0: not a CUDA tensor)."""
+    a = named_args.get("A")
+    if not isinstance(a, torch.Tensor):
+        return 0
+    major, minor = runtime.capability(a.device)
+    return 10 * major + minor
 
 
 def _product_kinds(args: dict) -> set[str]:
@@ -285,53 +348,57 @@ def _product_kinds(args: dict) -> set[str]:
         kinds.add("activated_b")
     elif args.get("ACTIVATION", 0) in _HEAVY_ACTIVATIONS:
         kinds.add("heavy")
+    if args.get("HAS_ACT_GRAD", False):
+        kinds.add("act_grad")
     if args.get("HAS_RESIDUAL", False):
         kinds.add("residual")
     if args.get("IS_SPLIT", False):
         kinds.add("split")
+    a = args.get("A")
+    if isinstance(a, torch.Tensor) and a.dtype == torch.float32:
+        kinds.add("fp32")
     return kinds
 
 
-def _prune(configs, named_args, **kwargs):
-    """The tiles offered to one epilogue and operand alignment (see ``Tile``)."""
+def offered(tile: Tile, kinds: set[str], aligned: bool, arch: int) -> bool:
+    """Whether ``tile`` is offered to a product of ``kinds`` (``_product_kinds``) on operands that are
+    ``aligned`` or not, on ``arch`` (10 x major + minor; 0: unknown, e.g. the interpreter)."""
+    if kinds & set(tile.avoid) or not (tile.unaligned or aligned):
+        return False
+    if tile.archs is not None and arch // 10 not in tile.archs:
+        return False
+    return tma_applies(arch, aligned) if tile.persistent else True
+
+
+def _prune(configs, named_args, arch: int | None = None, **kwargs):
+    """The tiles offered to one launch (see ``offered``): its epilogue, operand alignment and device
+    (``arch`` overrides the device, for the AOT cases)."""
     args = {**named_args, **kwargs}
+    arch = _arch(named_args) if arch is None else arch
     kinds = _product_kinds(args)
-    aligned = args.get("IS_ALIGNED", True)
-    kept = [c for c in configs if not kinds & set(_tile(c).avoid) and (_tile(c).unaligned or aligned)]
+    kept = [c for c in configs if offered(_tile(c), kinds, args.get("IS_ALIGNED", True), arch)]
     return kept or configs[:1]
 
 
-@runtime.autotune(GEMM_CONFIGS, key=["M_BUCKET", "N", "K_BUCKET", "IS_A_ROW_MAJOR", "IS_B_ROW_MAJOR", "IS_ALIGNED",
-                                     "IS_SPLIT"],
-                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
-def _gemm_kernel(
-    A, B, C, BIAS, RES, Z, COLSUM,
-    M, N, K, K_PER_SPLIT, stride_a, stride_b, stride_c, M_BUCKET, K_BUCKET,
-    IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr, IS_ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_TF32: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
-    IS_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPILOGUE_SUBTILES: tl.constexpr,
-):
-    """A: [M, K], unit stride along K (IS_A_ROW_MAJOR) or M; B: [N, K], unit stride along K (IS_B_ROW_MAJOR,
-    nn.Linear layout) or N. C, and Z / RES when used, are [M, N] with row stride stride_c.
-
-    Split-K (IS_SPLIT): program (tile, s) of a grid (tiles, S) sums k in [s * K_PER_SPLIT, (s + 1) *
-    K_PER_SPLIT) and writes its fp32 partial to C + s * M * N (C is an [S, M, N] fp32 buffer; no epilogue
-    flags). Without it, the grid is (tiles, 1) and K_PER_SPLIT = K.
-    M_BUCKET and K_BUCKET only key the autotune cache (powers of two of M and K)."""
-    # Grouped tile order: GROUP_M tile rows sweep the tile columns together (B stays in L2).
-    pid = tl.program_id(0)
-    pid_k = tl.program_id(1)
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(tile row, tile column) of output tile number ``tile`` in grouped order: GROUP_M tile rows sweep the
+    tile columns together, so the B tiles a group reads stay in L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     tiles_per_group = GROUP_M * num_pid_n
-    first_m = (pid // tiles_per_group) * GROUP_M
+    first_m = (tile // tiles_per_group) * GROUP_M
     group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    return first_m + (tile % tiles_per_group) % group_rows, (tile % tiles_per_group) // group_rows
 
+
+@triton.jit
+def _accumulate_from_pointers(A, B, pid_m, pid_n, M, N, k_first, k_count, stride_a, stride_b,
+                              IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr, IS_ALIGNED: tl.constexpr,
+                              IS_TF32: tl.constexpr, IS_B_ACTIVATED: tl.constexpr, ACTIVATION: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The fp32 [BLOCK_M, BLOCK_N] product of one tile over k in [k_first, k_first + k_count), loading
+    through pointers (cp.async pipelines, LDGSTS)."""
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -339,9 +406,6 @@ def _gemm_kernel(
     # Offsets are 64-bit wherever a product of indices can pass 2**31 (rows x strides, split offsets).
     rm_load = (rm % M).to(tl.int64)
     rn_load = (rn % N).to(tl.int64)
-    k_first = pid_k.to(tl.int64) * K_PER_SPLIT
-    k_count = tl.minimum(K - k_first, K_PER_SPLIT)
-
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if IS_A_ROW_MAJOR:  # [BLOCK_M, BLOCK_K] tiles
         a_ptrs = _tile_ptrs(A + k_first, rm_load, rk, stride_a, IS_ALIGNED)
@@ -369,10 +433,58 @@ def _gemm_kernel(
         a = tl.load(a_ptrs, mask=k_ok[None, :] if IS_A_ROW_MAJOR else k_ok[:, None], other=0.0)
         b = tl.load(b_ptrs, mask=k_ok[None, :] if IS_B_ROW_MAJOR else k_ok[:, None], other=0.0)
         acc = _mma_step(a, b, acc, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, IS_TF32, IS_B_ACTIVATED, ACTIVATION)
+    return acc
 
-    # Epilogue on the fp32 accumulator in column sub-tiles (fewer values live at once: the activation and
-    # its gradient need several temporaries per element).
-    rm = rm.to(tl.int64)
+
+@triton.jit
+def _operand_descriptor(X, rows, K, stride, IS_ROW_MAJOR: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """A tensor descriptor (TMA on sm_90) of a [rows, K] operand in its stored orientation: [rows, K]
+    blocks of [BLOCK_ROWS, BLOCK_K] when K has the unit stride, else [K, rows] blocks of [BLOCK_K,
+    BLOCK_ROWS]. Boxes past the matrix edge read zeros."""
+    if IS_ROW_MAJOR:
+        desc = tl.make_tensor_descriptor(X, shape=[rows, K], strides=[stride, 1], block_shape=[BLOCK_ROWS, BLOCK_K])
+    else:
+        desc = tl.make_tensor_descriptor(X, shape=[K, rows], strides=[stride, 1], block_shape=[BLOCK_K, BLOCK_ROWS])
+    return desc
+
+
+@triton.jit
+def _accumulate_from_descriptors(a_desc, b_desc, pid_m, pid_n, k_first, k_count, IS_A_ROW_MAJOR: tl.constexpr,
+                                 IS_B_ROW_MAJOR: tl.constexpr, IS_TF32: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
+                                 ACTIVATION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 BLOCK_K: tl.constexpr):
+    """``_accumulate_from_pointers`` through tensor descriptors: one TMA copy per operand tile into shared
+    memory (UTMALDG), no address arithmetic in registers, and no K tail step (the descriptor zero-fills
+    past K, and act(0) == 0 for every activation)."""
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, tl.cdiv(k_count, BLOCK_K)):
+        k = k_first + i * BLOCK_K
+        if IS_A_ROW_MAJOR:
+            a = a_desc.load([off_m, k])
+        else:
+            a = a_desc.load([k, off_m])
+        if IS_B_ROW_MAJOR:
+            b = b_desc.load([off_n, k])
+        else:
+            b = b_desc.load([k, off_n])
+        acc = _mma_step(a, b, acc, IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, IS_TF32, IS_B_ACTIVATED, ACTIVATION)
+    return acc
+
+
+@triton.jit
+def _finish_tile(acc, pid_m, pid_n, pid_k, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS: tl.constexpr,
+                 ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
+                 HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
+                 IS_ALIGNED: tl.constexpr, IS_SPLIT: tl.constexpr, EPILOGUE_SUBTILES: tl.constexpr):
+    """The epilogue of tile (pid_m, pid_n) on its fp32 accumulator, in EPILOGUE_SUBTILES column slices
+    (fewer values live at once: the activation and its gradient need several temporaries per element);
+    a split-K slice pid_k stores its partial to C + pid_k * M * N."""
+    BLOCK_M: tl.constexpr = acc.shape[0]
+    BLOCK_N: tl.constexpr = acc.shape[1]
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     row0 = pid_m * BLOCK_M
     if IS_SPLIT:
         C += pid_k.to(tl.int64) * M * N
@@ -386,6 +498,56 @@ def _gemm_kernel(
     else:
         _epilogue_halves(acc, rm, pid_n * BLOCK_N, row0, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS,
                          ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED)
+
+
+@runtime.autotune(GEMM_CONFIGS, key=["M_BUCKET", "N", "K_BUCKET", "IS_A_ROW_MAJOR", "IS_B_ROW_MAJOR", "IS_ALIGNED",
+                                     "IS_SPLIT"],
+                  prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _gemm_kernel(
+    A, B, C, BIAS, RES, Z, COLSUM,
+    M, N, K, K_PER_SPLIT, stride_a, stride_b, stride_c, M_BUCKET, K_BUCKET,
+    IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr, IS_ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_TF32: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
+    IS_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SUBTILES: tl.constexpr, IS_PERSISTENT: tl.constexpr,
+):
+    """A: [M, K], unit stride along K (IS_A_ROW_MAJOR) or M; B: [N, K], unit stride along K (IS_B_ROW_MAJOR,
+    nn.Linear layout) or N. C, and Z / RES when used, are [M, N] with row stride stride_c.
+
+    One program per output tile (grid axis 0 = tiles), or, IS_PERSISTENT, a fixed number of programs (one
+    per SM) that walk the tiles ``program_id, program_id + programs, ...`` loading through tensor
+    descriptors (``_accumulate_from_descriptors``; aligned operands only, see ``gemm``).
+    Split-K (IS_SPLIT): program (tile, s) of a grid (tiles, S) sums k in [s * K_PER_SPLIT, (s + 1) *
+    K_PER_SPLIT) and writes its fp32 partial to C + s * M * N (C is an [S, M, N] fp32 buffer; no epilogue
+    flags). Without it, the grid is (tiles, 1) and K_PER_SPLIT = K.
+    M_BUCKET and K_BUCKET only key the autotune cache (powers of two of M and K)."""
+    pid_k = tl.program_id(1)
+    if IS_PERSISTENT:
+        a_desc = _operand_descriptor(A, M, K, stride_a, IS_A_ROW_MAJOR, BLOCK_M, BLOCK_K)
+        b_desc = _operand_descriptor(B, N, K, stride_b, IS_B_ROW_MAJOR, BLOCK_N, BLOCK_K)
+        k_first = pid_k * K_PER_SPLIT  # 32-bit: descriptor coordinates
+        k_count = tl.minimum(K - k_first, K_PER_SPLIT)
+        tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), tiles, tl.num_programs(0), flatten=True):
+            pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+            acc = _accumulate_from_descriptors(a_desc, b_desc, pid_m, pid_n, k_first, k_count, IS_A_ROW_MAJOR,
+                                               IS_B_ROW_MAJOR, IS_TF32, IS_B_ACTIVATED, ACTIVATION, BLOCK_M, BLOCK_N,
+                                               BLOCK_K)
+            _finish_tile(acc, pid_m, pid_n, pid_k, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS, ACTIVATION,
+                         HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED, IS_SPLIT,
+                         EPILOGUE_SUBTILES)
+    else:
+        pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        k_first = pid_k.to(tl.int64) * K_PER_SPLIT
+        k_count = tl.minimum(K - k_first, K_PER_SPLIT)
+        acc = _accumulate_from_pointers(A, B, pid_m, pid_n, M, N, k_first, k_count, stride_a, stride_b,
+                                        IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, IS_ALIGNED, IS_TF32, IS_B_ACTIVATED,
+                                        ACTIVATION, BLOCK_M, BLOCK_N, BLOCK_K)
+        _finish_tile(acc, pid_m, pid_n, pid_k, M, N, stride_c, C, BIAS, RES, Z, COLSUM, HAS_BIAS, ACTIVATION,
+                     HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED, IS_SPLIT,
+                     EPILOGUE_SUBTILES)
 
 
 @triton.jit
@@ -500,6 +662,21 @@ def column_sums(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
         x, S = out, chunks
 
 
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_descriptor_scratch() -> None:
+    """Tensor descriptors built in a kernel live in global scratch memory that Triton asks its allocator
+    for at launch (128 bytes per descriptor and program). Triton has none by default; where none is set in
+    this thread's context (autograd runs the backward in its own threads), a torch-allocated one is set.
+    An allocator the user set is kept."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none", residual=None,
          save_pre: bool = False, pre=None, colsum: bool = False, activate_b: bool = False, split_k: bool = False):
     """``epilogue(a @ b.T)`` for 2-D views ``a`` [M, K] and ``b`` [N, K] with a unit stride along either
@@ -543,8 +720,14 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
         b = activation_fwd(b.contiguous() if b_row_major else b.t().contiguous(), activation)
         b, activate_b, activation = (b if b_row_major else b.t()), False, "none"
 
+    if a.is_cuda and tma_applies(_arch({"A": a}), aligned):
+        _ensure_descriptor_scratch()
+
     def grid(meta):
-        return (runtime.cdiv(M, meta["BLOCK_M"]) * runtime.cdiv(N, meta["BLOCK_N"]), slices)
+        tiles = runtime.cdiv(M, meta["BLOCK_M"]) * runtime.cdiv(N, meta["BLOCK_N"])
+        if meta["IS_PERSISTENT"]:  # one program per SM walks the tiles
+            tiles = min(tiles, runtime.sm_count(a.device))
+        return (tiles, slices)
 
     _gemm_kernel[grid](
         a, b, c, bias if bias is not None else c, residual if residual is not None else c,
@@ -651,30 +834,48 @@ _GEMM_VARIANTS = {
 _QUICK_VARIANTS = ("fc_fwd_quick_gelu", "proj_fwd_residual", "dgrad_quick_gelu", "wgrad_quick_gelu_b_split")
 
 
-def gemm_aot_case(variant: str, config: triton.Config, aligned: bool = True, quick: bool = False) -> runtime.AotCase:
-    """The AOT case of one MLP product (``_GEMM_VARIANTS``) at one tile config."""
+def gemm_aot_case(variant: str, config: triton.Config, aligned: bool = True, quick: bool = False,
+                  archs: tuple[int, ...] | None = None) -> runtime.AotCase:
+    """The AOT case of one MLP product (``_GEMM_VARIANTS``) at one tile config, for ``archs`` (sm numbers;
+    None: every one). The persistent variant's cases are named ``..._tma`` and must show TMA loads."""
     flags = dict(_GEMM_VARIANTS[variant])
     signature = {**_GEMM_SIGNATURE, "C": flags.pop("_C", _GEMM_SIGNATURE["C"])}
     constexprs = {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned, **config.kwargs}
     divisible = (_GEMM_DIVISIBLE if not flags["IS_A_ROW_MAJOR"] else _FWD_DIVISIBLE) if aligned else ()
+    persistent = bool(config.kwargs.get("IS_PERSISTENT"))
     return runtime.AotCase(
-        name=f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}", kernel=runtime.jit_function(_gemm_kernel),
-        signature=signature, constexprs=constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
-        expects_mma=True, quick=quick, divisible_by_16=divisible)
+        name=f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}{'_tma' if persistent else ''}",
+        kernel=runtime.jit_function(_gemm_kernel), signature=signature, constexprs=constexprs,
+        num_warps=config.num_warps, num_stages=config.num_stages, expects_mma=True, expects_tma=persistent,
+        quick=quick, divisible_by_16=divisible, archs=archs)
+
+
+AOT_ARCHS = (80, 90)
 
 
 def aot_cases() -> list[runtime.AotCase]:
-    """Every MLP product at every tile it is offered (``_prune``) on aligned operands (CLIP widths), and on
-    unaligned operands at the tiles they are tuned over; the column-sum kernel; the activation kernel."""
+    """Every MLP product at every tile it is offered (``_prune``) on each architecture on aligned operands
+    (CLIP widths), and on unaligned operands at the tiles they are tuned over; the column-sum kernel; the
+    activation kernel. The quick subset: the first tile of a few products, and the first persistent tile
+    of the first of them."""
     cases = []
     for variant, flags in _GEMM_VARIANTS.items():
         for aligned in (True, False):
             if not aligned and ("split" in variant or flags.get("IS_B_ACTIVATED")):
                 continue  # split-K runs aligned tiles only in the AOT set; unaligned act(B) is activated first
-            configs = _prune(_gemm_kernel.shipped_configs, {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned})
-            for i, cfg in enumerate(configs):
-                quick = aligned and i == 0 and variant in _QUICK_VARIANTS
-                cases.append(gemm_aot_case(variant, cfg, aligned, quick=quick))
+            archs_of: dict[tuple, list[int]] = {}
+            for arch in AOT_ARCHS:
+                for cfg in _prune(_gemm_kernel.shipped_configs, {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned},
+                                  arch=arch):
+                    archs_of.setdefault(_tile(cfg).key, []).append(arch)
+            first_persistent = True
+            for i, cfg in enumerate(c for c in _gemm_kernel.shipped_configs if _tile(c).key in archs_of):
+                archs = tuple(archs_of[_tile(cfg).key])
+                quick = aligned and (variant in _QUICK_VARIANTS and i == 0 or variant == _QUICK_VARIANTS[0]
+                                     and _tile(cfg).persistent and first_persistent)
+                first_persistent = first_persistent and not _tile(cfg).persistent
+                cases.append(gemm_aot_case(variant, cfg, aligned, quick=quick,
+                                           archs=None if archs == AOT_ARCHS else archs))
     for out in ("fp32", "{dtype}"):
         cases.append(runtime.AotCase(
             name=f"mlp_column_sum_to_{'fp32' if out == 'fp32' else 'dtype'}", kernel=_column_sum_kernel,

@@ -193,6 +193,7 @@ class AotCase:
     num_warps: int = 4
     num_stages: int = 3
     expects_mma: bool = False
+    expects_tma: bool = False  # loads through tensor descriptors: TMA (UTMALDG) on sm_90 and newer
     dtypes: tuple[str, ...] = ("fp16", "bf16")
     quick: bool = True  # part of the quick subset CI runs
     tags: dict[str, Any] = field(default_factory=dict)

@@ -38,3 +38,11 @@ def test_table_and_json_report_tma_async_copies_and_occupancy(tmp_path):
     assert rows and all({"tma", "ldgsts", "occupancy_warps"} <= row.keys() for row in rows)
     assert all(row["occupancy_warps"] > 0 and not row["tma"] for row in rows)
     assert "warps/SM" in out.getvalue() and "async" in out.getvalue()
+
+
+def test_a_tensor_descriptor_case_without_tma_loads_fails():
+    row = {"error": None, "stack": 0, "local": 0, "expects_mma": True, "hgmma": True, "hmma": False, "arch": "sm_90",
+           "expects_tma": True, "tma": False}
+    assert aot._problems(row) == ["no UTMALDG (TMA) loads"]
+    assert aot._problems({**row, "tma": True}) == []
+    assert aot._problems({**row, "expects_tma": False}) == []

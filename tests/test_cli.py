@@ -34,8 +34,9 @@ def test_bad_arguments_exit_non_zero(capsys):
 
 
 def test_aot_quick_subset_compiles_every_kernel_family(tmp_path):
-    """The quick AOT subset of every kernel family: sm_80 and sm_90, fp16 and bf16, no spills, and tensor
-    cores (HMMA / HGMMA) wherever a kernel has a tl.dot."""
+    """The quick AOT subset of every kernel family: sm_80 and sm_90, fp16 and bf16, no spills, tensor
+    cores (HMMA / HGMMA) wherever a kernel has a tl.dot, and TMA loads (UTMALDG) where a kernel reads
+    through tensor descriptors."""
     from clipfast.kernels import kernel_modules
 
     out = tmp_path / "aot.json"
@@ -49,6 +50,9 @@ def test_aot_quick_subset_compiles_every_kernel_family(tmp_path):
         assert r["error"] is None and r["stack"] == 0 and r["local"] == 0 and r["registers"] > 0, r
         if r["expects_mma"]:
             assert r["hgmma"] if r["arch"] == "sm_90" else r["hmma"], r
+        if r["expects_tma"]:
+            assert r["arch"] == "sm_90" and r["tma"], r
+    assert any(r["expects_tma"] for r in rows)  # the MLP GEMM's persistent TMA variant
 
 
 def test_readme_results_section_is_generated_from_committed_results():

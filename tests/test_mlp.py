@@ -196,14 +196,23 @@ def test_eager_fallback_matches_float64(monkeypatch):
 
 
 def _tile_id(tile):
-    return f"{tile.block_m}x{tile.block_n}x{tile.block_k}w{tile.warps}s{tile.stages}e{tile.epilogue_subtiles}"
+    return (f"{tile.block_m}x{tile.block_n}x{tile.block_k}w{tile.warps}s{tile.stages}e{tile.epilogue_subtiles}"
+            f"{'-tma' if tile.persistent else ''}")
+
+
+def _skip_unless_it_runs_here(tile):
+    """The persistent variant needs TMA on a GPU (sm_90+); the interpreter runs every tile."""
+    if ON_GPU and tile.persistent and not kernel.tma_applies(kernel._arch({"A": torch.empty(0, device=DEVICE)}), True):
+        pytest.skip("the persistent TMA variant needs sm_90 or newer")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tile", kernel.TILES[1:], ids=_tile_id)
 def test_every_shipped_tile_matches_float64(monkeypatch, tile, dtype):
     """The interpreter runs the first tile only: force each other one (its epilogue sub-tiles, 256-row
-    tiles with several column-sum groups) on ragged shapes (rows past a 64-row group, N and K tails)."""
+    tiles with several column-sum groups, the persistent TMA variant) on ragged shapes (rows past a 64-row
+    group, N and K tails)."""
+    _skip_unless_it_runs_here(tile)
     monkeypatch.setattr(kernel._gemm_kernel, "configs", [tile.config()])
     inputs = mlp_inputs(70, 48, 136) + [randn(70, 48, device=DEVICE)]
     assert_op_matches(f"mlp tile {_tile_id(tile)}", fused_mlp("gelu", True), eager_mlp("gelu", True), inputs, dtype)
@@ -225,18 +234,85 @@ def test_split_k_weight_gradients_match_float64(monkeypatch, dtype):
 
 def test_tiles_are_pruned_per_product_kind():
     """Each product is offered only the tiles AOT measured spill-free for its kind; unaligned operands the
-    small tile."""
-    def offered(**flags):
+    small tile; architecture-specific tiles only on their architecture."""
+    def offered(arch=90, **flags):
         args = {**kernel._NO_EPILOGUE, "IS_ALIGNED": True, **flags}
-        return {kernel._tile(c) for c in kernel._prune(kernel.GEMM_CONFIGS, args)}
+        return {kernel._tile(c) for c in kernel._prune(kernel.GEMM_CONFIGS, args, arch=arch)}
 
-    everything = set(kernel.TILES)
-    assert offered() == everything
-    assert offered(ACTIVATION=1, IS_B_ACTIVATED=True) == {t for t in everything if "activated_b" not in t.avoid}
-    assert offered(HAS_BIAS=True, HAS_RESIDUAL=True) == {t for t in everything if "residual" not in t.avoid}
-    assert offered(ACTIVATION=2, HAS_ACT_GRAD=True) == {t for t in everything if "heavy" not in t.avoid}
+    hopper = {t for t in kernel.TILES if kernel.offered(t, set(), True, 90)}
+    assert offered() == hopper
+    assert {t for t in kernel.TILES if t.persistent} <= hopper  # (triton 3.6+ has tensor descriptors)
+    assert offered(ACTIVATION=1, IS_B_ACTIVATED=True) == {t for t in hopper if "activated_b" not in t.avoid}
+    assert offered(HAS_BIAS=True, HAS_RESIDUAL=True) == {t for t in hopper if "residual" not in t.avoid}
+    assert offered(ACTIVATION=2, HAS_ACT_GRAD=True) == {t for t in hopper if not {"heavy", "act_grad"} & set(t.avoid)}
+    assert offered(ACTIVATION=1, HAS_ACT_GRAD=True) == {t for t in hopper if "act_grad" not in t.avoid}
     assert offered(IS_ALIGNED=False) == {t for t in kernel.TILES if t.unaligned}
-    assert offered(IS_SPLIT=True) == {t for t in everything if "split" not in t.avoid}
+    assert offered(IS_SPLIT=True) == {t for t in hopper if "split" not in t.avoid}
+    fp32 = offered(A=torch.empty(1, 1))
+    assert fp32 == {t for t in hopper if "fp32" not in t.avoid} and not any(t.persistent for t in fp32)
+    assert {t for t in kernel.TILES if t.persistent} <= offered(A=torch.empty(1, 1, dtype=torch.float16))
+    ampere = offered(arch=80)
+    assert ampere == {t for t in kernel.TILES if not t.persistent and t.archs in (None, (8,))}
+    assert offered(arch=0) == ampere - {t for t in kernel.TILES if t.archs}  # not a CUDA tensor
+
+
+def test_persistent_tma_variant_needs_hopper_alignment_and_tensor_descriptors(monkeypatch):
+    assert kernel.tma_applies(90, True) and kernel.tma_applies(100, True)
+    assert not kernel.tma_applies(80, True) and not kernel.tma_applies(90, False)
+    monkeypatch.setattr(kernel, "HAS_TENSOR_DESCRIPTORS", False)  # a triton without tl.make_tensor_descriptor
+    assert not kernel.tma_applies(90, True)
+    assert not any(kernel._tile(c).persistent for c in kernel._prune(kernel.GEMM_CONFIGS, {}, arch=90))
+
+
+PERSISTENT_TILES = [t for t in kernel.TILES if t.persistent]
+
+
+@pytest.mark.parametrize("tile,dtype", list(zip(PERSISTENT_TILES, DTYPES[::-1] * len(PERSISTENT_TILES))),
+                         ids=[_tile_id(t) for t in PERSISTENT_TILES])
+def test_persistent_tiles_walk_several_tiles_per_program(monkeypatch, tile, dtype):
+    """The persistent TMA variant with fewer programs (3 'SMs') than output tiles: each program walks
+    several tiles of the grouped order, through tensor descriptors whose boxes cross the M, N and K edges
+    (odd token count 197: K tail of the weight gradients; width 80: K tail of the fc forward)."""
+    _skip_unless_it_runs_here(tile)
+    monkeypatch.setattr(runtime, "sm_count", lambda device: 3)
+    monkeypatch.setattr(kernel._gemm_kernel, "configs", [tile.config()])
+    grids = []
+    real = kernel._gemm_kernel.fn.run
+    monkeypatch.setattr(kernel._gemm_kernel.fn, "run", lambda *a, **k: grids.append(k["grid"](k)) or real(*a, **k))
+    inputs = mlp_inputs(197, 80, 384) + [randn(197, 80, device=DEVICE)]
+    assert_op_matches(f"mlp persistent {_tile_id(tile)}", fused_mlp("quick_gelu", True), eager_mlp("quick_gelu", True),
+                      inputs, dtype)
+    assert max(g[0] for g in grids) == 3  # the fc forward has more tiles than programs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_persistent_split_k_weight_gradients_match_float64(monkeypatch, dtype):
+    """Split-K slices through tensor descriptors: slice starts as descriptor coordinates, the last slice's
+    K tail read as zeros."""
+    _skip_unless_it_runs_here(PERSISTENT_TILES[-1])
+    monkeypatch.setattr(kernel, "FORCE_SPLIT_K", 3)
+    monkeypatch.setattr(kernel._gemm_kernel, "configs", [PERSISTENT_TILES[-1].config()])
+    assert_op_matches("mlp persistent split-K", fused_mlp("gelu"), eager_mlp("gelu"), mlp_inputs(300, 32, 128), dtype)
+
+
+def test_descriptor_scratch_allocator_is_set_once_and_keeps_the_users():
+    """In-kernel tensor descriptors need Triton's global-scratch allocator; the launcher sets one where the
+    thread has none (autograd's backward threads start with none) and keeps an allocator the user set."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    def run(user_allocator):
+        if user_allocator is not None:
+            triton.set_allocator(user_allocator)
+        kernel._ensure_descriptor_scratch()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(run, None) is kernel._scratch
+    mine = lambda size, alignment, stream: None  # noqa: E731
+    assert contextvars.Context().run(run, mine) is mine
+    assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)  # this thread untouched
 
 
 def test_unaligned_activated_operand_is_activated_first(monkeypatch):
