@@ -1,0 +1,129 @@
+"""``clipfast.testing.hf_parity``: the pytest plugin and runner that run transformers' own model tests without
+and with clipfast. Checked here on stand-ins (no transformers test files are needed): the head widening of
+model testers, each mode's hook on model construction, the junit bookkeeping, and one plugin run end to end
+on a tiny unittest file written by the test."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from clipfast.patching import is_fast
+from clipfast.testing import hf_parity
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed; `pip install -e .[integrations]`")
+
+TEXT = dict(vocab_size=50, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
+            max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+class Tester:
+    def __init__(self, **kwargs):
+        vars(self).update(kwargs)
+
+
+def test_widen_heads_keeps_hidden_size_and_makes_heads_wide():
+    text = Tester(hidden_size=32, num_attention_heads=4)
+    vision = Tester(hidden_size=8, num_attention_heads=2)  # narrower than one wide head: grows
+    wide = Tester(hidden_size=64, num_attention_heads=4)  # already 16 wide: untouched
+    composite = Tester(text_model_tester=text, vision_model_tester=vision, hidden_size=8)  # a copy of vision's
+    hf_parity.widen_heads(composite, 16)
+    hf_parity.widen_heads(wide, 16)
+    assert (text.hidden_size, text.num_attention_heads) == (32, 2)
+    assert (vision.hidden_size, vision.num_attention_heads) == (16, 1)
+    assert composite.hidden_size == 16
+    assert (wide.hidden_size, wide.num_attention_heads) == (64, 4)
+    hf_parity.widen_heads(text, 8)  # wide enough already
+    assert text.num_attention_heads == 2
+
+
+@pytest.mark.parametrize("mode", ["patch", "attn"])
+def test_mode_switches_clipfast_on_for_models_built_while_installed(mode):
+    config = transformers.CLIPTextConfig(**TEXT)
+    undo = hf_parity.install(mode)
+    try:
+        model = transformers.CLIPTextModel(config)
+        eager = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT, attn_implementation="eager"))
+    finally:
+        undo()
+    after = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TEXT))
+    attention = model.encoder.layers[0].self_attn
+    if mode == "patch":
+        assert is_fast(attention) and attention.config._attn_implementation == "clipfast"
+        assert is_fast(eager.encoder.layers[0].self_attn)  # patch mode patches every model
+    else:
+        assert not is_fast(attention) and model.config._attn_implementation == "clipfast"
+        assert eager.config._attn_implementation == "eager"  # an explicit request stays as it is
+    assert not is_fast(after.encoder.layers[0].self_attn)
+    assert after.config._attn_implementation == "sdpa"
+
+
+def test_install_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        hf_parity.install("flash")
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">
+<testcase classname="tests.models.clip.test_modeling_clip.CLIPTextModelTest" name="test_a"/>
+<testcase classname="tests.models.clip.test_modeling_clip.CLIPTextModelTest" name="test_b"/>
+<testcase classname="tests.models.clip.test_modeling_clip.CLIPTextModelTest" name="test_c">{c}</testcase>
+<testcase classname="tests.models.siglip.test_modeling_siglip.SiglipModelTest" name="test_d">{d}</testcase>
+</testsuite></testsuites>"""
+
+
+def test_junit_bookkeeping_lists_baseline_passes_that_fail(tmp_path):
+    (tmp_path / "baseline.xml").write_text(JUNIT.format(c='<skipped message="x"/>', d=""))
+    (tmp_path / "attn.xml").write_text(JUNIT.format(c="", d='<error message="boom"/>').replace(
+        '<testcase classname="tests.models.clip.test_modeling_clip.CLIPTextModelTest" name="test_b"/>', ""))
+    baseline, attn = (hf_parity.read_junit(tmp_path / f"{m}.xml") for m in ("baseline", "attn"))
+    assert baseline["tests.models.clip.test_modeling_clip.CLIPTextModelTest::test_c"] == "skipped"
+    assert attn["tests.models.siglip.test_modeling_siglip.SiglipModelTest::test_d"] == "failed"
+    # test_b vanished (the run crashed under it): a failure; test_c passed only with clipfast: not listed
+    assert hf_parity.regressions(baseline, attn) == [
+        "tests.models.clip.test_modeling_clip.CLIPTextModelTest::test_b",
+        "tests.models.siglip.test_modeling_siglip.SiglipModelTest::test_d"]
+    text, total = hf_parity.summarize({"baseline": baseline, "attn": attn})
+    assert total == 2
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith(("clip/", "siglip/"))}
+    assert rows == {"clip/test_modeling_clip": ["2", "1"], "siglip/test_modeling_siglip": ["1", "1"]}
+
+
+UNITTEST_FILE = """
+import unittest
+
+import transformers
+
+from clipfast.patching import is_fast
+
+
+class Tester:
+    hidden_size = 32
+    num_attention_heads = 4
+
+
+class TinyTest(unittest.TestCase):
+    def setUp(self):
+        self.model_tester = Tester()
+
+    def test_heads_are_wide_and_mode_applies(self):
+        tester = self.model_tester
+        config = transformers.CLIPTextConfig(vocab_size=50, hidden_size=tester.hidden_size, intermediate_size=37,
+                                             num_hidden_layers=1, num_attention_heads=tester.num_attention_heads,
+                                             max_position_embeddings=16, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+        model = transformers.CLIPTextModel(config)
+        attention = model.encoder.layers[0].self_attn
+        self.assertEqual(attention.head_dim, 16)
+        self.assertEqual(is_fast(attention), {MODE!r} == "patch")
+        self.assertEqual(model.config._attn_implementation, {IMPL!r})
+"""
+
+
+def test_plugin_end_to_end(tmp_path, mode="attn", impl="clipfast"):
+    (tmp_path / "test_tiny.py").write_text(textwrap.dedent(UNITTEST_FILE).replace("{MODE!r}", repr(mode))
+                                           .replace("{IMPL!r}", repr(impl)))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "clipfast.testing.hf_parity",
+                          "-p", "no:cacheprovider", f"--clipfast-mode={mode}", "test_tiny.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "1 passed" in run.stdout
