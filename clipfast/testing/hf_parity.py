@@ -22,7 +22,8 @@ Two parts in one module:
   working directory, junit XML per mode) and prints, per test file and mode, how many tests pass in the
   baseline and how many of those fail with clipfast, then the failing tests themselves. Exit status 1 when
   any baseline-passing test fails with clipfast. Arguments after ``--`` go to pytest unchanged (e.g.
-  ``--timeout=300``).
+  ``--timeout=300``); ``--reuse`` reads the junit XML an earlier run left in ``--out`` (e.g. the baseline,
+  which costs little, run once over whole files) instead of running that mode again.
 
 Without CUDA the runner sets ``TRITON_INTERPRET=1`` (the kernels run through Triton's interpreter on CPU,
 slowly: use ``-k`` to pick subsets) and ``CLIPFAST_DISPATCH=kernel`` (the kernels, not a measured choice of
@@ -236,6 +237,8 @@ def main(argv=None) -> int:
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression (the same in every mode)")
     parser.add_argument("--head-dim", type=int, default=_DEFAULT_HEAD_DIM)
     parser.add_argument("--out", type=Path, default=Path("hf_parity_out"), help="junit XML and logs per mode")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read a mode's junit XML from an earlier run in --out instead of running it again")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -247,6 +250,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = {}
     for mode in modes:
+        junit = args.out / f"{mode}.xml"
+        if args.reuse and junit.exists():
+            results[mode] = read_junit(junit)
+            continue
         print(f"[hf_parity] {mode} ...", flush=True)
         results[mode] = run_mode(args.checkout.resolve(), args.files, mode, args.out.resolve(), args.head_dim,
                                  args.keyword, extra)

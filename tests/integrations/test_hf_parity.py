@@ -89,6 +89,18 @@ def test_junit_bookkeeping_lists_baseline_passes_that_fail(tmp_path):
     assert rows == {"clip/test_modeling_clip": ["2", "1"], "siglip/test_modeling_siglip": ["1", "1"]}
 
 
+def test_runner_reuses_earlier_results_and_reports(tmp_path, capsys):
+    (tmp_path / "baseline.xml").write_text(JUNIT.format(c="", d=""))
+    (tmp_path / "patch.xml").write_text(JUNIT.format(c="", d=""))
+    (tmp_path / "attn.xml").write_text(JUNIT.format(c='<failure message="x"/>', d=""))
+    assert hf_parity.main([str(tmp_path), "tests/models/clip", "--out", str(tmp_path), "--reuse"]) == 1
+    out = capsys.readouterr().out
+    assert "patch: 0 test(s)" in out and "attn: 1 test(s)" in out
+    assert "tests.models.clip.test_modeling_clip.CLIPTextModelTest::test_c" in out
+    with pytest.raises(SystemExit):
+        hf_parity.main([str(tmp_path), "x", "--modes", "baseline,flash"])
+
+
 UNITTEST_FILE = """
 import unittest
 
