@@ -97,6 +97,14 @@ def test_runner_reuses_earlier_results_and_reports(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "patch: 0 test(s)" in out and "attn: 1 test(s)" in out
     assert "tests.models.clip.test_modeling_clip.CLIPTextModelTest::test_c" in out
+    # a test asserting the implementation name is listed apart in attn mode, and not counted
+    (tmp_path / "attn.xml").write_text(JUNIT.format(c="", d="").replace(
+        'name="test_a"/>', 'name="test_sdpa_can_dispatch_composite_models"><failure message="x"/></testcase>'))
+    for mode in ("baseline", "patch"):
+        (tmp_path / f"{mode}.xml").write_text((tmp_path / f"{mode}.xml").read_text().replace(
+            'name="test_a"', 'name="test_sdpa_can_dispatch_composite_models"'))
+    assert hf_parity.main([str(tmp_path), "tests/models/clip", "--out", str(tmp_path), "--reuse"]) == 0
+    assert "attn: 1 more assert the implementation name" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         hf_parity.main([str(tmp_path), "x", "--modes", "baseline,flash"])
 
