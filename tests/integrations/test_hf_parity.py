@@ -147,3 +147,51 @@ def test_plugin_end_to_end(tmp_path, mode="attn", impl="clipfast"):
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "1 passed" in run.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Found by the parity run: from_pretrained builds models on the meta device, so patching at construction
+# (patch mode) met vision embeddings whose position_ids had no values yet, and the check crashed
+# ----------------------------------------------------------------------------------------------
+
+VISION = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+              patch_size=8)
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_models_patched_while_on_the_meta_device_load_and_fuse(tmp_path, family):
+    from clipfast import _validate
+
+    cls, config_cls = {"clip": (transformers.CLIPVisionModel, transformers.CLIPVisionConfig),
+                       "siglip": (transformers.SiglipVisionModel, transformers.SiglipVisionConfig)}[family]
+    reference = cls(config_cls(**VISION)).eval()
+    reference.save_pretrained(tmp_path)
+    undo = hf_parity.install("patch")
+    try:
+        model = cls.from_pretrained(tmp_path).eval()  # patched inside, before the weights were loaded
+    finally:
+        undo()
+    embeddings = model.embeddings
+    assert is_fast(embeddings) and "_clipfast_positions_ok" not in vars(embeddings)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference(pixel_values=pixels).last_hidden_state
+        got = model(pixel_values=pixels).last_hidden_state
+    assert vars(embeddings)["_clipfast_positions_ok"] is True  # checked once, on the first forward
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+    # ids that are not 0..N-1 once loaded: the original embedding runs, with a one-time warning
+    with torch.device("meta"):
+        meta = cls(config_cls(**VISION))
+    clipfast_report = __import__("clipfast").patch(meta)
+    assert any(s.family == "patch_embed" for s in clipfast_report.swapped)
+    meta = meta.to_empty(device="cpu").eval()
+    meta.load_state_dict(reference.state_dict())
+    ids = meta.embeddings.position_ids
+    ids.copy_(torch.arange(ids.numel()).flip(0).reshape(ids.shape))
+    reference.embeddings.position_ids.copy_(ids)
+    _validate._warned.discard("hf_custom_position_ids")
+    with pytest.warns(RuntimeWarning, match="position_ids"), torch.no_grad():
+        got = meta(pixel_values=pixels).last_hidden_state
+    with torch.no_grad():
+        torch.testing.assert_close(got, reference(pixel_values=pixels).last_hidden_state, rtol=1e-4, atol=1e-4)
