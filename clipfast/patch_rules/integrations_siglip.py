@@ -82,8 +82,8 @@ register_rule(PatchRule(family="attention", name="HF SigLIP attention-pooling he
 def _siglip_embeddings_forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
     conv = self.patch_embedding
     size_ok = isinstance(pixel_values, torch.Tensor) and tuple(pixel_values.shape[-2:]) == (self.image_size,) * 2
-    if interpolate_pos_encoding or not size_ok or not rules._fusable(pixel_values, conv, self.num_positions,
-                                                                       class_token=False):
+    if interpolate_pos_encoding or not size_ok or not rules.positions_checked(self) or not rules._fusable(
+            pixel_values, conv, self.num_positions, class_token=False):
         return rules._original_class(self).forward(self, pixel_values, interpolate_pos_encoding)
     # [B, N, width]; the original adds position_embedding(position_ids) with a leading batch dim of 1
     return patch_embed(pixel_values, conv.weight, None, self.position_embedding.weight, conv_bias=conv.bias)
@@ -91,8 +91,7 @@ def _siglip_embeddings_forward(self, pixel_values: torch.Tensor, interpolate_pos
 
 def _convert(module: nn.Module) -> nn.Module:
     rules.check_hf_embeddings(module)
-    cls = type(module)
-    return clone_as(module, fast_subclass(cls, _siglip_embeddings_forward, f"Fast{cls.__name__}"))
+    return rules.hf_embeddings_clone(module, _siglip_embeddings_forward)
 
 
 register_rule(PatchRule(family="patch_embed", name="HF SiglipVisionEmbeddings -> fused patch embedding (conv bias)",

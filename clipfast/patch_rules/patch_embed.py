@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from clipfast._validate import warn_once
 from clipfast.ops.patch_embed import patch_embed
 from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
 
@@ -147,25 +148,58 @@ def _convert_open_clip(module: nn.Module) -> nn.Module:
 
 def _hf_forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
     size_ok = isinstance(pixel_values, torch.Tensor) and tuple(pixel_values.shape[-2:]) == (self.image_size,) * 2
-    if interpolate_pos_encoding or not size_ok or not _fusable(pixel_values, self.patch_embedding,
-                                                                  self.num_positions):
+    if interpolate_pos_encoding or not size_ok or not positions_checked(self) or not _fusable(
+            pixel_values, self.patch_embedding, self.num_positions):
         return _original_class(self).forward(self, pixel_values, interpolate_pos_encoding)
     return patch_embed(pixel_values, self.patch_embedding.weight, self.class_embedding,
                        self.position_embedding.weight, conv_bias=self.patch_embedding.bias)
 
 
+# where ``position_ids`` are known to be 0..N-1 (True/False) on a patched HF embedding; absent until checked
+_POSITIONS_OK = "_clipfast_positions_ok"
+
+
+def _positions_are_arange(ids: torch.Tensor, n: int) -> bool:
+    return torch.equal(ids.reshape(-1).cpu(), torch.arange(n))
+
+
 def check_hf_embeddings(module: nn.Module) -> None:
     """Unsupported unless ``module`` is a HF vision embedding the fused op computes exactly: a patchify
-    ``patch_embedding`` conv and ``position_ids`` 0..N-1 into ``position_embedding``."""
+    ``patch_embedding`` conv and ``position_ids`` 0..N-1 into ``position_embedding``. ``position_ids`` on the
+    meta device (a model built by ``from_pretrained`` or under ``torch.device("meta")``, patched before its
+    buffers hold values) are checked by the first forward instead (:func:`positions_checked`)."""
     _patch_size(module.patch_embedding)
     ids = getattr(module, "position_ids", None)
-    if ids is None or not torch.equal(ids.reshape(-1).cpu(), torch.arange(module.num_positions)):
+    if ids is None or (not ids.is_meta and not _positions_are_arange(ids, module.num_positions)):
         raise Unsupported("position_ids are not 0..N (custom position ids)")
+
+
+def hf_embeddings_clone(module: nn.Module, forward) -> nn.Module:
+    """``module`` (checked by :func:`check_hf_embeddings`) as an instance of its fast subclass running
+    ``forward``; its ``position_ids`` are marked as checked unless they were still on the meta device."""
+    new = clone_as(module, fast_subclass(type(module), forward, f"Fast{type(module).__name__}"))
+    if not module.position_ids.is_meta:
+        new.__dict__[_POSITIONS_OK] = True
+    return new
+
+
+def positions_checked(module: nn.Module) -> bool:
+    """Whether a patched HF embedding's ``position_ids`` are 0..N-1: known at patching, or found out once
+    here (the first forward after the buffers got their values; one device-to-host copy); custom ids run
+    the original forward from then on, with a one-time warning."""
+    ok = module.__dict__.get(_POSITIONS_OK)
+    if ok is None:
+        ok = _positions_are_arange(module.position_ids, module.num_positions)
+        if not ok:
+            warn_once("hf_custom_position_ids", f"{type(module).__name__}: position_ids are not 0..N (custom position "
+                      "ids): the original embedding runs")
+        module.__dict__[_POSITIONS_OK] = ok
+    return ok
 
 
 def _convert_hf(module: nn.Module) -> nn.Module:
     check_hf_embeddings(module)
-    return clone_as(module, fast_subclass(type(module), _hf_forward, f"Fast{type(module).__name__}"))
+    return hf_embeddings_clone(module, _hf_forward)
 
 
 def _match_names(names):
