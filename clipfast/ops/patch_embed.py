@@ -17,8 +17,9 @@ from torch import Tensor
 from clipfast.kernels import patch_embed as kernel
 from clipfast.kernels import runtime
 
-from .._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_same_device, check_tensor, plain_float_tensors_on
 from ..dispatcher import route
+from ._custom_op import custom_op
 from .layer_norm import layer_norm
 
 PIXEL_DTYPES = FLOAT_DTYPES + (torch.uint8,)
@@ -69,7 +70,7 @@ def _eager_bwd(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("clipfast::patch_embed_fwd", mutates_args=())
+@custom_op("clipfast::patch_embed_fwd")
 def patch_embed_fwd(pixels: Tensor, weight: Tensor, bias: Optional[Tensor], class_embedding: Optional[Tensor],
                     positional_embedding: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
     """Tokens [B, (1 if class) + N, width] in ``weight``'s dtype (pre-LN)."""
@@ -84,7 +85,7 @@ def _(pixels, weight, bias, class_embedding, positional_embedding, scale, shift)
     return weight.new_empty((pixels.shape[0], n_tokens, weight.shape[0]))
 
 
-@torch.library.custom_op("clipfast::patch_embed_bwd", mutates_args=())
+@custom_op("clipfast::patch_embed_bwd")
 def patch_embed_bwd(dtokens: Tensor, pixels: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                     has_cls: bool, need_pixels: bool, need_weight: bool, need_bias: bool,
                     sum_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -166,7 +167,29 @@ def _scale_shift(op: str, pixels: Tensor, mean, std) -> tuple[Optional[Tensor], 
     return (1.0 / (unit * std)).float(), (-mean / std).float()
 
 
+def _common_case(pixels, weight, bias, class_embedding, positional_embedding) -> bool:
+    """The usual call (see ``plain_float_tensors_on``); anything else takes the full checks."""
+    try:
+        if pixels.dim() != 4 or weight.dim() != 4:
+            return False
+        width, channels, p, p2 = weight.shape
+        _, c, height, width_px = pixels.shape
+        if p != p2 or p < 1 or c != channels or height < p or width_px < p or height % p or width_px % p:
+            return False
+        n_tokens = (height // p) * (width_px // p) + (class_embedding is not None)
+        pos = positional_embedding
+        return ((bias is None or bias.shape == (width,))
+                and (class_embedding is None or class_embedding.shape == (width,))
+                and (pos is None or pos.shape == (n_tokens, width) or pos.shape == (1, n_tokens, width))
+                and type(pixels) in PLAIN_TENSOR_TYPES and pixels.dtype in PIXEL_DTYPES
+                and plain_float_tensors_on(pixels.device, weight, bias, class_embedding, pos))
+    except (AttributeError, TypeError):
+        return False
+
+
 def _check(op, pixels, weight, bias, class_embedding, positional_embedding):
+    if _common_case(pixels, weight, bias, class_embedding, positional_embedding):
+        return
     check_tensor(op, "pixels", pixels, dtypes=PIXEL_DTYPES, ndim=4)
     check_tensor(op, "conv_weight", weight, ndim=4)
     width, channels, p, p2 = weight.shape
