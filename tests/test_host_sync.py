@@ -12,6 +12,7 @@ autograd engine needs a real CUDA device for CUDA tensors, fake or not.
 """
 from __future__ import annotations
 
+import importlib
 from collections import Counter
 
 import pytest
@@ -24,6 +25,8 @@ import clipfast
 import clipfast.nn.attention as nn_attention
 from clipfast.kernels import runtime
 from clipfast.ops import _custom_op
+
+patch_embed_op = importlib.import_module("clipfast.ops.patch_embed")
 
 aten = torch.ops.aten
 SYNCING = {aten._local_scalar_dense.default, aten.item.default, aten.is_nonzero.default, aten.equal.default,
@@ -117,3 +120,29 @@ def test_sync_check_catches_item_and_device_to_host_copies():
                 with pytest.raises(Exception):
                     read()
             x.float().add_(1)  # on-device work passes
+
+
+@pytest.mark.filterwarnings("ignore:Accessing the data pointer of FakeTensor")
+def test_uint8_pixels_normalized_in_the_kernel_need_no_sync_after_the_first_call(fake_gpu, monkeypatch):
+    """Mean and std given as numbers: checked and converted once on the host, copied to the device once."""
+    monkeypatch.setattr(patch_embed_op, "_NORMALIZATIONS", {})  # no fake tensors left behind
+    mean, std = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+    # the host part of the warm-up (fake tensors have no values to check)
+    clipfast.patch_embed(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.randn(4, 3, 4, 4), mean=mean, std=std)
+    fake_gpu.clear()
+    with FakeTensorMode(allow_non_fake_inputs=True), clipfast.dispatch("kernel"):
+        pixels = torch.empty(2, 3, 16, 16, dtype=torch.uint8, device="cuda")
+        weight, cls, pos = (torch.empty(*s, device="cuda") for s in ((32, 3, 8, 8), (32,), (5, 32)))
+        clipfast.patch_embed(pixels, weight, cls, pos, mean=mean, std=std)  # warm-up
+        with NoHostSync():
+            tokens = clipfast.patch_embed(pixels, weight, cls, pos, mean=mean, std=std)
+    assert tokens.shape == (2, 5, 32) and fake_gpu["_patch_embed_fwd_kernel"] == 2
+
+
+def test_zero_std_given_as_numbers_is_still_rejected_on_every_call():
+    pixels, weight = torch.zeros(1, 3, 8, 8, dtype=torch.uint8), torch.randn(4, 3, 4, 4)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="non-zero"):
+            clipfast.patch_embed(pixels, weight, mean=(0.5,) * 3, std=(0.5, 0.0, 0.5))
+    clipfast.patch_embed(pixels, weight, mean=(0.5,) * 3, std=(0.5,) * 3)
+    clipfast.patch_embed(pixels, weight, mean=0.5, std=0.25)

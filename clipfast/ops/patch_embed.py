@@ -19,6 +19,7 @@ from clipfast.kernels import runtime
 
 from .._validate import FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_same_device, check_tensor, plain_float_tensors_on
 from ..dispatcher import route
+from . import _custom_op
 from ._custom_op import custom_op
 from .layer_norm import layer_norm
 
@@ -158,12 +159,47 @@ def _scale_shift(op: str, pixels: Tensor, mean, std) -> tuple[Optional[Tensor], 
         if pixels.dtype == torch.uint8:
             raise ValueError(f"{op}: uint8 `pixels` need `mean` and `std` (per channel, 0..1 units)")
         return None, None
-    channels = pixels.shape[1]
-    mean = _per_channel(op, "mean", mean, channels, pixels.device)
-    std = _per_channel(op, "std", std, channels, pixels.device)
+    unit = 255.0 if pixels.dtype == torch.uint8 else 1.0
+    key = _constant_key(mean, std, unit, pixels)
+    if key is None:
+        return _scale_shift_values(op, mean, std, unit, pixels.shape[1], pixels.device)
+    hit = _NORMALIZATIONS.get((key, pixels.device))
+    if hit is None:
+        host = _NORMALIZATIONS.get((key, None))
+        if host is None:
+            host = _NORMALIZATIONS[(key, None)] = _scale_shift_values(op, mean, std, unit, pixels.shape[1], "cpu")
+        hit = _NORMALIZATIONS[(key, pixels.device)] = (host[0].to(pixels.device), host[1].to(pixels.device))
+    return hit
+
+
+# ((mean, std, unit, channels), device or None for the host copy) -> (scale, shift), for mean/std given as
+# numbers
+_NORMALIZATIONS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _constant_key(mean, std, unit: float, pixels: Tensor) -> Optional[tuple]:
+    """Mean and std given as Python numbers normalize the same way on every call: their scale and shift are
+    computed once on the host (the zero-std check reads no device memory) and kept on the device, so later
+    calls neither copy them to the device nor synchronize (CUDA graph capture). None for tensors, odd
+    values (the full path reports them) and while tracing (a cache would keep traced tensors)."""
+    if isinstance(mean, Tensor) or isinstance(std, Tensor) or _custom_op.needs_custom_op((pixels,)):
+        return None
+    try:
+        return (_numbers(mean), _numbers(std), unit, pixels.shape[1])
+    except (TypeError, ValueError):
+        return None
+
+
+def _numbers(value) -> tuple:
+    return tuple(float(v) for v in value) if hasattr(value, "__iter__") else (float(value),)
+
+
+def _scale_shift_values(op: str, mean, std, unit: float, channels: int, device) -> tuple[Tensor, Tensor]:
+    mean = _per_channel(op, "mean", mean, channels, device)
+    std = _per_channel(op, "std", std, channels, device)
+    # reads the values: a host sync when std is a GPU tensor (mean/std given as numbers are checked on the host)
     if not torch.compiler.is_compiling() and bool((std == 0).any()):
         raise ValueError(f"{op}: `std` must be non-zero")
-    unit = 255.0 if pixels.dtype == torch.uint8 else 1.0
     return (1.0 / (unit * std)).float(), (-mean / std).float()
 
 
