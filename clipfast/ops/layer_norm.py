@@ -1,12 +1,14 @@
 """LayerNorm and residual-add + LayerNorm as torch custom ops with Triton forward and backward.
 
 Pattern every op in clipfast follows:
-- ``clipfast::<op>_fwd`` / ``clipfast::<op>_bwd`` custom ops (``torch.library.custom_op``) that run the
-  Triton launcher when ``runtime.uses_triton`` says so and the eager reference otherwise;
+- ``clipfast::<op>_fwd`` / ``clipfast::<op>_bwd`` custom ops (``custom_op`` from ``_custom_op``: a
+  ``torch.library`` custom op, called directly outside tracing) that run the Triton launcher when
+  ``runtime.uses_triton`` says so and the eager reference otherwise;
 - ``register_fake`` for both, so ``torch.compile(fullgraph=True)`` traces them without a graph break;
 - ``register_autograd`` on the forward op calling the backward op (fused Triton backward, no eager
   recomputation);
-- a thin public function that validates arguments and calls the forward op.
+- a thin public function that validates arguments (the usual call in one pass, the per-argument checks
+  only when that fails) and calls the forward op.
 """
 from __future__ import annotations
 
