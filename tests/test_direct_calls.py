@@ -89,6 +89,13 @@ def test_direct_call_decision():
         _custom_op.set_direct_calls(previous)
 
 
+def test_keyword_arguments_go_through_the_custom_op():
+    from clipfast.ops.mlp import activation_fwd
+
+    x = torch.randn(5)
+    torch.testing.assert_close(activation_fwd(x, activation="quick_gelu"), activation_fwd(x, "quick_gelu"))
+
+
 def test_double_backward_still_raises():
     """The backward ops have no autograd formula: asking for a graph through them raises, as the custom
     op always did, instead of silently returning gradients that do not depend on the inputs."""

@@ -90,9 +90,9 @@ class Op:
         self._function = type(f"{self.name.split('::')[-1]}_function", (torch.autograd.Function,),
                               {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
-    def __call__(self, *args):
-        if needs_custom_op(args):
-            return self.custom(*args)
+    def __call__(self, *args, **kwargs):
+        if kwargs or needs_custom_op(args):  # keyword arguments: the custom op binds them to its schema
+            return self.custom(*args, **kwargs)
         if _C.is_grad_enabled() and _C._any_requires_grad(*args):
             if self._function is None:  # no autograd formula: the custom op raises as it always has
                 return self.custom(*args)
