@@ -8,6 +8,7 @@ import warnings
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 _warned: set[str] = set()
 
@@ -36,6 +37,27 @@ def kernel_takes_width(op: str, x: torch.Tensor, max_width: int) -> bool:
         warn_once(f"{op}_wide", f"{op} over {x.shape[-1]} > {max_width} features runs in eager PyTorch")
         return False
     return True
+
+
+def plain_float_tensors_on(device: torch.device, *tensors) -> bool:
+    """The common case of an op's tensor arguments in one pass: each one (None skipped) a plain tensor or
+    ``nn.Parameter`` of a float dtype on ``device``.
+
+    Every op checks its usual call with this and its shape relations (a few attribute reads) and runs its
+    full checks, which name the offending argument, only when that fails: the full checks cost several
+    microseconds per call, paid on every call of every op."""
+    for t in tensors:
+        if t is not None and (type(t) not in PLAIN_TENSOR_TYPES or t.dtype not in FLOAT_DTYPES or t.device != device):
+            return False
+    return True
+
+
+def any_requires_grad(*tensors) -> bool:
+    """Whether any of ``tensors`` (None skipped) requires grad."""
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def check_tensor(op: str, name: str, t, *, dtypes=FLOAT_DTYPES, min_dim: int = 0, ndim: int | None = None,

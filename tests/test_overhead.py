@@ -17,7 +17,7 @@ def test_bench_overhead_reports_every_op(tmp_path, capsys):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["op"], r["form"]) for r in rows} == {(c.op, f) for c in overhead.CASES for f in ("infer", "train")}
     for r in rows:
-        for key in ("torch us", "clipfast us", "clipfast (auto) us"):
+        for key in ("torch us", "clipfast us", "clipfast (auto) us", "plumbing us"):
             assert math.isfinite(r[key]) and r[key] > 0, r
     assert "x torch" in capsys.readouterr().out
 
@@ -31,6 +31,21 @@ def test_overhead_cases_compute_what_torch_computes():
             a, b = (a, b) if isinstance(a, tuple) else ((a,), (b,))  # add_layer_norm returns (h, y)
             for x, y in zip(a, b, strict=True):
                 torch.testing.assert_close(x.float(), y.float(), rtol=1e-4, atol=1e-4, msg=case.op)
+
+
+def test_plumbing_runs_every_op_with_its_implementation_stubbed():
+    """The plumbing column replaces every op's implementation by its fake (allocation only) and restores it."""
+    from clipfast.ops._custom_op import OPS
+
+    before = {name: op.impl for name, op in OPS.items()}
+    assert {"clipfast::layer_norm_fwd", "clipfast::mlp_fwd", "clipfast::flash_attention_fwd",
+            "clipfast::patch_embed_fwd", "clipfast::contrastive_loss_fwd"} <= set(OPS)
+    with overhead.stubbed_implementations():
+        assert all(op.impl is op.fake for op in OPS.values() if op.fake is not None)
+        x = torch.randn(4, 32)
+        y = overhead.CASES[0].clipfast(x, torch.ones(32), torch.zeros(32))
+        assert y.shape == x.shape
+    assert {name: op.impl for name, op in OPS.items()} == before
 
 
 def _per_call_us(fn, calls=2000):

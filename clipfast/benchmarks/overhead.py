@@ -7,10 +7,16 @@ so the time per call is that overhead. This measures, for every op, microseconds
 - ``torch``: the plain PyTorch call a user would write (``F.layer_norm``, SDPA, ``F.linear`` ... );
 - ``clipfast``: the clipfast op in dispatch ``kernel`` (on CPU the eager-fallback path, which shares the
   checks, dispatch and autograd plumbing with the kernel path; on CUDA the kernel path);
-- ``clipfast (auto)``: the same in dispatch ``auto`` (the lookup of the measured choice included),
+- ``clipfast (auto)``: the same in dispatch ``auto`` (the lookup of the measured choice included);
+- ``plumbing``: the clipfast op in dispatch ``kernel`` with every implementation replaced by its fake
+  (which only allocates the outputs): what clipfast's layers above the kernels cost -- argument checks,
+  dispatch, the custom-op or direct call, autograd bookkeeping -- without the eager reference's arithmetic
+  (on CPU) or the Triton launcher (on CUDA),
 
 each in ``infer`` (no_grad) and ``train`` (forward with inputs that require grad) form, as the minimum over
 repeats of the mean over a batch of calls (on CUDA the calls are queued, not waited for, as a model's are).
+On CPU the clock is this thread's CPU time (``time.thread_time``), so other processes on a shared machine
+slow the figures (caches, frequency) but do not add their own time to them; on CUDA it is wall time.
 """
 from __future__ import annotations
 
@@ -108,16 +114,34 @@ def eager_fallback():
         runtime.INTERPRET = previous
 
 
-def microseconds_per_call(fn: Callable[[], object], calls: int, repeats: int, sync: Callable[[], None]) -> float:
+@contextlib.contextmanager
+def stubbed_implementations():
+    """Every clipfast op's implementation replaced by its fake (output allocation only) for the block; the
+    direct calls run them (the registered custom ops keep their real implementations)."""
+    from clipfast.ops._custom_op import OPS
+
+    saved = {name: op.impl for name, op in OPS.items()}
+    try:
+        for op in OPS.values():
+            if op.fake is not None:
+                op.impl = op.fake
+        yield
+    finally:
+        for name, impl in saved.items():
+            OPS[name].impl = impl
+
+
+def microseconds_per_call(fn: Callable[[], object], calls: int, repeats: int, sync: Callable[[], None],
+                          clock: Callable[[], float] = time.perf_counter) -> float:
     for _ in range(max(3, calls // 10)):
         fn()
     sync()
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = clock()
         for _ in range(calls):
             fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
         sync()
     return best / calls * 1e6
 
@@ -135,9 +159,10 @@ def one_thread():
 
 def measure(device: torch.device | None = None, calls: int = 200, repeats: int = 5,
             ops: list[str] | None = None) -> list[dict]:
-    """One row per op and form: microseconds per call of torch, clipfast and clipfast (auto)."""
+    """One row per op and form: microseconds per call of torch, clipfast, clipfast (auto) and plumbing."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
     rows = []
     with eager_fallback() if device.type == "cpu" else contextlib.nullcontext(), one_thread():
         for case in CASES:
@@ -148,20 +173,24 @@ def measure(device: torch.device | None = None, calls: int = 200, repeats: int =
                 grad = torch.enable_grad() if form == "train" else torch.no_grad()
                 row = {"op": case.op, "form": form, "device": device.type}
                 for label, fn, mode in (("torch", case.torch, None), ("clipfast", case.clipfast, "kernel"),
-                                        ("clipfast (auto)", case.clipfast, "auto")):
-                    with grad, (dispatch(mode) if mode else contextlib.nullcontext()):
-                        row[f"{label} us"] = microseconds_per_call(lambda: fn(**inputs), calls, repeats, sync)
+                                        ("clipfast (auto)", case.clipfast, "auto"),
+                                        ("plumbing", case.clipfast, "kernel")):
+                    stub = stubbed_implementations() if label == "plumbing" else contextlib.nullcontext()
+                    with grad, stub, (dispatch(mode) if mode else contextlib.nullcontext()):
+                        row[f"{label} us"] = microseconds_per_call(lambda: fn(**inputs), calls, repeats, sync,
+                                                                   clock)
                 row["clipfast x torch"] = row["clipfast us"] / row["torch us"]
                 rows.append(row)
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    header = f"{'op':<17}{'form':<7}{'torch us':>10}{'clipfast us':>13}{'auto us':>10}{'x torch':>9}"
+    header = (f"{'op':<17}{'form':<7}{'torch us':>10}{'clipfast us':>13}{'auto us':>10}{'x torch':>9}"
+              f"{'plumbing us':>13}")
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(f"{r['op']:<17}{r['form']:<7}{r['torch us']:>10.1f}{r['clipfast us']:>13.1f}"
-                     f"{r['clipfast (auto) us']:>10.1f}{r['clipfast x torch']:>8.1f}x")
+                     f"{r['clipfast (auto) us']:>10.1f}{r['clipfast x torch']:>8.1f}x{r['plumbing us']:>13.1f}")
     return "\n".join(lines)
 
 

@@ -24,8 +24,9 @@ from torch import Tensor
 from clipfast.kernels import attention as kernel
 from clipfast.kernels import runtime
 
-from .._validate import check_same_device, check_tensor, warn_once
+from .._validate import PLAIN_TENSOR_TYPES, check_same_device, check_tensor, plain_float_tensors_on, warn_once
 from ..dispatcher import route
+from ._custom_op import custom_op
 
 OP = "flash_attention"
 
@@ -82,7 +83,7 @@ def _as_blhd(t, dtype):
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("clipfast::flash_attention_fwd", mutates_args=())
+@custom_op("clipfast::flash_attention_fwd")
 def flash_attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], is_causal: bool,
                         scale: float) -> tuple[Tensor, Tensor]:
     """Returns (out [B, H, Lq, D] in [B, Lq, H, D] memory, base-2 log-sum-exp as fp32 [B*H, 2, Lq]: row
@@ -101,7 +102,7 @@ def _(q, k, v, bias, is_causal, scale):
     return _blhd_like(b, h, lq, d, q), q.new_empty((b * h, 2, lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("clipfast::flash_attention_bwd", mutates_args=())
+@custom_op("clipfast::flash_attention_bwd")
 def flash_attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], out: Tensor,
                         lse: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dq, dk, dv)."""
@@ -157,7 +158,27 @@ def _mask_to_bias(mask: Tensor, b: int, h: int, lq: int, lk: int) -> Tensor:
     return mask.to(torch.float32)
 
 
+MASK_DTYPES = (torch.bool, torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _common_case(q, k, v, attn_mask, scale) -> bool:
+    """The usual call (see ``plain_float_tensors_on``); anything else takes the full checks."""
+    try:
+        dims = q.dim()
+        qs, ks = q.shape, k.shape
+        return (dims in (3, 4) and k.dim() == dims and v.dim() == dims and q.dtype == k.dtype == v.dtype
+                and qs[:-2] == ks[:-2] == v.shape[:-2] and ks[-2] == v.shape[-2] and qs[-1] == ks[-1]
+                and (scale is None or type(scale) is float or type(scale) is int)
+                and plain_float_tensors_on(q.device, q, k, v)
+                and (attn_mask is None or (type(attn_mask) in PLAIN_TENSOR_TYPES and attn_mask.dtype in MASK_DTYPES
+                                           and attn_mask.device == q.device)))
+    except (AttributeError, TypeError):
+        return False
+
+
 def _check(q, k, v, attn_mask, scale):
+    if _common_case(q, k, v, attn_mask, scale):
+        return
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(OP, name, t)
         if t.dim() not in (3, 4):
@@ -175,8 +196,7 @@ def _check(q, k, v, attn_mask, scale):
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{OP}: `q` and `k` must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
     if attn_mask is not None:
-        check_tensor(OP, "attn_mask", attn_mask, dtypes=(torch.bool, torch.float32, torch.float16, torch.bfloat16,
-                                                         torch.float64))
+        check_tensor(OP, "attn_mask", attn_mask, dtypes=MASK_DTYPES)
     check_same_device(OP, q=q, k=k, v=v, attn_mask=attn_mask)
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"{OP}: `scale` must be a float or None, got {type(scale).__name__}")

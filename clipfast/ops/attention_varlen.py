@@ -26,6 +26,7 @@ from clipfast.kernels import attention_varlen as kernel
 from clipfast.kernels import runtime
 
 from .._validate import check_same_device, check_tensor, warn_once
+from ._custom_op import custom_op
 from .attention import _eager_bwd as _dense_eager_bwd
 from .attention import _eager_fwd as _dense_eager_fwd
 
@@ -81,7 +82,7 @@ def _use_kernel(q, k, max_seqlen_q, max_seqlen_k) -> bool:
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("clipfast::flash_attention_varlen_fwd", mutates_args=())
+@custom_op("clipfast::flash_attention_varlen_fwd")
 def flash_attention_varlen_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
                                scale: float) -> tuple[Tensor, Tensor]:
@@ -97,7 +98,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal
     return q.new_empty(q.shape), q.new_empty((h, 2, total_q), dtype=torch.float32)
 
 
-@torch.library.custom_op("clipfast::flash_attention_varlen_bwd", mutates_args=())
+@custom_op("clipfast::flash_attention_varlen_bwd")
 def flash_attention_varlen_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                                cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
                                is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -27,8 +27,10 @@ from torch import Tensor
 
 from clipfast.kernels import contrastive_loss as kernel
 
-from .._validate import check_same_device, check_tensor, kernel_takes_width
+from .._validate import (FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_same_device, check_tensor, kernel_takes_width,
+                         plain_float_tensors_on)
 from ..dispatcher import route
+from ._custom_op import custom_op
 
 EPS = 1e-12
 CLIP, SIGLIP = kernel.CLIP, kernel.SIGLIP
@@ -109,7 +111,7 @@ def eager_loss_bwd(grad, a, b, scale, bias, kind: int, offset: int, both_directi
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("clipfast::contrastive_loss_fwd", mutates_args=())
+@custom_op("clipfast::contrastive_loss_fwd")
 def contrastive_loss_fwd(a: Tensor, b: Tensor, scale: Tensor, bias: Optional[Tensor], kind: int, offset: int,
                          both_directions: bool, normalize: bool, grad_block_d: int = 0
                          ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -158,7 +160,7 @@ def _(a, b, scale, bias, kind, offset, both_directions, normalize, grad_block_d=
     return _saved_like(a, b, kind, both_directions, normalize)
 
 
-@torch.library.custom_op("clipfast::contrastive_loss_bwd", mutates_args=())
+@custom_op("clipfast::contrastive_loss_bwd")
 def contrastive_loss_bwd(grad: Tensor, a: Tensor, b: Tensor, a_hat: Tensor, b_hat: Tensor, scale: Tensor,
                          bias: Optional[Tensor], lse_a: Tensor, lse_b: Tensor, kind: int, offset: int,
                          both_directions: bool, normalize: bool, grad_block_d: int = 0
@@ -219,7 +221,8 @@ def _scalar(op: str, name: str, value, like: Tensor) -> Tensor:
     """A number or one-element float tensor -> 0-dim fp32 tensor on ``like``'s device (differentiable)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.tensor(float(value), dtype=torch.float32, device=like.device)
-    check_tensor(op, name, value)
+    if not (type(value) in PLAIN_TENSOR_TYPES and value.dtype in FLOAT_DTYPES):
+        check_tensor(op, name, value)
     if value.numel() != 1:
         raise ValueError(f"{op}: `{name}` must be a number or a one-element tensor, got shape {tuple(value.shape)}")
     if value.device != like.device:
@@ -227,7 +230,21 @@ def _scalar(op: str, name: str, value, like: Tensor) -> Tensor:
     return value.float().reshape(())
 
 
+def _common_case(a, b, square: bool, offset) -> bool:
+    """The usual call (see ``plain_float_tensors_on``); anything else takes the full checks."""
+    try:
+        if a.dim() != 2 or b.dim() != 2 or type(offset) is not int:
+            return False
+        (n, d), (m, d_b) = a.shape, b.shape
+        return (a.dtype == b.dtype and d == d_b and n > 0 and d > 0 and (m == n or not square)
+                and 0 <= offset and offset + n <= m and plain_float_tensors_on(a.device, a, b))
+    except (AttributeError, TypeError):
+        return False
+
+
 def _check_features(op: str, a: Tensor, b: Tensor, a_name: str, b_name: str, square: bool, offset: int) -> None:
+    if _common_case(a, b, square, offset):
+        return
     check_tensor(op, a_name, a, ndim=2)
     check_tensor(op, b_name, b, ndim=2)
     check_same_device(op, **{a_name: a, b_name: b})

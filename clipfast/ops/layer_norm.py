@@ -1,12 +1,14 @@
 """LayerNorm and residual-add + LayerNorm as torch custom ops with Triton forward and backward.
 
 Pattern every op in clipfast follows:
-- ``clipfast::<op>_fwd`` / ``clipfast::<op>_bwd`` custom ops (``torch.library.custom_op``) that run the
-  Triton launcher when ``runtime.uses_triton`` says so and the eager reference otherwise;
+- ``clipfast::<op>_fwd`` / ``clipfast::<op>_bwd`` custom ops (``custom_op`` from ``_custom_op``: a
+  ``torch.library`` custom op, called directly outside tracing) that run the Triton launcher when
+  ``runtime.uses_triton`` says so and the eager reference otherwise;
 - ``register_fake`` for both, so ``torch.compile(fullgraph=True)`` traces them without a graph break;
 - ``register_autograd`` on the forward op calling the backward op (fused Triton backward, no eager
   recomputation);
-- a thin public function that validates arguments and calls the forward op.
+- a thin public function that validates arguments (the usual call in one pass, the per-argument checks
+  only when that fails) and calls the forward op.
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from torch import Tensor
 
 from clipfast.kernels import layer_norm as kernel
 
-from .._validate import check_same_device, check_shape, check_tensor, kernel_takes_width
+from .._validate import check_same_device, check_shape, check_tensor, kernel_takes_width, plain_float_tensors_on
 from ..dispatcher import route
+from ._custom_op import custom_op
 
 
 def _use_kernel(x: Tensor) -> bool:
@@ -63,7 +66,7 @@ def _eager_bwd(dy, dh, x, weight, bias, mean, rstd):
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("clipfast::layer_norm_fwd", mutates_args=())
+@custom_op("clipfast::layer_norm_fwd")
 def layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, h, mean, rstd); h is empty when there is no residual."""
@@ -85,7 +88,7 @@ def _(x, residual, weight, bias, eps):
     return x.new_empty(x.shape), h, stats, stats.clone()
 
 
-@torch.library.custom_op("clipfast::layer_norm_bwd", mutates_args=())
+@custom_op("clipfast::layer_norm_bwd")
 def layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                    mean: Tensor, rstd: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (dx, dweight, dbias) with the parameter gradients in the parameters' dtypes (reduced and
@@ -123,7 +126,23 @@ layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 # Public functions
 # ----------------------------------------------------------------------------------------------
 
+def _common_case(op, x, residual, weight, bias) -> bool:
+    """The usual call (see ``plain_float_tensors_on``); anything else takes the full checks."""
+    try:
+        if x.dim() == 0:
+            return False
+        n = x.shape[-1]
+        return ((weight is None or weight.shape == (n,)) and (bias is None or bias.shape == (n,))
+                and (residual.shape == x.shape and residual.dtype == x.dtype if residual is not None
+                     else op == "layer_norm")
+                and plain_float_tensors_on(x.device, x, residual, weight, bias))
+    except (AttributeError, TypeError):
+        return False
+
+
 def _check(op, x, residual, weight, bias):
+    if _common_case(op, x, residual, weight, bias):
+        return
     check_tensor(op, "x", x, min_dim=1)
     n = x.shape[-1]
     if residual is not None or op == "add_layer_norm":

@@ -28,8 +28,10 @@ from torch import Tensor
 from clipfast.kernels import mlp as kernel
 from clipfast.kernels import runtime
 
-from .._validate import check_same_device, check_shape, check_tensor
+from .._validate import (FLOAT_DTYPES, PLAIN_TENSOR_TYPES, any_requires_grad, check_same_device, check_shape,
+                         check_tensor, plain_float_tensors_on)
 from ..dispatcher import route
+from ._custom_op import custom_op
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 
@@ -99,7 +101,7 @@ def _empty_like_none(x: Tensor) -> Tensor:
 # Custom ops: MLP
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("clipfast::mlp_fwd", mutates_args=())
+@custom_op("clipfast::mlp_fwd")
 def mlp_fwd(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor,
             proj_bias: Optional[Tensor], residual: Optional[Tensor], activation: str,
             save_for_backward: bool) -> tuple[Tensor, Tensor]:
@@ -124,7 +126,7 @@ def _(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation, save_
     return y, (x.new_empty((rows, hidden)) if save_for_backward else x.new_empty(0))
 
 
-@torch.library.custom_op("clipfast::mlp_bwd", mutates_args=())
+@custom_op("clipfast::mlp_bwd")
 def mlp_bwd(dy: Tensor, x: Tensor, fc_weight: Tensor, proj_weight: Tensor, z: Tensor, activation: str,
             need_dx: bool, need_fc_grads: bool, need_proj_grads: bool, has_fc_bias: bool,
             has_proj_bias: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -187,7 +189,7 @@ mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
 # Custom ops: elementwise activation
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("clipfast::activation_fwd", mutates_args=())
+@custom_op("clipfast::activation_fwd")
 def activation_fwd(x: Tensor, activation: str) -> Tensor:
     if runtime.uses_triton(x):
         return kernel.activation_fwd(x.contiguous(), activation)
@@ -199,7 +201,7 @@ def _(x, activation):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("clipfast::activation_bwd", mutates_args=())
+@custom_op("clipfast::activation_bwd")
 def activation_bwd(dy: Tensor, x: Tensor, activation: str) -> Tensor:
     if runtime.uses_triton(x):
         return kernel.activation_bwd(dy.contiguous(), x.contiguous(), activation)
@@ -237,7 +239,8 @@ def _check_activation(op: str, activation) -> None:
 def quick_gelu(x: Tensor) -> Tensor:
     """``x * sigmoid(1.702 * x)`` elementwise (OpenAI CLIP's QuickGELU), computed in fp32, returned in
     ``x``'s dtype."""
-    check_tensor("quick_gelu", "x", x)
+    if not (type(x) in PLAIN_TENSOR_TYPES and x.dtype in FLOAT_DTYPES):
+        check_tensor("quick_gelu", "x", x)
     alt = route("quick_gelu", (x,))
     if alt is not None:
         return alt(x)
@@ -252,6 +255,36 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
     proj_bias: [D_out] or None; residual: [..., D_out] or None (added in the projection's epilogue);
     activation: "quick_gelu" (x * sigmoid(1.702 x)), "gelu" (erf) or "gelu_tanh". Accumulates in fp32 and
     returns ``x``'s dtype; fp32 inputs use TF32 only when torch allows it for matmuls."""
+    if not _common_case(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation):
+        _check_fully(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation)
+    # parameters of another float dtype are cast to x's (autocast's rule); same-dtype ones are used as they are
+    dtype = x.dtype
+    params = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (fc_weight, fc_bias, proj_weight, proj_bias)]
+    alt = route("mlp", (x, *params, activation, residual))
+    if alt is not None:
+        return alt(x, *params, activation, residual)
+    save = torch.is_grad_enabled() and any_requires_grad(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
+    return mlp_fwd(x, *params, residual, activation, save)[0]
+
+
+def _common_case(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation) -> bool:
+    """The usual call (see ``plain_float_tensors_on``); anything else takes the full checks."""
+    try:
+        if x.dim() == 0 or fc_weight.dim() != 2 or proj_weight.dim() != 2 or activation not in ACTIVATIONS:
+            return False
+        hidden, width = fc_weight.shape
+        out = proj_weight.shape[0]
+        shape = x.shape
+        return (shape[-1] == width and proj_weight.shape[1] == hidden
+                and (fc_bias is None or fc_bias.shape == (hidden,))
+                and (proj_bias is None or proj_bias.shape == (out,))
+                and (residual is None or (residual.dtype == x.dtype and residual.shape == (*shape[:-1], out)))
+                and plain_float_tensors_on(x.device, x, fc_weight, fc_bias, proj_weight, proj_bias, residual))
+    except (AttributeError, TypeError):
+        return False
+
+
+def _check_fully(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation) -> None:
     op = "mlp"
     check_tensor(op, "x", x, min_dim=1)
     check_tensor(op, "fc_weight", fc_weight, ndim=2)
@@ -270,10 +303,3 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
         raise TypeError(f"{op}: `residual` dtype {residual.dtype} differs from `x` dtype {x.dtype}")
     check_same_device(op, x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight, proj_bias=proj_bias,
                       residual=residual)
-    params = [t.to(x.dtype) if t is not None else None for t in (fc_weight, fc_bias, proj_weight, proj_bias)]
-    alt = route("mlp", (x, *params, activation, residual))
-    if alt is not None:
-        return alt(x, *params, activation, residual)
-    tracked = (x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tracked)
-    return mlp_fwd(x, *params, residual, activation, save)[0]

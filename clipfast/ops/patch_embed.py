@@ -17,8 +17,10 @@ from torch import Tensor
 from clipfast.kernels import patch_embed as kernel
 from clipfast.kernels import runtime
 
-from .._validate import FLOAT_DTYPES, check_same_device, check_tensor
+from .._validate import FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_same_device, check_tensor, plain_float_tensors_on
 from ..dispatcher import route
+from . import _custom_op
+from ._custom_op import custom_op
 from .layer_norm import layer_norm
 
 PIXEL_DTYPES = FLOAT_DTYPES + (torch.uint8,)
@@ -69,7 +71,7 @@ def _eager_bwd(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need
 # Custom ops
 # ----------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("clipfast::patch_embed_fwd", mutates_args=())
+@custom_op("clipfast::patch_embed_fwd")
 def patch_embed_fwd(pixels: Tensor, weight: Tensor, bias: Optional[Tensor], class_embedding: Optional[Tensor],
                     positional_embedding: Optional[Tensor], scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
     """Tokens [B, (1 if class) + N, width] in ``weight``'s dtype (pre-LN)."""
@@ -84,7 +86,7 @@ def _(pixels, weight, bias, class_embedding, positional_embedding, scale, shift)
     return weight.new_empty((pixels.shape[0], n_tokens, weight.shape[0]))
 
 
-@torch.library.custom_op("clipfast::patch_embed_bwd", mutates_args=())
+@custom_op("clipfast::patch_embed_bwd")
 def patch_embed_bwd(dtokens: Tensor, pixels: Tensor, weight: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                     has_cls: bool, need_pixels: bool, need_weight: bool, need_bias: bool,
                     sum_rows: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -157,16 +159,73 @@ def _scale_shift(op: str, pixels: Tensor, mean, std) -> tuple[Optional[Tensor], 
         if pixels.dtype == torch.uint8:
             raise ValueError(f"{op}: uint8 `pixels` need `mean` and `std` (per channel, 0..1 units)")
         return None, None
-    channels = pixels.shape[1]
-    mean = _per_channel(op, "mean", mean, channels, pixels.device)
-    std = _per_channel(op, "std", std, channels, pixels.device)
+    unit = 255.0 if pixels.dtype == torch.uint8 else 1.0
+    key = _constant_key(mean, std, unit, pixels)
+    if key is None:
+        return _scale_shift_values(op, mean, std, unit, pixels.shape[1], pixels.device)
+    hit = _NORMALIZATIONS.get((key, pixels.device))
+    if hit is None:
+        host = _NORMALIZATIONS.get((key, None))
+        if host is None:
+            host = _NORMALIZATIONS[(key, None)] = _scale_shift_values(op, mean, std, unit, pixels.shape[1], "cpu")
+        hit = _NORMALIZATIONS[(key, pixels.device)] = (host[0].to(pixels.device), host[1].to(pixels.device))
+    return hit
+
+
+# ((mean, std, unit, channels), device or None for the host copy) -> (scale, shift), for mean/std given as
+# numbers
+_NORMALIZATIONS: dict[tuple, tuple[Tensor, Tensor]] = {}
+
+
+def _constant_key(mean, std, unit: float, pixels: Tensor) -> Optional[tuple]:
+    """Mean and std given as Python numbers normalize the same way on every call: their scale and shift are
+    computed once on the host (the zero-std check reads no device memory) and kept on the device, so later
+    calls neither copy them to the device nor synchronize (CUDA graph capture). None for tensors, odd
+    values (the full path reports them) and while tracing (a cache would keep traced tensors)."""
+    if isinstance(mean, Tensor) or isinstance(std, Tensor) or _custom_op.needs_custom_op((pixels,)):
+        return None
+    try:
+        return (_numbers(mean), _numbers(std), unit, pixels.shape[1])
+    except (TypeError, ValueError):
+        return None
+
+
+def _numbers(value) -> tuple:
+    return tuple(float(v) for v in value) if hasattr(value, "__iter__") else (float(value),)
+
+
+def _scale_shift_values(op: str, mean, std, unit: float, channels: int, device) -> tuple[Tensor, Tensor]:
+    mean = _per_channel(op, "mean", mean, channels, device)
+    std = _per_channel(op, "std", std, channels, device)
+    # reads the values: a host sync when std is a GPU tensor (mean/std given as numbers are checked on the host)
     if not torch.compiler.is_compiling() and bool((std == 0).any()):
         raise ValueError(f"{op}: `std` must be non-zero")
-    unit = 255.0 if pixels.dtype == torch.uint8 else 1.0
     return (1.0 / (unit * std)).float(), (-mean / std).float()
 
 
+def _common_case(pixels, weight, bias, class_embedding, positional_embedding) -> bool:
+    """The usual call (see ``plain_float_tensors_on``); anything else takes the full checks."""
+    try:
+        if pixels.dim() != 4 or weight.dim() != 4:
+            return False
+        width, channels, p, p2 = weight.shape
+        _, c, height, width_px = pixels.shape
+        if p != p2 or p < 1 or c != channels or height < p or width_px < p or height % p or width_px % p:
+            return False
+        n_tokens = (height // p) * (width_px // p) + (class_embedding is not None)
+        pos = positional_embedding
+        return ((bias is None or bias.shape == (width,))
+                and (class_embedding is None or class_embedding.shape == (width,))
+                and (pos is None or pos.shape == (n_tokens, width) or pos.shape == (1, n_tokens, width))
+                and type(pixels) in PLAIN_TENSOR_TYPES and pixels.dtype in PIXEL_DTYPES
+                and plain_float_tensors_on(pixels.device, weight, bias, class_embedding, pos))
+    except (AttributeError, TypeError):
+        return False
+
+
 def _check(op, pixels, weight, bias, class_embedding, positional_embedding):
+    if _common_case(pixels, weight, bias, class_embedding, positional_embedding):
+        return
     check_tensor(op, "pixels", pixels, dtypes=PIXEL_DTYPES, ndim=4)
     check_tensor(op, "conv_weight", weight, ndim=4)
     width, channels, p, p2 = weight.shape
