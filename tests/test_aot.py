@@ -38,3 +38,20 @@ def test_table_and_json_report_tma_async_copies_and_occupancy(tmp_path):
     assert rows and all({"tma", "ldgsts", "occupancy_warps"} <= row.keys() for row in rows)
     assert all(row["occupancy_warps"] > 0 and not row["tma"] for row in rows)
     assert "warps/SM" in out.getvalue() and "async" in out.getvalue()
+
+
+def test_cases_compile_with_the_kernels_defaults_for_constexprs_they_leave_out():
+    # the forward's SPLIT_DV (default 1) is set only by the tiles that split the value columns; the cases are
+    # built outside the interpreter (they need the compiled JIT's parameters)
+    from .conftest import run_without_interpreter
+
+    script = """
+from clipfast import aot
+from clipfast.kernels import attention
+cases = [c for c in attention.aot_cases() if c.name == "attention_fwd[D=256]"]
+splits = sorted(aot.case_constexprs(c)["SPLIT_DV"] for c in cases)
+assert splits == [1, 2], splits
+assert all("SPLIT_DV" not in c.constexprs for c in cases if aot.case_constexprs(c)["SPLIT_DV"] == 1)
+print("ok")
+"""
+    assert "ok" in run_without_interpreter(script)
