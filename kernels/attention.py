@@ -20,8 +20,9 @@ tile splits the value columns over two programs (``SPLIT_DV``, see ``_value_colu
 Tensor descriptors (TMA) for k and v were measured and are not shipped. A forward that loads k/v through
 ``tl.make_tensor_descriptor`` (block [BLOCK_N, BLOCK_D] at [start_n, 0]; out-of-range rows and columns read
 as zero, as ``_load_tile``'s masks give) compiles for sm_90 without spills and with UTMALDG + HGMMA under
-triton 3.6 and 3.8, in fewer registers than the pointer loads (3.8: 130 at 128x64 / 8 warps / head dim 64,
-142 at 64x32 / 4 warps / 128; 3.6: 152, 198, and 164 causal), and the interpreter of both versions runs it
+triton 3.6 and 3.8 (registers, that prototype vs the shipped kernel: 3.8 130 vs 183 at 128x64 / 8 warps /
+head dim 64, 142 vs 201 at 64x32 / 4 warps / 128; 3.6 152 vs 207, 198 vs 198, causal 164 vs 214; the prototype
+had no bias and one loop, so part of the gap is not TMA), and the interpreter of both versions runs it
 right (causal, L=77, fp16 error 6e-4 / 8e-4 vs float64, fp16 rounding). What keeps it out: a descriptor made
 in the kernel needs global scratch memory from ``triton.set_allocator``, a process-wide setting a library
 should not make for its users (host-side ``TensorDescriptor`` arguments avoid it, but need the block shape set
