@@ -76,16 +76,23 @@ def occupancy(arch: int, registers: int, shared: int, num_warps: int) -> int:
     return blocks * num_warps
 
 
+def case_constexprs(case) -> dict:
+    """The case's constexprs, plus the kernel's defaults for those it leaves out (as a launch fills them)."""
+    defaults = {p.name: p.default for p in case.kernel.params if p.is_constexpr and p.has_default}
+    return {**defaults, **case.constexprs}
+
+
 def _compile_case(case, dtype: str, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    constexprs = case_constexprs(case)
     signature = {k: v.format(dtype=dtype) for k, v in case.signature.items()}
-    signature.update({k: "constexpr" for k in case.constexprs})
+    signature.update({k: "constexpr" for k in constexprs})
     arg_names = case.kernel.arg_names
     attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in case.aligned_args()}
-    src = ASTSource(fn=case.kernel, signature=signature, constexprs=dict(case.constexprs), attrs=attrs)
+    src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     options = {"num_warps": case.num_warps, "num_stages": case.num_stages}
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     info = _inspect_cubin(compiled.asm["cubin"])

@@ -13,8 +13,22 @@ within a (batch, head) slice are 32-bit unless some slice spans 2**31 elements (
 free.
 
 Tiles are data (``Tile`` rows in one ``TileTable`` per kernel, default first) with one filter
-(``TileTable.offered``) that picks those for a head dim and architecture; autotuning keys on sequence
-lengths rounded up to a multiple of 32 (``runtime.seqlen_bucket``).
+(``TileTable.offered``) that picks those for a head dim, architecture and Triton version; autotuning keys on
+sequence lengths rounded up to a multiple of 32 (``runtime.seqlen_bucket``). At head dim 256 Hopper's forward
+tile splits the value columns over two programs (``SPLIT_DV``, see ``_value_columns``).
+
+Tensor descriptors (TMA) for k and v were measured and are not shipped. A forward that loads k/v through
+``tl.make_tensor_descriptor`` (block [BLOCK_N, BLOCK_D] at [start_n, 0]; out-of-range rows and columns read
+as zero, as ``_load_tile``'s masks give) compiles for sm_90 without spills and with UTMALDG + HGMMA under
+triton 3.6 and 3.8 (registers, that prototype vs the shipped kernel: 3.8 130 vs 183 at 128x64 / 8 warps /
+head dim 64, 142 vs 201 at 64x32 / 4 warps / 128; 3.6 152 vs 207, 198 vs 198, causal 164 vs 214; the prototype
+had no bias and one loop, so part of the gap is not TMA), and the interpreter of both versions runs it
+right (causal, L=77, fp16 error 6e-4 / 8e-4 vs float64, fp16 rounding). What keeps it out: a descriptor made
+in the kernel needs global scratch memory from ``triton.set_allocator``, a process-wide setting a library
+should not make for its users (host-side ``TensorDescriptor`` arguments avoid it, but need the block shape set
+per autotune config in a pre-hook and change every launcher and AOT signature); TMA needs a 16-byte aligned
+base, 16-byte multiple row strides and a unit head-dim stride, so the autotune key would have to carry that
+(a TMA config tuned on one view must never be reused for an unaligned one); and no TMA launch has run on a GPU.
 
 Masks: ``IS_CAUSAL`` (query i attends keys j <= i, top-left aligned like SDPA) skips the key blocks above
 the diagonal. Each loop runs in two parts: the blocks every query of the tile sees whole (no mask
@@ -144,14 +158,28 @@ def _load_stats(LSE, bh, offs_m, seqlen_q):
 
 
 @triton.jit
-def _program_block(seqlen, BLOCK: tl.constexpr):
+def _program_block(seqlen, BLOCK: tl.constexpr, SPLITS: tl.constexpr = 1):
     """(batch*head index, sequence block) of this program. The grid is one flattened axis 0 of
-    ``B*H*cdiv(seqlen, BLOCK)`` programs with the sequence block varying fastest, so the blocks of one head
-    run side by side and the operand they all read (k, v in the forward and dq; q, dO in dk/dv) comes from
-    HBM about once and from L2 after that."""
-    pid = tl.program_id(0)
+    ``B*H*cdiv(seqlen, BLOCK)*SPLITS`` programs with the sequence block varying fastest (after the
+    ``SPLITS`` programs that share one block, see ``_value_columns``), so the blocks of one head run side by
+    side and the operand they all read (k, v in the forward and dq; q, dO in dk/dv) comes from HBM about
+    once and from L2 after that."""
+    pid = tl.program_id(0) // SPLITS
     n_blocks = tl.cdiv(seqlen, BLOCK)
     return pid // n_blocks, pid % n_blocks
+
+
+@triton.jit
+def _value_columns(offs_d, BLOCK_D: tl.constexpr, SPLIT_DV: tl.constexpr):
+    """The head-dim columns of v (and o) this forward program accumulates: all ``BLOCK_D`` of them, or with
+    ``SPLIT_DV`` > 1 its share of ``BLOCK_D // SPLIT_DV`` (the programs of one query block are adjacent on
+    axis 0). Each of the split programs recomputes the same scores and softmax (q k^T over the whole head
+    dim) but keeps only a [BLOCK_M, BLOCK_D // SPLIT_DV] accumulator: at head dim 256 the whole fp32
+    accumulator (128 registers a thread for 64 rows on 4 warps) plus q spills on sm_90 under triton 3.6,
+    and halving it does not (``FWD``). Costs one more q k^T per split: 1.5x the forward's FLOPs at 2. The
+    split programs store the same row statistics (identical values; no ordering needed)."""
+    start = (tl.program_id(0) % SPLIT_DV) * (BLOCK_D // SPLIT_DV)
+    return _indices(start, BLOCK_D // SPLIT_DV, offs_d)
 
 
 @triton.jit
@@ -167,16 +195,17 @@ def _head_offset(bh, n_heads, stride_b, stride_h):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, lo, hi,
+def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, offs_dv, lo, hi,
                     stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                     seqlen_q, seqlen_k, head_dim, qk_scale,
                     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     MASKED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online softmax over the key blocks in [lo, hi)."""
+    """Online softmax over the key blocks in [lo, hi), accumulating ``p v`` in the value columns ``offs_dv``
+    (``_value_columns``)."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = _indices(start_n, BLOCK_N, offs_d)
         k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, seqlen_k, head_dim)
-        v = _load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, seqlen_k, head_dim)
+        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, seqlen_k, head_dim)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = _mask_scores(s, offs_m, offs_n, b_base, stride_bm, stride_bn, seqlen_q, seqlen_k,
                          IS_CAUSAL, BIAS_KIND, True, MASKED)
@@ -198,26 +227,38 @@ def _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, lo
 @dataclass(frozen=True)
 class Tile:
     """One shipped tile: query and key block sizes, warps, pipeline stages, the padded head dims (BLOCK_D)
-    it ships for, and the GPU generations (compute capability majors: 8 Ampere, 9 Hopper) it is offered on
-    (None: all)."""
+    it ships for, the GPU generations (compute capability majors: 8 Ampere, 9 Hopper) it is offered on
+    (None: all), for forward tiles the programs a query block's value columns are split over (``SPLIT_DV``,
+    see ``_value_columns``), and the Triton versions ``[from, before)`` it ships under: register allocation
+    differs between versions, so a few tiles that spill under one are replaced under it."""
     block_m: int
     block_n: int
     warps: int
     stages: int
     block_ds: tuple[int, ...]
     archs: tuple[int, ...] | None = None
+    dv_splits: int = 1
+    tritons: tuple[tuple[int, int], tuple[int, int]] = ((3, 0), (99, 0))
 
     @property
-    def key(self) -> tuple[int, int, int, int]:
-        return (self.block_m, self.block_n, self.warps, self.stages)
+    def ships_here(self) -> bool:
+        """Whether the running Triton is one this tile ships under."""
+        return runtime.triton_at_least(*self.tritons[0]) and not runtime.triton_at_least(*self.tritons[1])
+
+    @property
+    def key(self) -> tuple[int, int, int, int, int]:
+        return (self.block_m, self.block_n, self.warps, self.stages, self.dv_splits)
 
     def config(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}, num_warps=self.warps,
-                             num_stages=self.stages)
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
+        if self.dv_splits != 1:  # only the forward kernels take SPLIT_DV (default 1)
+            meta["SPLIT_DV"] = self.dv_splits
+        return triton.Config(meta, num_warps=self.warps, num_stages=self.stages)
 
 
-def _config_key(cfg: triton.Config) -> tuple[int, int, int, int]:
-    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages)
+def _config_key(cfg: triton.Config) -> tuple[int, int, int, int, int]:
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages,
+            cfg.kwargs.get("SPLIT_DV", 1))
 
 
 def _arch(named_args) -> int:
@@ -245,15 +286,16 @@ class TileTable:
         return not (arch // 10 == 9 and tile.warps == 8 and rows < 128)
 
     def offered(self, block_d: int, arch: int) -> list[Tile]:
-        """The tiles for ``block_d`` on ``arch`` (arch 0: any); where the architecture rule leaves none, the
-        head dim's tiles regardless (so every head dim has one)."""
-        for_d = [t for t in self.tiles if block_d in t.block_ds]
+        """The tiles for ``block_d`` on ``arch`` (arch 0: any) under the running Triton; where the
+        architecture rule leaves none, the head dim's tiles regardless (so every head dim has one)."""
+        for_d = [t for t in self.tiles if block_d in t.block_ds and t.ships_here]
         return ([t for t in for_d if self.fits_arch(t, arch)]
                 or [t for t in for_d if t.archs is None or arch // 10 in t.archs] or for_d)
 
     def configs(self) -> list[triton.Config]:
-        """One config per distinct tile (a tile may have one row per architecture and head dims)."""
-        return [t.config() for t in {t.key: t for t in reversed(self.tiles)}.values()][::-1]
+        """One config per distinct tile shipped under the running Triton (a tile may have one row per
+        architecture and head dims)."""
+        return [t.config() for t in {t.key: t for t in reversed(self.tiles) if t.ships_here}.values()][::-1]
 
     def prune(self, configs, named_args, **kwargs):
         """``early_config_prune`` for the autotuner: the configs of the offered tiles (the interpreter's
@@ -265,30 +307,37 @@ class TileTable:
 
 # Each tile was compiled (`clipfast aot`, triton 3.6 and 3.8) for the architectures it is offered on, at the
 # head dims it ships for: no spills, tensor-core MMAs (HMMA / HGMMA). The first tile offered is the default
-# for a head dim and architecture (what CLIPFAST_AUTOTUNE=0 runs; the interpreter runs the first row). 8 warps
-# on 64 MMA rows are Ampere tiles; Hopper keeps them only where every 4-warp or 128-row tile tried spills
-# (the backward at head dim 128, everything at 256). 128-row and 3-stage 4-warp tiles spill on sm_80 (Hopper
-# only). Tried and not shipped at head dim 128 on sm_90: forward 128x32 (8 warps) and dq 64x32 (4 warps) are
-# clean plain but spill with causal + full mask (16 and 40 bytes, triton 3.8); dk/dv 16x64 (4 warps) and
-# 16x128 (8 warps) spill plain. Known spills left: dq causal + full mask at head dim 128 on sm_90 (16 bytes,
-# triton 3.8); under triton 3.6 only, dk/dv causal at the Ampere default (16-32 bytes, as before these
-# tables), the forward at 256 on sm_90 (120 bytes, as before), forward and dq causal + full mask at head dim
-# 128 on sm_80 (8 bytes each).
+# for a head dim and architecture (what CLIPFAST_AUTOTUNE=0 runs; the interpreter runs the first row); the
+# defaults are also compiled causal, with a key-padding mask and causal with a full mask. 8 warps on 64 MMA
+# rows are Ampere tiles; Hopper keeps them only where every 4-warp or 128-row tile tried spills (dk/dv at head
+# dim 128). 128-row and 3-stage 4-warp tiles spill on sm_80 (Hopper only). At head dim 256 the forward splits
+# the value columns over two programs on Hopper (``_value_columns``): the whole 64 x 256 accumulator spills
+# 88-120 bytes under triton 3.6 at every 64- and 128-row tile tried (4 or 8 warps, 1-3 stages), and
+# reloading q in the loop instead spills more. Tiles chosen per Triton version (under 3.6 the 3.8 defaults
+# spill 8-32 bytes: dk/dv causal at head dims up to 64 on sm_80; forward and dq causal + full mask at head
+# dim 128 on sm_80). Tried and not shipped at head dim 128 on sm_90: forward 128x64 (8 warps) spills 16 bytes
+# plain and 128x32 (8 warps) 16 bytes causal + full mask (triton 3.8); dq 64x32 (4 or 8 warps), 128x16,
+# 128x32 and 128x64 (8 warps) spill causal + full mask; dk/dv 16x64 (4 warps, 1-2 stages) and 16x128 (8 warps)
+# spill plain.
 _SMALL, _D128, _D256 = (16, 32, 64), (128,), (256,)
 _ANY_D = _SMALL + _D128
-_HOPPER = (9,)
+_AMPERE, _HOPPER = (8,), (9,)
+_BEFORE_3_8 = ((3, 0), (3, 8))
 FWD = TileTable((
-    Tile(128, 64, 8, 3, _SMALL, _HOPPER), Tile(64, 32, 8, 3, _ANY_D), Tile(128, 128, 8, 3, _SMALL, _HOPPER),
-    Tile(64, 64, 4, 3, _SMALL), Tile(128, 32, 8, 3, _SMALL), Tile(64, 32, 4, 3, _ANY_D), Tile(64, 64, 8, 3, _ANY_D),
-    Tile(64, 16, 8, 3, _D256),
+    Tile(128, 64, 8, 3, _SMALL, _HOPPER), Tile(64, 16, 8, 3, _D128, _AMPERE, tritons=_BEFORE_3_8),
+    Tile(64, 32, 8, 3, _ANY_D), Tile(128, 128, 8, 3, _SMALL, _HOPPER), Tile(64, 64, 4, 3, _SMALL),
+    Tile(128, 32, 8, 3, _SMALL), Tile(64, 32, 4, 3, _ANY_D), Tile(64, 64, 8, 3, _ANY_D),
+    Tile(128, 16, 8, 3, _D128, _HOPPER), Tile(64, 16, 4, 3, _D256, _HOPPER, dv_splits=2), Tile(64, 16, 8, 3, _D256),
 ), "BLOCK_M")
 DKDV = TileTable((
-    Tile(32, 64, 4, 3, _SMALL, _HOPPER), Tile(32, 64, 8, 2, _SMALL), Tile(32, 128, 8, 3, _SMALL, _HOPPER),
-    Tile(16, 64, 4, 2, _SMALL), Tile(16, 64, 8, 2, _D128 + _D256),
+    Tile(32, 64, 4, 3, _SMALL, _HOPPER), Tile(32, 32, 4, 2, _SMALL, _AMPERE, tritons=_BEFORE_3_8),
+    Tile(32, 64, 8, 2, _SMALL), Tile(32, 128, 8, 3, _SMALL, _HOPPER), Tile(16, 64, 4, 2, _SMALL),
+    Tile(16, 64, 8, 2, _D128 + _D256),
 ), "BLOCK_N")
 DQ = TileTable((
-    Tile(64, 32, 4, 3, _SMALL), Tile(128, 64, 8, 3, _SMALL), Tile(64, 32, 8, 2, _ANY_D), Tile(64, 64, 8, 2, _SMALL),
-    Tile(128, 32, 8, 2, _SMALL), Tile(64, 16, 8, 2, _D256),
+    Tile(64, 32, 4, 3, _SMALL), Tile(128, 64, 8, 3, _SMALL), Tile(64, 16, 8, 2, _D128, _AMPERE, tritons=_BEFORE_3_8),
+    Tile(64, 32, 8, 2, _ANY_D), Tile(64, 64, 8, 2, _SMALL), Tile(128, 32, 8, 2, _SMALL),
+    Tile(64, 16, 4, 2, _D128, _HOPPER), Tile(64, 16, 8, 2, _D256),
 ), "BLOCK_M")
 # Head dims above 128 (BLOCK_D 256) keep k, v, dk and dv of a key block in registers: the backward tiles
 # there spill on sm_80/sm_90 at every size tried (correct, slower); the forward does not.
@@ -309,29 +358,31 @@ def _attn_fwd_kernel(
     n_heads, seqlen_q, seqlen_k, bucket_q, bucket_k, head_dim, qk_scale,
     IS_CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DOT_PRECISION: tl.constexpr,
     HAS_WIDE_OFFSETS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT_DV: tl.constexpr = 1,
 ):
-    bh, pid_m = _program_block(seqlen_q, BLOCK_M)
+    bh, pid_m = _program_block(seqlen_q, BLOCK_M, SPLIT_DV)
     q_base = Q + _head_offset(bh, n_heads, stride_qb, stride_qh)
     k_base = K + _head_offset(bh, n_heads, stride_kb, stride_kh)
     v_base = V + _head_offset(bh, n_heads, stride_vb, stride_vh)
     b_base = BIAS + _head_offset(bh, n_heads, stride_bb, stride_bh)
     offs_d = _head_dim_indices(BLOCK_D, HAS_WIDE_OFFSETS)
     offs_m = _indices(pid_m * BLOCK_M, BLOCK_M, offs_d)
+    offs_dv = _value_columns(offs_d, BLOCK_D, SPLIT_DV)
 
     q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, seqlen_q, head_dim)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D // SPLIT_DV], tl.float32)
 
     hi = seqlen_k
     if IS_CAUSAL:  # no work above the diagonal
         hi = tl.minimum(seqlen_k, (pid_m + 1) * BLOCK_M)
     mid = _unmasked_key_end(pid_m * BLOCK_M, seqlen_k, IS_CAUSAL, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, 0, mid,
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, offs_dv, 0, mid,
                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                                     seqlen_q, seqlen_k, head_dim, qk_scale,
                                     IS_CAUSAL, BIAS_KIND, DOT_PRECISION, False, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, mid, hi,
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, b_base, offs_m, offs_d, offs_dv, mid, hi,
                                     stride_kn, stride_kd, stride_vn, stride_vd, stride_bm, stride_bn,
                                     seqlen_q, seqlen_k, head_dim, qk_scale,
                                     IS_CAUSAL, BIAS_KIND, DOT_PRECISION, True, BLOCK_N)
@@ -339,7 +390,7 @@ def _attn_fwd_kernel(
     has_keys = l_i > 0.0
     l_i = tl.where(has_keys, l_i, 1.0)
     o_base = O + _head_offset(bh, n_heads, stride_ob, stride_oh)
-    _store_tile(o_base, acc / l_i[:, None], offs_m, offs_d, stride_om, stride_od, seqlen_q, head_dim)
+    _store_tile(o_base, acc / l_i[:, None], offs_m, offs_dv, stride_om, stride_od, seqlen_q, head_dim)
     # the log-sum-exp as its two parts: max (+inf on rows without keys, so their p is 0) and log2(sum)
     stats = LSE + bh.to(tl.int64) * 2 * seqlen_q + offs_m
     tl.store(stats, tl.where(has_keys, m_i, float("inf")), mask=offs_m < seqlen_q)
@@ -522,14 +573,15 @@ def block_d(head_dim: int) -> int:
 MAX_PROGRAMS = 2**31 - 1  # grid axis 0
 
 
-def grid(batch: int, heads: int, seqlen: int, block: int) -> tuple[int]:
-    """One flattened axis 0 of batch*heads*blocks programs, the sequence block varying fastest (see
+def grid(batch: int, heads: int, seqlen: int, block: int, splits: int = 1) -> tuple[int]:
+    """One flattened axis 0 of batch*heads*blocks*splits programs, the sequence block varying fastest (see
     ``_program_block``). Axis 0 takes 2**31 - 1 programs: B*H = 16M heads at 128 blocks each, far more than
     fits in memory at any CLIP width."""
-    programs = batch * heads * runtime.cdiv(seqlen, block)
+    programs = batch * heads * runtime.cdiv(seqlen, block) * splits
     if programs > MAX_PROGRAMS:
         raise ValueError(f"flash_attention: batch {batch} x heads {heads} x {runtime.cdiv(seqlen, block)} "
-                         f"sequence blocks is {programs} programs, more than one launch takes ({MAX_PROGRAMS})")
+                         f"sequence blocks x {splits} is {programs} programs, more than one launch takes "
+                         f"({MAX_PROGRAMS})")
     return (programs,)
 
 
@@ -592,7 +644,7 @@ def attention_fwd(q, k, v, bias, is_causal: bool, scale: float):
     bias_ptr, bias_strides = _bias_args(bias, q, (b, h, lq, lk))
     bd = block_d(d)
     wide = has_wide_offsets(q, k, v, o, bias.expand(b, h, lq, lk) if bias is not None else None)
-    _attn_fwd_kernel[lambda meta: grid(b, h, lq, meta["BLOCK_M"])](
+    _attn_fwd_kernel[lambda meta: grid(b, h, lq, meta["BLOCK_M"], meta.get("SPLIT_DV", 1))](
         q, k, v, bias_ptr, o, lse,
         *_strides(q), *_strides(k), *_strides(v), *bias_strides, *_strides(o),
         h, lq, lk, *_buckets(lq, lk), d, scale * LOG2E,

@@ -12,9 +12,10 @@ dk, dv are contiguous [T, H, D]. Token offsets are 64-bit (``start * stride`` in
 tensors of any size are addressed correctly; offsets inside one sequence stay 32-bit (the launcher checks
 ``max_seqlen * token stride < 2**31``).
 
-Grid: (batch * heads, blocks of the longest sequence). A program reads its sequence's start and length
-from ``cu_seqlens`` and returns at once when its block lies past the end of a shorter sequence, so the
-cost follows the real tokens (plus one launch slot per empty block).
+Grid: (batch * heads, blocks of the longest sequence); the forward's axis 0 is times ``SPLIT_DV`` where a tile
+splits the value columns over programs (Hopper at head dim 256, as the dense forward). A program reads its
+sequence's start and length from ``cu_seqlens`` and returns at once when its block lies past the end of a
+shorter sequence, so the cost follows the real tokens (plus one launch slot per empty block).
 
 Algorithm and memory traffic
 ----------------------------
@@ -34,9 +35,10 @@ import triton.language as tl
 
 from . import runtime
 from .attention import _aot_signature as _dense_aot_signature
-from .attention import (_D128, _D256, _SMALL, LOG2E, Tile, TileTable, _attn_bwd_preprocess_kernel, _dot_precision,
-                        _dq_key_blocks, _fwd_key_blocks, _load_tile, _mask_scores, _store_tile, _unmasked_key_end,
-                        block_d, grid, has_wide_offsets)
+from .attention import (_D128, _D256, _HOPPER, _SMALL, LOG2E, Tile, TileTable, _aot_tiles,
+                        _attn_bwd_preprocess_kernel, _dot_precision, _dq_key_blocks, _fwd_key_blocks, _load_tile,
+                        _mask_scores, _store_tile, _unmasked_key_end, _value_columns, block_d, grid,
+                        has_wide_offsets)
 
 MAX_HEAD_DIM = 256
 
@@ -44,10 +46,12 @@ MAX_HEAD_DIM = 256
 # tile per head-dim group, one per kernel (no autotuning), each compiled for sm_80 and sm_90 under triton
 # 3.6 and 3.8 without spills. The key-block kernel takes 16 query rows a step: the dense kernels' (32, 64)
 # tile spills 16-32 bytes on sm_80 under triton 3.6 with the per-sequence bookkeeping added.
-# Known exception: the head-dim-256 forward tile (64, 16) spills 112-128 bytes on sm_90 under triton 3.6
-# (clean under 3.8, and on sm_80 under both); of the tiles tried there, (32, 16, 8 warps) is spill-free but
-# runs HMMA instead of HGMMA, (32, 32, 4 warps) and (64, 16, 2 stages) spill too. CLIP's head dims are 64-128.
-FWD = TileTable((Tile(64, 32, 8, 3, _SMALL + _D128), Tile(64, 16, 8, 3, _D256)), "BLOCK_M")
+# At head dim 256 the forward's (64, 16) tile spills 112-128 bytes on sm_90 under triton 3.6 (clean under
+# 3.8, and on sm_80 under both); (32, 16, 8 warps) is spill-free there but runs HMMA instead of HGMMA, and
+# (32, 32, 4 warps) and (64, 16, 2 stages) spill too. So Hopper splits the value columns over two programs
+# (``SPLIT_DV``, as the dense forward): spill-free with HGMMA under both. CLIP's head dims are 64-128.
+FWD = TileTable((Tile(64, 32, 8, 3, _SMALL + _D128), Tile(64, 16, 4, 3, _D256, _HOPPER, dv_splits=2),
+                 Tile(64, 16, 8, 3, _D256)), "BLOCK_M")
 DKDV = TileTable((Tile(16, 64, 8, 2, _SMALL + _D128 + _D256),), "BLOCK_N")
 DQ = TileTable((Tile(64, 32, 8, 2, _SMALL + _D128), Tile(64, 16, 8, 2, _D256)), "BLOCK_M")
 
@@ -92,11 +96,12 @@ def _varlen_fwd_kernel(
     stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
     n_heads, total_q, head_dim, qk_scale, len_bucket,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_DV: tl.constexpr = 1,
 ):
-    """One [BLOCK_M] block of queries of one sequence and head (``len_bucket`` only keys the autotuner)."""
-    seq = tl.program_id(0) // n_heads
-    head = tl.program_id(0) % n_heads
+    """One [BLOCK_M] block of queries of one sequence and head, and its share of the value columns
+    (``len_bucket`` only keys the autotuner)."""
+    seq = tl.program_id(0) // SPLIT_DV // n_heads
+    head = tl.program_id(0) // SPLIT_DV % n_heads
     start_m = tl.program_id(1) * BLOCK_M
     q_start, seqlen_q = _sequence(CU_Q, seq)
     if start_m >= seqlen_q:
@@ -104,6 +109,7 @@ def _varlen_fwd_kernel(
     k_start, seqlen_k = _sequence(CU_K, seq)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = _value_columns(offs_d, BLOCK_D, SPLIT_DV)
     k_base = _token_base(K, k_start, head, stride_kt, stride_kh)
     v_base = _token_base(V, k_start, head, stride_vt, stride_vh)
 
@@ -111,24 +117,24 @@ def _varlen_fwd_kernel(
                    seqlen_q, head_dim)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D // SPLIT_DV], tl.float32)
     hi = seqlen_k
     if IS_CAUSAL:
         hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
     mid = _unmasked_key_end(start_m, seqlen_k, IS_CAUSAL, BLOCK_N)
     # no bias: the bias pointer and strides are placeholders the helpers never read
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, K, offs_m, offs_d, 0, mid,
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, K, offs_m, offs_d, offs_dv, 0, mid,
                                     stride_kt, stride_kd, stride_vt, stride_vd, 0, 0,
                                     seqlen_q, seqlen_k, head_dim, qk_scale,
                                     IS_CAUSAL, 0, DOT_PRECISION, False, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, K, offs_m, offs_d, mid, hi,
+    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, K, offs_m, offs_d, offs_dv, mid, hi,
                                     stride_kt, stride_kd, stride_vt, stride_vd, 0, 0,
                                     seqlen_q, seqlen_k, head_dim, qk_scale,
                                     IS_CAUSAL, 0, DOT_PRECISION, True, BLOCK_N)
 
     has_keys = l_i > 0.0
     l_i = tl.where(has_keys, l_i, 1.0)
-    _store_tile(_token_base(O, q_start, head, stride_ot, stride_oh), acc / l_i[:, None], offs_m, offs_d,
+    _store_tile(_token_base(O, q_start, head, stride_ot, stride_oh), acc / l_i[:, None], offs_m, offs_dv,
                 stride_ot, stride_od, seqlen_q, head_dim)
     stats = LSE + head.to(tl.int64) * 2 * total_q + q_start + offs_m
     tl.store(stats, tl.where(has_keys, m_i, float("inf")), mask=offs_m < seqlen_q)
@@ -258,7 +264,9 @@ def _len_bucket(max_seqlen: int) -> int:
 
 
 def _grid(batch: int, heads: int, max_seqlen: int):
-    return lambda meta, block="BLOCK_M": (batch * heads, runtime.cdiv(max(max_seqlen, 1), meta[block]))
+    """(batch * heads * value-column splits, blocks of the longest sequence)."""
+    return lambda meta, block="BLOCK_M": (batch * heads * meta.get("SPLIT_DV", 1),
+                                          runtime.cdiv(max(max_seqlen, 1), meta[block]))
 
 
 def fits_32bit_sequence_offsets(t: torch.Tensor, max_seqlen: int) -> bool:
@@ -330,9 +338,9 @@ def _aot_signature(kernel) -> tuple[dict[str, str], dict[str, int]]:
 
 
 def aot_cases() -> list[runtime.AotCase]:
-    """Every shipped tile (after pruning) of the three varlen kernels at head dims 64 and 128, causal and
-    bidirectional, and the forward at 256 (the backward at 256 spills in the dense kernels too); the quick
-    subset is the causal text tower's head dim 64 at the first tile."""
+    """Every shipped tile of the three varlen kernels, on the architectures it is offered on, at head dims 64
+    and 128, causal and bidirectional, and the forward at 256 (the backward at 256 spills in the dense kernels
+    too); the quick subset is the causal text tower's head dim 64 at the first tile."""
     from .attention import BWD_SPILL_FREE_MAX_D
 
     cases = []
@@ -345,11 +353,11 @@ def aot_cases() -> list[runtime.AotCase]:
                 if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
                     continue
                 signature, unit_strides = _aot_signature(kernel)
-                for i, cfg in enumerate(t.config() for t in table.offered(bd, 0)):
+                for i, (tile, archs) in enumerate(_aot_tiles(table, bd)):
                     cases.append(runtime.AotCase(
                         name=f"attention_varlen_{label}{'_causal' if causal else ''}[D={bd}]",
                         kernel=runtime.jit_function(kernel), signature=signature,
-                        constexprs={**flags, **cfg.kwargs, **unit_strides}, num_warps=cfg.num_warps,
-                        num_stages=cfg.num_stages, expects_mma=True, quick=bd == 64 and i == 0 and causal,
+                        constexprs={**flags, **tile.config().kwargs, **unit_strides}, num_warps=tile.warps,
+                        num_stages=tile.stages, expects_mma=True, archs=archs, quick=bd == 64 and i == 0 and causal,
                     ))
     return cases

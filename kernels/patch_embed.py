@@ -121,8 +121,11 @@ def _gemm_configs(bm_bn_bk_warps_stages):
     return [triton.Config(dict(zip(keys, c[:3])), num_warps=c[3], num_stages=c[4]) for c in bm_bn_bk_warps_stages]
 
 
-# The first config is what the interpreter runs (large tiles keep it fast).
-FWD_CONFIGS = _gemm_configs([(128, 128, 64, 8, 3), (64, 256, 64, 8, 3), (64, 128, 64, 4, 4)])
+# The first config is what the interpreter runs (large tiles keep it fast). Under triton 3.6 the default's
+# K step is 32: at 64 the uint8 forward (pixels normalized in fp32 in registers) spills 8 bytes on sm_80
+# (16-24 at 2 or 4 stages); at 32 it takes 227 registers and does not (`clipfast aot`).
+FWD_CONFIGS = _gemm_configs([(128, 128, 64 if runtime.triton_at_least(3, 8) else 32, 8, 3), (64, 256, 64, 8, 3),
+                             (64, 128, 64, 4, 4)])
 
 
 @runtime.autotune(FWD_CONFIGS, key=["width", "K"])

@@ -64,6 +64,25 @@ def test_head_dim_256():
     check([3, 17], torch.float16, heads=1, head_dim=256, outliers=0)
 
 
+TABLES = {"fwd": (kernel.FWD, kernel._varlen_fwd_kernel), "dkdv": (kernel.DKDV, kernel._varlen_bwd_dkdv_kernel),
+          "dq": (kernel.DQ, kernel._varlen_bwd_dq_kernel)}
+HEAD_DIM_FOR_BLOCK_D = {16: 16, 64: 64, 128: 80, 256: 256}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("label,tile", [
+    pytest.param(label, tile, id=f"{label}-{tile.block_m}x{tile.block_n}-w{tile.warps}s{tile.stages}"
+                 f"-split{tile.dv_splits}-D{min(tile.block_ds)}")
+    for label, (table, _) in TABLES.items() for tile in table.tiles])
+def test_every_shipped_tile_runs_in_the_interpreter(label, tile, dtype):
+    # the interpreter runs the first config only; each tile is forced once at its smallest head dim, causal,
+    # with a sequence spanning a block below the diagonal and a ragged end next to a short one
+    table, tuned = TABLES[label]
+    with runtime.forced_config(tuned, tile.config()):
+        check([tile.block_m + tile.block_n + 3, 5], dtype, heads=1, head_dim=HEAD_DIM_FOR_BLOCK_D[min(tile.block_ds)],
+              is_causal=True, outliers=0 if min(tile.block_ds) == 256 else 2)
+
+
 def test_single_token_sequences():
     # one key per sequence: softmax is exactly 1, so the output is v and dq, dk are cancellation noise
     q, k, v = (randn(5, 2, 32, device=DEVICE).requires_grad_() for _ in range(3))

@@ -59,9 +59,16 @@ def _eager_attention(q, k, v, causal):
     return torch.softmax(s, -1) @ v
 
 
-def _head_dim(config) -> int:
-    """A head dim the tile is shipped for (80 stands for CLIP's ViT-H, BLOCK_D 128)."""
-    return {16: 64, 32: 32, 64: 64, 128: 80, 256: 256}[config.block_ds[0]] if ON_GPU else 32
+ATTENTION_TABLES = {"_attn_fwd_kernel": attention_kernel.FWD, "_attn_bwd_dkdv_kernel": attention_kernel.DKDV,
+                    "_attn_bwd_dq_kernel": attention_kernel.DQ}
+
+
+def _head_dim(kernel, config) -> int:
+    """A head dim the config's tile is shipped for (80 stands for CLIP's ViT-H, BLOCK_D 128)."""
+    if not ON_GPU:
+        return 32
+    tile = next(t for t in ATTENTION_TABLES[kernel].tiles if t.key == attention_kernel._config_key(config))
+    return {16: 64, 32: 32, 64: 64, 128: 80, 256: 256}[tile.block_ds[0]]
 
 
 ATTENTION_TILES = [(name, i) for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
@@ -74,7 +81,7 @@ ATTENTION_TILES = [(name, i) for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_ke
 def test_attention_every_tile_matches_float64(kernel, tile, dtype):
     tuner = getattr(attention_kernel, kernel)
     config = tuner.shipped_configs[tile]
-    d = _head_dim(config)
+    d = _head_dim(kernel, config)
     shapes = [(2, 3, 197, False), (2, 2, 77, True)] if ON_GPU else [(1, 2, 33, True)]
     with forced(tuner, config):
         for b, h, s, causal in shapes:

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
+from clipfast.kernels import patch_embed as patch_embed_kernel
 from clipfast.kernels import runtime
 
 from .conftest import DEVICE, DTYPES, ON_GPU
@@ -428,3 +429,17 @@ def test_rule_hf_clip_vision_embeddings():
     x = randn(1, 3, 48, 48, device=DEVICE)
     out = embeddings(x, interpolate_pos_encoding=True)
     assert out.shape == (1, 10, 64)
+
+
+GEMM_KERNELS = ("_patch_embed_fwd_kernel", "_patch_embed_dweight_kernel", "_patch_embed_dpixels_kernel")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("name,index", [(name, i) for name in GEMM_KERNELS
+                                        for i in range(len(getattr(patch_embed_kernel, name).shipped_configs))])
+def test_every_shipped_config_runs_in_the_interpreter(name, index, dtype):
+    # the interpreter runs each kernel's first config only; every one is forced here once, forward and
+    # backward (the other two kernels run their first config)
+    tuned = getattr(patch_embed_kernel, name)
+    with runtime.forced_config(tuned, tuned.shipped_configs[index]):
+        assert_op_matches("patch_embed", fused, eager_patch_embed, make_inputs(2, 32, 48, 16), dtype)
