@@ -186,7 +186,10 @@ def text_mode(model: nn.Module, check_masks: bool = True) -> Optional[str]:
 
 
 def _is_causal_mask(mask) -> bool:
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or mask.shape[0] != mask.shape[1]:
+    # a mask on the meta device (a model built for deferred initialization) has no values to check: the
+    # tower keeps its padding (patch after materializing the model to unpad it)
+    if (not isinstance(mask, torch.Tensor) or mask.is_meta or mask.dim() != 2
+            or mask.shape[0] != mask.shape[1]):
         return False
     n = mask.shape[0]
     above = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)

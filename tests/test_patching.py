@@ -561,3 +561,25 @@ def test_patched_model_pickles_and_loads_patched(tmp_path):
     torch.testing.assert_close(loaded(images, text)[0], model(images, text)[0], **exact)
     unpatch(loaded)
     assert type(loaded.ln_final) is clipfast.models.LayerNorm
+
+
+def test_first_patch_under_a_meta_default_device_patches_the_mlp():
+    """Deferred initialization (FSDP2 recipes build on ``torch.device("meta")``, then ``to_empty``): the
+    first ``clipfast.patch`` of a process imports the patch rules inside that context, and a rule's own
+    tensor constants must not become meta tensors (the activation probe did: patch raised); masks without
+    values are not taken for causal ones (the text tower stays padded, its attention checks the mask per call)."""
+    from .conftest import run_without_interpreter
+
+    script = """
+import torch, clipfast
+from clipfast import models
+with torch.device("meta"):
+    model = models.create("tiny")
+    report = clipfast.patch(model)
+counts = report.counts()
+assert counts.get("mlp") == 4 and counts.get("attention") == 4, report
+assert not counts.get("unpad_text"), report  # the causal mask has no values to check on the meta device
+model = model.to_empty(device="cpu")
+print("ok")
+"""
+    assert "ok" in run_without_interpreter(script)

@@ -53,6 +53,8 @@ def is_causal_mask(mask: Optional[Tensor]) -> bool:
     and an in-place change after the check is not seen: masks are built once and not edited)."""
     if mask is None or mask.dim() != 2 or mask.shape[0] != mask.shape[1] or mask.numel() == 0:
         return False
+    if mask.is_meta:  # no values yet (deferred initialization): checked when a real mask comes
+        return False
     if torch.compiler.is_compiling():
         return getattr(mask, _CAUSAL_MARK, None) is not None
     key = (mask.data_ptr(), mask._version, tuple(mask.shape), tuple(mask.stride()), mask.dtype, mask.device)

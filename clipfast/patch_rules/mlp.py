@@ -26,7 +26,9 @@ from clipfast.nn.mlp import fc_act_fc_forward, sequential_mlp_forward
 from clipfast.ops.mlp import eager_activation
 from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 
-_PROBE = torch.linspace(-8.0, 8.0, 401)
+# On the CPU explicitly: the rules are imported by the first ``clipfast.patch``, which may run under a
+# default-device context such as ``with torch.device("meta")`` (deferred initialization, e.g. for FSDP2).
+_PROBE = torch.linspace(-8.0, 8.0, 401, device="cpu")
 
 
 def _behaves_like(fn, activation: str) -> bool:
