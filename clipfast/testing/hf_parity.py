@@ -173,8 +173,12 @@ def read_junit(path: Path) -> dict[str, str]:
 
 
 def regressions(baseline: dict[str, str], other: dict[str, str]) -> list[str]:
-    """Tests that pass in ``baseline`` and fail (or are missing: a crash) in ``other``."""
-    return sorted(t for t, o in baseline.items() if o == "passed" and other.get(t, "failed") == "failed")
+    """Tests that pass in ``baseline`` and fail in ``other``. Only the tests ``other`` ran are compared (a
+    reused baseline may cover more files or a wider ``-k``); a run that reported nothing at all (pytest
+    crashed before writing its XML, e.g. a segmentation fault) fails every test."""
+    if not other:
+        return sorted(t for t, o in baseline.items() if o == "passed")
+    return sorted(t for t, o in baseline.items() if o == "passed" and other.get(t) == "failed")
 
 
 def _group(test_id: str) -> str:
@@ -227,8 +231,9 @@ def summarize(results: dict[str, dict[str, str]]) -> tuple[str, int]:
         failing[mode] = [t for t in tests if t not in names[mode]]
     header = f"{'test file':40s} {'baseline pass':>13s}" + "".join(f" {m + ' fail':>12s}" for m in failing)
     lines = [header, "-" * len(header)]
+    ran = {t for mode, r in results.items() if mode != "baseline" for t in r} or set(baseline)
     for g in sorted({_group(t) for r in results.values() for t in r}):
-        passed = sum(1 for t, o in baseline.items() if o == "passed" and _group(t) == g)
+        passed = sum(1 for t, o in baseline.items() if o == "passed" and _group(t) == g and t in ran)
         lines.append(f"{g:40s} {passed:13d}" + "".join(f" {sum(1 for t in f if _group(t) == g):12d}"
                                                        for f in failing.values()))
     for mode, tests in failing.items():
