@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .nn.attention import is_causal_mask
 from .ops.attention_varlen import flash_attention_varlen
 
 # The text towers this applies to, by class (module.qualname): nothing optional is imported.
@@ -186,16 +187,9 @@ def text_mode(model: nn.Module, check_masks: bool = True) -> Optional[str]:
 
 
 def _is_causal_mask(mask) -> bool:
-    # a mask on the meta device (a model built for deferred initialization) has no values to check: the
-    # tower keeps its padding (patch after materializing the model to unpad it)
-    if (not isinstance(mask, torch.Tensor) or mask.is_meta or mask.dim() != 2
-            or mask.shape[0] != mask.shape[1]):
-        return False
-    n = mask.shape[0]
-    above = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(1)
-    if mask.dtype == torch.bool:  # True = masked out (nn.MultiheadAttention's convention)
-        return bool(torch.equal(mask, above))
-    return bool(torch.isneginf(mask[above]).all() and (mask[~above] == 0).all())
+    # the attention modules' own check (a meta mask has no values: the tower keeps its padding; patch after
+    # materializing a deferred-initialization model to unpad it)
+    return isinstance(mask, torch.Tensor) and is_causal_mask(mask)
 
 
 def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:

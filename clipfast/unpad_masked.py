@@ -34,9 +34,11 @@ Only the pooled output is computed, so the unpadded path runs only where a calle
 features: HF ``get_text_features`` and ``forward`` (whose results are ``text_embeds`` / logits;
 ``CLIPTextModelWithProjection.forward``'s ``text_embeds``), cn_clip ``encode_text`` (and its ``forward``). The bare text models (``CLIPTextModel``, ``ChineseCLIPTextModel``,
 cn_clip's ``bert``), whose main output is every position's state, are never changed. On the unpadded
-path the HF output object's ``last_hidden_state`` (``text_model_output.last_hidden_state`` from
-``forward``) is ``None``: it is the one field this path does not compute (call ``model.text_model`` or
-patch with ``unpad_text=False`` for it). The padded model runs, with every field as without clipfast,
+path the HF output object has every field and key of the padded call's; its ``last_hidden_state``
+(``text_model_output.last_hidden_state`` from ``forward``), the one field this path does not compute, is
+computed by the padded text tower on first read (``_LastHiddenStateOnRead``: same inputs, grad mode and
+autocast; refused once the weights changed in place), so a caller that reads it gets the padded model's
+states and one that does not never pays for them. The padded model runs, with every field as without clipfast,
 when the call asks for more than pooled features or the packed path cannot take it:
 ``output_hidden_states`` / ``output_attentions`` (passed, or set in the configs), ``return_dict=False``
 (the positional tuple would shift), any other keyword argument, ``torch.compile`` tracing (the packed
@@ -47,6 +49,7 @@ a padded pooled token, inputs that are not [batch, length].
 """
 from __future__ import annotations
 
+import collections
 import contextvars
 import math
 import sys
@@ -179,31 +182,132 @@ def hf_clip_pooled(text_model: nn.Module, input_ids, attention_mask=None, positi
     return text_model.final_layer_norm(x[cu_seqlens[1:].long() - 1])  # per token: only the pooled rows
 
 
-def _pooled_output(pooled: torch.Tensor):
+# ----------------------------------------------------------------------------------------------
+# Outputs: the padded call's fields, last_hidden_state computed by the padded tower on first read
+# ----------------------------------------------------------------------------------------------
+
+class _NotComputed:
+    def __repr__(self) -> str:
+        return "<computed on first read>"
+
+
+_NOT_COMPUTED = _NotComputed()
+
+
+class _PaddedStates:
+    """The padded text tower's call, replayed on the first read of ``last_hidden_state``: the same inputs,
+    grad / inference mode and autocast as the original call. Refused (``RuntimeError``) once the tower's
+    parameters or the inputs were changed in place since the call (an optimizer step), since the states
+    would no longer be the ones that call computed."""
+
+    def __init__(self, tower: nn.Module, **inputs):
+        self.tower, self.inputs = tower, inputs
+        device = inputs["input_ids"].device.type
+        self.modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), device,
+                      torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        self.version = self._version()
+
+    def _version(self) -> int:
+        tensors = (*self.tower.parameters(), *(v for v in self.inputs.values() if isinstance(v, torch.Tensor)))
+        return sum(t._version for t in tensors if not t.is_inference())  # counters only grow
+
+    def __call__(self) -> torch.Tensor:
+        if self._version() != self.version:
+            raise RuntimeError(
+                "last_hidden_state of this unpadded text output is computed on first read, and the text tower's "
+                "parameters or inputs were changed in place since the call; read it before updating them, or "
+                "patch with clipfast.patch(model, unpad_text=False)")
+        grad, inference, device, autocast, dtype = self.modes
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
+                torch.autocast(device, dtype=dtype, enabled=autocast):
+            return self.tower(**self.inputs, return_dict=True).last_hidden_state
+
+
+class _LastHiddenStateOnRead:
+    """Mixin for a Hugging Face output computed from the pooled rows only. It holds every field the padded
+    call returns (same keys, same order, so positional and dict access agree with it); ``last_hidden_state``,
+    the one field the packed path does not compute, is computed by ``_PaddedStates`` on its first read:
+    attribute, key, index, ``to_tuple``, ``values`` / ``items``, comparison, copy and pickling alike (copies
+    are the plain Hugging Face class). Callers that read pooled features only never pay for it."""
+
+    @property
+    def last_hidden_state(self):
+        value = self.__dict__.get("last_hidden_state")
+        if value is _NOT_COMPUTED:
+            value = self.__dict__["_clipfast_padded_states"]()
+            self.__dict__["last_hidden_state"] = value
+            collections.OrderedDict.__setitem__(self, "last_hidden_state", value)
+        return value
+
+    @last_hidden_state.setter
+    def last_hidden_state(self, value):
+        self.__dict__["last_hidden_state"] = value
+
+    def __reduce__(self):  # copies and pickles: the Hugging Face class itself, every field computed
+        self.last_hidden_state
+        _, args, state, *rest = super().__reduce__()
+        state = {k: v for k, v in (state or {}).items() if k != "_clipfast_padded_states"} or None
+        return (type(self).__mro__[2], args, state, *rest)
+
+
+def _computing_first(name: str):
+    def method(self, *args, **kwargs):
+        self.last_hidden_state
+        return getattr(super(_LastHiddenStateOnRead, self), name)(*args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in ("__getitem__", "get", "items", "values", "to_tuple", "copy", "popitem", "__eq__", "__ne__", "__repr__",
+              "__or__", "__ror__"):
+    setattr(_LastHiddenStateOnRead, _name, _computing_first(_name))
+
+_ON_READ_CLASSES: dict = {}
+
+
+def _with_states_on_read(output_cls: type, padded_states: _PaddedStates, **fields):
+    """``output_cls(**fields)`` whose ``last_hidden_state`` is ``padded_states()`` on first read."""
+    output = output_cls(last_hidden_state=_NOT_COMPUTED, **fields)  # the key in its place (first or second)
+    if output_cls not in _ON_READ_CLASSES:
+        # its own name (transformers registers every output class as a pytree node under module.name; sharing
+        # the Hugging Face class's would take it over); printed under the Hugging Face class's qualname
+        _ON_READ_CLASSES[output_cls] = type(f"{output_cls.__name__}StatesOnRead", (_LastHiddenStateOnRead, output_cls),
+                                            {"__module__": __name__, "__qualname__": output_cls.__qualname__})
+    output.__dict__["_clipfast_padded_states"] = padded_states
+    output.__class__ = _ON_READ_CLASSES[output_cls]
+    return output
+
+
+def _pooled_output(pooled: torch.Tensor, padded_states: _PaddedStates):
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    return BaseModelOutputWithPooling(last_hidden_state=None, pooler_output=pooled)
+    return _with_states_on_read(BaseModelOutputWithPooling, padded_states, pooler_output=pooled)
 
 
 def hf_clip_get_text_features(self, input_ids, attention_mask=None, position_ids=None, **kwargs):
     """``CLIPModel.get_text_features`` computing only real tokens when only pooled features are asked for
-    (``last_hidden_state`` is then None); the original otherwise."""
+    (``last_hidden_state`` then computed on first read); the original otherwise."""
     if _hf_pooled_only(self, self.text_model, input_ids, attention_mask, kwargs):
         pooled = hf_clip_pooled(self.text_model, input_ids, attention_mask, position_ids)
         if pooled is not None:
-            return _pooled_output(self.text_projection(pooled))
+            states = _PaddedStates(self.text_model, input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids)
+            return _pooled_output(self.text_projection(pooled), states)
     return _base(self).get_text_features(self, input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                          **kwargs)
 
 
 def hf_clip_text_with_projection_forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
     """``CLIPTextModelWithProjection.forward`` computing only real tokens when only ``text_embeds`` is asked for
-    (``last_hidden_state`` is then None); the original otherwise."""
+    (``last_hidden_state`` then computed on first read); the original otherwise."""
     if input_ids is not None and _hf_pooled_only(self, self.text_model, input_ids, attention_mask, kwargs):
         pooled = hf_clip_pooled(self.text_model, input_ids, attention_mask, position_ids)
         if pooled is not None:
             output_cls = sys.modules[_base(self).__module__].CLIPTextModelOutput
-            return output_cls(text_embeds=self.text_projection(pooled))
+            states = _PaddedStates(self.text_model, input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids)
+            return _with_states_on_read(output_cls, states, text_embeds=self.text_projection(pooled))
     return _base(self).forward(self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                **kwargs)
 
@@ -239,12 +343,15 @@ def bert_cls(bert: nn.Module, input_ids, keep, token_type_ids=None, position_ids
 def hf_chinese_clip_get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                                       **kwargs):
     """``ChineseCLIPModel.get_text_features`` computing only real tokens when only pooled features are asked
-    for and an ``attention_mask`` marks padding (``last_hidden_state`` is then None); the original otherwise."""
+    for and an ``attention_mask`` marks padding (``last_hidden_state`` then computed on first read); the original
+    otherwise."""
     if (attention_mask is not None and _hf_pooled_only(self, self.text_model, input_ids, attention_mask, kwargs)
             and _bert_packable(self.text_model)
             and _real(attention_mask, torch.zeros_like(input_ids[:, 0]))):
         cls = bert_cls(self.text_model, input_ids, attention_mask.bool(), token_type_ids, position_ids)
-        return _pooled_output(self.text_projection(cls))
+        states = _PaddedStates(self.text_model, input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids, position_ids=position_ids)
+        return _pooled_output(self.text_projection(cls), states)
     return _base(self).get_text_features(self, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
                                          position_ids=position_ids, **kwargs)
 

@@ -4,6 +4,7 @@ pooled at the end-of-text token, with and without ``attention_mask``), Hugging F
 parameter gradient against a float64 reference; calls that need more than pooled features run padded."""
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -121,36 +122,92 @@ def test_hf_clip_without_mask_left_padding_and_argmax_pooling(case, packed_calls
 
 
 def test_hf_clip_forward_text_embeds_and_logits(packed_calls):
-    """``CLIPModel.forward``: text_embeds and logits from the packed tower; its text output holds the pooled
-    features only (``last_hidden_state`` is None, documented)."""
+    """``CLIPModel.forward``: text_embeds and logits from the packed tower; its text output's
+    ``last_hidden_state`` is the padded model's, computed when read."""
     ids, mask = clip_text([9, 1, CONTEXT])
     pixels = torch.randn(2, 3, 32, 32, dtype=torch.float64)
 
     def run(model, pixels, ids, mask):
         out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
-        return out.text_embeds, out.logits_per_image
+        return out.text_embeds, out.logits_per_image, out.text_model_output.last_hidden_state
 
-    model, _ = check_patch(clip_model, run, [pixels, ids, mask], expected={"unpad_text": {""}})
+    check_patch(clip_model, run, [pixels, ids, mask], expected={"unpad_text": {""}})
     assert packed_calls
-    out = model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), pixel_values=pixels.float().to(DEVICE))
-    assert out.text_model_output.last_hidden_state is None
 
 
 def test_hf_clip_text_model_with_projection(packed_calls):
-    """``CLIPTextModelWithProjection``: text_embeds from the packed tower (``last_hidden_state`` None); the bare
-    ``CLIPTextModel`` (every position's states are its main output) is left padded."""
+    """``CLIPTextModelWithProjection``: text_embeds from the packed tower, ``last_hidden_state`` the padded
+    model's when read; the bare ``CLIPTextModel`` (every position's states are its main output) is left padded."""
     ids, mask = clip_text([9, 1, CONTEXT])
 
     def build():
         return perturbed(transformers.CLIPTextModelWithProjection(clip_model().config.text_config)).eval()
 
     def run(model, ids, mask):
-        return model(input_ids=ids, attention_mask=mask).text_embeds
+        out = model(input_ids=ids, attention_mask=mask)
+        return out.text_embeds, out[1]  # positional, as without clipfast: (text_embeds, last_hidden_state)
 
-    model, _ = check_patch(build, run, [ids, mask], expected={"unpad_text": {""}})
-    assert packed_calls and model(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE)).last_hidden_state is None
+    check_patch(build, run, [ids, mask], expected={"unpad_text": {""}})
+    assert packed_calls
     report = clipfast.patch(transformers.CLIPTextModel(clip_model().config.text_config))
     assert not [s for s in report.swapped if s.family == "unpad_text"]
+
+
+@pytest.fixture
+def padded_runs(monkeypatch):
+    """Counts the padded text-tower runs that compute ``last_hidden_state`` on read."""
+    calls = []
+    replay = unpad_masked._PaddedStates.__call__
+
+    def counting(self):
+        calls.append(self)
+        return replay(self)
+
+    monkeypatch.setattr(unpad_masked._PaddedStates, "__call__", counting)
+    return calls
+
+
+@pytest.mark.parametrize("tower", ["clip", "chinese-clip"])
+def test_hf_last_hidden_state_is_the_padded_models_and_computed_only_when_read(tower, packed_calls, padded_runs):
+    """The unpadded output holds every field of the padded call: ``last_hidden_state`` (every position,
+    padding included) is computed by the padded tower on first read, forward and every parameter gradient
+    against float64; pooled-only callers never run it. Key order, positions, copies and pickles are the Hugging
+    Face output's."""
+    if tower == "clip":
+        build, (ids, mask), extra = clip_model, clip_text([9, 1, CONTEXT]), {}
+    else:
+        ids, mask, types = bert_text([9, 1, CONTEXT])
+        build, extra = chinese_clip_model, {"token_type_ids": types.to(DEVICE)}
+
+    def run(model, ids, mask):
+        out = model.get_text_features(input_ids=ids, attention_mask=mask, **extra)
+        return out.pooler_output, out.last_hidden_state
+
+    check_patch(build, run, [ids, mask], expected={"unpad_text": {""}})
+    assert packed_calls and padded_runs
+    model = build().to(DEVICE)
+    reference = model.get_text_features(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), **extra)
+    clipfast.patch(model)
+    ids, mask = ids.to(DEVICE), mask.to(DEVICE)
+    padded_runs.clear()
+    with torch.no_grad():
+        out = model.get_text_features(input_ids=ids, attention_mask=mask, **extra)
+    assert not padded_runs  # pooled features only so far
+    assert isinstance(out, type(reference)) and list(out.keys()) == list(reference.keys())
+    torch.testing.assert_close(out.pooler_output, reference.pooler_output, rtol=1e-4, atol=1e-5)
+    states = out[0]  # positional access computes it too, in its place
+    assert len(padded_runs) == 1 and out.last_hidden_state is states and len(out.to_tuple()) == 2
+    assert not states.requires_grad  # replayed under the call's no_grad, though read outside it
+    torch.testing.assert_close(states, reference.last_hidden_state, rtol=1e-4, atol=1e-5)
+    for clone in (copy.deepcopy(out), pickle.loads(pickle.dumps(out))):
+        assert type(clone) is type(reference) and list(clone.keys()) == list(reference.keys())
+        torch.testing.assert_close(clone.last_hidden_state, states)
+    assert len(padded_runs) == 1
+    out = model.get_text_features(input_ids=ids, attention_mask=mask, **extra)
+    with torch.no_grad():
+        next(model.text_model.parameters()).add_(1)  # as an optimizer step does
+    with pytest.raises(RuntimeError, match="changed in place"):  # no longer the states of that call
+        out.last_hidden_state
 
 
 def test_hf_clip_calls_that_need_every_position_run_padded(no_packing):
