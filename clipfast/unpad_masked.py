@@ -53,6 +53,7 @@ import collections
 import contextvars
 import math
 import sys
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -203,8 +204,11 @@ class _PaddedStates:
     def __init__(self, tower: nn.Module, **inputs):
         self.tower, self.inputs = tower, inputs
         device = inputs["input_ids"].device.type
-        self.modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(), device,
-                      torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        try:  # (device type, dtype or None when off): replayed as it was, whatever the reader's context
+            self.autocast = (device, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        except RuntimeError:  # a device type without autocast
+            self.autocast = None
+        self.grad, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
         self.version = self._version()
 
     def _version(self) -> int:
@@ -217,9 +221,11 @@ class _PaddedStates:
                 "last_hidden_state of this unpadded text output is computed on first read, and the text tower's "
                 "parameters or inputs were changed in place since the call; read it before updating them, or "
                 "patch with clipfast.patch(model, unpad_text=False)")
-        grad, inference, device, autocast, dtype = self.modes
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad), \
-                torch.autocast(device, dtype=dtype, enabled=autocast):
+        autocast = nullcontext()
+        if self.autocast is not None:
+            device, dtype = self.autocast
+            autocast = torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+        with torch.inference_mode(self.inference), torch.set_grad_enabled(self.grad), autocast:
             return self.tower(**self.inputs, return_dict=True).last_hidden_state
 
 

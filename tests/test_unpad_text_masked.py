@@ -210,6 +210,30 @@ def test_hf_last_hidden_state_is_the_padded_models_and_computed_only_when_read(t
         out.last_hidden_state
 
 
+@pytest.mark.filterwarnings("ignore:clipfast")
+def test_hf_last_hidden_state_replays_the_calls_autocast_whatever_the_readers(padded_runs):
+    """Read under other autocast settings than the call's, the states are still the call's: those of the padded
+    tower run under autocast for a call under autocast read outside it, without for a call outside autocast
+    read inside it (bitwise: the same computation replayed)."""
+    model = clip_model().to(DEVICE)
+    clipfast.patch(model)
+    ids, mask = (t.to(DEVICE) for t in clip_text([9, 1, CONTEXT]))
+    device = torch.device(DEVICE).type
+
+    def padded():
+        return model.text_model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    with torch.no_grad():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            under, low = model.get_text_features(input_ids=ids, attention_mask=mask), padded()
+        outside, full = model.get_text_features(input_ids=ids, attention_mask=mask), padded()
+        assert (low - full).abs().max() > 1e-3  # the two are told apart
+        assert torch.equal(under.last_hidden_state, low)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            assert torch.equal(outside.last_hidden_state, full)
+    assert len(padded_runs) == 2
+
+
 def test_hf_clip_calls_that_need_every_position_run_padded(no_packing):
     """Hidden states or attentions requested (argument or config), return_dict=False (positional tuples), a
     padded pooled token or a mask other than 0/1: the padded model, every field as without clipfast."""
