@@ -53,6 +53,7 @@ import collections
 import contextvars
 import math
 import sys
+import weakref
 from contextlib import nullcontext
 from typing import Optional
 
@@ -195,6 +196,26 @@ class _NotComputed:
 _NOT_COMPUTED = _NotComputed()
 
 
+# A tower's parameters, listed once (walking the modules costs more than the rest of a call's host work) and
+# listed again after any module anywhere registers a parameter (a replaced weight, load_state_dict(assign=True)).
+_registrations = [0]
+_TOWER_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _count_registration(module, name, param):
+    _registrations[0] += 1
+
+
+torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+def _parameters(tower: nn.Module) -> tuple:
+    cached = _TOWER_PARAMETERS.get(tower)
+    if cached is None or cached[0] != _registrations[0]:
+        cached = _TOWER_PARAMETERS[tower] = (_registrations[0], tuple(tower.parameters()))
+    return cached[1]
+
+
 class _PaddedStates:
     """The padded text tower's call, replayed on the first read of ``last_hidden_state``: the same inputs,
     grad / inference mode and autocast as the original call. Refused (``RuntimeError``) once the tower's
@@ -203,6 +224,7 @@ class _PaddedStates:
 
     def __init__(self, tower: nn.Module, **inputs):
         self.tower, self.inputs = tower, inputs
+        self.params = _parameters(tower)
         device = inputs["input_ids"].device.type
         try:  # (device type, dtype or None when off): replayed as it was, whatever the reader's context
             self.autocast = (device, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
@@ -211,16 +233,19 @@ class _PaddedStates:
         self.grad, self.inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
         self.version = self._version()
 
-    def _version(self) -> int:
-        tensors = (*self.tower.parameters(), *(v for v in self.inputs.values() if isinstance(v, torch.Tensor)))
-        return sum(t._version for t in tensors if not t.is_inference())  # counters only grow
+    def _version(self) -> int:  # counters only grow: a changed sum is a change (inference tensors have none)
+        inputs = sum(v._version for v in self.inputs.values() if isinstance(v, torch.Tensor) and not v.is_inference())
+        try:
+            return inputs + sum(p._version for p in self.params)
+        except RuntimeError:  # parameters created under inference mode
+            return inputs + sum(p._version for p in self.params if not p.is_inference())
 
     def __call__(self) -> torch.Tensor:
-        if self._version() != self.version:
+        if self._version() != self.version or _parameters(self.tower) is not self.params:
             raise RuntimeError(
                 "last_hidden_state of this unpadded text output is computed on first read, and the text tower's "
-                "parameters or inputs were changed in place since the call; read it before updating them, or "
-                "patch with clipfast.patch(model, unpad_text=False)")
+                "parameters or inputs were changed in place (or replaced) since the call; read it before updating "
+                "them, or patch with clipfast.patch(model, unpad_text=False)")
         autocast = nullcontext()
         if self.autocast is not None:
             device, dtype = self.autocast

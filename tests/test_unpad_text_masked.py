@@ -208,6 +208,14 @@ def test_hf_last_hidden_state_is_the_padded_models_and_computed_only_when_read(t
         next(model.text_model.parameters()).add_(1)  # as an optimizer step does
     with pytest.raises(RuntimeError, match="changed in place"):  # no longer the states of that call
         out.last_hidden_state
+    layer_norm = next(m for m in model.text_model.modules() if isinstance(m, torch.nn.LayerNorm))
+    layer_norm.weight = torch.nn.Parameter(layer_norm.weight.detach() * 2)  # replaced before the call: fine
+    out = model.get_text_features(input_ids=ids, attention_mask=mask, **extra)
+    torch.testing.assert_close(out.last_hidden_state, model.text_model(input_ids=ids, attention_mask=mask, **extra)[0])
+    out = model.get_text_features(input_ids=ids, attention_mask=mask, **extra)
+    layer_norm.weight = torch.nn.Parameter(layer_norm.weight.detach() * 2)  # replaced after it: refused
+    with pytest.raises(RuntimeError, match="replaced"):
+        out.last_hidden_state
 
 
 @pytest.mark.filterwarnings("ignore:clipfast")
