@@ -5,9 +5,30 @@ that allocate outputs and pick tiles, and ``aot_cases()``: the shipped configura
 compiles. No autograd and no nn here; ``clipfast.ops`` builds the differentiable ops on top.
 """
 import importlib
-import pkgutil
+import os
+import sys
 
-from . import runtime
+if __name__ == "kernels":
+    # Imported as a top-level package: Python found this source folder because the working directory is
+    # the repository root. ``kernels`` there belongs to Hugging Face's package of that name (transformers
+    # imports it), so step aside: load the installed one in our place, or fail as a missing module would.
+    import importlib.machinery
+    import importlib.util
+
+    _source_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != _source_root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _rest)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (the folder kernels/ of the clipfast source tree is clipfast.kernels, "
+            "not a top-level package)", name="kernels")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds when we return
+    _spec.loader.exec_module(_module)
+else:
+    import pkgutil
+
+    from . import runtime
 
 __all__ = ["runtime", "kernel_modules"]
 
