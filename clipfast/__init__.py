@@ -13,10 +13,10 @@ from .ops import mlp, quick_gelu
 from .ops import clip_loss, siglip_loss
 from .ops import flash_attention
 from .ops import flash_attention_varlen
-from .dispatcher import dispatch, get_dispatch, set_dispatch
+from .dispatcher import dispatch, get_dispatch, set_dispatch, sync_dispatch
 
 __version__ = "0.1.0"
 
 __all__ = ["nn", "ops", "models", "patch", "unpatch", "integrations", "layer_norm", "add_layer_norm", "patch_embed",
            "mlp", "quick_gelu", "clip_loss", "siglip_loss", "flash_attention", "flash_attention_varlen",
-           "set_dispatch", "get_dispatch", "dispatch"]
+           "set_dispatch", "get_dispatch", "dispatch", "sync_dispatch"]

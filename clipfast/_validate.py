@@ -20,6 +20,15 @@ def warn_once(key: str, message: str) -> None:
         warnings.warn(f"clipfast: {message}", RuntimeWarning, stacklevel=3)
 
 
+def host_sync_forbidden() -> bool:
+    """True while ``torch.compile`` traces or a CUDA graph is being captured: nothing may read device values
+    on the host then. Checks that would need such a read are skipped, and paths that need one (the unpadded
+    text towers' packed lengths) run their sync-free alternative."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 @functools.lru_cache(maxsize=None)
 def _runtime():
     from clipfast.kernels import runtime  # imported on first use: clipfast.kernels imports triton

@@ -9,6 +9,8 @@ implementations a user would otherwise run; the one named ``"torch"`` is what ``
   ``"sdpa_efficient"``); masks clipfast accepts beyond SDPA's forms (a [B, Lk] key-padding mask, a mask
   combined with ``is_causal``) are handed over in a form SDPA takes. Rows whose keys are all masked give 0
   in clipfast and NaN in some SDPA backends; such a candidate is dropped when the tuning call shows it.
+- ``flash_attention_varlen``: the packed sequences scattered into a padded batch for SDPA with a key-padding
+  (and causal) mask, then gathered back (``"torch"``; no host synchronization).
 - ``mlp``: the eager composition ``F.linear -> activation -> F.linear`` (``"torch"``) and a hybrid
   (``"hybrid"``: cuBLAS ``F.linear`` GEMMs around clipfast's fused activation kernel).
 - ``quick_gelu``: ``x * torch.sigmoid(1.702 * x)``.
@@ -130,6 +132,58 @@ def _attention_spec():
         Candidate("sdpa_cudnn", _sdpa_backend("CUDNN_ATTENTION"), cuda_only=True),
         Candidate("sdpa_efficient", _sdpa_backend("EFFICIENT_ATTENTION"), cuda_only=True),
     ], "torch", _forced_kernel(flash_attention)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed (varlen) attention. Hook arguments: (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+# max_seqlen_k, is_causal, scale), as flash_attention_varlen takes them.
+# ----------------------------------------------------------------------------------------------
+
+def _token_positions(cu_seqlens: torch.Tensor, total: int):
+    """(sequence index, position in its sequence) of every packed token, computed on the device."""
+    token = torch.arange(total, device=cu_seqlens.device)
+    offsets = cu_seqlens.long()
+    seq = torch.searchsorted(offsets[1:], token, right=True)
+    return seq, token - offsets[seq]
+
+
+def torch_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale):
+    """What PyTorch users write for packed sequences: scatter them into a padded batch, run SDPA with a
+    key-padding (+ causal, top-left) mask, gather the real rows back. No host synchronization. Padded query
+    rows see every key (their results are dropped) so that no row is fully masked."""
+    batch = cu_seqlens_q.shape[0] - 1
+    h = q.shape[1]
+    if batch == 0 or q.shape[0] == 0:
+        return q.new_empty((q.shape[0], h, v.shape[2]))
+    sq, pq = _token_positions(cu_seqlens_q, q.shape[0])
+    sk, pk = _token_positions(cu_seqlens_k, k.shape[0])
+
+    def padded(t, seq, pos, length):
+        return t.new_zeros((batch, length, h, t.shape[2])).index_put((seq, pos), t).transpose(1, 2)
+
+    qp, kp, vp = padded(q, sq, pq, max_seqlen_q), padded(k, sk, pk, max_seqlen_k), padded(v, sk, pk, max_seqlen_k)
+    keys = torch.arange(max_seqlen_k, device=q.device)
+    rows = torch.arange(max_seqlen_q, device=q.device)
+    keep = (keys < (cu_seqlens_k[1:] - cu_seqlens_k[:-1])[:, None])[:, None, :]           # [B, 1, Lk]
+    if is_causal:
+        keep = keep & (keys[None, :] <= rows[:, None])                                      # [B, Lq, Lk]
+    padded_row = (rows >= (cu_seqlens_q[1:] - cu_seqlens_q[:-1])[:, None])[:, :, None]      # [B, Lq, 1]
+    mask = (keep | padded_row)[:, None]                                                     # [B, 1, Lq, Lk]
+    out = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)[sq, pq]
+
+
+def _attention_varlen_key(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal, scale):
+    return (bucket(q.shape[0]), bucket(k.shape[0]), bucket(cu_seqlens_q.shape[0] - 1), bucket(max_seqlen_q),
+            bucket(max_seqlen_k), q.shape[1], q.shape[2], bool(is_causal))
+
+
+def _attention_varlen_spec():
+    from .ops.attention_varlen import flash_attention_varlen
+
+    register(OpSpec("flash_attention_varlen", _attention_varlen_key,
+                    [Candidate(KERNEL, None), Candidate("torch", torch_attention_varlen)],
+                    "torch", _forced_kernel(flash_attention_varlen)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +309,7 @@ def _loss_specs():
 
 _layer_norm_specs()
 _attention_spec()
+_attention_varlen_spec()
 _mlp_specs()
 _patch_embed_spec()
 _loss_specs()

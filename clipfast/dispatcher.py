@@ -17,12 +17,21 @@ tuned model can be captured in a CUDA graph; while compiling or capturing, a buc
 clipfast's path and tunes nothing. Under ``torch.compile`` the lookup runs at trace time (the chosen
 implementation is traced: no graph break) and a later tuning triggers a recompile through dynamo's guards.
 
+Tuning is invisible to the code around it: it draws its inputs from a private generator (every global RNG
+is left as it was), saves its tensors past any ``saved_tensors_hooks`` in force (activation checkpointing,
+CPU offloading), so a checkpointed forward saves the same tensors when it is recomputed, and it never runs
+inside a backward pass (a bucket first met there, e.g. by a reentrant checkpoint's recompute, runs
+clipfast's path and is tuned at its next call outside).
+
 Choices are kept in memory and on disk: ``dispatch.json`` under ``cache_dir()`` (``CLIPFAST_CACHE_DIR``,
 else ``$XDG_CACHE_HOME/clipfast``, else ``~/.cache/clipfast``), one section per environment (GPU name and
 the torch, triton and clipfast versions), so an upgrade re-tunes. Tuning time per op and bucket is bounded
 (``CLIPFAST_TUNE_BUDGET_S``, default 1 s). A candidate that raises or returns non-finite values is dropped
-with a one-time warning. Under ``torch.distributed`` rank 0 decides (from its cache or by timing) and
-broadcasts the choice, so every rank runs the same code.
+with a one-time warning. Under ``torch.distributed`` each rank decides on its own (from the shared disk
+cache or by timing): the hot path never runs a collective, so a bucket met by one rank alone (rank-0
+evaluation, uneven last batches) never blocks. Every candidate computes the same math, so ranks that chose
+differently still train together; to make them run the same code, call ``sync_dispatch()`` on every rank at
+a point they all reach (e.g. after the first step): rank 0's choices are broadcast and adopted.
 """
 from __future__ import annotations
 
@@ -170,9 +179,15 @@ def route(op: str, args: tuple) -> Optional[Callable]:
     return _decide(spec, key, args) if fn is _UNTUNED else fn
 
 
+def _in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread (a reentrant checkpoint's recompute,
+    a custom Function's backward): no nested timing there."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _busy() -> bool:
-    """While tracing or capturing a CUDA graph nothing may be timed (or synchronized)."""
-    if torch.compiler.is_compiling():
+    """While tracing, capturing a CUDA graph or running a backward pass nothing may be timed (or synchronized)."""
+    if torch.compiler.is_compiling() or _in_backward():
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -191,7 +206,11 @@ def _decide(spec: OpSpec, key: tuple, args: tuple) -> Optional[Callable]:
     if _busy():
         return None
     names = _eligible_names(spec, args)
-    name = names[0] if len(names) == 1 else _agreed(spec, key, args, names)
+    name = names[0] if len(names) == 1 else _cached_or_timed(spec, key, args, names)
+    return _adopt(spec, key, name)
+
+
+def _adopt(spec: OpSpec, key: tuple, name: str) -> Optional[Callable]:
     if name not in spec.by_name:  # a cache written by another clipfast build
         name = KERNEL
     _chosen_names[key] = name
@@ -199,21 +218,26 @@ def _decide(spec: OpSpec, key: tuple, args: tuple) -> Optional[Callable]:
     return fn
 
 
-def _distributed() -> bool:
+def sync_dispatch(group=None) -> int:
+    """Make every rank of ``group`` run what rank 0 chose, for every bucket rank 0 has decided.
+
+    A collective: call it on every rank at a point all of them reach (after the first training step, say);
+    the hot path itself never communicates. Buckets rank 0 has not met stay as each rank has them. Returns
+    how many choices this rank took over (0 outside ``torch.distributed``)."""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _agreed(spec: OpSpec, key: tuple, args: tuple, names: list[str]) -> str:
-    """The choice every rank makes: rank 0's (cached or timed), broadcast to the others."""
-    if not _distributed():
-        return _cached_or_timed(spec, key, args, names)
-    import torch.distributed as dist
-
-    box = [_cached_or_timed(spec, key, args, names) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
+        return 0
+    specs()
+    box = [list(_chosen_names.items()) if dist.get_rank(group) == 0 else None]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    changed = 0
+    for key, name in box[0]:
+        spec = _specs.get(key[0])
+        if spec is not None and _chosen_names.get(key) != name:
+            _adopt(spec, key, name)
+            changed += 1
+    return changed
 
 
 _retune = False
@@ -311,7 +335,8 @@ def _tensors(out) -> list[torch.Tensor]:
 
 
 def _finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None and t.is_floating_point())
+    with torch.no_grad():  # a check, not part of anyone's graph
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t is not None and t.is_floating_point())
 
 
 class Tuner:
@@ -324,6 +349,15 @@ class Tuner:
                  budget_s: Optional[float] = None, devices: tuple[str, ...] = ()):
         self.timer, self.clock, self.devices = timer, clock, tuple(devices)
         self.budget_s = float(os.environ.get("CLIPFAST_TUNE_BUDGET_S", "1.0")) if budget_s is None else budget_s
+
+    @staticmethod
+    def _isolated(run: Callable[[], Any]) -> Callable[[], Any]:
+        """``run`` with its saved tensors kept as they are, past whatever ``saved_tensors_hooks`` the caller
+        has in force (a checkpoint's hooks would count them, an offloading hook would move them)."""
+        def step():
+            with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
+                return run()
+        return step
 
     def _step(self, fn: Callable, args: tuple, train: bool) -> Callable[[], Any]:
         if not train:
@@ -340,9 +374,9 @@ class Tuner:
             with torch.enable_grad():
                 outs = [t for t in _tensors(fn(*args)) if t.requires_grad]
                 if not grads:
-                    grads.extend(torch.randn_like(t) if t.dim() else torch.ones_like(t) for t in outs)
+                    grads.extend(_private_randn(t) if t.dim() else torch.ones_like(t) for t in outs)
                 return outs, torch.autograd.grad(outs, inputs, grads, allow_unused=True)
-        return forward_backward
+        return self._isolated(forward_backward)
 
     def measure(self, spec: OpSpec, args: tuple, names: list[str], train: bool) -> dict[str, Optional[float]]:
         """Times clipfast's path and PyTorch's always (the guarantee needs both), then the other candidates
@@ -365,6 +399,23 @@ class Tuner:
                           f"dispatch: {spec.op} candidate {name!r} dropped ({type(exc).__name__}: {exc})")
                 times[name] = None
         return times
+
+
+def _keep(t):
+    return t
+
+
+_generators: dict[torch.device, torch.Generator] = {}
+
+
+def _private_randn(like: torch.Tensor) -> torch.Tensor:
+    """Random upstream gradients for timing, from clipfast's own generator (one per device, fixed seed):
+    tuning never advances the caller's RNG, so seeds set for reproducibility keep their meaning."""
+    gen = _generators.get(like.device)
+    if gen is None:
+        gen = _generators[like.device] = torch.Generator(device=like.device)
+        gen.manual_seed(0x5EED)
+    return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
 
 _tuner = Tuner()
@@ -473,15 +524,27 @@ def clear_memory_cache() -> None:
 # Reporting
 # ----------------------------------------------------------------------------------------------
 
-FAMILY_OPS = {"layer_norm": ("layer_norm", "add_layer_norm"), "attention": ("flash_attention",),
+FAMILY_OPS = {"layer_norm": ("layer_norm", "add_layer_norm"), "attention": ("flash_attention", "flash_attention_varlen"),
               "mlp": ("mlp", "quick_gelu"), "patch_embed": ("patch_embed",),
               "loss": ("clip_loss", "siglip_loss")}
+
+
+def _kernels_here() -> str:
+    """What "clipfast's path" means on this machine: the kernels, or on CPU without the interpreter the
+    eager reference."""
+    if torch.cuda.is_available():
+        return "clipfast kernels"
+    from clipfast.kernels import runtime
+
+    if runtime.INTERPRET:
+        return "clipfast kernels (CPU: Triton interpreter)"
+    return "eager PyTorch reference on CPU (TRITON_INTERPRET=1 runs clipfast's kernels in the interpreter)"
 
 
 def describe(family: str) -> str:
     """What a swapped module of ``family`` runs under the current mode, for ``clipfast.patch``'s report."""
     if _mode != "auto":
-        return "PyTorch (dispatch 'torch')" if _mode == "torch" else "clipfast kernels (dispatch 'kernel')"
+        return "PyTorch (dispatch 'torch')" if _mode == "torch" else f"{_kernels_here()} (dispatch 'kernel')"
     ops = FAMILY_OPS.get(family, ())
     counts: dict[str, int] = {}
     for key, name in _chosen_names.items():
@@ -492,5 +555,5 @@ def describe(family: str) -> str:
             if key.split("|", 1)[0] in ops and isinstance(entry, dict) and "choice" in entry:
                 counts[entry["choice"]] = counts.get(entry["choice"], 0) + 1
     if not counts:
-        return "auto: clipfast kernels" + ("; not tuned yet" if torch.cuda.is_available() else " (CPU)")
+        return "auto: " + (_kernels_here() + ("; not tuned yet" if torch.cuda.is_available() else ""))
     return "auto: " + ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))

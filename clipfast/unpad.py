@@ -37,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._validate import host_sync_forbidden
 from .nn.attention import is_causal_mask
 from .ops.attention_varlen import flash_attention_varlen
 
@@ -199,7 +200,7 @@ def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tens
     kwargs = {"normalize": normalize} if tower_name(self) == OPEN_CLIP else {}
     if normalize and not kwargs:
         raise TypeError(f"{type(self).__name__}.encode_text() got an unexpected keyword argument 'normalize'")
-    if torch.compiler.is_compiling() or text.dim() != 2 or text.shape[0] == 0:
+    if host_sync_forbidden() or text.dim() != 2 or text.shape[0] == 0:
         return original(text, **kwargs)
     mode = text_mode(self, check_masks=False)
     eot = eot_positions(self, text) if mode else None

@@ -61,6 +61,7 @@ import torch
 import torch.nn as nn
 
 from . import unpad
+from ._validate import host_sync_forbidden
 from .ops.attention_varlen import flash_attention_varlen
 
 HF_CLIP = "transformers.models.clip.modeling_clip.CLIPModel"
@@ -115,13 +116,13 @@ def _bypassed(model: nn.Module, layers, parts) -> list:
 
 
 def _packable_call(modules, training_blockers: bool) -> bool:
-    return (not torch.compiler.is_compiling() and not training_blockers
+    return (not host_sync_forbidden() and not training_blockers
             and not any(unpad._hooked(m) for m in modules))
 
 
 def _hf_pooled_only(model: nn.Module, text_model: nn.Module, input_ids, attention_mask, kwargs) -> bool:
     """Whether an HF ``get_text_features`` call asks for the pooled features only (see the module docstring)."""
-    if torch.compiler.is_compiling() or _PADDED.get() or any(k != "return_dict" for k in kwargs):
+    if host_sync_forbidden() or _PADDED.get() or any(k != "return_dict" for k in kwargs):
         return False
     return_dict = kwargs.get("return_dict")
     if not (model.config.return_dict if return_dict is None else return_dict):
@@ -390,7 +391,7 @@ def hf_chinese_clip_get_text_features(self, input_ids, attention_mask=None, toke
 def hf_forward(self, *args, **kwargs):
     """The original ``forward``; with ``return_dict=False`` (the tuples are positional) its text tower runs padded."""
     return_dict = kwargs.get("return_dict")
-    if torch.compiler.is_compiling() or (self.config.return_dict if return_dict is None else return_dict):
+    if host_sync_forbidden() or (self.config.return_dict if return_dict is None else return_dict):
         return _base(self).forward(self, *args, **kwargs)
     token = _PADDED.set(True)
     try:
@@ -402,7 +403,7 @@ def hf_forward(self, *args, **kwargs):
 def cn_clip_encode_text(self, text):
     """cn_clip ``encode_text`` on the real (non-[PAD]) tokens only; the original where the packed path
     cannot take the call."""
-    if (not torch.compiler.is_compiling() and isinstance(text, torch.Tensor) and text.dim() == 2 and text.shape[0] > 0
+    if (not host_sync_forbidden() and isinstance(text, torch.Tensor) and text.dim() == 2 and text.shape[0] > 0
             and _bert_packable(self.bert)):
         keep = text.ne(self.tokenizer.vocab["[PAD]"])
         if bool(keep[:, 0].all()):

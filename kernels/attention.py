@@ -625,6 +625,7 @@ def _blhd_empty(b, h, length, d, dtype, device):
     return runtime.empty((b, length, h, d), dtype, device).permute(0, 2, 1, 3)
 
 
+@runtime.on_tensor_device
 def attention_fwd(q, k, v, bias, is_causal: bool, scale: float):
     """Launch the forward. ``bias`` is None or fp32 [B|1, H|1, Lq|1, Lk]. Returns (o, lse): lse holds the
     base-2 log-sum-exp of the scaled scores as fp32 [B*H, 2, Lq], row max (+inf on rows with no unmasked
@@ -654,6 +655,7 @@ def attention_fwd(q, k, v, bias, is_causal: bool, scale: float):
     return o, lse
 
 
+@runtime.on_tensor_device
 def attention_bwd(do, q, k, v, bias, o, lse, is_causal: bool, scale: float):
     """Launch the backward. Returns (dq, dk, dv) in the inputs' dtype."""
     b, h, lq, d = q.shape

@@ -274,6 +274,7 @@ def fits_32bit_sequence_offsets(t: torch.Tensor, max_seqlen: int) -> bool:
     return max_seqlen * max(t.stride(0), 1) + t.shape[1] * t.stride(1) + t.shape[2] * t.stride(2) < 2**31
 
 
+@runtime.on_tensor_device
 def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int, is_causal: bool,
                scale: float):
     """Launch the forward. Returns (o [total_q, H, D], lse fp32 [H, 2, total_q]: row max, +inf on rows
@@ -293,6 +294,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqle
     return o, lse
 
 
+@runtime.on_tensor_device
 def varlen_bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                is_causal: bool, scale: float):
     """Launch the backward. Returns (dq, dk, dv), contiguous [total, H, D] in the inputs' dtype."""

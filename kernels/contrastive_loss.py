@@ -395,6 +395,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@runtime.on_tensor_device
 def prepare(x: torch.Tensor, scale, normalize: bool, eps: float) -> torch.Tensor:
     """The tile operand ``scale * x / max(||x||, eps)`` (without normalization: ``scale * x``; ``scale``
     None: 1) in x's dtype, contiguous rows."""
@@ -419,6 +420,7 @@ def _split(n_a: int, n_b: int, block_m: int, block_n: int, device) -> tuple[int,
     return n_p, n_s, blocks_per_split * block_n
 
 
+@runtime.on_tensor_device
 def contrastive_fwd(a, b, bias, kind: int, offset: int, both_directions: bool):
     """Forward tile pass over the operands ``a`` [N, d] (scaled) x ``b`` [M, d] (see ``prepare``).
 
@@ -486,6 +488,7 @@ def aligned_rows(*tensors) -> bool:
     return all(t.data_ptr() % 16 == 0 and t.shape[1] % 16 == 0 and t.stride(0) % 16 == 0 for t in tensors)
 
 
+@runtime.on_tensor_device
 def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums: bool, block_d: int = 0):
     """``acc_i = sum_j G_ij b_j`` for the tiles of the operands ``a`` against ``b``, as fp32 partials
     [S, N, d] over S column splits (``feature_grad`` sums them); with ``want_sums`` also the per-row sums
@@ -519,6 +522,7 @@ def backward_gemm_passes(n_a: int, n_b: int, n_cols: int, sm_count: int, block_d
                for rows, cols in ((n_a, n_b), (n_b, n_a)))
 
 
+@runtime.on_tensor_device
 def feature_grad(x, acc, coef, normalize: bool, eps: float, want_dot: bool = False):
     """Gradient of the raw features ``x`` from ``acc`` (the [S, N, d] partials of ``contrastive_grad``,
     summed here; see the module docstring), in x's dtype; with ``want_dot`` also ``<xhat_i, acc_i>`` per

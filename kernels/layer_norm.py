@@ -175,6 +175,7 @@ def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
 
 
+@runtime.on_tensor_device
 def layer_norm_fwd(x, residual, weight, bias, eps: float):
     """Launch the forward kernel. Returns ``(y, h, mean, rstd)`` with ``h`` None without a residual.
     ``x``/``residual`` are [..., N]; ``y``/``h`` have x's shape and dtype; statistics are fp32 [M]."""
@@ -224,6 +225,7 @@ def bwd_programs(n_rows: int, n_cols: int, block_m: int, device: torch.device) -
     return max(1, min(runtime.cdiv(n_rows, block_m), per_sm * runtime.sm_count(device)))
 
 
+@runtime.on_tensor_device
 def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
     """Launch the backward kernels. ``x`` is the normalized input (``h`` for the residual variant),
     ``dh`` the incoming gradient of ``h`` or None, ``weight``/``bias`` the parameters or None. Returns

@@ -646,6 +646,7 @@ COLUMN_SUM_ROWS = 1024  # rows one column-sum program adds up
 COLUMN_SUM_BLOCK = (16, 256)  # (rows, columns) loaded per step
 
 
+@runtime.on_tensor_device
 def column_sums(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``x.sum(0)`` of a 2-D ``x`` with unit column stride, accumulated in fp32 in a fixed order: chunks of
     COLUMN_SUM_ROWS rows are summed into an fp32 partial, then the partials (a second pass while more
@@ -667,7 +668,8 @@ def column_sums(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Te
 
 
 def _scratch(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    # called by Triton inside a launch: the launcher's device guard made the tensors' device current
+    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
 
 
 def _ensure_descriptor_scratch() -> None:
@@ -681,6 +683,7 @@ def _ensure_descriptor_scratch() -> None:
         triton.set_allocator(_scratch)
 
 
+@runtime.on_tensor_device
 def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none", residual=None,
          save_pre: bool = False, pre=None, colsum: bool = False, activate_b: bool = False, split_k: bool = False):
     """``epilogue(a @ b.T)`` for 2-D views ``a`` [M, K] and ``b`` [N, K] with a unit stride along either
@@ -773,6 +776,7 @@ def mlp_bwd(dy2, x2, w1, w2, z, activation: str, need_dx: bool, need_fc_grads: b
     return dx, dw1, db1, dw2, db2
 
 
+@runtime.on_tensor_device
 def activation_fwd(x: torch.Tensor, activation: str) -> torch.Tensor:
     """``act(x)`` elementwise; ``x`` contiguous."""
     out = runtime.empty(x.shape, x.dtype, x.device)
@@ -784,6 +788,7 @@ def activation_fwd(x: torch.Tensor, activation: str) -> torch.Tensor:
     return out
 
 
+@runtime.on_tensor_device
 def activation_bwd(dy: torch.Tensor, x: torch.Tensor, activation: str) -> torch.Tensor:
     """``dy * act'(x)`` elementwise; ``dy`` and ``x`` contiguous, same shape."""
     dx = runtime.empty(x.shape, x.dtype, x.device)

@@ -360,6 +360,7 @@ def _geometry(pixels: torch.Tensor, weight: torch.Tensor) -> dict:
             "n_rows": batch * n_patches, "width": weight.shape[0], "K": channels * patch * patch}
 
 
+@runtime.on_tensor_device
 def patch_embed_fwd(pixels, weight, bias, class_embedding, positional_embedding, scale, shift) -> torch.Tensor:
     """Tokens ``[B, (1 if class) + N, width]`` in ``weight``'s dtype. ``pixels`` [B, C, H, W] in any
     layout (float, or uint8 with ``scale``/``shift``: fp32 [C]); H and W multiples of the patch size;
@@ -393,6 +394,7 @@ def _dweight_splits(n_rows: int, width: int, K: int, device: torch.device) -> in
     return max(1, min(runtime.cdiv(n_rows, 256), runtime.cdiv(2 * runtime.sm_count(device), tiles)))
 
 
+@runtime.on_tensor_device
 def patch_embed_bwd(dtokens, pixels, weight, scale, shift, has_cls: bool, need_pixels: bool, need_weight: bool,
                     need_bias: bool, sum_rows: int):
     """Gradients from ``dtokens`` (the gradient of the tokens): ``(dpixels, dweight, dbias, dsum)``.

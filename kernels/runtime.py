@@ -132,6 +132,23 @@ def uses_triton(t: torch.Tensor) -> bool:
     return True
 
 
+def on_tensor_device(launcher: Callable) -> Callable:
+    """Decorator for every function that launches a kernel: it runs on the device of its first tensor
+    argument, whatever the current CUDA device is (Triton launches on the current device and its stream;
+    a model on ``cuda:1`` under ``device_map="auto"`` or pipeline parallelism must not launch on ``cuda:0``).
+    Scratch memory allocated inside with ``device="cuda"`` lands there too. Costs one device query when the
+    tensors are on the current device, nothing on CPU."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        t = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        if t is None or t.device.type != "cuda" or t.device.index in (None, torch.cuda.current_device()):
+            return launcher(*args, **kwargs)
+        with torch.cuda.device(t.device):
+            return launcher(*args, **kwargs)
+    run.on_tensor_device = True
+    return run
+
+
 @functools.lru_cache(maxsize=None)
 def _device_properties(index: int):
     return torch.cuda.get_device_properties(index)

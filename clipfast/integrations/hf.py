@@ -34,7 +34,7 @@ from typing import Optional
 
 import torch
 
-from .._validate import warn_once
+from .._validate import host_sync_forbidden, warn_once
 
 NAME = "clipfast"
 
@@ -117,7 +117,7 @@ def clipfast_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int 
                             kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
                             local_size=local_size, **kwargs)
     padding = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    if padding is None or (not torch.compiler.is_compiling() and bool(padding.all())):
+    if padding is None or (not host_sync_forbidden() and bool(padding.all())):
         return None
     return padding[:, None, None, :].bool()
 

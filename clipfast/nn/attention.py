@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._validate import warn_once
+from .._validate import host_sync_forbidden, warn_once
 from ..ops.attention import flash_attention
 
 _CAUSAL_CACHE: "OrderedDict[tuple, tuple[Tensor, bool]]" = OrderedDict()
@@ -55,7 +55,7 @@ def is_causal_mask(mask: Optional[Tensor]) -> bool:
         return False
     if mask.is_meta:  # no values yet (deferred initialization): checked when a real mask comes
         return False
-    if torch.compiler.is_compiling():
+    if host_sync_forbidden():
         return getattr(mask, _CAUSAL_MARK, None) is not None
     key = (mask.data_ptr(), mask._version, tuple(mask.shape), tuple(mask.stride()), mask.dtype, mask.device)
     hit = _CAUSAL_CACHE.get(key)

@@ -25,7 +25,8 @@ from torch import Tensor
 from clipfast.kernels import attention_varlen as kernel
 from clipfast.kernels import runtime
 
-from .._validate import check_same_device, check_tensor, warn_once
+from .._validate import check_same_device, check_tensor, host_sync_forbidden, warn_once
+from ..dispatcher import route
 from ._custom_op import custom_op
 from .attention import _eager_bwd as _dense_eager_bwd
 from .attention import _eager_fwd as _dense_eager_fwd
@@ -174,7 +175,7 @@ def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scal
             raise ValueError(f"{OP}: `{name}` must be >= 0, got {m}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise TypeError(f"{OP}: `scale` must be a float or None, got {type(scale).__name__}")
-    if not torch.compiler.is_compiling():
+    if not host_sync_forbidden():
         _check_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "max_seqlen_q")
         _check_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "max_seqlen_k")
 
@@ -215,5 +216,9 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     if reason is not None:
         warn_once(f"attention_varlen_eager_{reason}", f"{OP} with {reason} runs per-sequence PyTorch SDPA")
         return _eager_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(is_causal), scale)
+    alt = route(OP, (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(is_causal),
+                     scale))
+    if alt is not None:
+        return alt(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(is_causal), scale)
     return flash_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
                                       bool(is_causal), scale)[0]

@@ -17,7 +17,8 @@ from torch import Tensor
 from clipfast.kernels import patch_embed as kernel
 from clipfast.kernels import runtime
 
-from .._validate import FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_same_device, check_tensor, plain_float_tensors_on
+from .._validate import (FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_same_device, check_tensor, host_sync_forbidden,
+                         plain_float_tensors_on)
 from ..dispatcher import route
 from . import _custom_op
 from ._custom_op import custom_op
@@ -198,7 +199,7 @@ def _scale_shift_values(op: str, mean, std, unit: float, channels: int, device) 
     mean = _per_channel(op, "mean", mean, channels, device)
     std = _per_channel(op, "std", std, channels, device)
     # reads the values: a host sync when std is a GPU tensor (mean/std given as numbers are checked on the host)
-    if not torch.compiler.is_compiling() and bool((std == 0).any()):
+    if not host_sync_forbidden() and bool((std == 0).any()):
         raise ValueError(f"{op}: `std` must be non-zero")
     return (1.0 / (unit * std)).float(), (-mean / std).float()
 
