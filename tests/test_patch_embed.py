@@ -336,6 +336,10 @@ def test_custom_op_registration_is_valid():
         torch.library.opcheck(torch.ops.clipfast.patch_embed_bwd,
                               (dtokens, pixels, weight, None, None, True, True, True, need_bias, 5),
                               test_utils=("test_schema", "test_faketensor"))
+    # channels_last pixels that require grad: the fake's strides are the real results' (contiguous)
+    last = pixels.to(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.clipfast.patch_embed_bwd, (dtokens, last, weight, None, None, True, True, True,
+                                                               True, 5), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_poisoned_outputs_are_fully_written():

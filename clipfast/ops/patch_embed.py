@@ -98,16 +98,17 @@ def patch_embed_bwd(dtokens: Tensor, pixels: Tensor, weight: Tensor, scale: Opti
     dpixels, dweight, dbias, dsum = impl(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need_weight,
                                          need_bias, sum_rows)
     empty = dtokens.new_empty(0)
-    return (dpixels if dpixels is not None else empty,
-            dweight.to(weight.dtype) if dweight is not None else empty.clone(),
+    # contiguous whatever the inputs' memory format (channels_last pixels): what the fake below declares
+    return (dpixels.contiguous() if dpixels is not None else empty,
+            dweight.to(weight.dtype).contiguous() if dweight is not None else empty.clone(),
             dbias if dbias is not None else empty.clone(),
             dsum if dsum is not None else empty.clone())
 
 
 @patch_embed_bwd.register_fake
 def _(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need_weight, need_bias, sum_rows):
-    return (torch.empty_like(pixels) if need_pixels else dtokens.new_empty(0),
-            torch.empty_like(weight) if need_weight else dtokens.new_empty(0),
+    return (pixels.new_empty(pixels.shape) if need_pixels else dtokens.new_empty(0),
+            weight.new_empty(weight.shape) if need_weight else dtokens.new_empty(0),
             dtokens.new_empty((weight.shape[0],), dtype=torch.float32) if need_bias else dtokens.new_empty(0),
             dtokens.new_empty((sum_rows, dtokens.shape[-1]), dtype=torch.float32) if sum_rows else dtokens.new_empty(0))
 
