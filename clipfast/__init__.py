@@ -3,7 +3,11 @@
 Functional ops run the Triton kernels on CUDA tensors, through the Triton interpreter on CPU tensors
 when ``TRITON_INTERPRET=1`` is set before import, and the eager reference otherwise.
 """
-from . import nn, ops
+from ._cli_guard import check_cli_environment as _check_cli_environment
+
+_check_cli_environment()  # the command line: a bad CLIPFAST_DISPATCH is one clean line, not a traceback
+
+from . import nn, ops  # noqa: E402
 from . import models
 from .patching import patch, unpatch
 from . import integrations  # registers attn_implementation="clipfast" for transformers
@@ -14,9 +18,10 @@ from .ops import clip_loss, siglip_loss
 from .ops import flash_attention
 from .ops import flash_attention_varlen
 from .dispatcher import dispatch, get_dispatch, set_dispatch, sync_dispatch
+from .autopatching import autopatch
 
 __version__ = "0.1.0"
 
 __all__ = ["nn", "ops", "models", "patch", "unpatch", "integrations", "layer_norm", "add_layer_norm", "patch_embed",
            "mlp", "quick_gelu", "clip_loss", "siglip_loss", "flash_attention", "flash_attention_varlen",
-           "set_dispatch", "get_dispatch", "dispatch", "sync_dispatch"]
+           "set_dispatch", "get_dispatch", "dispatch", "sync_dispatch", "autopatch"]

@@ -1,12 +1,16 @@
-"""The ``clipfast`` command line: ``verify``, ``bench``, ``tune`` and ``aot``.
+"""The ``clipfast`` command line: ``verify``, ``bench``, ``tune``, ``aot`` and ``run``.
 
     clipfast verify [MODEL] [--tiny] [--dtype fp32|fp16|bf16] [--batch N] [--json PATH]
-    clipfast bench [KERNEL|all|model|overhead] [--dtype ...] [--json PATH] [--plot PATH] [--smoke]
+    clipfast bench [TARGET] [--dtype ...] [--json PATH] [--plot PATH] [--smoke]   (targets: bench --help)
     clipfast tune MODEL [--batch N] [--dtype ...] [--infer|--train] [--json PATH]
     clipfast aot [--quick] [--arch 80 90] [--filter FAMILY] [--json PATH]
+    clipfast run [--interpret] [--families F,F] [--dispatch MODE] (-m MODULE | SCRIPT) [ARGS...]
 
 Without a GPU the kernels run on CPU through the Triton interpreter. ``TRITON_INTERPRET`` must be set
-before triton is imported, so the command re-executes itself with it set when needed.
+before triton is imported, so the command re-executes itself with it set when needed (``verify`` and
+``bench`` always on CPU, ``run`` with ``--interpret``). ``python -m clipfast`` is the same command.
+
+``run`` is handed to ``clipfast.launcher`` before this parser sees its arguments (they are the program's).
 """
 from __future__ import annotations
 
@@ -27,8 +31,11 @@ def _ensure_interpreter_without_gpu(argv: list[str]) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clipfast", description="Fused Triton kernels for CLIP: verify, bench, aot")
-    sub = p.add_subparsers(dest="command", required=True)
+    from .benchmarks.cli import targets_help
+
+    p = argparse.ArgumentParser(prog="clipfast", description="Fused Triton kernels for CLIP models. Commands: "
+                                "verify, bench, tune, aot, run ('clipfast COMMAND --help' for each).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("verify", help="patch a model and report forward/backward errors module by module")
     v.add_argument("model", nargs="?", default=None,
@@ -40,8 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--json", default=None, help="write the full report as JSON")
     v.add_argument("--no-progress", action="store_true")
 
-    b = sub.add_parser("bench", help="time kernels and models against eager and torch.compile")
-    b.add_argument("target", nargs="?", default="all", help="kernel family, 'all', or 'model'")
+    b = sub.add_parser("bench", help="time kernels and models against eager and torch.compile",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="targets:\n" + targets_help())
+    b.add_argument("target", nargs="?", default="all", metavar="TARGET",
+                   help="what to run (default: all); the targets are listed below")
     b.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None)
     b.add_argument("--json", default=None, help="results JSON path (default: bench/results/<gpu>-<date>/)")
     b.add_argument("--csv", default=None)
@@ -62,15 +72,28 @@ def _parser() -> argparse.ArgumentParser:
                    help="without a GPU, time the CPU paths by the host clock (exercises the command)")
 
     a = sub.add_parser("aot", help="compile every kernel for sm_80/sm_90 without a GPU; registers, spills, MMA")
-    a.add_argument("--quick", action="store_true")
-    a.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90])
-    a.add_argument("--filter", default=None)
-    a.add_argument("--json", default=None)
+    a.add_argument("--quick", action="store_true",
+                   help="only the cases marked quick (a few per kernel, what CI and the tests compile)")
+    a.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90],
+                   help="GPU architectures to compile for: 80 (A100), 90 (H100/H200); default both")
+    a.add_argument("--filter", default=None, metavar="TEXT",
+                   help="only the kernels whose name contains TEXT, or one family (e.g. attention)")
+    a.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the rows (registers, spills, shared memory, MMA per case) as JSON")
+
+    # listed for --help; its arguments are parsed by clipfast.launcher (they belong to the program)
+    sub.add_parser("run", help="run an unmodified program (SCRIPT or -m MODULE) with clipfast.autopatch() on; "
+                               "patch reports and a summary of kernels launched and fallbacks at exit",
+                   add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":  # everything after the program name is the program's
+        from .launcher import main_run
+
+        return main_run(argv[1:])
     args = _parser().parse_args(argv)  # bad arguments exit with status 2 and a usage message
     if args.command == "aot":
         from .aot import run

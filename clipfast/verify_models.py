@@ -71,13 +71,21 @@ def open_clip_spec(name: str, tiny: bool = False) -> ModelSpec:
     except ImportError as exc:
         raise SystemExit(f"clipfast verify: open_clip is not installed ({exc}); pip install 'clipfast[integrations]'")
     config = open_clip.get_model_config(name)
+    if config is None and not name.startswith(("hf-hub:", "local-dir:")):
+        raise SystemExit(f"clipfast verify: open_clip has no model {name!r}"
+                         f"{_close_matches(name, open_clip.list_models())}; open_clip.list_models() lists "
+                         f"its {len(open_clip.list_models())} names")
     if config and config.get("vision_cfg", {}).get("timm_model_name"):
         return open_clip_timm_spec(name, config, tiny)
 
     def build():
         return open_clip.create_model(name, pretrained=None)
 
-    probe = build()
+    try:
+        probe = build()
+    except Exception as exc:  # a schema name (hf-hub:, local-dir:) open_clip could not resolve
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise SystemExit(f"clipfast verify: open_clip could not build {name!r}: {message[:300]}") from None
     size = probe.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     return ModelSpec(f"open_clip {name}", build, _clip_inputs(size, probe.context_length, probe.vocab_size),
@@ -184,6 +192,16 @@ def hf_siglip_spec(tiny: bool) -> ModelSpec:
     return spec
 
 
+def _close_matches(name: str, names) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+HF_MODELS = ("hf:clip", "hf:siglip")
+
+
 def resolve(model: str | None, tiny: bool) -> ModelSpec:
     model = model or ("tiny" if tiny else "ViT-B-16")
     if model.startswith("open_clip:"):
@@ -192,11 +210,14 @@ def resolve(model: str | None, tiny: bool) -> ModelSpec:
         return hf_clip_spec(tiny)
     if model == "hf:siglip":
         return hf_siglip_spec(tiny)
+    if model.startswith("hf:"):
+        raise SystemExit(f"clipfast verify: unknown Hugging Face model {model!r}{_close_matches(model, HF_MODELS)}; "
+                         f"choose {' or '.join(HF_MODELS)} (built from a config, nothing downloaded)")
     from . import models
 
     if model not in models.available_models():
-        raise SystemExit(f"clipfast verify: unknown model {model!r}; choose from {', '.join(models.available_models())}, "
-                         "open_clip:NAME, hf:clip or hf:siglip")
+        raise SystemExit(f"clipfast verify: unknown model {model!r}{_close_matches(model, models.available_models())}; "
+                         f"choose from {', '.join(models.available_models())}, open_clip:NAME, hf:clip or hf:siglip")
     if tiny and model != "tiny":
         print(f"clipfast verify: using the tiny reference configuration instead of {model}", file=sys.stderr)
         model = "tiny"
@@ -207,6 +228,7 @@ def main_verify(args) -> int:
     on_gpu = torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     tiny = args.tiny or not on_gpu
+    spec = resolve(args.model, tiny)  # a bad name is one line, before anything else is said
     if not on_gpu:
         print("clipfast verify: no GPU found: the Triton kernels run through the interpreter on CPU, "
               "on a tiny configuration", file=sys.stderr)
@@ -216,7 +238,6 @@ def main_verify(args) -> int:
         print("clipfast verify: bf16 cannot be checked in the Triton interpreter (it computes bf16 wrongly); "
               "use --dtype fp32 or fp16 on CPU", file=sys.stderr)
         return 2
-    spec = resolve(args.model, tiny)
     result = verify(spec.name, spec.build, spec.make_inputs, spec.forward, dtype, device, batch=args.batch,
                     progress=None if args.no_progress else sys.stderr)
     print(format_table(result))

@@ -14,6 +14,36 @@ from .summary import RESULTS_ROOT, results_dir_name
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+#: What ``clipfast bench TARGET`` runs (``clipfast bench --help`` lists these; a test keeps the case
+#: families in step with the case modules found by ``clipfast.benchmarks.case_modules``).
+SPECIAL_TARGETS = {
+    "all": "every case family below",
+    "overhead": "host microseconds per call of every op against the plain PyTorch call (its own table)",
+    "text": "tokens / FLOPs (and time on a GPU) of unpadded vs padded text towers (its own report)",
+}
+CASE_TARGETS = {
+    "attention": "attention at CLIP shapes vs eager, every SDPA backend and nn.MultiheadAttention",
+    "contrastive_loss": "contrastive losses at large-batch sizes (N = 4k..32k): time and peak memory",
+    "host_overhead": "host time per op call as benchmark cases (what the GPU check times)",
+    "integrations": "open_clip and Hugging Face CLIPModel: image encoding and a training step",
+    "layer_norm": "LayerNorm (+ residual add) at CLIP widths",
+    "local_loss": "one data-parallel rank's loss: 256 local pairs against 32k gathered features",
+    "mlp": "fc -> activation -> proj vs eager, torch.compile and the bare cuBLAS GEMMs",
+    "model": "the reference CLIP: image encoding and a training step, eager / compiled / patched",
+    "patch_embed": "patch embedding + class token + positions + ln_pre vs eager and torch.compile",
+    "siglip": "Hugging Face SiglipModel (base/16, so400m/14): encoding and a training step",
+}
+
+
+def target_names() -> list[str]:
+    return [*SPECIAL_TARGETS, *CASE_TARGETS]
+
+
+def targets_help() -> str:
+    """The target list for ``clipfast bench --help``."""
+    width = max(map(len, target_names()))
+    return "\n".join(f"  {name:<{width}}  {text}" for name, text in {**SPECIAL_TARGETS, **CASE_TARGETS}.items())
+
 
 def results_dir(env: dict) -> str:
     return os.path.join(RESULTS_ROOT, results_dir_name(env))
@@ -55,8 +85,34 @@ def write_csv(rows: list[dict], path: str) -> None:
             w.writerow({**r, "shape": json.dumps(r.get("shape", {}))})
 
 
-def plot(rows: list[dict], path: str) -> None:
-    """Speedup of clipfast over each alternative per case (fwd+bwd); smoke rows plot interpreter seconds."""
+def _wrapped(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def labels_fit(fig) -> bool:
+    """Whether every label, title, tick label and legend of ``fig`` lies inside the figure (after drawing)."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    box = fig.bbox
+    texts = [fig._suptitle] if getattr(fig, "_suptitle", None) else []
+    for ax in fig.axes:
+        texts += [ax.xaxis.label, ax.yaxis.label, ax.title, *ax.get_xticklabels(), *ax.get_yticklabels()]
+        if ax.get_legend() is not None:
+            texts.append(ax.get_legend())
+    for t in texts:
+        if not t.get_visible() or (hasattr(t, "get_text") and not t.get_text()):
+            continue
+        e = t.get_window_extent(renderer)
+        if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1:
+            return False
+    return True
+
+
+def speedup_figure(rows: list[dict]):
+    """The chart ``plot`` writes: speedup of clipfast over each alternative per case (fwd+bwd); smoke rows
+    plot interpreter seconds. Long labels are wrapped and the legend sits beside the axes, so all of it fits."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -76,16 +132,25 @@ def plot(rows: list[dict], path: str) -> None:
             values.append((match[0].get("smoke_seconds") if smoke else match[0].get("speedup_of_clipfast")) if match else 0)
         ax.bar([i + j * width for i in range(len(cases))], [v or 0 for v in values], width, label=impl)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cases))])
-    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=7)
+    ax.set_xticklabels([_wrapped(c, 28) for c in cases], rotation=30, ha="right", fontsize=7)
     if smoke:
-        ax.set_ylabel("seconds in the Triton interpreter (smoke run, not a timing)")
+        ax.set_ylabel(_wrapped("seconds in the Triton interpreter (smoke run, not a timing)", 34), fontsize=9)
     else:
         ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_ylabel(f"clipfast speedup over implementation ({mode})")
-    ax.legend(fontsize=7)
+        ax.set_ylabel(_wrapped(f"clipfast speedup over implementation ({mode})", 34), fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     env = environment()
-    ax.set_title(f"clipfast {mode} — {env['gpu'] or 'CPU smoke'}, torch {env['torch']}, triton {env['triton']}", fontsize=8)
+    ax.set_title(_wrapped(f"clipfast {mode} — {env['gpu'] or 'CPU smoke'}, torch {env['torch']}, "
+                          f"triton {env['triton']}", 90), fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[dict], path: str) -> None:
+    """Write ``speedup_figure(rows)`` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = speedup_figure(rows)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -136,8 +201,9 @@ def main_bench(args) -> int:
     smoke = args.smoke or not on_gpu
     families = [m.__name__.rsplit(".", 1)[-1] for m in case_modules()]
     if args.target not in ("all", *families):
-        print(f"clipfast bench: unknown target {args.target!r}; choose 'all' or one of: {', '.join(families)}",
-              file=sys.stderr)
+        names = ", ".join(dict.fromkeys([*SPECIAL_TARGETS, *families]))
+        print(f"clipfast bench: unknown target {args.target!r}; choose one of: {names} "
+              f"(clipfast bench --help says what each runs)", file=sys.stderr)
         return 2
     if not on_gpu:
         print("clipfast bench: no GPU found: timings need a GPU. Running the smoke pass (tiny shapes through the "
