@@ -182,7 +182,11 @@ def route(op: str, args: tuple) -> Optional[Callable]:
 def _in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread (a reentrant checkpoint's recompute,
     a custom Function's backward): no nested timing there."""
-    return torch._C._current_graph_task_id() != -1
+    return _graph_task_id() != -1
+
+
+# the autograd engine's id of the backward pass running on this thread (-1: none); private, so looked up once
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
 
 def _busy() -> bool:
