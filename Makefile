@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 EXTRAS ?= test,integrations
 CONSTRAINTS ?= constraints/cpu.txt
 
-.PHONY: demo test test-gpu aot aot-full bench gpu-suite compat clean
+.PHONY: demo test test-cpu-variants test-numerics-variant test-gpu aot aot-full bench gpu-suite compat clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,31 @@ demo: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m clipfast.cli verify
 	$(PY) -m clipfast.cli bench model
 
-# tests/ (interpreter kernels vs float64, AOT quick subset, CLI) and bench/ (the benchmark smoke pass)
+# tests/ (interpreter kernels vs float64, AOT quick subset, CLI) and bench/ (the benchmark smoke pass), then
+# a short numerics selection on another CPU path (test-numerics-variant).
 test: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m pytest -q
+	$(MAKE) --no-print-directory test-numerics-variant
+
+# The numerics tolerances must not depend on the CPU that computes eager's error: a short selection of
+# numerics tests (~1-2 minutes on 2 cores) on PyTorch's non-vectorized kernels, single-threaded.
+NUMERICS_VARIANT ?= ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1
+NUMERICS_SELECTION ?= tests/test_numerics_standard.py tests/test_layer_norm.py \
+	tests/test_dispatch.py::test_torch_mode_launches_nothing_and_matches_the_unpatched_model \
+	"tests/test_attention_varlen.py::test_every_shipped_tile_runs_in_the_interpreter" \
+	tests/integrations/test_siglip.py::test_verify_hf_siglip
+test-numerics-variant: $(VENV)/.installed-$(EXTRAS)
+	env $(NUMERICS_VARIANT) $(PY) -m pytest -q $(NUMERICS_SELECTION)
+
+# The numerics tests under each CPU path other machines take (PyTorch's ISA, MKL's and OpenBLAS's GEMM
+# paths, thread counts); pass a selection with ARGS="tests/test_mlp.py -k float64".
+CPU_VARIANTS ?= "ATEN_CPU_CAPABILITY=default" "ATEN_CPU_CAPABILITY=avx2" \
+	"MKL_ENABLE_INSTRUCTIONS=AVX2 OPENBLAS_CORETYPE=Haswell" "OMP_NUM_THREADS=1" "OMP_NUM_THREADS=2"
+ARGS ?= tests/test_numerics_standard.py tests/test_layer_norm.py tests/test_attention_varlen.py \
+	tests/test_attention.py tests/test_mlp.py tests/integrations/test_siglip.py -m "not slow"
+test-cpu-variants: $(VENV)/.installed-$(EXTRAS)
+	@fail=0; for v in $(CPU_VARIANTS); do echo "== $$v"; \
+	  env $$v $(PY) -m pytest -q $(ARGS) || { echo "   FAILED under $$v"; fail=1; }; done; exit $$fail
 
 aot: $(VENV)/.installed-$(EXTRAS)
 	$(PY) -m clipfast.aot --quick

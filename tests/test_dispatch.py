@@ -308,7 +308,17 @@ def test_torch_mode_launches_nothing_and_matches_the_unpatched_model(launches):
         tokens = clipfast.patch_embed(pixels, weight, cls, pos)
         loss.backward()
     assert launches[0] == 0
-    torch.testing.assert_close(out, ref(x), rtol=0, atol=0)
+    # torch mode runs SDPA, F.layer_norm and the eager MLP; the unpatched block nn.MultiheadAttention's own
+    # path: different kernels, so the numerics standard against float64, not bitwise equality
+    import copy
+
+    from .numerics import check
+
+    with torch.no_grad():
+        problem = check("torch-mode block", out, ref(x), copy.deepcopy(ref).double()(x.double()), torch.float32,
+                        reduction=2 * 32)
+    assert problem is None, problem
+    # the patch embedding's torch path is the same F.conv2d: bitwise
     patches = F.conv2d(pixels, weight, stride=4).flatten(2).transpose(1, 2)
     torch.testing.assert_close(tokens, torch.cat([cls.expand(1, 1, 32), patches], 1) + pos, rtol=0, atol=0)
 
