@@ -98,7 +98,10 @@ def labels_fit(fig) -> bool:
     box = fig.bbox
     texts = [fig._suptitle] if getattr(fig, "_suptitle", None) else []
     for ax in fig.axes:
-        texts += [ax.xaxis.label, ax.yaxis.label, ax.title, *ax.get_xticklabels(), *ax.get_yticklabels()]
+        (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+        texts += [ax.xaxis.label, ax.yaxis.label, ax.title]
+        texts += [t for t in ax.get_xticklabels() if x0 <= t.get_position()[0] <= x1]  # the ticks drawn
+        texts += [t for t in ax.get_yticklabels() if y0 <= t.get_position()[1] <= y1]
         if ax.get_legend() is not None:
             texts.append(ax.get_legend())
     for t in texts:
