@@ -31,6 +31,10 @@ setup(
             "transformers>=4.57",
             "clip-anytorch",
             "cn_clip",
+            # what open_clip's training program (open_clip_train) imports: `clipfast run` is tested on it
+            "webdataset>=0.2.5,<=0.2.86",
+            "pandas",
+            "braceexpand",
         ],
         "plot": ["matplotlib"],
     },
