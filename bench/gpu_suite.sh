@@ -4,15 +4,21 @@
 #
 #   bash bench/gpu_suite.sh OUT        # OUT gets <= 8 files: results.json summary.md log.txt junit.xml *.png
 #
-# Steps, each with its own time budget, every result written to OUT as soon as it exists (a run stopped
-# at any point keeps what it finished): compile (warm Triton's cache for every kernel and shipped config
-# the timed steps use, in parallel) -> correctness on the GPU (fp16/bf16 vs float64, every shipped tile)
-# -> headline timings (attention, MLP, LayerNorm, contrastive loss, host overhead, ViT-B/16 training step
-# and image encoding, two whole-model torch.compiles) -> the rest of the tests and benchmarks as time
-# allows. The logic lives in clipfast/benchmarks/suite.py (its docstring has the details).
+# First a preflight (C compiler, Python.h, libcuda, nvidia-smi vs torch.cuda, one tiny Triton kernel
+# launched and checked): a failure stops within seconds, exit code 3, its one-line reason in results.json
+# and summary.md. Then steps, each with its own time budget, every result written to OUT as soon as it
+# exists (a run stopped at any point keeps what it finished): compile (warm Triton's cache for every
+# kernel and shipped config the timed steps use, in parallel) -> correctness on the GPU (bf16 first, then
+# fp16, vs float64, every shipped tile) -> headline timings (attention, MLP, LayerNorm, contrastive loss,
+# host overhead, ViT-B/16 training step and image encoding, two whole-model torch.compiles) -> the rest of
+# the tests and benchmarks as time allows. A process that crashes (a CUDA error, any abnormal exit) costs
+# its case only: that case is rerun alone with CUDA_LAUNCH_BLOCKING=1 (both errors in results.json,
+# "crashes") and the cases after it run in a fresh process. The logic lives in
+# clipfast/benchmarks/suite.py (its docstring has the details).
 #
 # Without CUDA the same command is a rehearsal: the same steps at smoke shapes through the Triton
-# interpreter (a few minutes), results marked "rehearsal": true; tests/test_gpu_suite.py runs it.
+# interpreter (a few minutes), results marked "rehearsal": true; tests/test_gpu_suite.py runs it. Where
+# nvidia-smi lists a GPU that torch cannot use, the preflight stops instead of rehearsing.
 #
 # If lent a GPU: run this once, early (one call, timeout_s 540: a margin over the 8 minutes), then here
 #   python -m clipfast.benchmarks.summary --write-readme --from OUT

@@ -9,6 +9,7 @@ and tensors past 2**31 elements; on CPU the same tests run once at tiny shapes t
 import contextlib
 import json
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
-from clipfast.benchmarks import harness, summary, suite
+from clipfast.benchmarks import harness, preflight, summary, suite
 from clipfast.benchmarks import patch_embed as bench_patch_embed
 from clipfast.benchmarks.targets import TARGETS
 from clipfast.kernels import attention as attention_kernel
@@ -28,7 +29,11 @@ from .conftest import DEVICE, ON_GPU
 from .numerics import assert_op_matches, randn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HALF = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16]
+# bf16 is collected everywhere (skipped in the interpreter, which computes it wrong), so the rehearsal's
+# correctness plan is the GPU's: bf16 checks of every family first (suite.correctness_plan)
+HALF = [pytest.param(torch.float16, id="fp16"),
+        pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
+            not ON_GPU, reason="bf16 runs on the GPU only (the interpreter computes it wrong)"))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -158,6 +163,26 @@ def test_contrastive_losses_match_float64(dtype):
 
     assert_op_matches("local loss", local_fused, local_eager, [queries, keys, torch.tensor(50.0, device=DEVICE)], dtype,
                       param_dtype_inputs=[2])
+
+
+def _per_sequence_attention(q, k, v, cu, causal):
+    out = []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        out.append(_eager_attention(*(t[start:end].transpose(0, 1) for t in (q, k, v)), causal).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.gpu_suite
+@pytest.mark.parametrize("dtype", HALF)
+def test_varlen_attention_matches_float64(dtype):
+    lengths, heads, d = ([1, 77, 13, 50, 77, 5], 8, 64) if ON_GPU else ([1, 13, 5], 1, 32)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    for causal in (True, False) if ON_GPU else (True,):
+        qkv = [randn(sum(lengths), heads, d, device=DEVICE, outliers=2) for _ in range(3)]
+        assert_op_matches(f"varlen attention causal={causal}",
+                          lambda q, k, v: clipfast.flash_attention_varlen(q, k, v, cu, cu, max(lengths), max(lengths),
+                                                                          is_causal=causal),
+                          lambda q, k, v: _per_sequence_attention(q, k, v, cu, causal), qkv, dtype)
 
 
 @pytest.mark.gpu_suite
@@ -296,6 +321,9 @@ def test_plans_cover_the_headline_and_every_case_once():
     assert not any("compile" in i for f, c, i in plans["headline_model"])
     warm = suite.plan("warm", False, cases)
     assert warm and all(c.module_family not in suite.WHOLE_MODEL_FAMILIES for c, _ in warm)
+    # a headline step's worker builds its picks' families alone (others import optional packages): same plan
+    for step in suite.HEADLINE:
+        assert _names(suite.plan(step, False)) == plans[step], step
 
 
 def test_smoke_plans_pick_every_headline_family():
@@ -305,6 +333,31 @@ def test_smoke_plans_pick_every_headline_family():
         wanted = {p.family for p in picks}
         if step != "headline_model_compiled":  # no torch.compile in the rehearsal
             assert chosen == wanted, step
+
+
+def test_correctness_plan_schedules_the_bf16_checks_of_every_family_first():
+    families = ["attention_every_tile[_attn_fwd_kernel-0", "mlp_every_tile[0", "layer_norm_clip_widths[",
+                "contrastive_losses[", "varlen_attention[", "patch_embed["]
+    entries = [(f"tests/test_gpu_suite.py::test_{f}-{dtype}]".replace("[-", "["), dtype == "bf16")
+               for f in families for dtype in ("fp16", "bf16")] + [("tests/test_attention.py::test_gpu_only", False)]
+    for shards in (1, 4, 16):
+        plan = suite.correctness_plan(entries, shards)
+        assert sorted(n for shard in plan for n in shard) == sorted(n for n, _ in entries)
+        for shard in plan:
+            flags = [n.endswith("-bf16]") or n.endswith("[bf16]") for n in shard]
+            assert flags == sorted(flags, reverse=True), shard  # no bf16 check after a non-bf16 one
+        firsts = [shard[0] for shard in plan if shard]
+        assert all("bf16" in n for n in firsts[:min(shards, 6)])
+    assert suite.bf16_first([("a", False), ("b", True), ("c", False), ("d", True)]) == ["b", "d", "a", "c"]
+
+
+def test_cuda_errors_are_told_from_other_errors():
+    assert suite.is_cuda_error("RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert suite.is_cuda_error("torch.AcceleratorError: CUDA error: unspecified launch failure")
+    assert suite.is_cuda_error("RuntimeError: Triton Error [CUDA]: misaligned address")
+    assert not suite.is_cuda_error("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not suite.is_cuda_error("AssertionError: max abs error 3e-2 > 1e-2")
+    assert not suite.is_cuda_error(None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -379,16 +432,148 @@ def test_records_are_merged_as_they_come_and_partial_lines_wait(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Preflight
+# ------------------------------------------------------------------------------------------------
+
+H100 = "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5c3e0b2a-0000-0000-0000-000000000000)\n"
+
+
+def test_preflight_checks_each_find_their_failure(tmp_path):
+    assert preflight.check_compiler({}, which=lambda name: None).ok is False
+    assert preflight.check_compiler({"CC": "/nonexistent/cc"}, which=lambda name: None).ok is False
+    assert "CC=/nonexistent/cc" in preflight.check_compiler({"CC": "/nonexistent/cc"}).detail  # CC alone counts
+    found = preflight.check_compiler({}, which=lambda name: "/usr/bin/clang" if name == "clang" else None)
+    assert found.ok and found.detail == "/usr/bin/clang"
+    missing = preflight.check_python_h(str(tmp_path))
+    assert missing.ok is False and "Python.h" in missing.detail and str(tmp_path) in missing.detail
+    (tmp_path / "Python.h").write_text("")
+    assert preflight.check_python_h(str(tmp_path)).ok
+    two = H100 + "GPU 1: NVIDIA H200 (UUID: GPU-1)\n"
+    assert preflight.listed_gpus(two) == ["NVIDIA H100 80GB HBM3", "NVIDIA H200"]
+    assert preflight.listed_gpus("No devices were found\n") == [] and preflight.listed_gpus(None) == []
+    hidden = preflight.check_gpu_visible(H100, cuda_available=False, torch_info="torch 2.11.0+cpu")
+    assert hidden.ok is False and "nvidia-smi lists 1 GPU(s) (NVIDIA H100 80GB HBM3)" in hidden.detail
+    assert preflight.check_gpu_visible(None, cuda_available=False).ok
+    assert preflight.check_gpu_visible(H100, cuda_available=True).ok
+    ldconfig = "\tlibcuda.so.1 (libc6,x86-64) => /usr/lib/x86_64-linux-gnu/libcuda.so.1\n"
+    assert preflight.check_libcuda(ldconfig, {}, exists=lambda p: p.endswith("libcuda.so.1")).ok
+    assert preflight.check_libcuda(ldconfig, {}, exists=lambda p: False).ok is False
+    assert preflight.check_libcuda("", {"LD_LIBRARY_PATH": "/a:/b"}, exists=lambda p: p == "/b/libcuda.so.1").ok
+    launch = preflight.check_launch([sys.executable, "-c", "print('launch failed on cuda: boom'); raise SystemExit(1)"],
+                                    dict(os.environ))
+    assert launch.ok is False and launch.detail.endswith("launch failed on cuda: boom")
+    slow = preflight.check_launch([sys.executable, "-c", "import time; time.sleep(30)"], dict(os.environ), timeout=1)
+    assert slow.ok is False and "within 1s" in slow.detail
+
+
+@pytest.mark.parametrize("broken", ["compiler", "python_h", "gpu_visible"])
+def test_preflight_stops_at_the_first_failure_with_a_one_line_reason(tmp_path, broken):
+    """Missing compiler, missing Python.h, a GPU that nvidia-smi lists but torch cannot use: each stops the
+    run with its reason before the kernel launch (whose child would leave a marker file)."""
+    marker = tmp_path / "launched"
+    launch = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close(); print('ok')"]
+    include = tmp_path / "include"
+    include.mkdir()
+    if broken != "python_h":
+        (include / "Python.h").write_text("")
+    result = preflight.run_preflight(
+        rehearsal=True, launch_argv=launch, launch_env=dict(os.environ), env={}, include_dir=str(include),
+        which=(lambda name: None) if broken == "compiler" else (lambda name: f"/usr/bin/{name}"),
+        listing=H100, cuda_available=False, ldconfig="")
+    assert result["ok"] is False and result["reason"].startswith(f"preflight {broken}: ")
+    assert "\n" not in result["reason"] and result["checks"][-1]["name"] == broken
+    assert not marker.exists()
+    # without a GPU listed, the rehearsal only warns about the compiler and Python.h, and launches
+    result = preflight.run_preflight(rehearsal=True, launch_argv=launch, launch_env=dict(os.environ), env={},
+                                     include_dir=str(include), which=lambda name: None, listing=None,
+                                     cuda_available=False)
+    assert result["ok"] and marker.exists()
+    assert [c["name"] for c in result["checks"]] == ["compiler", "python_h", "gpu_visible", "libcuda", "launch"]
+    assert result["checks"][0]["ok"] is False and result["checks"][0]["fatal"] is False
+
+
+@pytest.mark.skipif(ON_GPU, reason="needs torch without CUDA")
+def test_gpu_listed_but_not_usable_stops_the_run_without_a_rehearsal(tmp_path, monkeypatch):
+    """The check where nvidia-smi lists a GPU that torch does not see: it stops at once with the one-line
+    reason in results.json and summary.md (exit code 3), and runs no step of the CPU rehearsal."""
+    import signal
+
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\nprintf '{H100.strip()}\\n'\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    out = tmp_path / "out"
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        assert suite.main_run(str(out), 60) == 3
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    data = json.loads((out / "results.json").read_text())
+    assert data["stopped"].startswith("preflight gpu_visible: nvidia-smi lists 1 GPU(s) (NVIDIA H100 80GB HBM3)")
+    assert data["steps"] == [] and data["tests"] == [] and data["rows"] == [] and data["processes"] == []
+    assert [c["name"] for c in data["preflight"]["checks"]] == ["compiler", "python_h", "gpu_visible"]
+    assert "Stopped: preflight gpu_visible" in (out / "summary.md").read_text()
+    assert "STOPPED: preflight gpu_visible" in (out / "log.txt").read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# A crash costs one case, not the rest of its process's cases
+# ------------------------------------------------------------------------------------------------
+
+PYTEST_LANE = """
+def test_a():
+    pass
+
+def test_b():
+    pass
+
+def test_c():
+    pass
+"""
+
+
+def test_a_cuda_error_is_rerun_alone_and_the_rest_runs_in_a_fresh_process(tmp_path, monkeypatch):
+    """A pytest step whose second test raises a (simulated) CUDA error: the shard stops there, the test is
+    rerun alone with CUDA_LAUNCH_BLOCKING=1 (both errors recorded), and the third test runs in a new process."""
+    (tmp_path / "lane").mkdir()
+    (tmp_path / "lane" / "test_lane.py").write_text(PYTEST_LANE)
+    monkeypatch.setenv("CLIPFAST_SUITE_CRASH", "cuda:^correctness/.*::test_b$")
+    run = suite.Run(str(tmp_path), budget_s=60)
+    run.workers = 1
+    run.run_step(suite.Step("correctness", "pytest", 1.0, (str(tmp_path / "lane"),)), last=True)
+    tests = {t["nodeid"].rsplit("::", 1)[-1]: t for t in run.data["tests"]}
+    assert [t["outcome"] for t in (tests["test_a"], tests["test_b"], tests["test_c"])] == ["passed", "failed", "passed"]
+    assert len(run.data["tests"]) == 3  # the rerun's outcome is in the crash record, not counted twice
+    [crash] = run.data["crashes"]
+    assert crash["case"].endswith("::test_b") and crash["respawned"] is True
+    assert "simulated" in crash["error"] and "CUDA_LAUNCH_BLOCKING=0" in crash["error"]
+    assert crash["rerun"]["env"] == "CUDA_LAUNCH_BLOCKING=1" and "CUDA_LAUNCH_BLOCKING=1" in crash["rerun"]["error"]
+    roles = [(p["role"], p["pid"]) for p in run.data["processes"]]
+    assert [r for r, _ in roles] == ["run", "rerun", "respawn"] and len({p for _, p in roles}) == 3
+    assert tests["test_a"]["pid"] == tests["test_b"]["pid"] == roles[0][1] == crash["pid"]
+    assert tests["test_c"]["pid"] == roles[2][1] and crash["rerun"]["pid"] == roles[1][1]
+    assert run.data["steps"][0]["collected"] == 3 and "1 crash" in run.data["steps"][0]["status"]
+    assert "Crashed processes" in summary.suite_markdown(run.data)
+
+
+# ------------------------------------------------------------------------------------------------
 # The rehearsal of the whole command
 # ------------------------------------------------------------------------------------------------
 
+CRASHED = "model: tiny image encoding B=2"  # the headline_model step's first case, made to crash in the rehearsal
+
+
 @pytest.mark.skipif(ON_GPU, reason="the rehearsal is the CPU stand-in for the GPU run")
 def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
-    """``bash bench/gpu_suite.sh OUT`` end to end on CPU: every step runs (within a small budget), the
-    output respects the return limits (at most 8 files, nothing deeper than two folders), and the
-    results hold tests, compile launches and benchmark rows."""
+    """``bash bench/gpu_suite.sh OUT`` end to end on CPU: the preflight, then every step (within a small
+    budget); the output respects the return limits (at most 8 files, nothing deeper than two folders), and the
+    results hold tests, compile launches and benchmark rows, each with the pid of the process that ran it.
+    One case is made to kill its process: the next case runs in a fresh process, and the case is rerun alone
+    with CUDA_LAUNCH_BLOCKING=1."""
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, CLIPFAST_SUITE_BUDGET_S=os.environ.get("CLIPFAST_REHEARSAL_S", "40"))
+    env = dict(os.environ, PYTHON=sys.executable, CLIPFAST_SUITE_BUDGET_S=os.environ.get("CLIPFAST_REHEARSAL_S", "40"),
+               CLIPFAST_SUITE_CRASH=f"exit:^headline_model/{CRASHED}$")
     env.pop("TRITON_INTERPRET", None)  # the command must set it up itself
     t0 = time.time()
     proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_suite.sh"), str(out)], cwd=ROOT, env=env,
@@ -398,12 +583,39 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     assert len(files) <= 8 and all(f.count(os.sep) <= 1 for f in files), files
     assert {"results.json", "summary.md", "log.txt", "junit.xml"} <= set(files)
     data = json.loads((out / "results.json").read_text())
+    # the preflight ran first, the tiny kernel launched through the interpreter
+    assert data["preflight"]["ok"] and [c["name"] for c in data["preflight"]["checks"]] == [
+        "compiler", "python_h", "gpu_visible", "libcuda", "launch"]
+    assert data["preflight"]["checks"][-1]["ok"] and "interpreter" in data["preflight"]["checks"][-1]["detail"]
     steps = [s["name"] for s in data["steps"] if not s.get("background")]
     assert data["rehearsal"] is True and steps == [s.name for s in suite.STEPS]
     assert [s["name"] for s in data["steps"] if s.get("background")] == [suite.BACKGROUND_STEP.name]
     assert all("status" in s for s in data["steps"])
     assert data["warm"] and data["tests"] and data["rows"], (data["steps"], proc.stdout[-2000:])
     assert not [t for t in data["tests"] if t["outcome"] in ("failed", "error")]
-    assert not [r for r in data["rows"] if r.get("error") and r["impl"] in ("clipfast", "eager")]
+    crashed = lambda r: f"{r['family']}: {r['case']}" == CRASHED  # noqa: E731
+    assert not [r for r in data["rows"] if r.get("error") and r["impl"] in ("clipfast", "eager") and not crashed(r)]
+    # every result names its process; every step ran in processes of its own
+    assert all(r.get("pid") for r in data["rows"] + data["tests"] + data["warm"])
+    pids = {s: {p["pid"] for p in data["processes"] if p["step"] == s} for s in {p["step"] for p in data["processes"]}}
+    assert sum(len(p) for p in pids.values()) == len(set().union(*pids.values())) == len(data["processes"])
+    # the crash: pinned on its case, rerun alone with CUDA_LAUNCH_BLOCKING=1, the next case in a fresh process
+    [crash] = data["crashes"]
+    assert crash["step"] == "headline_model" and crash["case"] == CRASHED and crash["respawned"] is True
+    assert "exit code 70" in crash["error"] and "exit code 70" in crash["rerun"]["error"]
+    assert crash["rerun"]["env"] == "CUDA_LAUNCH_BLOCKING=1"
+    model = [p for p in data["processes"] if p["step"] == "headline_model"]
+    assert [p["role"] for p in model] == ["run", "rerun", "respawn"]
+    assert model[0]["pid"] == crash["pid"] and model[1]["pid"] == crash["rerun"]["pid"]
+    assert model[1]["env"] == "CUDA_LAUNCH_BLOCKING=1" and model[1]["case"] == CRASHED
+    after = [r for r in data["rows"] if r["step"] == "headline_model" and not crashed(r)]
+    assert after and all(r["error"] is None and r["pid"] == model[2]["pid"] for r in after), after
+    # the correctness step ran the bf16 checks of every family first (skipped here: the interpreter)
+    [shard] = data["correctness_plan"].values()
+    bf16 = [n for n in shard if n.endswith("-bf16]") or n.endswith("[bf16]")]
+    assert shard[:len(bf16)] == bf16
+    for family in ("attention", "mlp", "layer_norm", "contrastive_losses", "varlen_attention", "patch_embed"):
+        assert any(f"test_{family}" in n for n in bf16), family
     assert 0 < data["elapsed_s"] <= time.time() - t0
-    assert "CPU rehearsal" in (out / "summary.md").read_text()
+    text = (out / "summary.md").read_text()
+    assert "CPU rehearsal" in text and "## Preflight" in text and "CUDA_LAUNCH_BLOCKING=1" in text

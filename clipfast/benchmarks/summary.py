@@ -114,15 +114,39 @@ def _test_counts(data: dict) -> dict:
     return counts
 
 
+def _check_line(check: dict) -> str:
+    state = ("ok" if check["ok"] else "skipped" if check["ok"] is None else
+             "**FAILED**" if check.get("fatal", True) else "warning")
+    return f"{check['name']}: {state}: {check['detail']}"
+
+
 def suite_markdown(data: dict) -> str:
     """``summary.md`` of one run of the GPU check (``clipfast.benchmarks.suite``)."""
     env = data["environment"]
     rehearsal = data.get("rehearsal")
     title = "CPU rehearsal (smoke shapes through the Triton interpreter; no timings)" if rehearsal else env["gpu"]
-    out = [f"# clipfast GPU check: {title}", "",
-           f"{env['date']}, torch {env['torch']}, triton {env['triton']}, python {env['python']}"
-           + (f", CUDA {env.get('cuda')}, {env.get('nvidia_smi')}" if not rehearsal else "")
-           + f"; {data.get('elapsed_s', 0):.0f}s of a {data['budget_s']:.0f}s budget, {data['workers']} workers.", ""]
+    if data.get("stopped"):
+        title = "stopped by the preflight"
+    out = [f"# clipfast GPU check: {title}", ""]
+    if data.get("stopped"):
+        out += [f"**Stopped: {data['stopped']}**", ""]
+    out += [f"{env['date']}, torch {env['torch']}, triton {env['triton']}, python {env['python']}"
+            + (f", CUDA {env.get('cuda')}, {env.get('nvidia_smi')}" if not rehearsal else "")
+            + f"; {data.get('elapsed_s', 0):.0f}s of a {data['budget_s']:.0f}s budget, {data['workers']} workers.", ""]
+    pre = data.get("preflight")
+    if pre:
+        out += ["## Preflight", "", *[f"- {_check_line(c)}" for c in pre.get("checks", [])], ""]
+    crashes = data.get("crashes") or []
+    if crashes:
+        out += ["## Crashed processes", "", "Each crash: the case under way, its error, then the same case rerun alone "
+                "in a fresh process with `CUDA_LAUNCH_BLOCKING=1`; the cases after it ran in a fresh process.", ""]
+        for c in crashes:
+            rerun = c.get("rerun")
+            again = ("not rerun" if not isinstance(rerun, dict) else
+                     f"rerun (pid {rerun['pid']}, CUDA_LAUNCH_BLOCKING=1): {(rerun.get('error') or 'no error')[:300]}")
+            out.append(f"- {c['step']} / `{c.get('case') or 'start-up'}` (pid {c['pid']}): {str(c['error'])[:300]}; "
+                       f"{again}; rest {'respawned' if c.get('respawned') else 'not restarted: ' + c.get('note', '')}")
+        out.append("")
     out += ["## Steps", "", "| step | status | seconds | budget (s) |", "|---|---|---|---|"]
     out += [f"| {s['name']} | {s.get('status', 'running')} | {s.get('seconds', '—')} | {s['budget_s']} |"
             for s in data["steps"]]
