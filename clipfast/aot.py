@@ -1,5 +1,5 @@
 """Ahead-of-time compile check: every kernel at its shipped configurations, for sm_80 and sm_90, fp16
-and bf16, on a machine without a GPU.
+and bf16 (and fp32 where the offer rules give fp32 operands the configuration), on a machine without a GPU.
 
 Each kernel module in ``clipfast.kernels`` declares ``aot_cases()``. The compile runs in a child process
 without ``TRITON_INTERPRET`` (the interpreter replaces ``triton.jit``), and the cubins are inspected with
@@ -12,10 +12,15 @@ and the warp limit allow (``occupancy``). Pointer arguments are compiled as 16-b
 arguments a case lists in ``AotCase.divisible_by_16`` as multiples of 16, as the JIT specializes them
 at run time (torch allocations; CLIP's widths and strides), so the figures match what runs.
 
-Exit status is non-zero on any compile error, any spill, a missing tensor-core instruction, or a
-missing TMA load where a case expects one.
+Shared memory: the compiled kernel's ``shared`` (what Triton compares with the device's per-block maximum
+at launch, raising OutOfResources above it) must fit the architecture's ``MAX_SHARED_PER_BLOCK``
+(``clipfast.kernels.runtime``), and must not exceed the case's ``shared_estimate`` where it has one: the
+estimate the offer rules prune tiles by must be an upper bound.
 
-    python -m clipfast.aot [--quick] [--arch 80 90] [--filter NAME] [--json PATH]
+Exit status is non-zero on any compile error, any spill, shared memory over the per-block maximum or over
+the case's estimate, a missing tensor-core instruction, or a missing TMA load where a case expects one.
+
+    python -m clipfast.aot [--quick] [--arch 80 90] [--dtype fp16 bf16 fp32] [--filter NAME] [--json PATH]
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ import tempfile
 import time
 
 ARCHS = (80, 90)
+DTYPES = ("fp16", "bf16", "fp32")
 
 
 def _cuobjdump() -> str:
@@ -112,12 +118,14 @@ def _worker(args) -> int:
             if args.filter and args.filter not in case.name and args.filter != family:
                 continue
             for dtype in case.dtypes:
+                if args.dtype and dtype not in args.dtype:
+                    continue
                 for arch in args.arch:
                     if case.archs is not None and arch not in case.archs:
                         continue
                     row = {"family": family, "kernel": case.name, "config": case.config_text(), "dtype": dtype,
                            "arch": f"sm_{arch}", "expects_mma": case.expects_mma,
-                           "expects_tma": case.expects_tma}
+                           "expects_tma": case.expects_tma, "shared_estimate": case.shared_estimate}
                     t0 = time.time()
                     try:
                         row.update(_compile_case(case, dtype, arch))
@@ -129,12 +137,28 @@ def _worker(args) -> int:
     return 0
 
 
+def shared_memory_problems(row: dict) -> list[str]:
+    """A compiled row's shared memory over its architecture's per-block maximum (the launch would raise
+    OutOfResources), or over the shared-memory estimate its tile is offered by."""
+    from clipfast.kernels.runtime import max_shared_per_block
+
+    found = []
+    shared, limit = row.get("shared", 0), max_shared_per_block(int(row["arch"].removeprefix("sm_")))
+    if limit is not None and shared > limit:
+        found.append(f"shared memory {shared} B over {row['arch']}'s {limit} B per block")
+    estimate = row.get("shared_estimate")
+    if estimate is not None and shared > estimate:
+        found.append(f"shared memory {shared} B over the offer rule's estimate {estimate} B")
+    return found
+
+
 def _problems(row: dict) -> list[str]:
     if row["error"]:
         return [row["error"]]
     found = []
     if row["stack"] or row["local"]:
         found.append(f"spills {row['stack'] + row['local']} bytes")
+    found += shared_memory_problems(row)
     if row["expects_mma"]:
         want = "hgmma" if row["arch"] == "sm_90" else "hmma"
         if not row[want]:
@@ -144,9 +168,11 @@ def _problems(row: dict) -> list[str]:
     return found
 
 
-def run(arch=ARCHS, quick=False, name_filter=None, json_path=None, stream=sys.stdout) -> int:
+def run(arch=ARCHS, quick=False, name_filter=None, json_path=None, stream=sys.stdout, dtypes=None) -> int:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [sys.executable, "-m", "clipfast.aot", "--worker", "--arch", *map(str, arch)]
+    if dtypes:
+        cmd += ["--dtype", *dtypes]
     if quick:
         cmd.append("--quick")
     if name_filter:
@@ -182,13 +208,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="clipfast aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the quick subset of cases (CI)")
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--dtype", nargs="+", default=None, choices=DTYPES,
+                        help="only these dtypes (default: each case's own)")
     parser.add_argument("--filter", default=None, help="only kernels whose name contains this text, or a family")
     parser.add_argument("--json", default=None, help="also write the rows as JSON")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return _worker(args)
-    return run(args.arch, args.quick, args.filter, args.json)
+    return run(args.arch, args.quick, args.filter, args.json, dtypes=args.dtype)
 
 
 if __name__ == "__main__":

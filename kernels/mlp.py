@@ -253,11 +253,11 @@ class Tile:
     "activated_b" (the proj weight gradient applying the activation to its [BLOCK_K, BLOCK_N] B tiles in
     registers as it loads them), "act_grad" (the dgrad epilogue: act'(Z) from the loaded Z times the
     product, and the column sums), "residual" (the proj forward's residual epilogue), "split" (split-K
-    weight gradients storing fp32 partials), "fp32" (fp32 operands: twice the shared memory per stage; the
-    AOT check compiles fp16 and bf16 only). ``unaligned``: offered to operands that load element by
-    element (more registers per value). ``persistent``: the persistent tensor-descriptor (TMA) variant,
-    offered only where ``tma_applies``. ``archs``: the compute capability majors (8 Ampere, 9 Hopper) the
-    tile is offered on (None: every one)."""
+    weight gradients storing fp32 partials), "fp32" (fp32 operands). ``unaligned``: offered to operands that
+    load element by element (more registers per value). ``persistent``: the persistent tensor-descriptor
+    (TMA) variant, offered only where ``tma_applies``. ``archs``: the compute capability majors (8 Ampere,
+    9 Hopper) the tile is offered on (None: every one). Besides these, a tile is offered only where its
+    ``shared_estimate`` for the product fits the architecture's shared memory per block (``offered``)."""
 
     block_m: int
     block_n: int
@@ -280,6 +280,19 @@ class Tile:
                               "GROUP_M": self.group_m, "EPILOGUE_SUBTILES": self.epilogue_subtiles,
                               "IS_PERSISTENT": self.persistent},
                              num_warps=self.warps, num_stages=self.stages)
+
+    def shared_estimate(self, kinds: set[str] | frozenset = frozenset()) -> int:
+        """Bytes of shared memory the tile is offered by for a product of ``kinds`` (an upper bound, see
+        ``runtime.gemm_shared_estimate``): ``stages`` buffers of the A and B tiles, 4-byte elements for
+        "fp32" operands and 2-byte otherwise, plus one [block_m, block_n / epilogue_subtiles] slice of the
+        output (fp32 partials for "split") that the epilogue stages. Measured (triton 3.8, sm_90): the
+        persistent tiles use the stages plus that slice (128x256x64: 163,864 B in fp16, 327,704 B in fp32),
+        the pointer tiles the stages alone (294,912 B for 128x256x64 in fp32); sm_80 keeps one stage fewer
+        (98,304 B for 128x256x64 in fp16)."""
+        size = runtime.ELEMENT_SIZE["fp32" if "fp32" in kinds else "fp16"]
+        out = runtime.ELEMENT_SIZE["fp32"] if "split" in kinds else size
+        epilogue = self.block_m * (self.block_n // self.epilogue_subtiles) * out
+        return runtime.gemm_shared_estimate(self.block_m, self.block_n, self.block_k, self.stages, size, epilogue)
 
 
 # Shipped tiles. The first is what the interpreter runs (large tiles keep it fast) and a good default on
@@ -306,12 +319,13 @@ TILES = [
     # the fc forward (every activation), the residual proj forward, dx and the plain / split-K weight
     # gradients, 96 KB of shared memory at 3 stages (8 warps per SM); the dgrad epilogue (act'(Z), column
     # sums) spills 8-300 B and act(B) 8-120 B at 255 registers. On sm_80 it needs 255 registers with every
-    # epilogue and spills 8-16 B in the fc forward and residual epilogues under triton 3.6: Hopper only.
-    Tile(128, 128, 64, warps=4, stages=3, avoid=("act_grad", "activated_b"), archs=(9,)),
+    # epilogue and spills 8-16 B in the fc forward and residual epilogues under triton 3.6: Hopper only. With
+    # fp32 operands it spills 584-1288 B (exact) and 104-808 B (TF32) at 255 registers (triton 3.8): fp16/bf16.
+    Tile(128, 128, 64, warps=4, stages=3, avoid=("act_grad", "activated_b", "fp32"), archs=(9,)),
     # Persistent, tensor descriptors (TMA), sm_90+ and aligned operands only (``tma_applies``): no spills
     # for any product on sm_90 under triton 3.6 and 3.8 (100-255 registers, 128-180 KB of shared memory,
-    # one 8-warp program per SM). fp16/bf16 only: with fp32 operands the 128x256 tile asks for 288 KB of
-    # shared memory (sm_90 has 227 KB) and the exact-fp32 dgrad spills 27 KB (triton 3.8).
+    # one 8-warp program per SM). fp16/bf16 only: with fp32 operands they do not fit sm_90's 227 KB of shared
+    # memory (``Tile.shared_estimate``; compiled: 256-320 KB), and the exact-fp32 dgrad spills 27 KB (triton 3.8).
     Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, persistent=True, avoid=("fp32",)),
     Tile(128, 128, 64, warps=8, stages=4, persistent=True, avoid=("fp32",)),
 ]
@@ -358,20 +372,36 @@ def _product_kinds(args: dict) -> set[str]:
         kinds.add("residual")
     if args.get("IS_SPLIT", False):
         kinds.add("split")
-    a = args.get("A")
-    if isinstance(a, torch.Tensor) and a.dtype == torch.float32:
+    if any(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (args.get("A"), args.get("B"))):
         kinds.add("fp32")
     return kinds
 
 
-def offered(tile: Tile, kinds: set[str], aligned: bool, arch: int) -> bool:
-    """Whether ``tile`` is offered to a product of ``kinds`` (``_product_kinds``) on operands that are
-    ``aligned`` or not, on ``arch`` (10 x major + minor; 0: unknown, e.g. the interpreter)."""
-    if kinds & set(tile.avoid) or not (tile.unaligned or aligned):
-        return False
+def why_not_offered(tile: Tile, kinds: set[str], aligned: bool, arch: int) -> str | None:
+    """Why ``tile`` is not offered to a product of ``kinds`` (``_product_kinds``) on operands that are
+    ``aligned`` or not, on ``arch`` (10 x major + minor; 0: unknown, e.g. the interpreter), or None where
+    it is: the tile avoids one of the kinds, needs aligned operands, ships for other architectures, its
+    ``shared_estimate`` exceeds the architecture's shared memory per block (``runtime.MAX_SHARED_PER_BLOCK``),
+    or it is the persistent TMA variant where that cannot run (``tma_applies``)."""
+    if kinds & set(tile.avoid):
+        return f"not offered to {', '.join(sorted(kinds & set(tile.avoid)))} products"
+    if not (tile.unaligned or aligned):
+        return "offered to aligned operands only"
     if tile.archs is not None and arch // 10 not in tile.archs:
-        return False
-    return tma_applies(arch, aligned) if tile.persistent else True
+        return f"offered on compute capability {'/'.join(map(str, tile.archs))}.x only"
+    estimate = tile.shared_estimate(kinds)
+    if not runtime.fits_shared_memory(estimate, arch):
+        return (f"needs up to {estimate} B of shared memory ({'fp32' if 'fp32' in kinds else 'fp16/bf16'} "
+                f"operands), over sm_{arch}'s {runtime.max_shared_per_block(arch)} B per block")
+    if tile.persistent and not tma_applies(arch, aligned):
+        return "the persistent TMA variant needs sm_90 or newer, aligned operands and tensor descriptors"
+    return None
+
+
+def offered(tile: Tile, kinds: set[str], aligned: bool, arch: int) -> bool:
+    """Whether ``tile`` is offered to a product of ``kinds`` on operands that are ``aligned`` or not, on
+    ``arch`` (see ``why_not_offered``)."""
+    return why_not_offered(tile, kinds, aligned, arch) is None
 
 
 def _prune(configs, named_args, arch: int | None = None, **kwargs):
@@ -380,8 +410,10 @@ def _prune(configs, named_args, arch: int | None = None, **kwargs):
     args = {**named_args, **kwargs}
     arch = _arch(named_args) if arch is None else arch
     kinds = _product_kinds(args)
-    kept = [c for c in configs if offered(_tile(c), kinds, args.get("IS_ALIGNED", True), arch)]
-    return kept or configs[:1]
+    aligned = args.get("IS_ALIGNED", True)
+    kept = [c for c in configs if offered(_tile(c), kinds, aligned, arch)]
+    # none offered (a GPU whose shared memory fits no tile of these operands): the smallest by shared memory
+    return kept or [min(configs, key=lambda c: (not (_tile(c).unaligned or aligned), _tile(c).shared_estimate(kinds)))]
 
 
 @triton.jit
@@ -844,19 +876,26 @@ _QUICK_VARIANTS = ("fc_fwd_quick_gelu", "proj_fwd_residual", "dgrad_quick_gelu",
 
 
 def gemm_aot_case(variant: str, config: triton.Config, aligned: bool = True, quick: bool = False,
-                  archs: tuple[int, ...] | None = None) -> runtime.AotCase:
+                  archs: tuple[int, ...] | None = None, precision: str = "half") -> runtime.AotCase:
     """The AOT case of one MLP product (``_GEMM_VARIANTS``) at one tile config, for ``archs`` (sm numbers;
-    None: every one). The persistent variant's cases are named ``..._tma`` and must show TMA loads."""
+    None: every one), with operands of ``precision``: "half" (fp16 and bf16, tensor cores), "fp32" (exact
+    fp32 products, as eager: FMA, no tensor cores) or "tf32" (fp32 operands with TF32 enabled: tensor cores).
+    The persistent variant's cases are named ``..._tma`` and must show TMA loads; the fp32 ones ``..._fp32``
+    / ``..._tf32``. The case carries the tile's ``shared_estimate`` for its product, which the compiled
+    kernel must not exceed."""
     flags = dict(_GEMM_VARIANTS[variant])
     signature = {**_GEMM_SIGNATURE, "C": flags.pop("_C", _GEMM_SIGNATURE["C"])}
-    constexprs = {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned, **config.kwargs}
+    constexprs = {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned, **config.kwargs, "IS_TF32": precision == "tf32"}
     divisible = (_GEMM_DIVISIBLE if not flags["IS_A_ROW_MAJOR"] else _FWD_DIVISIBLE) if aligned else ()
     persistent = bool(config.kwargs.get("IS_PERSISTENT"))
+    kinds = _product_kinds(constexprs) | ({"fp32"} if precision != "half" else set())
     return runtime.AotCase(
-        name=f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}{'_tma' if persistent else ''}",
+        name=(f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}{'_tma' if persistent else ''}"
+              f"{'' if precision == 'half' else '_' + precision}"),
         kernel=runtime.jit_function(_gemm_kernel), signature=signature, constexprs=constexprs,
-        num_warps=config.num_warps, num_stages=config.num_stages, expects_mma=True, expects_tma=persistent,
-        quick=quick, divisible_by_16=divisible, archs=archs)
+        num_warps=config.num_warps, num_stages=config.num_stages, expects_mma=precision != "fp32",
+        expects_tma=persistent, dtypes=("fp16", "bf16") if precision == "half" else ("fp32",), quick=quick,
+        divisible_by_16=divisible, archs=archs, shared_estimate=_tile(config).shared_estimate(kinds))
 
 
 AOT_ARCHS = (80, 90)
@@ -864,27 +903,32 @@ AOT_ARCHS = (80, 90)
 
 def aot_cases() -> list[runtime.AotCase]:
     """Every MLP product at every tile it is offered (``_prune``) on each architecture on aligned operands
-    (CLIP widths), and on unaligned operands at the tiles they are tuned over; the column-sum kernel; the
-    activation kernel. The quick subset: the first tile of a few products, and the first persistent tile
-    of the first of them."""
+    (CLIP widths), and on unaligned operands at the tiles they are tuned over, in fp16/bf16 and, at the
+    tiles offered to fp32 operands, in fp32 (exact and TF32); the column-sum kernel; the activation kernel.
+    The quick subset (fp16/bf16): the first tile of a few products, and the first persistent tile of the
+    first of them."""
     cases = []
-    for variant, flags in _GEMM_VARIANTS.items():
-        for aligned in (True, False):
-            if not aligned and ("split" in variant or flags.get("IS_B_ACTIVATED")):
-                continue  # split-K runs aligned tiles only in the AOT set; unaligned act(B) is activated first
-            archs_of: dict[tuple, list[int]] = {}
-            for arch in AOT_ARCHS:
-                for cfg in _prune(_gemm_kernel.shipped_configs, {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned},
-                                  arch=arch):
-                    archs_of.setdefault(_tile(cfg).key, []).append(arch)
-            first_persistent = True
-            for i, cfg in enumerate(c for c in _gemm_kernel.shipped_configs if _tile(c).key in archs_of):
-                archs = tuple(archs_of[_tile(cfg).key])
-                quick = aligned and (variant in _QUICK_VARIANTS and i == 0 or variant == _QUICK_VARIANTS[0]
-                                     and _tile(cfg).persistent and first_persistent)
-                first_persistent = first_persistent and not _tile(cfg).persistent
-                cases.append(gemm_aot_case(variant, cfg, aligned, quick=quick,
-                                           archs=None if archs == AOT_ARCHS else archs))
+    for precision in ("half", "fp32", "tf32"):
+        # the operand dtype the offer rules see (``_product_kinds``)
+        operand = {"A": torch.empty(0, dtype=torch.float16 if precision == "half" else torch.float32)}
+        for variant, flags in _GEMM_VARIANTS.items():
+            for aligned in (True, False):
+                if not aligned and ("split" in variant or flags.get("IS_B_ACTIVATED")):
+                    continue  # split-K runs aligned tiles only in the AOT set; unaligned act(B) is activated first
+                archs_of: dict[tuple, list[int]] = {}
+                for arch in AOT_ARCHS:
+                    args = {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned, **operand}
+                    for cfg in _prune(_gemm_kernel.shipped_configs, args, arch=arch):
+                        archs_of.setdefault(_tile(cfg).key, []).append(arch)
+                first_persistent = True
+                for i, cfg in enumerate(c for c in _gemm_kernel.shipped_configs if _tile(c).key in archs_of):
+                    archs = tuple(archs_of[_tile(cfg).key])
+                    quick = precision == "half" and aligned and (
+                        variant in _QUICK_VARIANTS and i == 0
+                        or variant == _QUICK_VARIANTS[0] and _tile(cfg).persistent and first_persistent)
+                    first_persistent = first_persistent and not _tile(cfg).persistent
+                    cases.append(gemm_aot_case(variant, cfg, aligned, quick=quick,
+                                               archs=None if archs == AOT_ARCHS else archs, precision=precision))
     for out in ("fp32", "{dtype}"):
         cases.append(runtime.AotCase(
             name=f"mlp_column_sum_to_{'fp32' if out == 'fp32' else 'dtype'}", kernel=_column_sum_kernel,

@@ -168,6 +168,63 @@ def capability(device: torch.device) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared memory per block: the limit, and the estimate tiles are offered by
+# ---------------------------------------------------------------------------------------------
+
+# The most shared memory one block may use, in bytes, per architecture (10 x major + minor): the opt-in
+# maximum per block (cudaDevAttrMaxSharedMemoryPerBlockOptin, the CUDA programming guide's "maximum amount of
+# shared memory per thread block"), which Triton compares a compiled kernel's ``shared`` with at launch
+# (OutOfResources above it). A100 / A30 / Orin 163 KB, consumer Ampere / Ada / Blackwell 99 KB, H100 / H200 /
+# B200 227 KB. `clipfast aot` fails a compile above its architecture's entry; the offer rules keep every
+# tile's estimate (``gemm_shared_estimate``) under it.
+MAX_SHARED_PER_BLOCK: dict[int, int] = {
+    70: 96 * 1024, 75: 64 * 1024,
+    80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024,
+    90: 227 * 1024, 100: 227 * 1024, 103: 227 * 1024, 120: 99 * 1024,
+}
+
+
+def max_shared_per_block(arch: int) -> int | None:
+    """``MAX_SHARED_PER_BLOCK`` for ``arch`` (10 x major + minor). None for arch 0 (not a GPU: the
+    interpreter has no limit). An architecture not in the table gets the smallest entry of its major
+    generation, or of sm_80 and newer for an unknown generation (conservative)."""
+    if arch <= 0:
+        return None
+    if arch in MAX_SHARED_PER_BLOCK:
+        return MAX_SHARED_PER_BLOCK[arch]
+    same_major = [v for a, v in MAX_SHARED_PER_BLOCK.items() if a // 10 == arch // 10]
+    return min(same_major or [v for a, v in MAX_SHARED_PER_BLOCK.items() if a >= 80])
+
+
+# Barriers and other small scratch Triton places next to the operand buffers (measured: 16-56 bytes).
+SHARED_SCRATCH_ALLOWANCE = 256
+
+
+def gemm_shared_estimate(block_m: int, block_n: int, block_k: int, stages: int, element_size: int,
+                         epilogue_bytes: int = 0) -> int:
+    """An upper bound on the shared memory of a software-pipelined GEMM tile, in bytes: ``stages`` buffers of
+    the [block_m, block_k] and [block_k, block_n] operand tiles in ``element_size``-byte elements, plus
+    ``epilogue_bytes`` (the accumulator slice the epilogue stages through shared memory) and
+    ``SHARED_SCRATCH_ALLOWANCE``. Triton allocates ``stages`` operand buffers for wgmma (sm_90) and
+    ``stages - 1`` for cp.async pipelines (sm_80), and reuses the operand buffers for the epilogue where the
+    loop has ended (not in persistent kernels that prefetch the next tile), so this is conservative;
+    `clipfast aot` fails a case whose compiled ``shared`` exceeds its case's estimate."""
+    return stages * (block_m * block_k + block_k * block_n) * element_size + epilogue_bytes + SHARED_SCRATCH_ALLOWANCE
+
+
+def fits_shared_memory(estimate: int, arch: int) -> bool:
+    """Whether a tile estimated at ``estimate`` bytes of shared memory may be offered on ``arch``
+    (always on arch 0, the interpreter)."""
+    limit = max_shared_per_block(arch)
+    return limit is None or estimate <= limit
+
+
+# Bytes per element of the dtypes the kernels take, by torch dtype and by Triton type name (AOT cases).
+ELEMENT_SIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2, torch.uint8: 1,
+                "fp32": 4, "fp16": 2, "bf16": 2, "u8": 1}
+
+
+# ---------------------------------------------------------------------------------------------
 # Output allocation
 # ---------------------------------------------------------------------------------------------
 
@@ -199,8 +256,11 @@ class AotCase:
     """One compile of one kernel at one shipped configuration, declared next to the kernel.
 
     ``signature`` maps every non-constexpr argument to a Triton type ("*fp16", "i32", "fp32", ...);
-    ``{dtype}`` in a type is replaced by the case's dtype ("fp16" / "bf16"). ``constexprs`` holds the
-    constexpr arguments, including the config's meta-parameters.
+    ``{dtype}`` in a type is replaced by the case's dtype ("fp16" / "bf16", or "fp32" for the tiles the
+    offer rules give fp32). ``constexprs`` holds the constexpr arguments, including the config's
+    meta-parameters. ``shared_estimate``: the bytes of shared memory the offer rules estimate for the
+    configuration (in the case's dtypes); `clipfast aot` fails a compile that uses more (the estimate would
+    not be an upper bound), as it fails one over its architecture's ``MAX_SHARED_PER_BLOCK``.
     """
 
     name: str
@@ -220,6 +280,7 @@ class AotCase:
     divisible_by_16: tuple[str, ...] | None = None
     # The architectures (80, 90, ...) the configuration ships for; None means every one the check covers.
     archs: tuple[int, ...] | None = None
+    shared_estimate: int | None = None
 
     def aligned_args(self) -> tuple[str, ...]:
         if self.divisible_by_16 is not None:

@@ -63,3 +63,49 @@ assert all("SPLIT_DV" not in c.constexprs for c in cases if aot.case_constexprs(
 print("ok")
 """
     assert "ok" in run_without_interpreter(script)
+
+
+def test_per_block_shared_memory_maxima():
+    # the opt-in maximum per block Triton compares a kernel's `shared` with at launch (163 / 99 / 227 KB)
+    from clipfast.kernels import runtime
+
+    assert {a: runtime.MAX_SHARED_PER_BLOCK[a] for a in (80, 86, 89, 90)} == \
+        {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def test_shared_memory_over_the_per_block_maximum_or_the_estimate_fails():
+    row = {"error": None, "stack": 0, "local": 0, "expects_mma": False, "arch": "sm_80", "shared": 196608,
+           "shared_estimate": None}
+    assert aot._problems(row) == ["shared memory 196608 B over sm_80's 166912 B per block"]
+    assert aot._problems({**row, "arch": "sm_90"}) == []
+    assert aot._problems({**row, "shared": 166912}) == []  # exactly the maximum fits
+    # the estimate the offer rules prune by must be an upper bound on what the compiler allocates
+    assert aot._problems({**row, "shared": 98304, "shared_estimate": 98048}) == \
+        ["shared memory 98304 B over the offer rule's estimate 98048 B"]
+    assert aot._problems({**row, "shared": 98304, "shared_estimate": 98304}) == []
+
+
+def test_compiled_fp32_tile_over_the_limit_fails_and_a_fitting_one_passes():
+    # two real compiles: the 128x256x64 pointer tile in fp32 (TF32, wgmma keeps all 3 stages: 288 KB) is over
+    # sm_90's 227 KB, and the offer rules do not give it to fp32 there; the 64x64x32 tile fits sm_80
+    from .conftest import run_without_interpreter
+
+    script = """
+import json
+from clipfast import aot
+from clipfast.kernels import mlp
+tiles = {(t.block_m, t.block_n, t.block_k, t.persistent): t for t in mlp.TILES}
+rows = []
+for key, arch in (((128, 256, 64, False), 90), ((64, 64, 32, False), 80)):
+    tile = tiles[key]
+    case = mlp.gemm_aot_case("wgrad", tile.config(), precision="tf32")
+    row = {"arch": f"sm_{arch}", "error": None, "expects_mma": True, "shared_estimate": case.shared_estimate,
+           **aot._compile_case(case, "fp32", arch)}
+    rows.append({"shared": row["shared"], "estimate": case.shared_estimate, "problems": aot._problems(row),
+                 "offered": mlp.offered(tile, {"fp32"}, True, arch)})
+print(json.dumps(rows))
+"""
+    over, fits = json.loads(run_without_interpreter(script).strip().splitlines()[-1])
+    assert f"shared memory {over['shared']} B over sm_90's 232448 B per block" in over["problems"], over
+    assert not over["offered"] and over["shared"] <= over["estimate"]
+    assert fits["problems"] == [] and fits["offered"] and fits["shared"] <= fits["estimate"], fits

@@ -7,6 +7,7 @@ from clipfast.kernels import attention_varlen as kernel
 from clipfast.kernels import runtime
 
 from .conftest import DEVICE, DTYPES
+from .test_attention import skip_unless_offered_here
 from .numerics import assert_op_matches, randn
 
 # lengths 1, primes, CLIP's 77 and block-boundary sizes, mixed in one batch
@@ -79,6 +80,7 @@ def test_every_shipped_tile_runs_in_the_interpreter(label, tile, dtype):
     # the interpreter runs the first config only; each tile is forced once at its smallest head dim, causal,
     # with a sequence spanning a block below the diagonal and a ragged end next to a short one
     table, tuned = TABLES[label]
+    skip_unless_offered_here(table, tile)
     with runtime.forced_config(tuned, tile.config()):
         check([tile.block_m + tile.block_n + 3, 5], dtype, heads=1, head_dim=HEAD_DIM_FOR_BLOCK_D[min(tile.block_ds)],
               is_causal=True, outliers=0 if min(tile.block_ds) == 256 else 2)

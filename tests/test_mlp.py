@@ -200,10 +200,17 @@ def _tile_id(tile):
             f"{'-tma' if tile.persistent else ''}")
 
 
-def _skip_unless_it_runs_here(tile):
-    """The persistent variant needs TMA on a GPU (sm_90+); the interpreter runs every tile."""
-    if ON_GPU and tile.persistent and not kernel.tma_applies(kernel._arch({"A": torch.empty(0, device=DEVICE)}), True):
-        pytest.skip("the persistent TMA variant needs sm_90 or newer")
+def _skip_unless_it_runs_here(tile, dtype):
+    """The interpreter runs every tile. On a GPU, a forced tile the offer rules never give a plain product of
+    this dtype on this architecture (``kernel.why_not_offered``: the persistent TMA variant before sm_90, a
+    tile whose shared memory does not fit the GPU's per-block maximum in this dtype, ...) is skipped: the
+    autotuner never runs it there, and a launch over the shared-memory limit fails (OutOfResources)."""
+    if not ON_GPU:
+        return
+    arch = kernel._arch({"A": torch.empty(0, device=DEVICE)})
+    reason = kernel.why_not_offered(tile, kernel._product_kinds({"A": torch.empty(0, dtype=dtype)}), True, arch)
+    if reason:
+        pytest.skip(f"{_tile_id(tile)} is not offered to {dtype} on sm_{arch}: {reason}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -212,7 +219,7 @@ def test_every_shipped_tile_matches_float64(monkeypatch, tile, dtype):
     """The interpreter runs the first tile only: force each other one (its epilogue sub-tiles, 256-row
     tiles with several column-sum groups, the persistent TMA variant) on ragged shapes (rows past a 64-row
     group, N and K tails)."""
-    _skip_unless_it_runs_here(tile)
+    _skip_unless_it_runs_here(tile, dtype)
     monkeypatch.setattr(kernel._gemm_kernel, "configs", [tile.config()])
     inputs = mlp_inputs(70, 48, 136) + [randn(70, 48, device=DEVICE)]
     assert_op_matches(f"mlp tile {_tile_id(tile)}", fused_mlp("gelu", True), eager_mlp("gelu", True), inputs, dtype)
@@ -249,11 +256,45 @@ def test_tiles_are_pruned_per_product_kind():
     assert offered(IS_ALIGNED=False) == {t for t in kernel.TILES if t.unaligned}
     assert offered(IS_SPLIT=True) == {t for t in hopper if "split" not in t.avoid}
     fp32 = offered(A=torch.empty(1, 1))
-    assert fp32 == {t for t in hopper if "fp32" not in t.avoid} and not any(t.persistent for t in fp32)
+    assert fp32 == {t for t in hopper if "fp32" not in t.avoid and kernel.offered(t, {"fp32"}, True, 90)}
+    assert not any(t.persistent or t.block_m * t.block_n > 128 * 128 for t in fp32)  # over 227 KB in fp32
     assert {t for t in kernel.TILES if t.persistent} <= offered(A=torch.empty(1, 1, dtype=torch.float16))
     ampere = offered(arch=80)
     assert ampere == {t for t in kernel.TILES if not t.persistent and t.archs in (None, (8,))}
     assert offered(arch=0) == ampere - {t for t in kernel.TILES if t.archs}  # not a CUDA tensor
+
+
+@pytest.mark.parametrize("arch", sorted(runtime.MAX_SHARED_PER_BLOCK))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_offered_tiles_fit_the_shared_memory_per_block(arch, dtype):
+    """Every tile the offer rules give any MLP product (each epilogue, aligned or not) of ``dtype`` on
+    ``arch`` fits the architecture's shared memory per block by the tile's estimate (which `clipfast aot`
+    checks is an upper bound on the compiled kernel's), and every product is offered at least one tile."""
+    limit = runtime.MAX_SHARED_PER_BLOCK[arch]
+    for variant, flags in kernel._GEMM_VARIANTS.items():
+        for aligned in (True, False):
+            args = {**kernel._NO_EPILOGUE, **{k: v for k, v in flags.items() if not k.startswith("_")},
+                    "IS_ALIGNED": aligned, "A": torch.empty(0, dtype=dtype)}
+            kinds = kernel._product_kinds(args)
+            kept = [kernel._tile(c) for c in kernel._prune(kernel.GEMM_CONFIGS, args, arch=arch)]
+            if arch >= 80:  # (Turing's 64 KB fit no fp32 tile: the launch takes the smallest estimate)
+                assert len(kept) == sum(kernel.offered(t, kinds, aligned, arch) for t in kept), (variant, aligned)
+                for tile in kept:
+                    assert tile.shared_estimate(kinds) <= limit, (variant, aligned, tile)
+            else:
+                assert min(t.shared_estimate(kinds) for t in kept) == min(
+                    t.shared_estimate(kinds) for t in kernel.TILES if t.unaligned or aligned)
+    # the tiles measured over the limit in fp32 (compiled: 294,912 B for the 128x256 tiles on sm_90, 262,168 B
+    # and more for the persistent ones; 196,608 B for 128x256 on sm_80) are never offered to fp32 there
+    if dtype == torch.float32 and arch in (80, 90):
+        for t in kernel.TILES:
+            if t.persistent or t.block_m * t.block_n > 128 * 128:
+                assert not kernel.offered(t, {"fp32"}, True, arch), t
+                if "fp32" not in t.avoid:
+                    assert "shared memory" in kernel.why_not_offered(t, {"fp32"}, True, arch), t
+    assert runtime.max_shared_per_block(0) is None and runtime.fits_shared_memory(10 ** 9, 0)  # the interpreter
+    assert runtime.max_shared_per_block(91) == runtime.MAX_SHARED_PER_BLOCK[90]  # unlisted: its generation's least
+    assert runtime.max_shared_per_block(150) == min(v for a, v in runtime.MAX_SHARED_PER_BLOCK.items() if a >= 80)
 
 
 def test_persistent_tma_variant_needs_hopper_alignment_and_tensor_descriptors(monkeypatch):
@@ -273,7 +314,7 @@ def test_persistent_tiles_walk_several_tiles_per_program(monkeypatch, tile, dtyp
     """The persistent TMA variant with fewer programs (3 'SMs') than output tiles: each program walks
     several tiles of the grouped order, through tensor descriptors whose boxes cross the M, N and K edges
     (odd token count 197: K tail of the weight gradients; width 80: K tail of the fc forward)."""
-    _skip_unless_it_runs_here(tile)
+    _skip_unless_it_runs_here(tile, dtype)
     monkeypatch.setattr(runtime, "sm_count", lambda device: 3)
     monkeypatch.setattr(kernel._gemm_kernel, "configs", [tile.config()])
     grids = []
@@ -289,7 +330,7 @@ def test_persistent_tiles_walk_several_tiles_per_program(monkeypatch, tile, dtyp
 def test_persistent_split_k_weight_gradients_match_float64(monkeypatch, dtype):
     """Split-K slices through tensor descriptors: slice starts as descriptor coordinates, the last slice's
     K tail read as zeros."""
-    _skip_unless_it_runs_here(PERSISTENT_TILES[-1])
+    _skip_unless_it_runs_here(PERSISTENT_TILES[-1], dtype)
     monkeypatch.setattr(kernel, "FORCE_SPLIT_K", 3)
     monkeypatch.setattr(kernel._gemm_kernel, "configs", [PERSISTENT_TILES[-1].config()])
     assert_op_matches("mlp persistent split-K", fused_mlp("gelu"), eager_mlp("gelu"), mlp_inputs(300, 32, 128), dtype)
