@@ -15,6 +15,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["clipfast", "clipfast.*"]) + ["clipfast.kernels"],
     package_dir={"clipfast.kernels": "kernels"},
+    # the shipped config tables (one per architecture), read by clipfast.kernels.configs
+    package_data={"clipfast.kernels": ["configs/*.json"]},
     install_requires=[
         # torch brings a matching triton on Linux; both are listed so the contract is explicit.
         "torch>=2.11",

@@ -2,7 +2,8 @@
 
     clipfast verify [MODEL] [--tiny] [--dtype fp32|fp16|bf16] [--batch N] [--json PATH]
     clipfast bench [TARGET] [--dtype ...] [--json PATH] [--plot PATH] [--smoke]   (targets: bench --help)
-    clipfast tune MODEL [--batch N] [--dtype ...] [--infer|--train] [--json PATH]
+    clipfast tune MODEL [--batch N] [--dtype ...] [--infer|--train] [--kernels] [--json PATH]
+    clipfast warm MODEL [--train|--infer] [--batch N] [--dtype ...] [--arch 80 90] [--jobs N] [--plan-only]
     clipfast aot [--quick] [--arch 80 90] [--filter FAMILY] [--json PATH]
     clipfast run [--interpret] [--families F,F] [--dispatch MODE] (-m MODULE | SCRIPT) [ARGS...]
 
@@ -34,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     from .benchmarks.cli import targets_help
 
     p = argparse.ArgumentParser(prog="clipfast", description="Fused Triton kernels for CLIP models. Commands: "
-                                "verify, bench, tune, aot, run ('clipfast COMMAND --help' for each).")
+                                "verify, bench, tune, warm, aot, run ('clipfast COMMAND --help' for each).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     v = sub.add_parser("verify", help="patch a model and report forward/backward errors module by module")
@@ -67,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     step = t.add_mutually_exclusive_group()
     step.add_argument("--infer", dest="train", action="store_false", help="forward under no_grad (default)")
     step.add_argument("--train", dest="train", action="store_true", help="forward, CLIP loss and backward")
-    t.add_argument("--json", default=None, help="write the timings as JSON")
+    t.add_argument("--json", default=None, help="write the timings as JSON (with --kernels: the table entries)")
+    t.add_argument("--kernels", action="store_true",
+                   help="time every config each autotuned kernel of the step offers (CLIPFAST_AUTOTUNE=max, "
+                        "results kept on disk) and write the user's config table; GPU only")
     t.add_argument("--cpu-timer", action="store_true",
                    help="without a GPU, time the CPU paths by the host clock (exercises the command)")
 
@@ -80,6 +84,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="only the kernels whose name contains TEXT, or one family (e.g. attention)")
     a.add_argument("--json", default=None, metavar="PATH",
                    help="also write the rows (registers, spills, shared memory, MMA per case) as JSON")
+
+    w = sub.add_parser("warm", help="precompile the kernels and configs a model's first step compiles, into "
+                                    "Triton's cache (for the local GPU, or --arch without one)")
+    from .warm import add_arguments
+
+    add_arguments(w)
 
     # listed for --help; its arguments are parsed by clipfast.launcher (they belong to the program)
     sub.add_parser("run", help="run an unmodified program (SCRIPT or -m MODULE) with clipfast.autopatch() on; "
@@ -99,9 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         from .aot import run
 
         return run(args.arch, args.quick, args.filter, args.json)
-    if args.batch < 1 if args.command in ("verify", "tune") else False:
+    if args.batch < 1 if args.command in ("verify", "tune", "warm") else False:
         print(f"clipfast {args.command}: --batch must be at least 1", file=sys.stderr)
         return 2
+    if args.command == "warm":  # no interpreter: it compiles for GPUs (planning runs in its own child)
+        from .warm import main_warm
+
+        return main_warm(args)
+    if args.command == "tune" and args.kernels:
+        from .tune_kernels import main_tune_kernels
+
+        return main_tune_kernels(args)
     if args.command == "tune":  # no interpreter: a CPU has nothing to time
         from .tune import main_tune
 

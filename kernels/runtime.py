@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 import triton
 
+from . import configs as config_policy
+
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so the value at import time is what counts.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -47,9 +49,11 @@ def cdiv(a: int, b: int) -> int:
 # Autotuning
 # ---------------------------------------------------------------------------------------------
 
-# CLIPFAST_AUTOTUNE=0: no config is timed; each kernel runs the first of its configs that its pruning keeps
-# (its default for that head dim / architecture), so runs are reproducible and start without tuning.
-AUTOTUNE: bool = os.environ.get("CLIPFAST_AUTOTUNE", "1") != "0"
+# The autotune policy (``kernels/configs.py``): by default one config per kernel, autotune key and
+# architecture (a table entry, else the kernel's heuristic default: the first config its pruning keeps),
+# timed by nothing; CLIPFAST_AUTOTUNE=max times every config the pruning offers and keeps the results on
+# disk; CLIPFAST_AUTOTUNE=0 runs the heuristic default without tables.
+AUTOTUNE: bool = config_policy.mode() != "0"
 
 
 def _untimed(kernel_call, quantiles=None, **kwargs):
@@ -58,21 +62,35 @@ def _untimed(kernel_call, quantiles=None, **kwargs):
 
 
 def autotune(configs: list[triton.Config], key: list[str], **kwargs: Any) -> Callable:
-    """``triton.autotune`` that collapses to the first config under the interpreter, and times nothing
-    when ``CLIPFAST_AUTOTUNE=0`` (the first config left after pruning runs).
+    """``triton.autotune`` under the autotune policy (``kernels/configs.py``): the kernel's
+    ``early_config_prune`` is wrapped so it returns the one config the policy chooses (all it offers in
+    ``max`` mode), and the benchmark function times nothing where one config is left.
 
-    Several configs crash the interpreter (it has no driver to benchmark with); a single config skips
-    benchmarking, so the interpreter runs exactly the first shipped config (``forced_config`` runs any
-    other). Every kernel that autotunes goes through here. The full list stays reachable as
-    ``kernel.shipped_configs`` for the AOT check.
+    Under the interpreter the list collapses to the first config (several configs crash it: it has no
+    driver to benchmark with), so the interpreter runs exactly the first shipped config (``forced_config``
+    runs any other), except while planning precompiles for a target architecture
+    (``CLIPFAST_TARGET_ARCH``, ``clipfast warm``), where the policy chooses as on that GPU. Every kernel that
+    autotunes goes through here. The full list stays reachable as ``kernel.shipped_configs`` for the AOT
+    check, the policy as ``kernel.policy`` (``kernel.policy.offered``: the kernel's own pruning).
     """
-    chosen = configs[:1] if INTERPRET else configs
+    planning = INTERPRET and config_policy.target_arch() is not None
+    chosen = configs[:1] if INTERPRET and not planning else configs
+    policy = None
     if not AUTOTUNE:
         kwargs.setdefault("do_bench", _untimed)
+    if len(chosen) > 1:
+        prune_by = dict(kwargs.pop("prune_configs_by", None) or {})
+        policy = config_policy.Policy("", key, prune_by.get("early_config_prune"), kwargs.get("do_bench"))
+        kwargs["prune_configs_by"] = {**prune_by, "early_config_prune": policy.prune}
+        if AUTOTUNE:
+            kwargs["do_bench"] = policy.do_bench
 
     def decorate(fn):
         tuned = triton.autotune(chosen, key=key, **kwargs)(fn)
         tuned.shipped_configs = list(configs)
+        if policy is not None:
+            policy.name = config_policy.kernel_name(fn)
+            config_policy.install(tuned, policy)
         return tuned
 
     return decorate
