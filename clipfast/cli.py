@@ -4,7 +4,7 @@
     clipfast bench [TARGET] [--dtype ...] [--json PATH] [--plot PATH] [--smoke]   (targets: bench --help)
     clipfast tune MODEL [--batch N] [--dtype ...] [--infer|--train] [--kernels] [--json PATH]
     clipfast warm MODEL [--train|--infer] [--batch N] [--dtype ...] [--arch 80 90] [--jobs N] [--plan-only]
-    clipfast aot [--quick] [--arch 80 90] [--filter FAMILY] [--json PATH]
+    clipfast aot [--quick] [--arch 80 90] [--dtype fp16 bf16 fp32] [--filter FAMILY] [--json PATH]
     clipfast run [--interpret] [--families F,F] [--dispatch MODE] (-m MODULE | SCRIPT) [ARGS...]
 
 Without a GPU the kernels run on CPU through the Triton interpreter. ``TRITON_INTERPRET`` must be set
@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="only the cases marked quick (a few per kernel, what CI and the tests compile)")
     a.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90],
                    help="GPU architectures to compile for: 80 (A100), 90 (H100/H200); default both")
+    a.add_argument("--dtype", nargs="+", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="only the cases of these operand dtypes (fp32: the tiles offered to fp32 operands, exact "
+                        "and TF32); default every case's own (fp16 and bf16, fp32 where a case has it)")
     a.add_argument("--filter", default=None, metavar="TEXT",
                    help="only the kernels whose name contains TEXT, or one family (e.g. attention)")
     a.add_argument("--json", default=None, metavar="PATH",
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "aot":
         from .aot import run
 
-        return run(args.arch, args.quick, args.filter, args.json)
+        return run(args.arch, args.quick, args.filter, args.json, dtypes=args.dtype)
     if args.batch < 1 if args.command in ("verify", "tune", "warm") else False:
         print(f"clipfast {args.command}: --batch must be at least 1", file=sys.stderr)
         return 2
