@@ -36,7 +36,8 @@ MAX_COLS = 8192 if runtime.triton_at_least(3, 8) else 4096
 FWD_MAX_WARPS = 8
 
 
-@triton.jit
+# n_rows is not specialized: the vision and the packed text towers' row counts share one compile.
+@triton.jit(do_not_specialize=["n_rows"])
 def _layer_norm_fwd_kernel(
     X, RES, H, Y, W, B, MEAN, RSTD,
     n_rows, n_cols, stride_x, stride_res, stride_h, stride_y, eps,
@@ -72,7 +73,7 @@ def _layer_norm_fwd_kernel(
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
 def _layer_norm_bwd_kernel(
     DY, DH, X, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
     n_rows, n_cols, rows_per_program, stride_dy, stride_dh, stride_x, stride_dx,
@@ -123,7 +124,7 @@ def _layer_norm_bwd_kernel(
         tl.store(DB_PARTIAL + part, db_acc, mask=col_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_partials"])
 def _layer_norm_param_grad_kernel(
     DW_PARTIAL, DB_PARTIAL, DW, DB, n_partials, n_cols,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,

@@ -539,7 +539,10 @@ def _finish_tile(acc, pid_m, pid_n, pid_k, M, N, stride_c, C, BIAS, RES, Z, COLS
 @runtime.autotune(GEMM_CONFIGS, key=["M_BUCKET", "N", "K_BUCKET", "IS_A_ROW_MAJOR", "IS_B_ROW_MAJOR", "IS_ALIGNED",
                                      "IS_SPLIT"],
                   prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+# Row and reduction counts (M, K, K_PER_SPLIT) are not specialized: the loads carry their own alignment hints
+# (IS_ALIGNED) and wrap instead of masking, so a token count that is not a multiple of 16 (a packed text
+# batch) reuses the compile of one that is, instead of doubling every product's compiles.
+@triton.jit(do_not_specialize=["M", "K", "K_PER_SPLIT"])
 def _gemm_kernel(
     A, B, C, BIAS, RES, Z, COLSUM,
     M, N, K, K_PER_SPLIT, stride_a, stride_b, stride_c, M_BUCKET, K_BUCKET,
@@ -586,7 +589,7 @@ def _gemm_kernel(
                      EPILOGUE_SUBTILES)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])  # any row count shares one compile
 def _column_sum_kernel(X, OUT, S, R, stride_x, ROWS_PER_PROGRAM, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
     """OUT[p, r] = sum of X[s, r] over the rows s of chunk p ([p * ROWS_PER_PROGRAM, (p + 1) * ...)), in
     fp32, in a fixed order (deterministic). Reads X once; one program per (column block, row chunk)."""
@@ -777,8 +780,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
         HAS_ACT_GRAD=pre is not None, HAS_RESIDUAL=residual is not None, HAS_COLSUM=colsum,
         IS_TF32=_allow_tf32(a), IS_B_ACTIVATED=activate_b, IS_SPLIT=slices > 1,
     )
-    if slices > 1:
-        c = column_sums(c.view(slices, M * N), a.dtype).view(M, N)
+    if slices > 1:  # summed in fp32 like every column sum (one compile shared with them), rounded once after
+        c = column_sums(c.view(slices, M * N)).view(M, N).to(a.dtype)
     return c, z, column_sums(partial) if colsum else None
 
 
@@ -844,9 +847,9 @@ _GEMM_SIGNATURE = {
 # Integers the JIT sees as multiples of 16 at CLIP shapes (widths 512-1280 and 4x, their strides, the
 # split length, the power-of-two buckets); M (batch x tokens, e.g. 256 x 197) and K of the wgrad GEMMs
 # (tokens) are not. Pointers are 16-byte aligned (torch allocations).
-_GEMM_DIVISIBLE = ("A", "B", "C", "BIAS", "RES", "Z", "COLSUM", "N", "K_PER_SPLIT", "stride_a", "stride_b", "stride_c",
-                   "M_BUCKET", "K_BUCKET")
-_FWD_DIVISIBLE = _GEMM_DIVISIBLE + ("K",)  # forward and dgrad: K is a width
+_GEMM_DIVISIBLE = ("A", "B", "C", "BIAS", "RES", "Z", "COLSUM", "N", "stride_a", "stride_b", "stride_c",
+                   "M_BUCKET", "K_BUCKET")  # M, K, K_PER_SPLIT are never specialized (_gemm_kernel)
+_FWD_DIVISIBLE = _GEMM_DIVISIBLE
 
 _NO_EPILOGUE = {"HAS_BIAS": False, "ACTIVATION": 0, "HAS_PRE_OUT": False, "HAS_ACT_GRAD": False, "HAS_RESIDUAL": False,
                 "HAS_COLSUM": False, "IS_TF32": False, "IS_B_ACTIVATED": False, "IS_SPLIT": False}

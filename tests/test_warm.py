@@ -100,9 +100,9 @@ def test_warm_compile_keys_are_the_jit_launch_keys(tmp_path):
     assert out["compared"] >= 10 and out["cached"]
 
 
-# Measured with this planner (sm_90, bf16, default mode, no table entries): 40 distinct compiles at batch
-# 16 (43 at batch 256). The cold-start target is <= 32; this bound keeps the count from growing.
-VIT_B16_TRAIN_COMPILES_MAX = 40
+# The cold-start target (sm_90, bf16, default mode, no table entries): at most 32 distinct compiles. Measured
+# with this planner: 32 at batch 16 and at batch 256 (row and reduction counts are not specialized).
+VIT_B16_TRAIN_COMPILES_MAX = 32
 
 
 def test_vit_b16_training_step_distinct_compiles(tmp_path):
@@ -114,7 +114,7 @@ def test_vit_b16_training_step_distinct_compiles(tmp_path):
     entry = json.loads(out.read_text())["archs"]["sm_90"]
     assert entry["distinct_compiles"] <= VIT_B16_TRAIN_COMPILES_MAX, entry
     # every MLP product runs one tile: at most one compile per product variant and specialization
-    assert entry["per_family"]["mlp"] <= 16 and entry["per_family"]["attention"] <= 4
+    assert entry["per_family"]["mlp"] <= 9 and entry["per_family"]["attention"] <= 4
 
 
 def test_warm_cli_edges(capsys):
