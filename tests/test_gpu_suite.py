@@ -593,6 +593,10 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     assert all("status" in s for s in data["steps"])
     assert data["warm"] and data["tests"] and data["rows"], (data["steps"], proc.stdout[-2000:])
     assert not [t for t in data["tests"] if t["outcome"] in ("failed", "error")]
+    # the headline model's first step planned by `clipfast warm` (compiled on a GPU), beside the kernel cases
+    [model_warm] = [w for w in data["warm"] if w["impl"] == "clipfast warm"]
+    assert model_warm["error"] is None and model_warm["arch"] == "sm_90", model_warm
+    assert 0 < model_warm["distinct_compiles"] <= 32 and model_warm["launches"] > model_warm["distinct_compiles"]
     crashed = lambda r: f"{r['family']}: {r['case']}" == CRASHED  # noqa: E731
     assert not [r for r in data["rows"] if r.get("error") and r["impl"] in ("clipfast", "eager") and not crashed(r)]
     # every result names its process; every step ran in processes of its own

@@ -8,7 +8,10 @@ in ``results.json`` (``stopped``) and ``summary.md``, exit code 3. Then the step
 in its own processes with its own time budget (a share of the whole); every result is appended to ``OUT``
 as soon as it exists, so a run stopped at any point returns all it finished:
 
-1. ``warm``: N worker processes (one per core, at most 16) each run their share of the benchmark cases
+1. ``warm``: ``clipfast warm`` compiles the headline model's first training step (ViT-B-16, B=256, bf16:
+   the distinct compiles its launches need, in parallel over N processes; the rehearsal only plans the tiny
+   model for sm_90), recorded with the compile count and seconds. Beside it, N worker processes (one per
+   core, at most 16) each run their share of the benchmark cases
    the timed steps use, once per mode, with every autotuned kernel compiling *all* its pruned shipped
    configs at the case's real arguments (``compiling_every_config``: the JIT function is launched with
    each config's meta-parameters in warmup mode, i.e. compiled without running, then the first one runs),
@@ -373,6 +376,44 @@ def worker_warm(share: int, workers: int, records: str, step: str = "warm") -> i
     entries = plan("headline_model_compiled" if step == "warm_models" else "warm", smoke)[share::workers]
     with compiling_every_config():
         return _warm(_select(entries, records), smoke, device, records, step)
+
+
+# The headline model's first training step, precompiled by `clipfast warm` (the model and batch the
+# headline_model step times; the rehearsal plans the tiny model for sm_90 without compiling).
+MODEL_WARM = ("ViT-B-16", 256, "bf16")
+MODEL_WARM_REHEARSAL = ("tiny", 2, "fp16")
+
+
+def worker_model_warm(records: str, jobs: int) -> int:
+    """``clipfast warm`` for the headline model's training step: its distinct compiles, in parallel over
+    ``jobs`` processes, into Triton's cache before anything is timed; recorded with the number of compiles,
+    the summed compile seconds and the wall time (the cold-start figures of this GPU)."""
+    import torch
+
+    smoke = not torch.cuda.is_available()
+    model, batch, dtype = MODEL_WARM_REHEARSAL if smoke else MODEL_WARM
+    label = f"clipfast warm {model} train B={batch} {dtype}"
+    _start_case(records, "warm", label)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "warm.json")
+        argv = [sys.executable, "-m", "clipfast.cli", "warm", model, "--train", "--batch", str(batch), "--dtype", dtype,
+                "--jobs", str(max(1, jobs)), "--json", out] + (["--arch", "90", "--plan-only"] if smoke else [])
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # warm compiles for the GPU
+        t0 = time.time()
+        try:
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True,
+                                  timeout=max(10.0, step_deadline() - time.time()))
+            error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["exit " + str(proc.returncode)])[-1]
+        except subprocess.TimeoutExpired:
+            error = "stopped at the step's time budget"
+        report = json.load(open(out)) if os.path.exists(out) else {}
+    entry = {"kind": "warm", "family": "model", "case": label, "impl": "clipfast warm", "mode": "fwd+bwd",
+             "seconds": round(time.time() - t0, 2), "error": error, "pid": os.getpid()}
+    for arch, figures in report.get("archs", {}).items():
+        entry.update({"arch": arch, **{k: figures.get(k) for k in ("launches", "distinct_compiles", "per_family",
+                                                                     "compile_seconds", "wall_seconds", "jobs")}})
+    _append(records, entry)
+    return 0
 
 
 def _warm(entries, smoke: bool, device, records: str, step: str = "warm") -> int:
@@ -823,8 +864,12 @@ class Run:
         me = [py, "-m", "clipfast.benchmarks.suite"]
         if step.kind == "warm":
             n = self.workers if step.name == "warm" else 1 if self.rehearsal else 2  # whole-model compiles: one each
-            return [([*me, "--worker", "warm", "--step", step.name, "--share", f"{i}/{n}", "--records", "{records}"],
-                     self._child_env(budget, step=step.name)) for i in range(n)]
+            lanes = [([*me, "--worker", "warm", "--step", step.name, "--share", f"{i}/{n}", "--records", "{records}"],
+                      self._child_env(budget, step=step.name)) for i in range(n)]
+            if step.name == "warm":  # the headline model through `clipfast warm`, beside the kernel cases
+                lanes.insert(0, ([*me, "--worker", "model_warm", "--share", f"0/{n}", "--records", "{records}"],
+                                 self._child_env(budget, step=step.name)))
+            return lanes
         if step.kind == "bench":
             return [([*me, "--worker", "bench", "--step", step.name, "--records", "{records}"],
                      self._child_env(budget, step=step.name))]
@@ -965,7 +1010,7 @@ def main(argv=None) -> int:
     p.add_argument("out", nargs="?", help="output folder (created; its result files are replaced)")
     p.add_argument("--budget-s", type=float, default=None, help="seconds for all steps (default: "
                    f"{GPU_BUDGET_S} on a GPU, {REHEARSAL_BUDGET_S} for the CPU rehearsal; or CLIPFAST_SUITE_BUDGET_S)")
-    p.add_argument("--worker", choices=["warm", "bench"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["warm", "model_warm", "bench"], help=argparse.SUPPRESS)
     p.add_argument("--share", default="0/1", help=argparse.SUPPRESS)
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     p.add_argument("--records", default=None, help=argparse.SUPPRESS)
@@ -973,6 +1018,8 @@ def main(argv=None) -> int:
     if args.worker == "warm":
         share, workers = (int(v) for v in args.share.split("/"))
         return worker_warm(share, workers, args.records, args.step or "warm")
+    if args.worker == "model_warm":
+        return worker_model_warm(args.records, int(args.share.split("/")[1]))
     if args.worker == "bench":
         return worker_bench(args.step, args.records)
     if not args.out:
