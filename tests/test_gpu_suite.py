@@ -597,6 +597,9 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     [model_warm] = [w for w in data["warm"] if w["impl"] == "clipfast warm"]
     assert model_warm["error"] is None and model_warm["arch"] == "sm_90", model_warm
     assert 0 < model_warm["distinct_compiles"] <= 32 and model_warm["launches"] > model_warm["distinct_compiles"]
+    # the kernel-config table step ran (on a GPU its winners are the table the next commit ships)
+    table = data["autotune_table"]
+    assert table["error"] is None and table["table"] is None and "no CUDA device" in table["note"], table
     crashed = lambda r: f"{r['family']}: {r['case']}" == CRASHED  # noqa: E731
     assert not [r for r in data["rows"] if r.get("error") and r["impl"] in ("clipfast", "eager") and not crashed(r)]
     # every result names its process; every step ran in processes of its own

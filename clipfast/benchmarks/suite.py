@@ -26,6 +26,9 @@ as soon as it exists, so a run stopped at any point returns all it finished:
    No ``-x``; a test does not start after the budget.
 3. ``headline_kernels``, ``headline_model``, ``headline_model_compiled``: the headline timings
    (``HEADLINE``), the whole-model torch.compile cases (two compiles) in a step of their own.
+   ``tune_kernels``: ``clipfast tune --kernels`` on the headline model's training step times every offered
+   config of its kernels; the winners, in the shipped tables' format, are ``autotune_table`` in
+   ``results.json`` (copy its ``table`` to ``kernels/configs/sm<arch>.json`` to ship it).
 4. ``rest_tests``: the rest of the test suite, in parallel; ``rest_bench``: every remaining benchmark
    case and implementation, as long as time is left.
 
@@ -163,7 +166,7 @@ def correctness_plan(entries: list[tuple[str, bool]], shards: int) -> list[list[
 @dataclass(frozen=True)
 class Step:
     name: str
-    kind: str      # "warm", "pytest" or "bench"
+    kind: str      # "warm", "pytest", "bench" or "tune"
     share: float   # of the whole budget; the last step takes whatever is left
     args: tuple[str, ...] = ()
 
@@ -178,6 +181,7 @@ STEPS = (
     Step("headline_kernels", "bench", 0.16),
     Step("headline_model", "bench", 0.07),
     Step("headline_model_compiled", "bench", 0.20),
+    Step("tune_kernels", "tune", 0.08),
     Step("rest_tests", "pytest", 0.10, ("tests", "-m", "not gpu and not gpu_suite")),
     Step("rest_bench", "bench", 1.0),
 )
@@ -416,6 +420,34 @@ def worker_model_warm(records: str, jobs: int) -> int:
     return 0
 
 
+def worker_tune_kernels(records: str) -> int:
+    """``clipfast tune --kernels`` for the headline model's training step: every offered config of every
+    kernel it launches timed on this GPU; the winners, in the shipped tables' format, go into
+    ``results.json`` (``autotune_table``) for the next commit to ship under ``kernels/configs/``."""
+    import torch
+
+    smoke = not torch.cuda.is_available()
+    model, batch, dtype = MODEL_WARM_REHEARSAL if smoke else MODEL_WARM
+    _start_case(records, "tune_kernels", f"clipfast tune --kernels {model}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "table.json")
+        argv = [sys.executable, "-m", "clipfast.cli", "tune", "--kernels", model, "--train", "--batch", str(batch),
+                "--dtype", dtype, "--json", out]
+        env = dict(os.environ, CLIPFAST_CACHE_DIR=os.path.join(tmp, "cache"))  # the user's own table untouched
+        t0 = time.time()
+        try:
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True,
+                                  timeout=max(10.0, step_deadline() - time.time()))
+            error = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["exit " + str(proc.returncode)])[-1]
+            note = (proc.stdout.strip().splitlines() or [""])[0] if smoke else None
+        except subprocess.TimeoutExpired:
+            error, note = "stopped at the step's time budget", None
+        table = json.load(open(out)) if os.path.exists(out) else None
+    _append(records, {"kind": "autotune_table", "model": model, "batch": batch, "dtype": dtype, "table": table,
+                      "seconds": round(time.time() - t0, 1), "error": error, "note": note, "pid": os.getpid()})
+    return 0
+
+
 def _warm(entries, smoke: bool, device, records: str, step: str = "warm") -> int:
     import torch
 
@@ -544,7 +576,7 @@ class Run:
         env["nvidia_smi"] = _nvidia_smi() if not self.rehearsal else None
         self.data = {"rehearsal": self.rehearsal, "environment": env, "budget_s": budget_s,
                      "workers": self.workers, "preflight": None, "steps": [], "tests": [], "warm": [], "rows": [],
-                     "crashes": [], "processes": [], "correctness_plan": {}, "notes": []}
+                     "crashes": [], "processes": [], "correctness_plan": {}, "autotune_table": None, "notes": []}
         if self.rehearsal:
             self.data["notes"].append("CPU rehearsal: smoke shapes through the Triton interpreter; no timings.")
         for package, what in OPTIONAL_PACKAGES.items():
@@ -827,6 +859,8 @@ class Run:
                     self.data["tests"].append(entry)
                 elif kind == "warm":
                     self.data["warm"].append(entry)
+                elif kind == "autotune_table":
+                    self.data["autotune_table"] = entry
                 elif kind == "collected":
                     if attempt is None or attempt is lane["attempts"][0]:
                         status["collected"] = status.get("collected", 0) + entry["count"]
@@ -873,6 +907,10 @@ class Run:
         if step.kind == "bench":
             return [([*me, "--worker", "bench", "--step", step.name, "--records", "{records}"],
                      self._child_env(budget, step=step.name))]
+        if step.kind == "tune":
+            env = self._child_env(budget, step=step.name)
+            env.pop("TRITON_INTERPRET", None)  # on CPU the command only says there is nothing to time
+            return [([*me, "--worker", "tune_kernels", "--records", "{records}"], env)]
         n = self.workers
         argv = [py, "-m", "pytest", *step.args, "-q", "-p", "no:cacheprovider", "-p",
                 "clipfast.benchmarks._pytest_budget", "--junitxml={junit}", "-o", "junit_suite_name=" + step.name]
@@ -898,7 +936,7 @@ class Run:
             return
         if step.name == "warm":
             self.start_background(budget)
-        if step.kind == "bench":
+        if step.kind in ("bench", "tune"):
             self.stop_background()  # nothing else runs on the GPU while anything is timed
         self.say(f"== {step.name} (budget {budget:.0f}s)")
         group = self.start(step.name, self.commands(step, budget), self.current, budget, step.kind)
@@ -1010,7 +1048,7 @@ def main(argv=None) -> int:
     p.add_argument("out", nargs="?", help="output folder (created; its result files are replaced)")
     p.add_argument("--budget-s", type=float, default=None, help="seconds for all steps (default: "
                    f"{GPU_BUDGET_S} on a GPU, {REHEARSAL_BUDGET_S} for the CPU rehearsal; or CLIPFAST_SUITE_BUDGET_S)")
-    p.add_argument("--worker", choices=["warm", "model_warm", "bench"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["warm", "model_warm", "tune_kernels", "bench"], help=argparse.SUPPRESS)
     p.add_argument("--share", default="0/1", help=argparse.SUPPRESS)
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)
     p.add_argument("--records", default=None, help=argparse.SUPPRESS)
@@ -1018,6 +1056,8 @@ def main(argv=None) -> int:
     if args.worker == "warm":
         share, workers = (int(v) for v in args.share.split("/"))
         return worker_warm(share, workers, args.records, args.step or "warm")
+    if args.worker == "tune_kernels":
+        return worker_tune_kernels(args.records)
     if args.worker == "model_warm":
         return worker_model_warm(args.records, int(args.share.split("/")[1]))
     if args.worker == "bench":
