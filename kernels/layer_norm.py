@@ -203,11 +203,28 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float):
     return y, h, mean, rstd
 
 
-def bwd_stages(block_n: int) -> int:
+def bwd_shared_estimate(tile: dict, stages: int, dtype, residual: bool) -> int:
+    """An upper bound on the backward's shared memory at ``tile`` (``bwd_tile``) and ``stages`` (``bwd_stages``)
+    with ``dtype`` activations, in bytes: ``stages`` buffers of the dy and x (and dh) row tiles and the fp32
+    row statistics the pipelined loop copies ahead, plus scratch (Hopper keeps ``stages`` buffers, Ampere one
+    fewer). Measured (triton 3.8): 16,436-24,736 B in fp32 at 512-1280 columns (one buffer), 2,048-4,096 B
+    in fp16. `clipfast aot` fails a case whose compiled ``shared`` exceeds this."""
+    rows = tile["BLOCK_M"]
+    per_buffer = (3 if residual else 2) * rows * tile["BLOCK_N"] * runtime.ELEMENT_SIZE[dtype] + 2 * rows * 4
+    return stages * per_buffer + runtime.SHARED_SCRATCH_ALLOWANCE
+
+
+def bwd_stages(block_n: int, dtype=torch.float16, arch: int = 0, residual: bool = True) -> int:
     """Depth of the backward's software-pipelined row loop: the next tile's loads are issued before the
     current tile is reduced (`clipfast aot` shows LDGSTS async copies for the row statistics on sm_90).
-    Rows of 8192 columns keep enough bytes in flight alone and spill when pipelined."""
-    return 2 if block_n < 8192 else 1
+    Rows of 8192 columns keep enough bytes in flight alone and spill when pipelined; a pipelined tile whose
+    ``bwd_shared_estimate`` for ``dtype`` does not fit ``arch``'s shared memory per block (10 x major + minor;
+    0: the interpreter) runs unpipelined."""
+    if block_n >= 8192:
+        return 1
+    tile = bwd_tile(block_n)
+    fits = runtime.fits_shared_memory(bwd_shared_estimate(tile, 2, dtype, residual), arch)
+    return 2 if fits else 1
 
 
 # The dW/dB reduction: a [BLOCK_G, BLOCK_N] fp32 tile of partial rows per step, BLOCK_N columns a program.
@@ -241,6 +258,8 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
         zeros = lambda p: torch.zeros_like(p) if p is not None else None  # noqa: E731
         return dx, zeros(weight), zeros(bias)
     tile = bwd_tile(n_cols)
+    major, minor = runtime.capability(x.device)
+    stages = bwd_stages(tile["BLOCK_N"], x.dtype, 10 * major + minor, dh is not None)
     n_programs = bwd_programs(n_rows, n_cols, tile["BLOCK_M"], x.device)
     rows_per_program = runtime.cdiv(runtime.cdiv(n_rows, n_programs), tile["BLOCK_M"]) * tile["BLOCK_M"]
     n_programs = runtime.cdiv(n_rows, rows_per_program)  # every program has rows: every partial row is written
@@ -253,8 +272,7 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
         dy2, dh2, x2, weight if has_weight else x2, mean, rstd, dx2, dw_partial, db_partial,
         n_rows, n_cols, rows_per_program, dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0),
         HAS_DH=dh is not None, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], NUM_STAGES=bwd_stages(tile["BLOCK_N"]),
-        num_warps=tile["num_warps"],
+        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], NUM_STAGES=stages, num_warps=tile["num_warps"],
     )
     if not (has_weight or has_bias):
         return dx, None, None
@@ -270,7 +288,8 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
 
 
 def aot_cases() -> list[runtime.AotCase]:
-    """The shipped configurations at CLIP widths (512..1280), plus the widest rows we hold in registers."""
+    """The shipped configurations at CLIP widths (512..1280), plus the widest rows we hold in registers; the
+    backward (a software-pipelined loop) also in fp32, with its shared-memory estimate."""
     cases = []
     for n_cols in (512, 768, 1024, 1280, MAX_COLS):
         fwd_tile, tile = row_tile(n_cols, FWD_MAX_WARPS), bwd_tile(n_cols)
@@ -286,17 +305,22 @@ def aot_cases() -> list[runtime.AotCase]:
                             "BLOCK_M": fwd_tile["BLOCK_M"], "BLOCK_N": fwd_tile["BLOCK_N"]},
                 num_warps=fwd_tile["num_warps"], quick=quick,
             ))
-            cases.append(runtime.AotCase(
-                name=f"layer_norm_bwd{'_residual' if residual else ''}[N={n_cols}]",
-                kernel=_layer_norm_bwd_kernel,
-                signature={"DY": "*{dtype}", "DH": "*{dtype}", "X": "*{dtype}", "W": "*fp32", "MEAN": "*fp32",
-                           "RSTD": "*fp32", "DX": "*{dtype}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
-                           "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", "stride_dy": "i32",
-                           "stride_dh": "i32", "stride_x": "i32", "stride_dx": "i32"},
-                constexprs={"HAS_DH": residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
-                            "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"], "NUM_STAGES": bwd_stages(tile["BLOCK_N"])},
-                num_warps=tile["num_warps"], quick=quick,
-            ))
+            for dtypes in (("fp16", "bf16"), ("fp32",)):  # fp32: twice the bytes per pipeline buffer
+                # (the stages sm_80 and sm_90 get: their shared memory fits every tile pipelined)
+                stages = bwd_stages(tile["BLOCK_N"], dtypes[0], 80, residual)
+                cases.append(runtime.AotCase(
+                    name=f"layer_norm_bwd{'_residual' if residual else ''}{'_fp32' if dtypes == ('fp32',) else ''}"
+                         f"[N={n_cols}]",
+                    kernel=_layer_norm_bwd_kernel,
+                    signature={"DY": "*{dtype}", "DH": "*{dtype}", "X": "*{dtype}", "W": "*fp32", "MEAN": "*fp32",
+                               "RSTD": "*fp32", "DX": "*{dtype}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
+                               "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", "stride_dy": "i32",
+                               "stride_dh": "i32", "stride_x": "i32", "stride_dx": "i32"},
+                    constexprs={"HAS_DH": residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
+                                "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"], "NUM_STAGES": stages},
+                    num_warps=tile["num_warps"], quick=quick and dtypes != ("fp32",), dtypes=dtypes,
+                    shared_estimate=bwd_shared_estimate(tile, stages, dtypes[0], residual),
+                ))
     # the dW/dB reduction, into fp32 parameters (autocast) and into parameters of the activations' dtype
     red = PARAM_GRAD_TILE
     for param in ("fp32", "{dtype}"):

@@ -34,13 +34,15 @@ What the backward keeps
 -----------------------
 Training needs H (the B operand of the proj wgrad) and act'(Z) (for dZ). The fc epilogue writes the
 pre-activation Z (only when a gradient is needed) and the backward keeps Z alone: the proj wgrad applies
-act() to each Z tile as it loads it (IS_B_ACTIVATED) and the dgrad epilogue computes act'(Z) from the
-same Z, so H never outlives the forward. That halves the activation memory of the block against eager
-nn.GELU (x, Z, H) and saves two of three M x hidden tensors against QuickGELU written out (Z, sigmoid, H)
-(bench/results/mlp_saved_bytes_cpu has the measured table). The cost is a few fp32 flops per loaded Z element in
-one of the six GEMMs, hidden behind the tensor-core loop (ViT-B/16, bf16: storing H instead would be
-another 310 MB per layer at batch 256). The forward applies act() to Z rounded to the output dtype,
-exactly what the backward recomputes, so forward and backward see the same H.
+act() to each Z tile as it loads it (IS_B_ACTIVATED) and the dgrad epilogue computes act'(Z) from the same
+Z, so H never outlives the forward (exact fp32 and unaligned operands take a transient act(Z) instead,
+activated once before the product: the loop has no registers to spare there). That halves the activation
+memory of the block against eager nn.GELU (x, Z, H) and saves two of three M x hidden tensors against
+QuickGELU written out (Z, sigmoid, H) (bench/results/mlp_saved_bytes_cpu has the measured table). The cost
+is a few fp32 flops per loaded Z element in one of the six GEMMs, hidden behind the tensor-core loop
+(ViT-B/16, bf16: storing H instead would be another 310 MB per layer at batch 256). The forward applies
+act() to Z rounded to the output dtype, exactly what the backward recomputes, so forward and backward see
+the same H.
 
 Bias gradients, off the GEMM main loop: db1 = sum_m dZ is summed where dZ is produced, in the dgrad
 epilogue (HAS_COLSUM: each tile adds up its stored dZ values per 64-row group into an fp32 partial row,
@@ -757,8 +759,11 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
     partial = runtime.empty((runtime.cdiv(M, COLSUM_ROWS.value), N), torch.float32, a.device) if colsum else None
     epilogue = [(t, True, N, N) for t in (c, zz, residual) if t is not None]
     aligned = _aligned((a, a_row_major, stride_a, M), (b, b_row_major, stride_b, N), *epilogue)
-    if activate_b and not aligned:
-        # element-by-element loads leave no registers for act() in the loop (AOT: spills): activate B once
+    exact_fp32 = a.dtype == torch.float32 and not _allow_tf32(a)
+    if activate_b and (not aligned or exact_fp32):
+        # element-by-element loads, or exact fp32 products (FMA: the operands' register layouts are twice
+        # the fp16 ones), leave no registers for act() in the loop (AOT: the exact-fp32 act(B) weight
+        # gradients spill 368-6,512 B at every tile, triton 3.8): activate B once
         b = activation_fwd(b.contiguous() if b_row_major else b.t().contiguous(), activation)
         b, activate_b, activation = (b if b_row_major else b.t()), False, "none"
 
@@ -907,7 +912,8 @@ AOT_ARCHS = (80, 90)
 def aot_cases() -> list[runtime.AotCase]:
     """Every MLP product at every tile it is offered (``_prune``) on each architecture on aligned operands
     (CLIP widths), and on unaligned operands at the tiles they are tuned over, in fp16/bf16 and, at the
-    tiles offered to fp32 operands, in fp32 (exact and TF32); the column-sum kernel; the activation kernel.
+    tiles offered to fp32 operands, in fp32 (exact and TF32; exact fp32 has no act(B) weight gradient: the
+    launcher activates B first); the column-sum kernel; the activation kernel.
     The quick subset (fp16/bf16): the first tile of a few products, and the first persistent tile of the
     first of them."""
     cases = []
@@ -918,6 +924,8 @@ def aot_cases() -> list[runtime.AotCase]:
             for aligned in (True, False):
                 if not aligned and ("split" in variant or flags.get("IS_B_ACTIVATED")):
                     continue  # split-K runs aligned tiles only in the AOT set; unaligned act(B) is activated first
+                if precision == "fp32" and flags.get("IS_B_ACTIVATED"):
+                    continue  # exact fp32 act(B) is activated first too (``gemm``): the plain wgrad runs
                 archs_of: dict[tuple, list[int]] = {}
                 for arch in AOT_ARCHS:
                     args = {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned, **operand}
