@@ -121,14 +121,87 @@ def _gemm_configs(bm_bn_bk_warps_stages):
     return [triton.Config(dict(zip(keys, c[:3])), num_warps=c[3], num_stages=c[4]) for c in bm_bn_bk_warps_stages]
 
 
+def _config_key(cfg: triton.Config) -> tuple[int, int, int, int, int]:
+    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+
+
+# The operand tiles each GEMM kernel pipelines through shared memory, as (rows, cols) of its BLOCK_ sizes: the
+# forward's pixel tile [BLOCK_M, BLOCK_K] and weight tile [BLOCK_K, BLOCK_N], dweight's dT [BLOCK_M, BLOCK_N]
+# and pixel [BLOCK_M, BLOCK_K] tiles, dpixels' dT [BLOCK_M, BLOCK_N] and weight [BLOCK_N, BLOCK_K] tiles.
+_OPERAND_TILES = {"fwd": (("BLOCK_M", "BLOCK_K"), ("BLOCK_K", "BLOCK_N")),
+                  "dweight": (("BLOCK_M", "BLOCK_N"), ("BLOCK_M", "BLOCK_K")),
+                  "dpixels": (("BLOCK_M", "BLOCK_N"), ("BLOCK_N", "BLOCK_K"))}
+
+
+def shared_estimate(label: str, cfg: triton.Config, dtype) -> int:
+    """An upper bound on the shared memory of GEMM kernel ``label`` ("fwd", "dweight", "dpixels") at ``cfg``
+    with operands of ``dtype`` (torch dtype or "fp16" / "bf16" / "fp32"; uint8 pixels are counted at the
+    compute dtype), in bytes: ``num_stages`` buffers of its two operand tiles (``runtime.gemm_shared_estimate``:
+    Hopper keeps that many, Ampere one fewer) plus scratch. Measured (triton 3.8): the forward's 64x256x64
+    3-stage tile takes 245,760 B in exact fp32 on sm_90, over its 232,448 B. `clipfast aot` fails a case whose
+    compiled ``shared`` exceeds this."""
+    size = runtime.ELEMENT_SIZE[dtype]
+    elements = sum(cfg.kwargs[r] * cfg.kwargs[c] for r, c in _OPERAND_TILES[label])
+    return cfg.num_stages * elements * size + runtime.SHARED_SCRATCH_ALLOWANCE
+
+
+def _shipped_for(cfg: triton.Config, dtype, arch: int) -> bool:
+    """Whether ``cfg`` ships for ``dtype`` operands on ``arch`` (``OFFERED_TO``; arch 0: any generation)."""
+    dtypes, majors = OFFERED_TO.get(_config_key(cfg), (("fp16", "bf16"), None))
+    name = dtype if isinstance(dtype, str) else runtime.TRITON_TYPE_NAMES[dtype]
+    return name in dtypes and (arch == 0 or majors is None or arch // 10 in majors)
+
+
+def offered(label: str, configs, dtype, arch: int) -> list[triton.Config]:
+    """The configs of GEMM kernel ``label`` offered to ``dtype`` operands on ``arch`` (10 x major + minor; 0:
+    the interpreter, no limit): those shipped for the dtype and generation (``OFFERED_TO``; where none is,
+    every config) whose ``shared_estimate`` fits the architecture's shared memory per block
+    (``runtime.MAX_SHARED_PER_BLOCK``); where none fits (Volta / Turing), the config with the smallest estimate
+    of them all."""
+    for_dtype = [c for c in configs if _shipped_for(c, dtype, arch)] or list(configs)
+    fit = [c for c in for_dtype if runtime.fits_shared_memory(shared_estimate(label, c, dtype), arch)]
+    return fit or [min(configs, key=lambda c: shared_estimate(label, c, dtype))]
+
+
+def why_not_offered(label: str, cfg: triton.Config, dtype, arch: int) -> str | None:
+    """Why ``cfg`` of GEMM kernel ``label`` is not offered to ``dtype`` operands on ``arch``, or None."""
+    configs = {"fwd": FWD_CONFIGS, "dweight": DWEIGHT_CONFIGS, "dpixels": DPIXELS_CONFIGS}[label]
+    if _config_key(cfg) in {_config_key(c) for c in offered(label, configs, dtype, arch)}:
+        return None
+    if not _shipped_for(cfg, dtype, arch):
+        dtypes, majors = OFFERED_TO.get(_config_key(cfg), (("fp16", "bf16"), None))
+        where = f" on compute capability {'/'.join(map(str, majors))}.x" if majors else ""
+        return f"shipped for {'/'.join(dtypes)} operands{where} only"
+    estimate = shared_estimate(label, cfg, dtype)
+    return (f"needs up to {estimate} B of shared memory ({dtype} operands), over sm_{arch}'s "
+            f"{runtime.max_shared_per_block(arch)} B per block")
+
+
+def _arch(named_args) -> int:
+    t = next((v for v in named_args.values() if isinstance(v, torch.Tensor)), None)
+    major, minor = runtime.capability(t.device) if t is not None else (0, 0)
+    return 10 * major + minor
+
+
+def _pruner(label: str, operand: str):
+    """``early_config_prune`` of GEMM kernel ``label``: the configs ``offered`` to the dtype of its
+    ``operand`` argument (the compute dtype) on the launch's architecture."""
+    def prune(configs, named_args, **kwargs):
+        t = named_args.get(operand)
+        dtype = t.dtype if isinstance(t, torch.Tensor) and t.dtype in runtime.ELEMENT_SIZE else torch.float16
+        keep = {_config_key(c) for c in offered(label, configs, dtype, _arch(named_args))}
+        return [c for c in configs if _config_key(c) in keep] or configs[:1]
+    return prune
+
+
 # The first config is what the interpreter runs (large tiles keep it fast). Under triton 3.6 the default's
 # K step is 32: at 64 the uint8 forward (pixels normalized in fp32 in registers) spills 8 bytes on sm_80
 # (16-24 at 2 or 4 stages); at 32 it takes 227 registers and does not (`clipfast aot`).
 FWD_CONFIGS = _gemm_configs([(128, 128, 64 if runtime.triton_at_least(3, 8) else 32, 8, 3), (64, 256, 64, 8, 3),
-                             (64, 128, 64, 4, 4)])
+                             (64, 128, 64, 4, 4), (32, 64, 16, 8, 3)])
 
 
-@runtime.autotune(FWD_CONFIGS, key=["width", "K"])
+@runtime.autotune(FWD_CONFIGS, key=["width", "K"], prune_configs_by={"early_config_prune": _pruner("fwd", "W")})
 @triton.jit
 def _patch_embed_fwd_kernel(
     PIX, W, BIAS, CLS, POS, SCALE, SHIFT, OUT,
@@ -190,10 +263,11 @@ def _patch_embed_fwd_kernel(
 # Backward
 # ---------------------------------------------------------------------------------------------
 
-DWEIGHT_CONFIGS = _gemm_configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (32, 128, 128, 4, 3)])
+DWEIGHT_CONFIGS = _gemm_configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (32, 128, 128, 4, 3), (32, 64, 16, 8, 3)])
 
 
-@runtime.autotune(DWEIGHT_CONFIGS, key=["width", "K"])
+@runtime.autotune(DWEIGHT_CONFIGS, key=["width", "K"],
+                  prune_configs_by={"early_config_prune": _pruner("dweight", "DT")})
 @triton.jit
 def _patch_embed_dweight_kernel(
     PIX, SCALE, SHIFT, DT, DW_PARTIAL,
@@ -264,10 +338,24 @@ def _bias_grad_kernel(DT, DB_PARTIAL, n_rows, n_patches, width, n_splits, stride
 BIAS_TILE = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
 
 
-DPIXELS_CONFIGS = _gemm_configs([(128, 64, 128, 8, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 3)])
+DPIXELS_CONFIGS = _gemm_configs([(128, 64, 128, 8, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 3), (32, 64, 32, 4, 3)])
+
+# The operand dtypes and GPU generations (compute capability majors; None: every one) each config is offered to
+# (``offered``); a config not listed: fp16/bf16 on every GPU. Exact fp32 (``input_precision="ieee"``: FMA
+# products, each thread holding its rows and columns of both operands over BLOCK_K) spills at every fp16/bf16
+# config (16-12,656 B, triton 3.8; their 3-stage 128-wide tiles also need 196-246 KB of shared memory), so it
+# has small tiles of its own, spill-free on sm_80 and sm_90 (64-128 registers; tried and not shipped: the
+# forward's 64x64x32 spills 8 B on sm_90 with 8 warps and 32 B on sm_80 with 4, its 32x64x32 (8 warps) 8 B on
+# sm_80 under triton 3.6; dweight's 32x64x32 spills 8 B on sm_90 with uint8 pixels (8 warps; 16 B plain with
+# 4), hence the K step of 16 (128 registers with uint8); 64x64x32 dpixels with 4 warps 272 B on sm_80).
+OFFERED_TO: dict[tuple[int, int, int, int, int], tuple[tuple[str, ...], tuple[int, ...] | None]] = {
+    _config_key(FWD_CONFIGS[3]): (("fp32",), None), _config_key(DWEIGHT_CONFIGS[3]): (("fp32",), None),
+    _config_key(DPIXELS_CONFIGS[3]): (("fp32",), None),
+}
 
 
-@runtime.autotune(DPIXELS_CONFIGS, key=["width", "K"])
+@runtime.autotune(DPIXELS_CONFIGS, key=["width", "K"],
+                  prune_configs_by={"early_config_prune": _pruner("dpixels", "DT")})
 @triton.jit
 def _patch_embed_dpixels_kernel(
     DT, W, SCALE, DPIX,
@@ -476,10 +564,11 @@ def _clip_vecs(label: str, patch: int, uint8: bool) -> dict:
 
 
 def aot_cases() -> list[runtime.AotCase]:
-    """Every shipped GEMM config at patch 16 (ViT-B/16) for CLIP (class token, no conv bias) and, in the
-    forward, for SigLIP (conv bias, no class token), the first config at patches 14 (SigLIP SO400M/14 too)
-    and 32, the uint8 forward, and the conv-bias gradient and batch-sum kernels.
-    Quick subset: the first config of each kernel at patch 16, CLIP and SigLIP."""
+    """Every GEMM config offered (``offered``, on sm_80 / sm_90) at patch 16 (ViT-B/16) for CLIP (class token,
+    no conv bias) and, in the forward, for SigLIP (conv bias, no class token), the first config at patches 14
+    (SigLIP SO400M/14 too) and 32, the uint8 forward, in fp16/bf16 and (cases ``..._fp32``: patch 16 and the
+    uint8 pixels) exact fp32, each with its shared-memory estimate; the conv-bias gradient and batch-sum
+    kernels. Quick subset: the first config of each kernel at patch 16, CLIP and SigLIP, fp16/bf16."""
     geometry = {"n_rows": "i32", "n_patches": "i32", "n_patches_w": "i32"}
     pix_strides = {"stride_pb": "i32", "stride_pc": "i32", "stride_ph": "i32", "stride_pw": "i32"}
     dt_strides = {"stride_db": "i32", "stride_dt": "i32", "stride_dn": "i32"}
@@ -502,24 +591,40 @@ def aot_cases() -> list[runtime.AotCase]:
     # (patch, uint8 pixels, config index, SigLIP: conv bias and no class token)
     cases = []
     for label, (fn, signature, flags) in kernels.items():
-        n_configs = len(fn.shipped_configs)
-        variants = [(16, False, i, False) for i in range(n_configs)] + [(14, False, 0, False), (32, False, 0, False)]
-        if label != "dpixels":  # uint8 pixels have no gradient
-            variants.append((16, True, 0, False))
-        if label == "fwd":  # the bias is only in the forward's epilogue (its gradient: _bias_grad_kernel)
-            variants += [(16, False, i, True) for i in range(n_configs)] + [(14, False, 0, True)]
-        for patch, uint8, config, siglip in variants:
-            cfg = fn.shipped_configs[config]
-            sig = {k: v.replace("{pix}", "*u8" if uint8 else "*{dtype}") for k, v in signature.items()}
-            bias_flag = {"HAS_BIAS": siglip} if label == "fwd" else {}
-            cases.append(runtime.AotCase(
-                name=f"patch_embed_{label}[p={patch}{',u8' if uint8 else ''}{',bias' if siglip else ''}]",
-                kernel=runtime.jit_function(fn), signature=sig,
-                constexprs={"PATCH": patch, "HAS_CLS": not siglip, "HAS_NORM": uint8, **flags, **bias_flag,
-                            **_clip_vecs(label, patch, uint8), "DOT_PRECISION": None, **cfg.kwargs},
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=True,
-                quick=(patch == 16 and config == 0 and not uint8),
-            ))
+        configs = fn.shipped_configs
+        for precision, dtypes, dot_precision in (("half", ("fp16", "bf16"), None), ("fp32", ("fp32",), "ieee")):
+            # the configs offered to this precision on sm_80 / sm_90, with the architectures they are offered on
+            archs_of: dict[int, list[int]] = {}
+            for arch in (80, 90):
+                for cfg in offered(label, configs, dtypes[0], arch):
+                    archs_of.setdefault(configs.index(cfg), []).append(arch)
+            indices = sorted(archs_of)
+            first = indices[0]
+            variants = [(16, False, i, False) for i in indices]
+            if precision == "half":
+                variants += [(14, False, first, False), (32, False, first, False)]
+            if label != "dpixels":  # uint8 pixels have no gradient
+                variants.append((16, True, first, False))
+            if label == "fwd":  # the bias is only in the forward's epilogue (its gradient: _bias_grad_kernel)
+                variants += [(16, False, i, True) for i in indices]
+                if precision == "half":
+                    variants.append((14, False, first, True))
+            for patch, uint8, config, siglip in variants:
+                cfg = configs[config]
+                sig = {k: v.replace("{pix}", "*u8" if uint8 else "*{dtype}") for k, v in signature.items()}
+                bias_flag = {"HAS_BIAS": siglip} if label == "fwd" else {}
+                archs = tuple(archs_of[config])
+                cases.append(runtime.AotCase(
+                    name=(f"patch_embed_{label}{'_fp32' if precision == 'fp32' else ''}"
+                          f"[p={patch}{',u8' if uint8 else ''}{',bias' if siglip else ''}]"),
+                    kernel=runtime.jit_function(fn), signature=sig,
+                    constexprs={"PATCH": patch, "HAS_CLS": not siglip, "HAS_NORM": uint8, **flags, **bias_flag,
+                                **_clip_vecs(label, patch, uint8), "DOT_PRECISION": dot_precision, **cfg.kwargs},
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages, expects_mma=precision == "half",
+                    dtypes=dtypes, archs=None if archs == (80, 90) else archs,
+                    quick=(precision == "half" and patch == 16 and config == 0 and not uint8),
+                    shared_estimate=shared_estimate(label, cfg, dtypes[0]),
+                ))
     cases.append(runtime.AotCase(
         name="patch_embed_bias_grad", kernel=_bias_grad_kernel,
         signature={"DT": "*{dtype}", "DB_PARTIAL": "*fp32", "n_rows": "i32", "n_patches": "i32", "width": "i32",

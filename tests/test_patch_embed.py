@@ -436,6 +436,33 @@ def test_rule_hf_clip_vision_embeddings():
 
 
 GEMM_KERNELS = ("_patch_embed_fwd_kernel", "_patch_embed_dweight_kernel", "_patch_embed_dpixels_kernel")
+GEMM_LABELS = dict(zip(GEMM_KERNELS, ("fwd", "dweight", "dpixels")))
+
+
+@pytest.mark.parametrize("arch", sorted(runtime.MAX_SHARED_PER_BLOCK))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_offered_configs_fit_the_shared_memory_per_block(arch, dtype):
+    """Every config the pruning gives each GEMM kernel for ``dtype`` operands on ``arch`` fits the
+    architecture's shared memory per block by its estimate (which `clipfast aot` checks is an upper bound),
+    something is always offered, and exact fp32 gets its own (spill-free) configs."""
+    limit = runtime.MAX_SHARED_PER_BLOCK[arch]
+    for name, label in GEMM_LABELS.items():
+        configs = getattr(patch_embed_kernel, name).shipped_configs
+        kept = patch_embed_kernel.offered(label, configs, dtype, arch)
+        assert kept, (name, arch, dtype)
+        assert all(patch_embed_kernel.shared_estimate(label, c, dtype) <= limit for c in kept), (name, arch, dtype)
+        own = patch_embed_kernel.OFFERED_TO
+        fp32_own = {key for key in map(patch_embed_kernel._config_key, configs)
+                    if key in own and own[key][0] == ("fp32",)}
+        if arch >= 80:  # (before: a fallback to the smallest config of all)
+            assert ({patch_embed_kernel._config_key(c) for c in kept} <= fp32_own) == (dtype == torch.float32)
+    # measured (triton 3.8): the forward's 64x256x64 3-stage tile takes 245,760 B in fp32 on sm_90 (over 232,448)
+    wide = next(c for c in patch_embed_kernel.FWD_CONFIGS if c.kwargs["BLOCK_N"] == 256)
+    assert patch_embed_kernel.shared_estimate("fwd", wide, torch.float32) >= 245760
+    assert "shared memory" in patch_embed_kernel.why_not_offered("fwd", wide, torch.float16, 86)
+    prune, configs = patch_embed_kernel._pruner("fwd", "W"), patch_embed_kernel.FWD_CONFIGS
+    own = patch_embed_kernel.OFFERED_TO
+    assert prune(configs, {"W": torch.empty(0)}) == [c for c in configs if patch_embed_kernel._config_key(c) in own]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -443,7 +470,14 @@ GEMM_KERNELS = ("_patch_embed_fwd_kernel", "_patch_embed_dweight_kernel", "_patc
                                         for i in range(len(getattr(patch_embed_kernel, name).shipped_configs))])
 def test_every_shipped_config_runs_in_the_interpreter(name, index, dtype):
     # the interpreter runs each kernel's first config only; every one is forced here once, forward and
-    # backward (the other two kernels run their first config)
+    # backward (the other two kernels run their first config). On a GPU a config the offer rules never run
+    # there in this dtype (``why_not_offered``: another dtype's, or over the shared memory per block) is skipped
     tuned = getattr(patch_embed_kernel, name)
+    if ON_GPU:
+        label = GEMM_LABELS[name]
+        arch = patch_embed_kernel._arch({"W": torch.empty(0, device=DEVICE)})
+        reason = patch_embed_kernel.why_not_offered(label, tuned.shipped_configs[index], dtype, arch)
+        if reason:
+            pytest.skip(f"patch_embed {label} config {index} is not offered to {dtype} on sm_{arch}: {reason}")
     with runtime.forced_config(tuned, tuned.shipped_configs[index]):
         assert_op_matches("patch_embed", fused, eager_patch_embed, make_inputs(2, 32, 48, 16), dtype)
