@@ -340,17 +340,40 @@ def tiles(dtype: torch.dtype, n_cols: int, block_d: int = 0) -> dict:
             "grad": dict(GRAD_TILES[block_d or 256], BLOCK_K=k, BLOCK_D=max(16, min(block_d or 256, p2)))}
 
 
-def grad_plan(dtype: torch.dtype, n_cols: int, aligned: bool, block_d: int = 0) -> list[tuple[int, dict]]:
+def shared_estimate(kind: str, tile: dict, dtype, arch: int = 90) -> int:
+    """An upper bound on the shared memory of the ``kind`` ("fwd" / "grad") kernel at ``tile`` (``tiles``) with
+    ``dtype`` features on ``arch`` (10 x major + minor), in bytes: ``num_stages`` buffers of the logit tile's
+    [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] operands (``runtime.gemm_shared_estimate``), and for the
+    gradient also ``num_stages`` buffers of the [BLOCK_N, BLOCK_D] feature chunk and the [BLOCK_M, BLOCK_N] G
+    tile of its second product; on sm_90 and newer at least the gradient's [BLOCK_M, BLOCK_D] fp32
+    accumulator, which the store stages through shared memory there once the loop's buffers are free
+    (measured, triton 3.8: 131,072 B for the 512-wide chunk in fp16 on sm_90, 36,864 B on sm_80). `clipfast
+    aot` fails a case whose compiled ``shared`` exceeds this."""
+    size = runtime.ELEMENT_SIZE[dtype]
+    bm, bn, bk, stages = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], tile["num_stages"]
+    second = stages * bn * tile["BLOCK_D"] * size + bm * bn * size if kind == "grad" else 0
+    estimate = runtime.gemm_shared_estimate(bm, bn, bk, stages, size, second)
+    if kind == "grad" and (arch == 0 or arch >= 90):
+        estimate = max(estimate, bm * tile["BLOCK_D"] * 4 + runtime.SHARED_SCRATCH_ALLOWANCE)
+    return estimate
+
+
+def grad_plan(dtype: torch.dtype, n_cols: int, aligned: bool, block_d: int = 0,
+              arch: int = 0) -> list[tuple[int, dict]]:
     """The gradient launches over the features: ``(d_start, tile)`` pairs, each launch covering the
     features from ``d_start`` to the next launch's start in chunks of the tile's BLOCK_D.
 
     fp16/bf16 with 16-aligned rows (``aligned_rows``; ``block_d`` 0 or 512): 512-wide chunks, and the
     rest (``d % 512``) as one chunk of the narrowest tile that holds it (d = 768: 512 + 256, 6 passes for
     the backward instead of 6.67 with a padded second 512 chunk). Otherwise one launch: ``block_d`` =
-    256 (or unaligned rows) gives 256-wide chunks; fp32 its own tile; the interpreter its large tile."""
+    256 (or unaligned rows, or an ``arch`` whose shared memory per block the 512-wide tile does not fit by
+    its ``shared_estimate``: consumer Blackwell's 99 KB) gives 256-wide chunks; fp32 its own tile; the
+    interpreter its large tile."""
     if dtype == torch.float32 or (runtime.INTERPRET and not block_d):
         return [(0, dict(tiles(dtype, n_cols)["grad"]))]
-    if block_d == 256 or not aligned:
+    wide = shared_estimate("grad", tiles(dtype, 512, 512)["grad"], dtype, arch)
+    wide_fits = runtime.fits_shared_memory(wide, arch)
+    if block_d == 256 or not aligned or not wide_fits:
         return [(0, dict(tiles(dtype, n_cols, 256)["grad"]))]
     wide = n_cols - n_cols % 512
     plan = [(0, dict(tiles(dtype, n_cols, 512)["grad"]))] if wide else []
@@ -497,7 +520,8 @@ def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums
     0 for the fewest GEMM passes, 256 or 512 to pick a tile)."""
     a, b = _rows(a), _rows(b)
     n_a, n_b, n_cols = a.shape[0], b.shape[0], a.shape[1]
-    plan = grad_plan(a.dtype, n_cols, aligned_rows(a, b), block_d)
+    major, minor = runtime.capability(a.device)
+    plan = grad_plan(a.dtype, n_cols, aligned_rows(a, b), block_d, 10 * major + minor)
     n_s, cols_per_split = grad_splits(n_a, n_b, n_cols, plan, a.device)
     acc = runtime.empty((n_s, n_a, n_cols), torch.float32, a.device)
     sums = runtime.empty((n_s, 2, n_a), torch.float32, a.device) if want_sums else acc
@@ -571,7 +595,7 @@ def aot_cases() -> list[runtime.AotCase]:
                 name=f"contrastive_fwd_{name}[d={d}]", kernel=_contrastive_fwd_kernel, signature=fwd_sig,
                 constexprs={"KIND": kind, "HAS_COLS": has_cols, "EVEN_K": even, "DOT_PRECISION": "tf32", **fwd},
                 num_warps=t["fwd"]["num_warps"], num_stages=t["fwd"]["num_stages"], expects_mma=True,
-                quick=d == 512 and name != "clip_rows"))
+                quick=d == 512 and name != "clip_rows", shared_estimate=shared_estimate("fwd", t["fwd"], "fp16")))
         # the 256-wide chunk for any width; the 512-wide one, which needs 16-aligned widths and strides,
         # compiled with that alignment (as the JIT specializes it), unmasked (512) and masked (784 = 512 + 272)
         for block_d in {512: GRAD_TILES, 80: [256], 784: [512]}[d]:
@@ -586,7 +610,8 @@ def aot_cases() -> list[runtime.AotCase]:
                                 "EVEN_K": even, "DOT_PRECISION": "tf32", **{k: v for k, v in g.items() if k.isupper()}},
                     num_warps=g["num_warps"], num_stages=g["num_stages"], expects_mma=True,
                     quick=d == 512 and name in ("clip", "siglip"),
-                    divisible_by_16=ALIGNED_GRAD_ARGS if aligned else None))
+                    divisible_by_16=ALIGNED_GRAD_ARGS if aligned else None,
+                    shared_estimate=shared_estimate("grad", g, "fp16")))
     # fp32 features: full-precision dots (FMA, no tensor cores) unless TF32 is allowed
     t = tiles(torch.float32, 512)
     for key, kernel, sig, extra in (("fwd", _contrastive_fwd_kernel, fwd_sig, {"HAS_COLS": True}),
@@ -598,7 +623,7 @@ def aot_cases() -> list[runtime.AotCase]:
                 constexprs={"KIND": CLIP, **extra, "EVEN_K": True, "DOT_PRECISION": precision,
                             **{k: v for k, v in t[key].items() if k.isupper()}},
                 num_warps=t[key]["num_warps"], num_stages=t[key]["num_stages"], dtypes=("fp32",),
-                expects_mma=precision == "tf32", quick=False))
+                expects_mma=precision == "tf32", quick=False, shared_estimate=shared_estimate(key, t[key], "fp32")))
     for d in (512, 1024):
         tile = row_tile(d)
         meta = {"BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"]}

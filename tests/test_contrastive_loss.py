@@ -544,3 +544,27 @@ def test_chunk256_dispatch_candidate_runs_the_256_wide_backward(monkeypatch):
     loss.backward()
     torch.testing.assert_close(loss, eager_clip_loss(image, text, scale.log()).float(), rtol=1e-5, atol=1e-5)
     assert seen == [256, 256]
+
+
+def test_tiles_fit_the_shared_memory_per_block(monkeypatch):
+    # every forward and gradient tile a GPU runs (fp16/bf16: the chunk widths grad_plan picks for the
+    # architecture; fp32) fits the shared memory per block of every architecture from sm_80 on by its
+    # estimate, which `clipfast aot` checks is an upper bound; the 512-wide chunk (its fp32 accumulator staged
+    # through 128 KB of shared memory on sm_90 and newer) is not planned where it does not fit (sm_120)
+    from clipfast.kernels import contrastive_loss as kernel
+    from clipfast.kernels import runtime
+
+    monkeypatch.setattr(runtime, "INTERPRET", False)  # the GPU's tiles, not the interpreter's
+    for arch, limit in runtime.MAX_SHARED_PER_BLOCK.items():
+        if arch < 80:
+            continue
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for d in (80, 512, 768, 784, 1024):
+                chosen = [("fwd", kernel.tiles(dtype, d)["fwd"])]
+                for block_d in (0, 256, 512):
+                    chosen += [("grad", t) for _, t in kernel.grad_plan(dtype, d, True, block_d, arch)]
+                for kind, tile in chosen:
+                    assert kernel.shared_estimate(kind, tile, dtype, arch) <= limit, (dtype, d, kind, tile, arch)
+    widths = {arch: {t["BLOCK_D"] for _, t in kernel.grad_plan(torch.float16, 1024, True, 0, arch)}
+              for arch in (80, 86, 90, 120)}
+    assert widths == {80: {512}, 86: {512}, 90: {512}, 120: {256}}, widths
