@@ -229,8 +229,10 @@ class Tile:
     """One shipped tile: query and key block sizes, warps, pipeline stages, the padded head dims (BLOCK_D)
     it ships for, the GPU generations (compute capability majors: 8 Ampere, 9 Hopper) it is offered on
     (None: all), for forward tiles the programs a query block's value columns are split over (``SPLIT_DV``,
-    see ``_value_columns``), and the Triton versions ``[from, before)`` it ships under: register allocation
-    differs between versions, so a few tiles that spill under one are replaced under it."""
+    see ``_value_columns``), the Triton versions ``[from, before)`` it ships under (register allocation
+    differs between versions, so a few tiles that spill under one are replaced under it), and the operand
+    dtypes it is offered to: fp16/bf16 (tensor cores) or exact fp32 (``input_precision="ieee"``: FMA
+    products, whose operand layouts take about twice the registers, so fp32 has small tiles of its own)."""
     block_m: int
     block_n: int
     warps: int
@@ -239,6 +241,7 @@ class Tile:
     archs: tuple[int, ...] | None = None
     dv_splits: int = 1
     tritons: tuple[tuple[int, int], tuple[int, int]] = ((3, 0), (99, 0))
+    dtypes: tuple[str, ...] = ("fp16", "bf16")
 
     @property
     def ships_here(self) -> bool:
@@ -266,43 +269,121 @@ def _arch(named_args) -> int:
     return 10 * major + minor
 
 
+def dtype_name(dtype) -> str:
+    """"fp16" / "bf16" / "fp32" for a torch dtype or such a name (the AOT check's dtype names)."""
+    return dtype if isinstance(dtype, str) else runtime.TRITON_TYPE_NAMES[dtype]
+
+
 @dataclass(frozen=True)
 class TileTable:
-    """A kernel's shipped tiles, default first, and the one filter that picks those offered for a head dim
-    on an architecture. ``mma_rows`` names the block the kernel's MMAs run along (the query block in the
-    forward and dq kernels, the key block in the dk/dv kernel)."""
+    """A kernel's shipped tiles, default first, and the one filter that picks those offered for a head dim,
+    architecture and operand dtype. ``mma_rows`` names the block the kernel's MMAs run along (the query
+    block in the forward and dq kernels, the key block in the dk/dv kernel): the operands of those rows stay
+    resident, the other block's are loaded in the software-pipelined loop. The shared-memory estimate
+    (``shared_estimate``) counts ``streamed`` [loop rows, BLOCK_D] operands and ``streamed_stats`` fp32 row
+    statistics per pipeline buffer, ``resident`` [mma rows, BLOCK_D] operands, and ``scores``
+    [BLOCK_M, BLOCK_N] tiles staged for the second and third products."""
     tiles: tuple[Tile, ...]
     mma_rows: str  # "BLOCK_M" or "BLOCK_N"
+    streamed: int = 2
+    resident: int = 1
+    scores: int = 1
+    streamed_stats: int = 0
 
-    def fits_arch(self, tile: Tile, arch: int) -> bool:
+    def fits_arch(self, tile: Tile, arch: int, dtype="fp16") -> bool:
         """Whether ``tile`` is offered on ``arch`` (sm number; 0 = any, the interpreter). Besides the tile's
         own ``archs``: on Hopper a warpgroup (4 warps) issues 64-row wgmma and Triton lays the warps of
-        chained dots along the MMA rows, so 8 warps on fewer than 128 rows would duplicate MMA work."""
+        chained dots along the MMA rows, so 8 warps on fewer than 128 rows would duplicate MMA work (fp16 and
+        bf16; exact fp32 runs no MMA)."""
         if arch == 0:
             return True
         if tile.archs is not None and arch // 10 not in tile.archs:
             return False
         rows = tile.block_m if self.mma_rows == "BLOCK_M" else tile.block_n
-        return not (arch // 10 == 9 and tile.warps == 8 and rows < 128)
+        return not (arch // 10 == 9 and tile.warps == 8 and rows < 128 and dtype_name(dtype) != "fp32")
 
-    def offered(self, block_d: int, arch: int) -> list[Tile]:
-        """The tiles for ``block_d`` on ``arch`` (arch 0: any) under the running Triton; where the
-        architecture rule leaves none, the head dim's tiles regardless (so every head dim has one)."""
+    def shared_estimate(self, tile: Tile, block_d: int, dtype="fp16", arch: int = 90,
+                        bias_kind: int = NO_BIAS) -> int:
+        """An upper bound on the shared memory of ``tile`` at ``block_d`` with ``dtype`` operands and a bias of
+        ``bias_kind``, in bytes: the loop's operands (and row statistics, and the bias tile the masked loads
+        bring in: [BLOCK_M, BLOCK_N] fp32 for a full mask, [BLOCK_N] per key) in ``stages`` buffers on sm_90
+        and newer and ``stages - 1`` on Ampere/Ada (cp.async pipelines), the resident operands and score
+        tiles once, ``runtime.SHARED_SCRATCH_ALLOWANCE`` and 8 bytes a row for the cross-warp row reductions.
+        Measured (triton 3.8, `clipfast aot`): the forward at head dim 128, 64x64 w8 s3, exact fp32: 180,480 B
+        on sm_80 (2 buffers of k and v, q, p and 256 B), over sm_80's 166,912 B; 128x64 w8 s3 at 64 in fp16 on
+        sm_90: 32,768 B plain, 98,304 B with a full mask. `clipfast aot` fails a case whose compiled
+        ``shared`` exceeds this."""
+        size = runtime.ELEMENT_SIZE[dtype_name(dtype)]
+        rows, loop_rows = ((tile.block_m, tile.block_n) if self.mma_rows == "BLOCK_M"
+                           else (tile.block_n, tile.block_m))
+        buffers = tile.stages if arch == 0 or arch >= 90 else max(tile.stages - 1, 1)
+        per_buffer = self.streamed * loop_rows * block_d * size + self.streamed_stats * loop_rows * 4
+        if bias_kind == FULL_BIAS:
+            per_buffer += tile.block_m * tile.block_n * 4
+        elif bias_kind == KEY_BIAS:
+            per_buffer += tile.block_n * 4
+        return (buffers * per_buffer + self.resident * rows * block_d * size
+                + self.scores * tile.block_m * tile.block_n * size
+                + runtime.SHARED_SCRATCH_ALLOWANCE + 8 * max(tile.block_m, tile.block_n))
+
+    def offered(self, block_d: int, arch: int, dtype="fp16", bias_kind: int = NO_BIAS) -> list[Tile]:
+        """The tiles for ``block_d`` on ``arch`` (arch 0: any) with ``dtype`` operands (a torch dtype or
+        "fp16" / "bf16" / "fp32") and a bias of ``bias_kind`` under the running Triton: those shipped for the
+        dtype (where it has none, every dtype's), by the architecture rule (where it leaves none, the head
+        dim's tiles regardless, so every head dim has one), and of those the ones whose ``shared_estimate``
+        fits the architecture's shared memory per block (``runtime.MAX_SHARED_PER_BLOCK``); where none fits,
+        the one with the smallest estimate."""
+        name = dtype_name(dtype)
         for_d = [t for t in self.tiles if block_d in t.block_ds and t.ships_here]
-        return ([t for t in for_d if self.fits_arch(t, arch)]
-                or [t for t in for_d if t.archs is None or arch // 10 in t.archs] or for_d)
+        for_dtype = [t for t in for_d if name in t.dtypes] or for_d
+        by_arch = ([t for t in for_dtype if self.fits_arch(t, arch, name)]
+                   or [t for t in for_dtype if t.archs is None or arch // 10 in t.archs] or for_dtype)
+        fit = [t for t in by_arch
+               if runtime.fits_shared_memory(self.shared_estimate(t, block_d, name, arch, bias_kind), arch)]
+        return fit or [min(by_arch, key=lambda t: self.shared_estimate(t, block_d, name, arch, bias_kind))]
+
+    def why_not_offered(self, tile: Tile, block_d: int, arch: int, dtype="fp16",
+                        bias_kind: int = NO_BIAS) -> str | None:
+        """Why ``tile`` is not among ``offered(block_d, arch, dtype, bias_kind)``, or None where it is."""
+        if tile in self.offered(block_d, arch, dtype, bias_kind):
+            return None
+        name = dtype_name(dtype)
+        if block_d not in tile.block_ds:
+            return f"shipped for BLOCK_D {'/'.join(map(str, tile.block_ds))} only"
+        if not tile.ships_here:
+            (lo, hi) = ("%d.%d" % v for v in tile.tritons)
+            return f"shipped for triton {lo} up to (not including) {hi} only"
+        if name not in tile.dtypes:
+            return f"offered to {'/'.join(tile.dtypes)} operands only"
+        estimate = self.shared_estimate(tile, block_d, name, arch, bias_kind)
+        if not runtime.fits_shared_memory(estimate, arch):
+            return (f"needs up to {estimate} B of shared memory ({name} operands), over sm_{arch}'s "
+                    f"{runtime.max_shared_per_block(arch)} B per block")
+        if not self.fits_arch(tile, arch, name):
+            return f"not offered on sm_{arch} (the tile's architectures, or 8 warps on fewer than 128 MMA rows)"
+        return "other tiles are offered there"
 
     def configs(self) -> list[triton.Config]:
-        """One config per distinct tile shipped under the running Triton (a tile may have one row per
-        architecture and head dims)."""
-        return [t.config() for t in {t.key: t for t in reversed(self.tiles) if t.ships_here}.values()][::-1]
+        """One config per distinct tile shipped under the running Triton, in table order (a tile may have one
+        row per architecture, head dims, dtypes and Triton versions)."""
+        first: dict[tuple, Tile] = {}
+        for t in self.tiles:
+            if t.ships_here:
+                first.setdefault(t.key, t)
+        return [t.config() for t in first.values()]
 
     def prune(self, configs, named_args, **kwargs):
-        """``early_config_prune`` for the autotuner: the configs of the offered tiles (the interpreter's
-        single config is kept as it is)."""
+        """``early_config_prune`` for the autotuner: the configs of the offered tiles for the launch's head
+        dim, architecture, q's dtype and bias kind (the interpreter's single config is kept as it is)."""
         block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
-        allowed = {t.key for t in self.offered(block_d, _arch(named_args))}
-        return [c for c in configs if _config_key(c) in allowed] or configs[:1]
+        q = named_args.get("Q")
+        dtype = q.dtype if isinstance(q, torch.Tensor) and q.dtype in runtime.TRITON_TYPE_NAMES else "fp16"
+        bias_kind = named_args.get("BIAS_KIND", kwargs.get("BIAS_KIND", NO_BIAS))
+        by_key = {_config_key(c): c for c in configs}
+        # in the order offered: the first is the default (what a single-config policy runs)
+        kept = {t.key: by_key[t.key] for t in self.offered(block_d, _arch(named_args), dtype, bias_kind)
+                if t.key in by_key}
+        return list(kept.values()) or configs[:1]
 
 
 # Each tile was compiled (`clipfast aot`, triton 3.6 and 3.8) for the architectures it is offered on, at the
@@ -319,26 +400,47 @@ class TileTable:
 # plain and 128x32 (8 warps) 16 bytes causal + full mask (triton 3.8); dq 64x32 (4 or 8 warps), 128x16,
 # 128x32 and 128x64 (8 warps) spill causal + full mask; dk/dv 16x64 (4 warps, 1-2 stages) and 16x128 (8 warps)
 # spill plain.
+# Exact fp32 (``dtypes=_FP32`` rows; the fp16/bf16 tiles are offered to fp16 and bf16 only): FMA products keep
+# each thread's rows of both operands over the whole head dim in registers, and every fp16/bf16 tile spills
+# there (triton 3.8: 16-14,256 B; 64x64 w8 at head dim 128 also needs 180,480 B of shared memory on sm_80), so
+# fp32 runs small 2-stage tiles, compiled without spills for sm_80 and sm_90 in every mask variant (triton 3.8
+# and 3.6; under 3.6 the forward and dq at head dims up to 64 and dq at 128 spill 8-520 B at 2 stages, also
+# 16x16 / 16x32 tiles, so there the forward and dq run single-stage and dk/dv runs 16x32). Tried and not
+# shipped (3.8, causal + full mask): forward 32x16 (4 warps) at 128 spills 184-448 B, dq
+# 64x32 (8 warps) at 64 24 B on sm_80 and 32x16 (4 warps) at 128 216-360 B, dk/dv 16x64 (8 warps) at 128
+# 16 B on sm_80. The backward's 16x16 single-stage tile at head dim 256 is what fits 99 KB in fp32.
 _SMALL, _D128, _D256 = (16, 32, 64), (128,), (256,)
 _ANY_D = _SMALL + _D128
 _AMPERE, _HOPPER = (8,), (9,)
 _BEFORE_3_8 = ((3, 0), (3, 8))
+_FROM_3_8 = ((3, 8), (99, 0))
+_FP32, _ALL_DTYPES = ("fp32",), ("fp16", "bf16", "fp32")
 FWD = TileTable((
     Tile(128, 64, 8, 3, _SMALL, _HOPPER), Tile(64, 16, 8, 3, _D128, _AMPERE, tritons=_BEFORE_3_8),
     Tile(64, 32, 8, 3, _ANY_D), Tile(128, 128, 8, 3, _SMALL, _HOPPER), Tile(64, 64, 4, 3, _SMALL),
     Tile(128, 32, 8, 3, _SMALL), Tile(64, 32, 4, 3, _ANY_D), Tile(64, 64, 8, 3, _ANY_D),
     Tile(128, 16, 8, 3, _D128, _HOPPER), Tile(64, 16, 4, 3, _D256, _HOPPER, dv_splits=2), Tile(64, 16, 8, 3, _D256),
-), "BLOCK_M")
+    Tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+    Tile(16, 16, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+    Tile(16, 32, 8, 2, _D128, dtypes=_FP32), Tile(16, 16, 4, 2, _D256, dtypes=_FP32),
+), "BLOCK_M", streamed=2, resident=1, scores=1)
 DKDV = TileTable((
     Tile(32, 64, 4, 3, _SMALL, _HOPPER), Tile(32, 32, 4, 2, _SMALL, _AMPERE, tritons=_BEFORE_3_8),
     Tile(32, 64, 8, 2, _SMALL), Tile(32, 128, 8, 3, _SMALL, _HOPPER), Tile(16, 64, 4, 2, _SMALL),
-    Tile(16, 64, 8, 2, _D128 + _D256),
-), "BLOCK_N")
+    Tile(16, 64, 8, 2, _D128 + _D256), Tile(32, 64, 8, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+    Tile(16, 32, 4, 2, _D128, dtypes=_FP32), Tile(16, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+    Tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES),
+), "BLOCK_N", streamed=2, resident=2, scores=2, streamed_stats=3)
 DQ = TileTable((
     Tile(64, 32, 4, 3, _SMALL), Tile(128, 64, 8, 3, _SMALL), Tile(64, 16, 8, 2, _D128, _AMPERE, tritons=_BEFORE_3_8),
     Tile(64, 32, 8, 2, _ANY_D), Tile(64, 64, 8, 2, _SMALL), Tile(128, 32, 8, 2, _SMALL),
     Tile(64, 16, 4, 2, _D128, _HOPPER), Tile(64, 16, 8, 2, _D256),
-), "BLOCK_M")
+    Tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+    Tile(16, 32, 8, 2, _D128, dtypes=_FP32, tritons=_FROM_3_8),
+    Tile(32, 32, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+    Tile(16, 32, 8, 1, _D128, dtypes=_FP32, tritons=_BEFORE_3_8),
+    Tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES),
+), "BLOCK_M", streamed=2, resident=2, scores=2)
 # Head dims above 128 (BLOCK_D 256) keep k, v, dk and dv of a key block in registers: the backward tiles
 # there spill on sm_80/sm_90 at every size tried (correct, slower); the forward does not.
 BWD_SPILL_FREE_MAX_D = 128
@@ -714,56 +816,66 @@ def _aot_signature(kernel) -> tuple[dict[str, str], dict[str, int]]:
     return sig, unit
 
 
-def _aot_tiles(table: TileTable, block_d: int) -> list[tuple[Tile, tuple[int, ...] | None]]:
-    """The tiles offered for ``block_d`` on sm_80 or sm_90, each with the architectures it ships for
-    (None: both)."""
-    per_arch = {arch: table.offered(block_d, arch) for arch in (80, 90)}
-    tiles = [t for t in table.tiles if any(t in offered for offered in per_arch.values())]
-    return [(t, None if all(t in o for o in per_arch.values()) else tuple(a for a, o in per_arch.items() if t in o))
-            for t in tiles]
+AOT_ARCHS = (80, 90)
+# The operand precisions compiled: fp16/bf16 on tensor cores, and exact fp32 (FMA products, as eager fp32)
+AOT_PRECISIONS = {"half": (("fp16", "bf16"), "tf32"), "fp32": (("fp32",), "ieee")}
 
 
-def _aot_default_tiles(table: TileTable, block_d: int) -> list[tuple[Tile, tuple[int, ...] | None]]:
-    """The default tile (first offered) for ``block_d`` on sm_80 and on sm_90: one entry if they agree."""
-    first = {arch: table.offered(block_d, arch)[0] for arch in (80, 90)}
-    if first[80] == first[90]:
-        return [(first[80], None)]
-    return [(first[80], (80,)), (first[90], (90,))]
+def _aot_tiles(table: TileTable, block_d: int, precision: str = "half", bias_kind: int = NO_BIAS,
+               default_only: bool = False) -> list[tuple[Tile, int, int]]:
+    """(tile, architecture, shared-memory estimate) for each tile offered for ``block_d`` on sm_80 and sm_90
+    with ``precision`` operands ("half": fp16 and bf16; "fp32") and a bias of ``bias_kind``, in table order
+    (only the default, the first offered, with ``default_only``). One entry per architecture: the estimate
+    differs (``TileTable.shared_estimate``)."""
+    dtype = AOT_PRECISIONS[precision][0][0]
+    found = []
+    for tile in table.tiles:
+        for arch in AOT_ARCHS:
+            offered = table.offered(block_d, arch, dtype, bias_kind)
+            if tile in (offered[:1] if default_only else offered):
+                found.append((tile, arch, table.shared_estimate(tile, block_d, dtype, arch, bias_kind)))
+    return found
 
 
 def aot_cases() -> list[runtime.AotCase]:
     """Every tile the three kernels offer at head dims 64 (ViT-B/L, text) and 128 (80/88/104/128 pad to
-    it), the forward also at 256, compiled for the architectures it is offered on; the causal, key-padding
-    and full-mask variants at each architecture's default (first offered) tile. Head-dim strides are 1, as
-    the runtime specializes them for torch's layouts. The quick subset is head dim 64 at each architecture's default tile."""
+    it), the forward also at 256, compiled for the architectures it is offered on, in fp16/bf16 and (the
+    tiles offered to fp32, cases ``..._fp32``) exact fp32; the causal, key-padding and full-mask variants at
+    each architecture's default (first offered) tile. Each case carries its tile's shared-memory estimate
+    on its architecture, which the compiled kernel must not exceed. Head-dim strides are 1, as the runtime
+    specializes them for torch's layouts. The quick subset is head dim 64 at each architecture's default
+    tile, fp16/bf16."""
     cases = []
     variants = [("", False, NO_BIAS), ("_causal", True, NO_BIAS), ("_keymask", False, KEY_BIAS),
                 ("_causal_fullmask", True, FULL_BIAS)]
     kernels = ((_attn_fwd_kernel, FWD, "fwd"), (_attn_bwd_dkdv_kernel, DKDV, "bwd_dkdv"),
                (_attn_bwd_dq_kernel, DQ, "bwd_dq"))
     for bd in (64, 128, 256):
-        for suffix, causal, kind in variants:
-            if bd == 256 and suffix:
-                continue
-            flags = {"IS_CAUSAL": causal, "BIAS_KIND": kind, "DOT_PRECISION": "tf32", "HAS_WIDE_OFFSETS": False,
-                     "BLOCK_D": bd}
-            for kernel, table, label in kernels:
-                if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
+        for precision, (dtypes, dot_precision) in AOT_PRECISIONS.items():
+            for suffix, causal, kind in variants:
+                if bd == 256 and suffix:
                     continue
-                signature, unit_strides = _aot_signature(kernel)
-                defaults = [tile for tile, _ in _aot_default_tiles(table, bd)]
-                tiles = _aot_tiles(table, bd) if not suffix else _aot_default_tiles(table, bd)
-                for tile, archs in tiles:
-                    cases.append(runtime.AotCase(
-                        name=f"attention_{label}{suffix}[D={bd}]", kernel=runtime.jit_function(kernel),
-                        signature=signature, constexprs={**flags, **tile.config().kwargs, **unit_strides},
-                        num_warps=tile.warps, num_stages=tile.stages, expects_mma=True, archs=archs,
-                        quick=bd == 64 and tile in defaults and suffix in ("", "_causal" if label == "fwd" else ""),
-                    ))
+                flags = {"IS_CAUSAL": causal, "BIAS_KIND": kind, "DOT_PRECISION": dot_precision,
+                         "HAS_WIDE_OFFSETS": False, "BLOCK_D": bd}
+                for kernel, table, label in kernels:
+                    if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
+                        continue
+                    signature, unit_strides = _aot_signature(kernel)
+                    for tile, arch, estimate in _aot_tiles(table, bd, precision, kind, default_only=bool(suffix)):
+                        default = tile == table.offered(bd, arch, dtypes[0], kind)[0]
+                        cases.append(runtime.AotCase(
+                            name=f"attention_{label}{suffix}{'_fp32' if precision == 'fp32' else ''}[D={bd}]",
+                            kernel=runtime.jit_function(kernel), signature=signature,
+                            constexprs={**flags, **tile.config().kwargs, **unit_strides}, num_warps=tile.warps,
+                            num_stages=tile.stages, expects_mma=precision == "half", dtypes=dtypes, archs=(arch,),
+                            quick=(precision == "half" and bd == 64 and default
+                                   and suffix in ("", "_causal" if label == "fwd" else "")),
+                            shared_estimate=estimate,
+                        ))
         signature, unit_strides = _aot_signature(_attn_bwd_preprocess_kernel)
         cases.append(runtime.AotCase(
             name=f"attention_bwd_preprocess[D={bd}]", kernel=_attn_bwd_preprocess_kernel, signature=signature,
             constexprs={"HAS_WIDE_OFFSETS": False, "BLOCK_D": bd, "BLOCK_M": max(16, min(64, 2048 // bd)),
-                        **unit_strides}, quick=False,
+                        **unit_strides}, dtypes=("fp16", "bf16", "fp32"), quick=False,
         ))
     return cases

@@ -35,10 +35,10 @@ import triton.language as tl
 
 from . import runtime
 from .attention import _aot_signature as _dense_aot_signature
-from .attention import (_D128, _D256, _HOPPER, _SMALL, LOG2E, Tile, TileTable, _aot_tiles,
-                        _attn_bwd_preprocess_kernel, _dot_precision, _dq_key_blocks, _fwd_key_blocks, _load_tile,
-                        _mask_scores, _store_tile, _unmasked_key_end, _value_columns, block_d, grid,
-                        has_wide_offsets)
+from .attention import (_ALL_DTYPES, _BEFORE_3_8, _D128, _D256, _FP32, _FROM_3_8, _HOPPER, _SMALL, LOG2E, Tile,
+                        TileTable, _aot_tiles, _attn_bwd_preprocess_kernel, _dot_precision, _dq_key_blocks,
+                        _fwd_key_blocks, _load_tile, _mask_scores, _store_tile, _unmasked_key_end, _value_columns,
+                        block_d, grid, has_wide_offsets)
 
 MAX_HEAD_DIM = 256
 
@@ -51,9 +51,20 @@ MAX_HEAD_DIM = 256
 # (32, 32, 4 warps) and (64, 16, 2 stages) spill too. So Hopper splits the value columns over two programs
 # (``SPLIT_DV``, as the dense forward): spill-free with HGMMA under both. CLIP's head dims are 64-128.
 FWD = TileTable((Tile(64, 32, 8, 3, _SMALL + _D128), Tile(64, 16, 4, 3, _D256, _HOPPER, dv_splits=2),
-                 Tile(64, 16, 8, 3, _D256)), "BLOCK_M")
-DKDV = TileTable((Tile(16, 64, 8, 2, _SMALL + _D128 + _D256),), "BLOCK_N")
-DQ = TileTable((Tile(64, 32, 8, 2, _SMALL + _D128), Tile(64, 16, 8, 2, _D256)), "BLOCK_M")
+                 Tile(64, 16, 8, 3, _D256), Tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+                 Tile(32, 32, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+                 Tile(16, 32, 8, 2, _D128, dtypes=_FP32), Tile(16, 16, 4, 2, _D256, dtypes=_FP32)),
+                "BLOCK_M", streamed=2, resident=1, scores=1)
+DKDV = TileTable((Tile(16, 64, 8, 2, _SMALL + _D128 + _D256), Tile(16, 32, 4, 2, _SMALL + _D128, dtypes=_FP32),
+                  Tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES)),
+                 "BLOCK_N", streamed=2, resident=2, scores=2, streamed_stats=3)
+DQ = TileTable((Tile(64, 32, 8, 2, _SMALL + _D128), Tile(64, 16, 8, 2, _D256),
+                Tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+                Tile(16, 32, 8, 2, _D128, dtypes=_FP32, tritons=_FROM_3_8),
+                Tile(32, 32, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+                Tile(16, 32, 8, 1, _D128, dtypes=_FP32, tritons=_BEFORE_3_8),
+                Tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES)),
+               "BLOCK_M", streamed=2, resident=2, scores=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,24 +353,30 @@ def _aot_signature(kernel) -> tuple[dict[str, str], dict[str, int]]:
 def aot_cases() -> list[runtime.AotCase]:
     """Every shipped tile of the three varlen kernels, on the architectures it is offered on, at head dims 64
     and 128, causal and bidirectional, and the forward at 256 (the backward at 256 spills in the dense kernels
-    too); the quick subset is the causal text tower's head dim 64 at the first tile."""
-    from .attention import BWD_SPILL_FREE_MAX_D
+    too), in fp16/bf16 and (cases ``..._fp32``) at the tiles offered to exact fp32; each case carries its
+    tile's shared-memory estimate on its architecture. The quick subset is the causal text tower's head dim
+    64 at the first tile, fp16/bf16."""
+    from .attention import AOT_PRECISIONS, BWD_SPILL_FREE_MAX_D
 
     cases = []
     kernels = ((_varlen_fwd_kernel, FWD, "fwd"), (_varlen_bwd_dkdv_kernel, DKDV, "bwd_dkdv"),
                (_varlen_bwd_dq_kernel, DQ, "bwd_dq"))
     for bd in (64, 128, 256):
-        for causal in (False, True):
-            flags = {"IS_CAUSAL": causal, "DOT_PRECISION": "tf32", "BLOCK_D": bd}
-            for kernel, table, label in kernels:
-                if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
-                    continue
-                signature, unit_strides = _aot_signature(kernel)
-                for i, (tile, archs) in enumerate(_aot_tiles(table, bd)):
-                    cases.append(runtime.AotCase(
-                        name=f"attention_varlen_{label}{'_causal' if causal else ''}[D={bd}]",
-                        kernel=runtime.jit_function(kernel), signature=signature,
-                        constexprs={**flags, **tile.config().kwargs, **unit_strides}, num_warps=tile.warps,
-                        num_stages=tile.stages, expects_mma=True, archs=archs, quick=bd == 64 and i == 0 and causal,
-                    ))
+        for precision, (dtypes, dot_precision) in AOT_PRECISIONS.items():
+            for causal in (False, True):
+                flags = {"IS_CAUSAL": causal, "DOT_PRECISION": dot_precision, "BLOCK_D": bd}
+                for kernel, table, label in kernels:
+                    if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
+                        continue
+                    signature, unit_strides = _aot_signature(kernel)
+                    for tile, arch, estimate in _aot_tiles(table, bd, precision):
+                        first = tile == table.offered(bd, arch, dtypes[0])[0]
+                        cases.append(runtime.AotCase(
+                            name=(f"attention_varlen_{label}{'_causal' if causal else ''}"
+                                  f"{'_fp32' if precision == 'fp32' else ''}[D={bd}]"),
+                            kernel=runtime.jit_function(kernel), signature=signature,
+                            constexprs={**flags, **tile.config().kwargs, **unit_strides}, num_warps=tile.warps,
+                            num_stages=tile.stages, expects_mma=precision == "half", dtypes=dtypes, archs=(arch,),
+                            quick=precision == "half" and bd == 64 and first and causal, shared_estimate=estimate,
+                        ))
     return cases

@@ -203,14 +203,17 @@ TABLES = {"fwd": (kernel.FWD, kernel._attn_fwd_kernel), "dkdv": (kernel.DKDV, ke
 HEAD_DIM_FOR_BLOCK_D = {16: 16, 32: 24, 64: 64, 128: 80, 256: 256}
 
 
-def skip_unless_offered_here(table, tile):
+def skip_unless_offered_here(table, tile, dtype=torch.float16):
     """The interpreter runs every tile; on a GPU, a forced tile its table never offers at its smallest head
-    dim on this architecture (``TileTable.offered``: another generation's tile) is skipped, with the reason."""
+    dim to ``dtype`` on this architecture (``TileTable.why_not_offered``: another generation's tile, one for
+    another dtype, one whose shared memory does not fit this GPU's per-block maximum) is skipped, with the
+    reason: the autotuner never runs it there, and a launch over the shared-memory limit fails."""
     if not ON_GPU:
         return
     arch = kernel._arch({"Q": torch.empty(0, device=DEVICE)})
-    if tile not in table.offered(min(tile.block_ds), arch):
-        pytest.skip(f"{tile} is not offered on sm_{arch} at BLOCK_D={min(tile.block_ds)} (TileTable.offered)")
+    reason = table.why_not_offered(tile, min(tile.block_ds), arch, dtype)
+    if reason:
+        pytest.skip(f"{tile} is not offered to {dtype} on sm_{arch} at BLOCK_D={min(tile.block_ds)}: {reason}")
 
 
 def _tile_id(label, tile, block_d):
@@ -228,7 +231,8 @@ def test_tile_tables_offer_a_tile_for_every_head_dim_and_prune_hopper():
                 rows = tile.block_m if table.mma_rows == "BLOCK_M" else tile.block_n
                 # 8 warps on fewer than 128 MMA rows only where the head dim has nothing else on Hopper
                 if tile.warps == 8 and rows < 128:
-                    assert not any(table.fits_arch(t, 90) for t in table.tiles if block_d in t.block_ds)
+                    assert not any(table.fits_arch(t, 90) for t in table.tiles
+                                   if block_d in t.block_ds and "fp16" in t.dtypes)
         pruned = table.prune(table.configs(), {"BLOCK_D": 64})
         assert [kernel._config_key(c) for c in pruned] == [t.key for t in table.offered(64, 0)]
 
@@ -258,6 +262,42 @@ def test_head_dim_256_forward_splits_the_value_columns_on_hopper():
     assert "SPLIT_DV" not in kernel.DQ.tiles[0].config().kwargs  # only the forward kernels take it
 
 
+def assert_offered_tiles_fit_shared_memory(tables):
+    """Every tile ``tables`` offer for each architecture in ``runtime.MAX_SHARED_PER_BLOCK``, operand dtype,
+    padded head dim and bias kind fits the architecture's shared memory per block by its estimate (which
+    `clipfast aot` checks is an upper bound on the compiled kernel's), and something is offered everywhere:
+    where nothing fits (Volta / Turing at the large head dims), the tile with the smallest estimate."""
+    for table in tables:
+        for arch, limit in runtime.MAX_SHARED_PER_BLOCK.items():
+            for dtype in ("fp32", "fp16", "bf16"):
+                for block_d in (16, 32, 64, 128, 256):
+                    for bias_kind in (kernel.NO_BIAS, kernel.KEY_BIAS, kernel.FULL_BIAS):
+                        offered = table.offered(block_d, arch, dtype, bias_kind)
+                        estimates = [table.shared_estimate(t, block_d, dtype, arch, bias_kind) for t in offered]
+                        where = (arch, dtype, block_d, bias_kind)
+                        assert offered, where
+                        if max(estimates) > limit:
+                            assert len(offered) == 1 and arch < 80, (where, offered, estimates)
+                        if dtype == "fp32" and any(block_d in t.block_ds and "fp32" in t.dtypes for t in table.tiles):
+                            assert all("fp32" in t.dtypes for t in offered), where  # fp32's own tiles
+
+
+def test_offered_tiles_fit_the_shared_memory_per_block():
+    assert_offered_tiles_fit_shared_memory((kernel.FWD, kernel.DKDV, kernel.DQ))
+    # measured (triton 3.8): the forward at head dim 128, 64x64 w8 s3 in exact fp32 takes 180,480 B on sm_80
+    # (over its 166,912 B): the estimate bounds that closely, and the tile is not offered to fp32 there
+    tile = next(t for t in kernel.FWD.tiles if t.key == (64, 64, 8, 3, 1) and 128 in t.block_ds)
+    assert 180480 <= kernel.FWD.shared_estimate(tile, 128, "fp32", 80) <= 180480 + 1024
+    assert tile not in kernel.FWD.offered(128, 80, torch.float32)
+    assert "shared memory" in kernel.FWD.why_not_offered(tile, 128, 86, torch.float16, kernel.FULL_BIAS)
+    assert tile in kernel.FWD.offered(128, 80, torch.float16) and tile in kernel.FWD.offered(128, 86, torch.float16)
+    # the pruning the autotuner runs reads q's dtype and the bias kind
+    q32 = torch.empty(0, dtype=torch.float32)
+    pruned = kernel.FWD.prune(kernel.FWD.configs(), {"Q": q32, "BLOCK_D": 64, "BIAS_KIND": kernel.NO_BIAS})
+    assert [kernel._config_key(c) for c in pruned] == [t.key for t in kernel.FWD.offered(64, 0, torch.float32)]
+    assert all("fp32" in t.dtypes for t in kernel.FWD.offered(64, 0, torch.float32))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("label,tile", [pytest.param(label, tile, id=_tile_id(label, tile, min(tile.block_ds)))
                                         for label, (table, _) in TABLES.items() for tile in table.tiles])
@@ -268,7 +308,7 @@ def test_every_shipped_tile_runs_in_the_interpreter(label, tile, dtype):
     # tiles measured 1.0-2.5x eager's max error at head dim 80 (the 32-key tiles 0.4-1.1x): more rounded
     # fp32 accumulator updates per row
     table, tuned = TABLES[label]
-    skip_unless_offered_here(table, tile)
+    skip_unless_offered_here(table, tile, dtype)
     d = HEAD_DIM_FOR_BLOCK_D[min(tile.block_ds)]
     length = tile.block_m + tile.block_n + 3
     with runtime.forced_config(tuned, tile.config()):
@@ -279,17 +319,18 @@ def test_every_shipped_tile_runs_in_the_interpreter(label, tile, dtype):
 @pytest.mark.parametrize("label", list(TABLES))
 def test_every_offered_tile_runs_on_gpu(label):
     # every tile offered on this GPU's architecture, at every head dim it ships for (16 and 32 run the
-    # tiles of 64), in fp16 and bf16, causal with key padding: a tile that only compiled is never first run
-    # in a user's job
+    # tiles of 64), in fp16, bf16 and fp32 (its own tiles), causal with key padding: a tile that only
+    # compiled is never first run in a user's job
     table, tuned = TABLES[label]
     arch = kernel._arch({"Q": torch.empty(0, device=DEVICE)})
     failures = []
     for block_d in (64, 128, 256):
-        for tile in table.offered(block_d, arch):
-            with runtime.forced_config(tuned, tile.config()):
-                for dtype in (torch.float16, torch.bfloat16):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for tile in table.offered(block_d, arch, dtype, kernel.KEY_BIAS):
+                with runtime.forced_config(tuned, tile.config()):
                     try:
-                        check(*qkv(2, 2, 197, 197, HEAD_DIM_FOR_BLOCK_D[block_d], outliers=2), dtype,
+                        outliers = 0 if dtype == torch.float32 else 2  # (fp32: see the interpreter test)
+                        check(*qkv(2, 2, 197, 197, HEAD_DIM_FOR_BLOCK_D[block_d], outliers=outliers), dtype,
                               mask=_padding(2, 197, n_dead_batches=0), is_causal=True)
                     except AssertionError as exc:
                         failures.append(f"{_tile_id(label, tile, block_d)} {dtype}: {exc}")

@@ -7,7 +7,7 @@ from clipfast.kernels import attention_varlen as kernel
 from clipfast.kernels import runtime
 
 from .conftest import DEVICE, DTYPES
-from .test_attention import skip_unless_offered_here
+from .test_attention import assert_offered_tiles_fit_shared_memory, skip_unless_offered_here
 from .numerics import assert_op_matches, randn
 
 # lengths 1, primes, CLIP's 77 and block-boundary sizes, mixed in one batch
@@ -80,10 +80,14 @@ def test_every_shipped_tile_runs_in_the_interpreter(label, tile, dtype):
     # the interpreter runs the first config only; each tile is forced once at its smallest head dim, causal,
     # with a sequence spanning a block below the diagonal and a ragged end next to a short one
     table, tuned = TABLES[label]
-    skip_unless_offered_here(table, tile)
+    skip_unless_offered_here(table, tile, dtype)
     with runtime.forced_config(tuned, tile.config()):
         check([tile.block_m + tile.block_n + 3, 5], dtype, heads=1, head_dim=HEAD_DIM_FOR_BLOCK_D[min(tile.block_ds)],
               is_causal=True, outliers=0 if min(tile.block_ds) == 256 else 2)
+
+
+def test_offered_tiles_fit_the_shared_memory_per_block():
+    assert_offered_tiles_fit_shared_memory((kernel.FWD, kernel.DKDV, kernel.DQ))
 
 
 def test_single_token_sequences():
