@@ -301,6 +301,7 @@ class Tile:
 # both architectures. Every entry compiles without spills, software-pipelined, with tensor cores for
 # fp16/bf16 on sm_80 and sm_90, for every epilogue it is offered to (``aot_cases``); the Hopper tiles
 # (128x256 and 256x128 at 8 warps) fit by finishing the accumulator in quarters.
+_FP32_BEFORE_3_8 = () if runtime.triton_at_least(3, 8) else ("fp32",)
 TILES = [
     # measured spills where avoided (bf16, sm_80 / sm_90, triton 3.6 / 3.8): 16 B on sm_80 (128x128x64),
     # 80-1100 B (128x256; 8 B for its split-K fp32 stores on sm_80), 180-1000 B on sm_80 (256x128).
@@ -312,10 +313,12 @@ TILES = [
          archs=None if runtime.triton_at_least(3, 8) else (9,)),
     # 256x128's split-K fp32 partial stores spill 16 B on sm_80 under triton 3.8: not offered to split-K.
     Tile(256, 128, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b", "split")),
-    Tile(64, 128, 32, warps=4, stages=4),
+    # The two 4-warp tiles spill 8-48 B with exact fp32 operands on sm_80 under triton 3.6 (fc forward,
+    # residual proj forward, plain and split-K weight gradients): fp16/bf16 only there.
+    Tile(64, 128, 32, warps=4, stages=4, avoid=_FP32_BEFORE_3_8),
     # 128x64x32 spills 16-24 B on sm_80 under triton 3.6 for act(B) with the tanh GELU (as before the
     # persistent variant was added: 168 registers either way), so it is not offered to act(B).
-    Tile(128, 64, 32, warps=4, stages=4, avoid=("activated_b",)),
+    Tile(128, 64, 32, warps=4, stages=4, avoid=("activated_b",) + _FP32_BEFORE_3_8),
     Tile(64, 64, 32, warps=4, stages=4, unaligned=True),
     # One warpgroup on 128x128 (sm_90, fp16/bf16, triton 3.6 and 3.8): 218-237 registers and no spills for
     # the fc forward (every activation), the residual proj forward, dx and the plain / split-K weight
