@@ -53,7 +53,7 @@ from typing import Callable
 import torch.nn as nn
 
 from . import nn as _cf_nn
-from .patching import PatchReport, known_families
+from .patching import PatchReport, check_family_options
 
 __all__ = ["AutopatchHandle", "autopatch", "active"]
 
@@ -455,14 +455,7 @@ def autopatch(loss: bool = True, *, on_patch: Callable | None = None, on_note: C
     global _active
     if not isinstance(loss, bool):
         raise TypeError(f"clipfast.autopatch(): `loss` must be True or False, got {loss!r}")
-    known = known_families()
-    unknown = [k for k in families if k not in known]
-    if unknown:
-        raise TypeError(f"clipfast.autopatch() got unknown kernel family {', '.join(map(repr, unknown))}; "
-                        f"known families: {', '.join(known)}")
-    for k, v in families.items():
-        if not isinstance(v, bool):
-            raise TypeError(f"clipfast.autopatch(): `{k}` must be True or False, got {v!r}")
+    check_family_options("clipfast.autopatch()", families)
     if _active is not None:
         _active.undo()
     handle = AutopatchHandle(families=dict(families), loss=loss, on_patch=on_patch, on_note=on_note)

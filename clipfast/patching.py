@@ -231,15 +231,22 @@ class PatchReport:
 # patch / unpatch
 # ----------------------------------------------------------------------------------------------
 
-def _resolve_families(options: dict) -> tuple[list[PatchRule], dict[str, str]]:
+def check_family_options(caller: str, options: dict) -> None:
+    """A ``TypeError`` naming ``caller`` (e.g. ``"clipfast.patch()"``) for an unknown kernel family or a
+    switch that is not a bool."""
     known = known_families()
     unknown = [k for k in options if k not in known]
     if unknown:
-        raise TypeError(f"clipfast.patch() got unknown kernel family {', '.join(map(repr, unknown))}; "
+        raise TypeError(f"{caller} got unknown kernel family {', '.join(map(repr, unknown))}; "
                         f"known families: {', '.join(known)}")
     for k, v in options.items():
         if not isinstance(v, bool):
-            raise TypeError(f"clipfast.patch(): `{k}` must be True or False, got {v!r}")
+            raise TypeError(f"{caller}: `{k}` must be True or False, got {v!r}")
+
+
+def _resolve_families(options: dict) -> tuple[list[PatchRule], dict[str, str]]:
+    check_family_options("clipfast.patch()", options)
+    known = known_families()
     families = {}
     for name in known:
         if not options.get(name, True):

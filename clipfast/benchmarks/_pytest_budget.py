@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from .suite import bf16_first, injected_crash, is_cuda_error
+from .suite import _listed, bf16_first, injected_crash, is_cuda_error
 
 
 _DEADLINE: list = []
@@ -49,14 +49,6 @@ def _record(entry: dict) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(entry) + "\n")
-
-
-def _listed(variable: str) -> set | None:
-    path = os.environ.get(variable)
-    if not path:
-        return None
-    with open(path) as f:
-        return {line.rstrip("\n") for line in f if line.strip()}
 
 
 def _is_bf16(item) -> bool:
