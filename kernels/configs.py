@@ -214,12 +214,17 @@ def shipped_table(arch: int) -> dict:
     return _shipped[arch]
 
 
-def user_table(gpu: str | None) -> dict:
+def _cached_section(memo: dict, filename: str, gpu: str | None) -> dict:
+    """This GPU's and these versions' section of the cache file ``filename``, read once per process."""
     section = environment(gpu)
     with _lock:
-        if section not in _user:
-            _user[section] = _read_json(_cache_file(USER_TABLE)).get("environments", {}).get(section, {})
-        return _user[section]
+        if section not in memo:
+            memo[section] = _read_json(_cache_file(filename)).get("environments", {}).get(section, {})
+        return memo[section]
+
+
+def user_table(gpu: str | None) -> dict:
+    return _cached_section(_user, USER_TABLE, gpu)
 
 
 def lookup(kernel: str, key: str, arch: int, gpu: str | None) -> tuple[dict | None, str]:
@@ -269,11 +274,7 @@ tuned_in_process: list[dict] = []
 
 
 def _results_section(gpu: str | None) -> dict:
-    section = environment(gpu)
-    with _lock:
-        if section not in _results:
-            _results[section] = _read_json(_cache_file(RESULTS)).get("environments", {}).get(section, {})
-        return _results[section]
+    return _cached_section(_results, RESULTS, gpu)
 
 
 def kept_result(kernel: str, set_hash: str, key: str, gpu: str | None) -> dict | None:

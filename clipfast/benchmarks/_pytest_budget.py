@@ -10,7 +10,7 @@ variables the check sets, inert without them:
   disjoint shares in parallel (and compile their kernels in parallel);
 - ``CLIPFAST_SUITE_SKIP_FILE`` / ``CLIPFAST_SUITE_ONLY_FILE``: node ids (one a line) to leave out (the tests a
   crashed process of this shard already started) / to run alone (the rerun of the test it crashed on);
-- ``CLIPFAST_SUITE_CRASH``: a crash to inject (see ``suite.injected_crash``), for the rehearsal's tests.
+- ``CLIPFAST_SUITE_CRASH``: a crash to inject (see ``suite.crash_if_injected``), for the rehearsal's tests.
 
 Each test's start is recorded (with this process's pid) before it runs, so a process that dies is pinned on
 the test under way. After a test whose failure reads as a CUDA error, or after which the device no longer
@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from .suite import _listed, bf16_first, injected_crash, is_cuda_error
+from .suite import _listed, bf16_first, crash_if_injected, is_cuda_error
 
 
 _DEADLINE: list = []
@@ -85,12 +85,7 @@ def pytest_runtest_logstart(nodeid, location):
 
 
 def pytest_runtest_call(item):
-    kind = injected_crash(f"{os.environ.get('CLIPFAST_SUITE_STEP', '')}/{item.nodeid}")
-    if kind == "exit":
-        os._exit(70)
-    if kind == "cuda":
-        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated by CLIPFAST_SUITE_CRASH, "
-                           f"CUDA_LAUNCH_BLOCKING={os.environ.get('CUDA_LAUNCH_BLOCKING', '0')})")
+    crash_if_injected(f"{os.environ.get('CLIPFAST_SUITE_STEP', '')}/{item.nodeid}")
 
 
 _CUDA_ERROR: list = []  # the test whose failure read as a CUDA error, and its text

@@ -39,7 +39,7 @@ The lane then reruns that case alone with ``CUDA_LAUNCH_BLOCKING=1`` (so the err
 launch; both attempts' errors are in ``results.json`` under ``crashes``) and continues with the cases not
 yet started in a fresh process. Processes are respawned after a crash only, not per case: a start costs
 seconds (torch and triton imports, pytest collection), and no case ever runs in a process that crashed.
-``CLIPFAST_SUITE_CRASH`` injects a crash (``injected_crash``) for the tests.
+``CLIPFAST_SUITE_CRASH`` injects a crash (``crash_if_injected``) for the tests.
 
 Without CUDA the same steps run as a rehearsal: smoke shapes through the Triton interpreter, no timings,
 results labelled ``"rehearsal": true`` (``clipfast.benchmarks.summary`` refuses to file them as GPU results).
@@ -138,15 +138,18 @@ def is_cuda_error(text) -> bool:
     return any(CUDA_ERROR.search(line) and "out of memory" not in line for line in str(text or "").splitlines())
 
 
-def injected_crash(where: str) -> str | None:
+def crash_if_injected(where: str) -> None:
     """``CLIPFAST_SUITE_CRASH="KIND:REGEX[;KIND:REGEX]"``: the case (``step/family: case``, or ``step/node id``
     for a test) that REGEX finds crashes: ``exit`` ends its process at once (``os._exit``), ``cuda`` raises a
     simulated CUDA error. For the rehearsal's tests of the crash handling; inert without the variable."""
     for spec in filter(None, os.environ.get("CLIPFAST_SUITE_CRASH", "").split(";")):
         kind, _, pattern = spec.partition(":")
-        if kind in ("exit", "cuda") and re.search(pattern, where):
-            return kind
-    return None
+        if kind not in ("exit", "cuda") or not re.search(pattern, where):
+            continue
+        if kind == "exit":
+            os._exit(70)
+        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated by CLIPFAST_SUITE_CRASH, "
+                           f"CUDA_LAUNCH_BLOCKING={os.environ.get('CUDA_LAUNCH_BLOCKING', '0')})")
 
 
 def bf16_first(entries: list[tuple[str, bool]]) -> list[str]:
@@ -338,12 +341,7 @@ def _select(entries, records: str) -> list[tuple]:
 def _start_case(records: str, step: str, label: str) -> None:
     """Record the case's start (a process that dies is pinned on it), then any injected crash."""
     _append(records, {"kind": "start", "case": label, "pid": os.getpid(), "t": time.time()})
-    kind = injected_crash(f"{step}/{label}")
-    if kind == "exit":
-        os._exit(70)
-    if kind == "cuda":
-        raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated by CLIPFAST_SUITE_CRASH, "
-                           f"CUDA_LAUNCH_BLOCKING={os.environ.get('CUDA_LAUNCH_BLOCKING', '0')})")
+    crash_if_injected(f"{step}/{label}")
 
 
 def _device_error() -> str | None:
