@@ -3,21 +3,13 @@ and one-time warnings for the cases that fall back to eager PyTorch."""
 from __future__ import annotations
 
 import functools
-import warnings
 
 import torch
 
+from clipfast.kernels.environment import _warned, warn_once  # noqa: F401  (re-exported for the layers above)
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
-
-_warned: set[str] = set()
-
-
-def warn_once(key: str, message: str) -> None:
-    """Warn the first time ``key`` is seen in this process (fallbacks must be visible, not noisy)."""
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(f"clipfast: {message}", RuntimeWarning, stacklevel=3)
 
 
 def host_sync_forbidden() -> bool:

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from ._validate import warn_once
+from .kernels.environment import cache_dir, versions, warn_once
 
 MODES = ("auto", "kernel", "torch")
 KERNEL = "clipfast"  # the name of clipfast's own candidate in every op
@@ -436,24 +436,8 @@ def set_tuner(tuner: Tuner) -> Tuner:
 # The on-disk cache
 # ----------------------------------------------------------------------------------------------
 
-def cache_dir() -> str:
-    explicit = os.environ.get("CLIPFAST_CACHE_DIR")
-    if explicit:
-        return explicit
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "clipfast")
-
-
 def cache_path() -> str:
     return os.path.join(cache_dir(), "dispatch.json")
-
-
-def versions() -> dict[str, str]:
-    import triton
-
-    import clipfast
-
-    return {"torch": torch.__version__, "triton": triton.__version__, "clipfast": clipfast.__version__}
 
 
 def environment(device: torch.device) -> str:

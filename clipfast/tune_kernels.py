@@ -25,7 +25,7 @@ def table_entries(records: list[dict]) -> dict:
 
 
 def shipped_format(arch: int, gpu: str, entries: dict) -> dict:
-    from .dispatcher import versions
+    from .kernels.environment import versions
 
     return {"format": 1, "arch": arch, "measured_with": versions(), "gpus": {gpu: entries}}
 

@@ -8,7 +8,7 @@
   architecture's), else the kernel's heuristic default: the first config its own pruning keeps (the
   rules that order its tiles). The first launch without a table entry says once which default it runs.
 - ``max``: the autotuner times every config the pruning offers (the lists are those of the kernel's own
-  pruning). Results are kept on disk (``autotune-results.json`` under ``clipfast.dispatcher.cache_dir()``,
+  pruning). Results are kept on disk (``autotune-results.json`` under ``clipfast.kernels.environment.cache_dir()``,
   keyed by GPU, versions, kernel, offered config set and autotune key), so another process at the same
   shapes times nothing.
 - ``0``: the heuristic default, no tables, nothing timed.
@@ -32,6 +32,8 @@ import threading
 from typing import Any, Callable
 
 import torch
+
+from .environment import cache_dir, versions, warn_once
 
 ENV_MODE = "CLIPFAST_AUTOTUNE"
 ENV_TARGET_ARCH = "CLIPFAST_TARGET_ARCH"
@@ -163,14 +165,10 @@ def _gpu_name(args: dict) -> str | None:
 
 def environment(gpu: str | None) -> str:
     """A user table / results section: the GPU name and the versions a timing depends on."""
-    from clipfast.dispatcher import versions
-
     return "|".join([gpu or "cpu"] + [f"{k} {v}" for k, v in versions().items()])
 
 
 def _cache_file(name: str) -> str:
-    from clipfast.dispatcher import cache_dir
-
     return os.path.join(cache_dir(), name)
 
 
@@ -287,7 +285,6 @@ def keep_result(kernel: str, set_hash: str, key: str, gpu: str | None, record: d
     try:
         _write_merged(_cache_file(RESULTS), environment(gpu), {f"{kernel}|{set_hash}|{key}": entry})
     except OSError as exc:  # a read-only cache dir costs re-tuning, nothing else
-        from clipfast._validate import warn_once
 
         warn_once("autotune_results_write", f"could not keep autotune results in {_cache_file(RESULTS)}: {exc}")
 
@@ -358,8 +355,7 @@ class Policy:
         else:
             cfg, source = self.choose(offered, args, key)
             if not source and _first_tensor(args) is not None:
-                from clipfast._validate import warn_once
-
+        
                 arch = _arch_of(args)
                 warn_once(f"autotune_default_{self.name}",
                           f"no tuned config for {self.name} at {key} on "

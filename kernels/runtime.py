@@ -15,6 +15,7 @@ import torch
 import triton
 
 from . import configs as config_policy
+from . import environment
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so the value at import time is what counts.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -142,9 +143,7 @@ def uses_triton(t: torch.Tensor) -> bool:
     if not (INTERPRET and t.device.type == "cpu"):
         return False
     if t.dtype in INTERPRETER_WRONG_DTYPES:
-        from clipfast._validate import warn_once  # the package above; imported late, only on this path
-
-        warn_once(f"interpreter_{t.dtype}", f"the Triton interpreter computes {t.dtype} wrongly: "
+        environment.warn_once(f"interpreter_{t.dtype}", f"the Triton interpreter computes {t.dtype} wrongly: "
                   "this op runs in eager PyTorch (on a GPU the kernels run)")
         return False
     return True

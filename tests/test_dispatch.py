@@ -13,7 +13,7 @@ import clipfast
 from clipfast import dispatcher
 from clipfast.cli import main
 from clipfast.dispatcher import KERNEL, Candidate, OpSpec, Tuner
-from clipfast.kernels import runtime
+from clipfast.kernels import environment, runtime
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +22,7 @@ def _fresh(tmp_path, monkeypatch):
     from clipfast import _validate
 
     monkeypatch.setenv("CLIPFAST_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(_validate, "_warned", {k for k in _validate._warned if not k.startswith("dispatch_")})
+    monkeypatch.setattr(environment, "_warned", {k for k in environment._warned if not k.startswith("dispatch_")})
     dispatcher.clear_memory_cache()
     mode, tuner = dispatcher.get_dispatch(), dispatcher._tuner
     yield
