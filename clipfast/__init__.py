@@ -1,7 +1,9 @@
 """clipfast: fused Triton kernels for CLIP models.
 
 Functional ops run the Triton kernels on CUDA tensors, through the Triton interpreter on CPU tensors
-when ``TRITON_INTERPRET=1`` is set before import, and the eager reference otherwise.
+when ``TRITON_INTERPRET=1`` is set before import, and the eager reference otherwise. The functions here are
+the dispatched ops (``clipfast.dispatching``): in ``auto`` mode each op and shape runs the faster of
+clipfast's kernels and PyTorch; ``clipfast.ops`` holds the same ops without dispatch.
 """
 from ._cli_guard import check_cli_environment as _check_cli_environment
 
@@ -11,13 +13,13 @@ from . import nn, ops  # noqa: E402
 from . import models
 from .patching import patch, unpatch
 from . import integrations  # registers attn_implementation="clipfast" for transformers
-from .ops import add_layer_norm, layer_norm
-from .ops import patch_embed
-from .ops import mlp, quick_gelu
-from .ops import clip_loss, siglip_loss
-from .ops import flash_attention
-from .ops import flash_attention_varlen
-from .dispatcher import dispatch, get_dispatch, set_dispatch, sync_dispatch
+from .dispatching import add_layer_norm, layer_norm
+from .dispatching import patch_embed
+from .dispatching import mlp, quick_gelu
+from .dispatching import clip_loss, siglip_loss
+from .dispatching import flash_attention
+from .dispatching import flash_attention_varlen
+from .dispatching import dispatch, get_dispatch, set_dispatch, sync_dispatch
 from .autopatching import autopatch
 
 __version__ = "0.1.0"

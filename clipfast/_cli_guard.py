@@ -11,7 +11,7 @@ import os
 import sys
 
 ENV_MODE = "CLIPFAST_DISPATCH"
-MODES = ("auto", "kernel", "torch")  # clipfast.dispatcher.MODES (tests/test_autopatch.py checks they agree)
+MODES = ("auto", "kernel", "torch")  # clipfast.dispatching.MODES (tests/test_autopatch.py checks they agree)
 _CLI_MODULES = ("clipfast.cli", "clipfast")
 _OPTIONS_WITH_VALUE = ("-X", "-W", "-Q")
 

@@ -134,7 +134,7 @@ def _why_no_kernels() -> str:
     try:
         import torch
 
-        from .dispatcher import get_dispatch
+        from .dispatching import get_dispatch
     except Exception:  # pragma: no cover
         return ""
     if get_dispatch() == "torch":

@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from . import dispatcher
+from .dispatching import cache as dispatch_cache
+from .dispatching import modes, tuner as dispatch_tuner
 
 
 def _features(out: dict) -> list[torch.Tensor]:
@@ -29,7 +30,7 @@ def _step(model, spec, inputs, train: bool) -> None:
         with torch.no_grad():
             spec.forward(model, inputs)
         return
-    from .ops import clip_loss
+    from .dispatching import clip_loss
 
     out = spec.forward(model, inputs)
     feats = _features(out)
@@ -46,7 +47,7 @@ def step_ms(model, spec, inputs, train: bool, timer) -> float:
     return timer(step, op="step", name="step", share_s=2.0)
 
 
-def format_records(records: list[dispatcher.TuneRecord]) -> str:
+def format_records(records: list[dispatch_tuner.TuneRecord]) -> str:
     names = list(dict.fromkeys(n for r in records for n in r.ms))
     header = f"{'op':<16}{'bucket':<44}" + "".join(f"{n:>15}" for n in names) + f"{'choice':>16}{'vs torch':>10}"
     lines = [header, "-" * len(header)]
@@ -77,30 +78,30 @@ def main_tune(args) -> int:
     eager = copy.deepcopy(model)
     report = patch(model)
     inputs = spec.make_inputs(args.batch, device)
-    tuner = dispatcher.Tuner() if on_gpu else dispatcher.Tuner(timer=dispatcher.wall_clock_timer, devices=("cpu",))
-    previous_tuner, previous_mode = dispatcher.set_tuner(tuner), dispatcher.set_dispatch("auto")
+    tuner = dispatch_tuner.Tuner() if on_gpu else dispatch_tuner.Tuner(timer=dispatch_tuner.wall_clock_timer, devices=("cpu",))
+    previous_tuner, previous_mode = dispatch_tuner.set_tuner(tuner), modes.set_dispatch("auto")
     try:
-        with dispatcher.retuning():
+        with dispatch_tuner.retuning():
             _step(model, spec, inputs, args.train)
-            records = list(dispatcher.tune_records)
+            records = list(dispatch_tuner.tune_records)
         report_text = str(report)  # what each swapped module now runs
         steps = {"eager": step_ms(eager, spec, inputs, args.train, tuner.timer),
                  "clipfast (auto)": step_ms(model, spec, inputs, args.train, tuner.timer)}
     finally:
-        dispatcher.set_tuner(previous_tuner)
-        dispatcher.set_dispatch(previous_mode)
+        dispatch_tuner.set_tuner(previous_tuner)
+        modes.set_dispatch(previous_mode)
     print(f"clipfast tune: {spec.name}, batch {args.batch}, {str(dtype).replace('torch.', '')}, "
           f"{'train (forward + backward)' if args.train else 'inference (forward)'} on "
           f"{torch.cuda.get_device_name(device) if on_gpu else 'CPU (host clock)'}")
     print(format_records(records))
     print("whole step: " + ", ".join(f"{k} {v:.3f} ms" for k, v in steps.items())
           + f" ({steps['eager'] / steps['clipfast (auto)']:.2f}x)")
-    print(f"cache: {dispatcher.cache_path()}")
+    print(f"cache: {dispatch_cache.cache_path()}")
     print(report_text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": spec.name, "batch": args.batch, "dtype": str(dtype), "train": args.train,
-                       "environment": dispatcher.environment(device), "step_ms": steps,
+                       "environment": dispatch_cache.environment(device), "step_ms": steps,
                        "records": [r.__dict__ | {"speedup": r.speedup()} for r in records]}, f, indent=1)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

@@ -35,7 +35,7 @@ def main_tune_kernels(args) -> int:
         print("clipfast tune --kernels: no CUDA device: nothing to time (on CPU clipfast runs one config per "
               "kernel, as it always has). Run this on the GPU machine that will train or serve the model.")
         return 0
-    from . import dispatcher
+    from .dispatching import modes
     from .kernels import configs
     from .patching import patch
     from .tune import _step
@@ -49,14 +49,14 @@ def main_tune_kernels(args) -> int:
     model.train(args.train)
     patch(model)
     inputs = spec.make_inputs(args.batch, device)
-    previous_mode, previous_dispatch = configs.set_mode("max"), dispatcher.set_dispatch("kernel")
+    previous_mode, previous_dispatch = configs.set_mode("max"), modes.set_dispatch("kernel")
     start = len(configs.tuned_in_process)
     try:
         _step(model, spec, inputs, args.train)
         torch.cuda.synchronize()
     finally:
         configs.set_mode(previous_mode)
-        dispatcher.set_dispatch(previous_dispatch)
+        modes.set_dispatch(previous_dispatch)
     records = configs.tuned_in_process[start:]
     gpu = torch.cuda.get_device_name(device)
     major, minor = torch.cuda.get_device_capability(device)

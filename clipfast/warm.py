@@ -124,7 +124,7 @@ def run_first_step(model: str, train: bool, batch: int, dtype: str, execute: boo
 
     import torch
 
-    from clipfast import dispatcher
+    from clipfast.dispatching import modes
     from clipfast.kernels import runtime
     from clipfast.patching import patch
     from clipfast.tune import _step
@@ -139,13 +139,13 @@ def run_first_step(model: str, train: bool, batch: int, dtype: str, execute: boo
     net.train(train)
     patch(net)
     inputs = spec.make_inputs(batch, torch.device("cpu"))
-    previous = dispatcher.set_dispatch("kernel")
+    previous = modes.set_dispatch("kernel")
     try:
         with warnings.catch_warnings(), Recorder(execute) as recorder:
             warnings.simplefilter("ignore")
             _step(net, spec, inputs, train)
     finally:
-        dispatcher.set_dispatch(previous)
+        modes.set_dispatch(previous)
     return recorder.launches
 
 

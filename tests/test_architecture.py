@@ -21,10 +21,10 @@ LAYERS = [
     ("modules", ["clipfast.nn", "clipfast.unpad"]),
     ("integrations", ["clipfast.patch_rules", "clipfast.integrations"]),
     ("patching", ["clipfast.patching", "clipfast.autopatching"]),
+    ("package", ["clipfast", "clipfast._cli_guard"]),
     ("tools", ["clipfast.verify", "clipfast.verify_models", "clipfast.aot", "clipfast.warm", "clipfast.tune",
                "clipfast.tune_kernels", "clipfast.monitor", "clipfast.launcher", "clipfast.testing",
-               "clipfast.benchmarks", "clipfast.cli", "clipfast._cli_guard"]),
-    ("package", ["clipfast", "clipfast.__main__"]),
+               "clipfast.benchmarks", "clipfast.gpu_check", "clipfast.cli", "clipfast.__main__"]),
 ]
 
 

@@ -191,7 +191,7 @@ def test_bad_dispatch_env_is_one_clean_line_from_the_cli(argv):
 
 
 def test_cli_guard_knows_the_dispatch_modes_and_the_command_lines():
-    from clipfast.dispatcher import MODES
+    from clipfast.dispatching.modes import MODES
 
     assert tuple(_cli_guard.MODES) == tuple(MODES)
     guard = _cli_guard.interpreter_options

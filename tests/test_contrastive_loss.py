@@ -524,7 +524,7 @@ def test_wider_chunks_cut_the_backward_gemm_passes(d, n_a, n_b):
 
 
 def test_chunk256_dispatch_candidate_runs_the_256_wide_backward(monkeypatch):
-    from clipfast import dispatcher
+    from clipfast.dispatching import specs as dispatch_specs
     from clipfast.kernels import contrastive_loss as kernel
 
     seen = []
@@ -535,7 +535,7 @@ def test_chunk256_dispatch_candidate_runs_the_256_wide_backward(monkeypatch):
         return grad(*args)
 
     monkeypatch.setattr(kernel, "contrastive_grad", spy)
-    candidate = dispatcher.specs()["clip_loss"].by_name["clipfast_chunk256"]
+    candidate = dispatch_specs.specs()["clip_loss"].by_name["clipfast_chunk256"]
     assert candidate.cuda_only
     image = features(9, 64).requires_grad_()
     text = features(9, 64).requires_grad_()

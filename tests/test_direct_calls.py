@@ -9,7 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import clipfast
-from clipfast import dispatcher
+from clipfast.dispatching import modes as dispatch_modes
 from clipfast.benchmarks import overhead
 from clipfast.ops import _custom_op
 
@@ -32,8 +32,8 @@ def _run(case, inputs, train):
 @pytest.mark.parametrize("case", overhead.CASES, ids=[c.op for c in overhead.CASES])
 def test_direct_call_matches_the_custom_op(case, interpret):
     torch.manual_seed(0)
-    fallback = overhead.eager_fallback() if not interpret else dispatcher.dispatch("kernel")
-    with fallback, dispatcher.dispatch("kernel"):
+    fallback = overhead.eager_fallback() if not interpret else dispatch_modes.dispatch("kernel")
+    with fallback, dispatch_modes.dispatch("kernel"):
         for train in (False, True):
             inputs = case.make(torch.device("cpu"), train)
             direct = _run(case, inputs, train)

@@ -10,25 +10,28 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import clipfast
-from clipfast import dispatcher
+from clipfast.dispatching import cache as dispatch_cache
+from clipfast.dispatching import modes as dispatch_modes
+from clipfast.dispatching import specs as dispatch_specs
+from clipfast.dispatching import tuner as dispatch_tuner
 from clipfast.cli import main
-from clipfast.dispatcher import KERNEL, Candidate, OpSpec, Tuner
+from clipfast.dispatching.modes import KERNEL
+from clipfast.dispatching.specs import Candidate, OpSpec
+from clipfast.dispatching.tuner import Tuner
 from clipfast.kernels import environment, runtime
 
 
 @pytest.fixture(autouse=True)
 def _fresh(tmp_path, monkeypatch):
     """Every test: its own cache dir, empty memory cache, the mode and tuner restored afterwards."""
-    from clipfast import _validate
-
     monkeypatch.setenv("CLIPFAST_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(environment, "_warned", {k for k in environment._warned if not k.startswith("dispatch_")})
-    dispatcher.clear_memory_cache()
-    mode, tuner = dispatcher.get_dispatch(), dispatcher._tuner
+    dispatch_tuner.clear_memory_cache()
+    mode, tuner = dispatch_modes.get_dispatch(), dispatch_tuner._tuner
     yield
-    dispatcher.set_dispatch(mode)
-    dispatcher.set_tuner(tuner)
-    dispatcher.clear_memory_cache()
+    dispatch_modes.set_dispatch(mode)
+    dispatch_tuner.set_tuner(tuner)
+    dispatch_tuner.clear_memory_cache()
 
 
 class FakeTimer:
@@ -54,7 +57,7 @@ class FakeClock:
 
 def cpu_tuner(ms, budget_s=600.0):
     timer = FakeTimer(ms)
-    dispatcher.set_tuner(Tuner(timer=timer, devices=("cpu",), budget_s=budget_s))
+    dispatch_tuner.set_tuner(Tuner(timer=timer, devices=("cpu",), budget_s=budget_s))
     return timer
 
 
@@ -70,14 +73,14 @@ def toy_op():
     def boom(x):
         raise RuntimeError("no kernel for this case")
 
-    spec = OpSpec("toy", lambda x: (dispatcher.bucket(x.shape[0]), x.shape[1]), [
+    spec = OpSpec("toy", lambda x: (dispatch_specs.bucket(x.shape[0]), x.shape[1]), [
         Candidate(KERNEL, None), Candidate("torch", lambda x: x * 2), Candidate("boom", boom),
         Candidate("nan", lambda x: x * float("nan")), Candidate("fast", lambda x: x + x)],
         "torch", lambda x: x * 2)
-    dispatcher.specs()
-    dispatcher.register(spec)
+    dispatch_specs.specs()
+    dispatch_specs.register(spec)
     yield spec
-    dispatcher._specs.pop("toy")
+    dispatch_specs._specs.pop("toy")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,17 +104,17 @@ def test_modes_validate_and_restore():
 
 def test_mode_from_environment(monkeypatch):
     monkeypatch.setenv("CLIPFAST_DISPATCH", "Torch")
-    assert dispatcher._mode_from_env() == "torch"
+    assert dispatch_modes._mode_from_env() == "torch"
     monkeypatch.setenv("CLIPFAST_DISPATCH", "never")
     with pytest.raises(ValueError, match="CLIPFAST_DISPATCH"):
-        dispatcher._mode_from_env()
+        dispatch_modes._mode_from_env()
 
 
 def test_auto_on_cpu_runs_clipfast_without_timing():
     timer = FakeTimer({})
-    dispatcher.set_tuner(Tuner(timer=timer))  # default devices: CUDA only
+    dispatch_tuner.set_tuner(Tuner(timer=timer))  # default devices: CUDA only
     with clipfast.dispatch("auto"):
-        assert dispatcher.route("layer_norm", (torch.randn(3, 8), None, None, 1e-5)) is None
+        assert dispatch_tuner.route("layer_norm", (torch.randn(3, 8), None, None, 1e-5)) is None
     assert timer.calls == []
 
 
@@ -124,46 +127,46 @@ def test_fastest_wins_and_is_run(eager_ops):
     x, w, b = torch.randn(5, 16), torch.randn(16), torch.randn(16)
     with clipfast.dispatch("auto"):
         y = clipfast.layer_norm(x, w, b)
-        assert dispatcher.route("layer_norm", (x, w, b, 1e-5)).__name__ == "torch_layer_norm"
+        assert dispatch_tuner.route("layer_norm", (x, w, b, 1e-5)).__name__ == "reference_layer_norm"
     assert sorted(timer.calls) == [("layer_norm", KERNEL), ("layer_norm", "torch")]
     torch.testing.assert_close(y, F.layer_norm(x, (16,), w, b))
-    (record,) = dispatcher.tune_records
+    (record,) = dispatch_tuner.tune_records
     assert record.choice == "torch" and record.speedup() == 1.0
 
 
 def test_kernel_wins_and_runs_inline(eager_ops):
     cpu_tuner({KERNEL: 1.0, "torch": 3.0})
     with clipfast.dispatch("auto"):
-        assert dispatcher.route("layer_norm", (torch.randn(5, 16), None, None, 1e-5)) is None
-    assert dispatcher.tune_records[0].speedup() == 3.0
+        assert dispatch_tuner.route("layer_norm", (torch.randn(5, 16), None, None, 1e-5)) is None
+    assert dispatch_tuner.tune_records[0].speedup() == 3.0
 
 
 def test_failing_and_non_finite_candidates_are_dropped_with_a_warning(toy_op):
     timer = cpu_tuner({KERNEL: 3.0, "torch": 2.0, "boom": 0.1, "nan": 0.2, "fast": 1.0})
     x = torch.randn(4, 8)
     with clipfast.dispatch("auto"), pytest.warns(RuntimeWarning) as warned:
-        fn = dispatcher.route("toy", (x,))
+        fn = dispatch_tuner.route("toy", (x,))
     torch.testing.assert_close(fn(x), x + x)
     messages = " ".join(str(w.message) for w in warned)
     assert "'boom' dropped (RuntimeError" in messages and "'nan' dropped (FloatingPointError" in messages
     assert ("toy", "boom") not in timer.calls and ("toy", "nan") not in timer.calls
-    assert dispatcher.tune_records[0].ms["boom"] is None
+    assert dispatch_tuner.tune_records[0].ms["boom"] is None
 
 
 def test_buckets_and_grad_mode_key_the_choice(toy_op):
     timer = cpu_tuner({KERNEL: 3.0, "torch": 2.0, "boom": 9.0, "nan": 9.0, "fast": 1.0})
     with clipfast.dispatch("auto"), pytest.warns(RuntimeWarning):
         for rows in (5, 7, 8):  # one bucket (8)
-            dispatcher.route("toy", (torch.randn(rows, 8),))
-        assert len(dispatcher.tune_records) == 1
-        dispatcher.route("toy", (torch.randn(9, 8),))   # bucket 16
-        dispatcher.route("toy", (torch.randn(9, 4),))   # another width
-        dispatcher.route("toy", (torch.randn(9, 4, requires_grad=True),))  # forward + backward
+            dispatch_tuner.route("toy", (torch.randn(rows, 8),))
+        assert len(dispatch_tuner.tune_records) == 1
+        dispatch_tuner.route("toy", (torch.randn(9, 8),))   # bucket 16
+        dispatch_tuner.route("toy", (torch.randn(9, 4),))   # another width
+        dispatch_tuner.route("toy", (torch.randn(9, 4, requires_grad=True),))  # forward + backward
         with torch.no_grad():
-            dispatcher.route("toy", (torch.randn(9, 4, requires_grad=True),))  # inference again: cached
-    assert [r.key for r in dispatcher.tune_records] == [
+            dispatch_tuner.route("toy", (torch.randn(9, 4, requires_grad=True),))  # inference again: cached
+    assert [r.key for r in dispatch_tuner.tune_records] == [
         "toy|float32|infer|8,8", "toy|float32|infer|16,8", "toy|float32|infer|16,4", "toy|float32|train|16,4"]
-    assert dispatcher.bucket(1) == 1 and dispatcher.bucket(197) == 256 and dispatcher.bucket(256) == 256
+    assert dispatch_specs.bucket(1) == 1 and dispatch_specs.bucket(197) == 256 and dispatch_specs.bucket(256) == 256
 
 
 def test_training_tuning_times_forward_and_backward_without_touching_grads(eager_ops):
@@ -174,12 +177,12 @@ def test_training_tuning_times_forward_and_backward_without_touching_grads(eager
         seen.append((name, [g is not None for g in grads]))
         return {KERNEL: 1.0, "torch": 2.0}[name]
 
-    dispatcher.set_tuner(Tuner(timer=timer, devices=("cpu",)))
+    dispatch_tuner.set_tuner(Tuner(timer=timer, devices=("cpu",)))
     x, w = torch.randn(6, 16, requires_grad=True), torch.randn(16, requires_grad=True)
     with clipfast.dispatch("auto"):
         clipfast.layer_norm(x, w, None).sum().backward()
     assert seen == [(KERNEL, [True, True]), ("torch", [True, True])]
-    assert dispatcher.tune_records[0].key.startswith("layer_norm|float32|train|")
+    assert dispatch_tuner.tune_records[0].key.startswith("layer_norm|float32|train|")
     # tuning ran on detached copies: .grad holds exactly one backward's contribution
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     F.layer_norm(x2, (16,), w2).sum().backward()
@@ -189,16 +192,16 @@ def test_training_tuning_times_forward_and_backward_without_touching_grads(eager
 def test_tuning_time_is_bounded(toy_op):
     clock = FakeClock()
     timer = FakeTimer({KERNEL: 5.0, "torch": 4.0, "boom": 1.0, "nan": 1.0, "fast": 0.5}, clock, seconds_per_call=1.0)
-    dispatcher.set_tuner(Tuner(timer=timer, clock=clock, budget_s=1.5, devices=("cpu",)))
+    dispatch_tuner.set_tuner(Tuner(timer=timer, clock=clock, budget_s=1.5, devices=("cpu",)))
     with clipfast.dispatch("auto"):
-        fn = dispatcher.route("toy", (torch.randn(4, 8),))
+        fn = dispatch_tuner.route("toy", (torch.randn(4, 8),))
     assert timer.calls == [("toy", KERNEL), ("toy", "torch")]  # 2 s spent > 1.5 s: the rest is not timed
-    rec = dispatcher.tune_records[0]
+    rec = dispatch_tuner.tune_records[0]
     assert rec.choice == "torch" and rec.ms["fast"] is None and fn(torch.ones(1, 1)).item() == 2.0
 
 
 def test_eager_loss_only_under_the_memory_cap(eager_ops, monkeypatch):
-    from clipfast import candidates
+    from clipfast.dispatching import candidates
 
     timer = cpu_tuner({KERNEL: 9.0, "torch": 1.0})
     a, b = torch.randn(8, 16), torch.randn(8, 16)
@@ -222,26 +225,26 @@ def test_cache_is_written_reread_and_invalidated_by_a_version_change(toy_op, mon
     timer = cpu_tuner(ms)
     x = torch.randn(4, 8)
     with clipfast.dispatch("auto"), pytest.warns(RuntimeWarning):
-        dispatcher.route("toy", (x,))
-    data = json.loads(open(dispatcher.cache_path()).read())
+        dispatch_tuner.route("toy", (x,))
+    data = json.loads(open(dispatch_cache.cache_path()).read())
     (section,) = data["environments"].values()
     assert section["toy|float32|infer|4,8"]["choice"] == "fast"
-    assert os.path.dirname(dispatcher.cache_path()) == os.environ["CLIPFAST_CACHE_DIR"]
+    assert os.path.dirname(dispatch_cache.cache_path()) == os.environ["CLIPFAST_CACHE_DIR"]
 
-    dispatcher.clear_memory_cache()  # a new process: the choice comes from disk, nothing is timed
+    dispatch_tuner.clear_memory_cache()  # a new process: the choice comes from disk, nothing is timed
     timer.calls.clear()
     with clipfast.dispatch("auto"):
-        assert dispatcher.route("toy", (x,))(x).equal(x + x)
+        assert dispatch_tuner.route("toy", (x,))(x).equal(x + x)
     assert timer.calls == []
 
-    dispatcher.clear_memory_cache()  # another clipfast version: tuned again, in a new section
-    real = dispatcher.versions
-    monkeypatch.setattr(dispatcher, "versions", lambda: {**real(), "clipfast": "9.9.9"})
+    dispatch_tuner.clear_memory_cache()  # another clipfast version: tuned again, in a new section
+    real = dispatch_cache.versions
+    monkeypatch.setattr(dispatch_cache, "versions", lambda: {**real(), "clipfast": "9.9.9"})
     ms["torch"] = 0.5
     with clipfast.dispatch("auto"):
-        assert dispatcher.route("toy", (x,))(x).equal(x * 2)
+        assert dispatch_tuner.route("toy", (x,))(x).equal(x * 2)
     assert ("toy", "torch") in timer.calls
-    assert len(json.loads(open(dispatcher.cache_path()).read())["environments"]) == 2
+    assert len(json.loads(open(dispatch_cache.cache_path()).read())["environments"]) == 2
 
 
 # Distributed: tests/test_dispatch_safety.py (no collective on the hot path, agreement at sync_dispatch)
@@ -344,7 +347,7 @@ def test_compile_fullgraph_in_every_mode(mode):
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(out, ref(x), rtol=1e-4, atol=1e-5)
     if mode == "auto":
-        assert {r.op: r.choice for r in dispatcher.tune_records} == {
+        assert {r.op: r.choice for r in dispatch_tuner.tune_records} == {
             "layer_norm": "torch", "flash_attention": "torch", "mlp": "hybrid"}
 
 
@@ -374,14 +377,14 @@ def test_compile_reads_the_choice_and_never_tunes_while_tracing(toy_op):
     timer = cpu_tuner({KERNEL: 3.0, "torch": 2.0, "boom": 9.0, "nan": 9.0, "fast": 1.0})
 
     def f(x):
-        alt = dispatcher.route("toy", (x,))
+        alt = dispatch_tuner.route("toy", (x,))
         return alt(x) if alt is not None else x * 3  # x * 3: "clipfast's path"
 
     x = torch.randn(4, 8)
     with clipfast.dispatch("auto"):
         torch._dynamo.reset()
         assert torch.compile(f, fullgraph=True, backend="eager")(x).equal(x * 3)  # untuned: clipfast, no timing
-        assert timer.calls == [] and not dispatcher._choices
+        assert timer.calls == [] and not dispatch_tuner._choices
         with pytest.warns(RuntimeWarning):
             f(x)  # tuned eagerly
         assert torch.compile(f, fullgraph=True, backend="eager")(x).equal(x + x)  # guards see the new choice
@@ -421,4 +424,4 @@ def test_tune_cli_times_every_op_with_the_host_clock(tmp_path, capsys, eager_ops
         assert r["speedup"] is None or r["speedup"] >= 1.0
     assert "choice" in text and "vs torch" in text and "(runs auto:" in text and "whole step: eager" in text
     assert set(data["step_ms"]) == {"eager", "clipfast (auto)"}
-    assert os.path.exists(dispatcher.cache_path())
+    assert os.path.exists(dispatch_cache.cache_path())

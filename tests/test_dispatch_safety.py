@@ -18,8 +18,12 @@ import torch.multiprocessing as mp
 from torch.utils.checkpoint import checkpoint
 
 import clipfast
-from clipfast import candidates, dispatcher
-from clipfast.dispatcher import KERNEL, Candidate, OpSpec, Tuner
+from clipfast.dispatching import modes as dispatch_modes
+from clipfast.dispatching import specs as dispatch_specs
+from clipfast.dispatching import tuner as dispatch_tuner
+from clipfast.dispatching.modes import KERNEL
+from clipfast.dispatching.specs import Candidate, OpSpec
+from clipfast.dispatching.tuner import Tuner
 from clipfast.kernels import runtime
 from tests.numerics import assert_op_matches
 from tests.test_dispatch import Block, FakeTimer, _fresh, cpu_tuner, eager_ops, launches  # noqa: F401  (fixtures)
@@ -69,7 +73,7 @@ def test_first_tuned_step_under_activation_checkpointing(eager_ops, how):
             for g, e in zip(grads, expected_grads):
                 torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5)
     assert ("mlp", "hybrid") in timer.calls and ("layer_norm", KERNEL) in timer.calls
-    assert "hybrid" in dispatcher._chosen_names.values()
+    assert "hybrid" in dispatch_tuner._chosen_names.values()
 
 
 def test_composable_checkpoint_recipe_from_the_readme(eager_ops):
@@ -101,7 +105,7 @@ def test_tuning_saves_nothing_through_the_callers_saved_tensor_hooks(eager_ops):
             return t
         with clipfast.dispatch(mode), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model[0](x).sum().backward()
-    assert dispatcher.tune_records, "nothing was tuned"
+    assert dispatch_tuner.tune_records, "nothing was tuned"
     assert packed["auto"] == packed["kernel"] > 0, packed
 
 
@@ -116,7 +120,7 @@ def test_tuning_leaves_every_global_rng_untouched(eager_ops):
         loss = clipfast.clip_loss(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).requires_grad_(),
                                   torch.randn(4, 8, generator=torch.Generator().manual_seed(1)), 1.0)
         loss.backward()
-    assert dispatcher.tune_records, "nothing was tuned"
+    assert dispatch_tuner.tune_records, "nothing was tuned"
     assert torch.equal(torch.get_rng_state(), before)
 
 
@@ -128,11 +132,11 @@ def test_a_bucket_first_met_inside_a_backward_pass_is_not_timed_there(eager_ops)
     timer = cpu_tuner(TIMES)
     with clipfast.dispatch("auto"):
         checkpoint(model[0], x, use_reentrant=True).sum().backward()
-        train_keys = [k for k in dispatcher._chosen_names if k[2]]
+        train_keys = [k for k in dispatch_tuner._chosen_names if k[2]]
         assert not train_keys, train_keys  # the original forward ran without grad; the recompute tuned nothing
         timed = len(timer.calls)
         model[0](x).sum().backward()
-    assert len(timer.calls) > timed and any(k[2] for k in dispatcher._chosen_names)
+    assert len(timer.calls) > timed and any(k[2] for k in dispatch_tuner._chosen_names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,23 +148,23 @@ def _rank_worker(rank, init_file, out_dir):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
                                 timeout=timedelta(seconds=30))
         os.environ["CLIPFAST_CACHE_DIR"] = os.path.join(out_dir, f"cache{rank}")
-        spec = OpSpec("toy", lambda x: (dispatcher.bucket(x.shape[0]),), [
+        spec = OpSpec("toy", lambda x: (dispatch_specs.bucket(x.shape[0]),), [
             Candidate(KERNEL, None), Candidate("torch", lambda x: x * 2), Candidate("fast", lambda x: x + x)],
             "torch", lambda x: x * 2)
-        dispatcher.specs()
-        dispatcher.register(spec)
+        dispatch_specs.specs()
+        dispatch_specs.register(spec)
         # the ranks' timers disagree: rank 0 finds "torch" fastest, rank 1 "fast"
         ms = [{KERNEL: 3.0, "torch": 1.0, "fast": 2.0}, {KERNEL: 3.0, "torch": 2.0, "fast": 1.0}][rank]
-        dispatcher.set_tuner(Tuner(timer=FakeTimer(ms), devices=("cpu",)))
-        dispatcher.set_dispatch("auto")
-        dispatcher.route("toy", (torch.randn(4, 8),))         # both ranks: a training step
+        dispatch_tuner.set_tuner(Tuner(timer=FakeTimer(ms), devices=("cpu",)))
+        dispatch_modes.set_dispatch("auto")
+        dispatch_tuner.route("toy", (torch.randn(4, 8),))         # both ranks: a training step
         if rank == 0:
-            dispatcher.route("toy", (torch.randn(64, 8),))    # rank 0 alone: evaluation at a new bucket
-        own = dict(dispatcher._chosen_names)
+            dispatch_tuner.route("toy", (torch.randn(64, 8),))    # rank 0 alone: evaluation at a new bucket
+        own = dict(dispatch_tuner._chosen_names)
         dist.barrier()
         taken = clipfast.sync_dispatch()                       # every rank, at a point all reach
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"own": sorted(own.values()), "synced": sorted(dispatcher._chosen_names.values()),
+            json.dump({"own": sorted(own.values()), "synced": sorted(dispatch_tuner._chosen_names.values()),
                        "taken": taken}, f)
         dist.destroy_process_group()
     except BaseException:
@@ -225,18 +229,25 @@ def test_torch_mode_unpadded_text_tower_launches_nothing(launches):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_padded_sdpa_candidate_for_packed_attention_matches_float64(causal, dtype):
-    """The ``torch`` candidate of packed attention (scatter to a padded batch, SDPA with a key-padding
-    mask, gather) against the per-sequence float64 reference: output and every gradient."""
-    from clipfast.ops.attention_varlen import _eager_attention
+    """The ``torch`` candidate of packed attention (the op's eager reference: scatter to a padded batch,
+    SDPA with a key-padding mask, gather) against SDPA run on each sequence alone in float64: output and
+    every gradient."""
+    from clipfast.ops.attention_varlen import reference_attention_varlen
 
     lengths = [7, 1, 12, 3, 1]
     q, k, v, cu, longest = _packed(lengths, heads=3, dim=16)
+    bounds = cu.tolist()
 
     def torch_candidate(q, k, v):
-        return candidates.torch_attention_varlen(q, k, v, cu, cu, longest, longest, causal, 0.25)
+        return reference_attention_varlen(q, k, v, cu, cu, longest, longest, causal, 0.25)
 
     def reference(q, k, v):
-        return _eager_attention(q, k, v, cu, cu, causal, 0.25)
+        outs = []
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))
+            o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=0.25)
+            outs.append(o[0].transpose(0, 1))
+        return torch.cat(outs)
 
     assert_op_matches("varlen torch candidate", torch_candidate, reference, [q, k, v], dtype)
 

@@ -5,10 +5,12 @@ import time
 
 import torch
 
-from clipfast import dispatcher
+from clipfast.dispatching import modes as dispatch_modes
+from clipfast.dispatching import tuner as dispatch_tuner
 from clipfast.benchmarks import overhead
 from clipfast.cli import main
-from clipfast.dispatcher import KERNEL, Tuner
+from clipfast.dispatching.modes import KERNEL
+from clipfast.dispatching.tuner import Tuner
 
 
 def test_bench_overhead_reports_every_op(tmp_path, capsys):
@@ -24,7 +26,7 @@ def test_bench_overhead_reports_every_op(tmp_path, capsys):
 
 def test_overhead_cases_compute_what_torch_computes():
     """Each case's clipfast and torch calls agree, so the benchmark times the same work."""
-    with overhead.eager_fallback(), dispatcher.dispatch("kernel"):
+    with overhead.eager_fallback(), dispatch_modes.dispatch("kernel"):
         for case in overhead.CASES:
             inputs = case.make(torch.device("cpu"), False)
             a, b = case.clipfast(**inputs), case.torch(**inputs)
@@ -62,17 +64,17 @@ def test_dispatch_lookup_is_cheap(tmp_path, monkeypatch):
     """A tuned bucket costs a key of a few integers and one dict lookup: a few microseconds at most
     (about 0.3 us here), against tens to hundreds for the op itself."""
     monkeypatch.setenv("CLIPFAST_CACHE_DIR", str(tmp_path))
-    previous = dispatcher.set_tuner(Tuner(timer=lambda step, **kw: {KERNEL: 1.0, "torch": 2.0}[kw["name"]],
+    previous = dispatch_tuner.set_tuner(Tuner(timer=lambda step, **kw: {KERNEL: 1.0, "torch": 2.0}[kw["name"]],
                                           devices=("cpu",)))
     try:
         x, w, b = torch.randn(4, 32), torch.randn(32), torch.randn(32)
         args = (x, w, b, 1e-5)
-        with overhead.eager_fallback(), dispatcher.dispatch("auto"):
-            assert dispatcher.route("layer_norm", args) is None  # tuned: clipfast
-            auto_us = _per_call_us(lambda: dispatcher.route("layer_norm", args))
-        with dispatcher.dispatch("kernel"):
-            kernel_us = _per_call_us(lambda: dispatcher.route("layer_norm", args))
+        with overhead.eager_fallback(), dispatch_modes.dispatch("auto"):
+            assert dispatch_tuner.route("layer_norm", args) is None  # tuned: clipfast
+            auto_us = _per_call_us(lambda: dispatch_tuner.route("layer_norm", args))
+        with dispatch_modes.dispatch("kernel"):
+            kernel_us = _per_call_us(lambda: dispatch_tuner.route("layer_norm", args))
     finally:
-        dispatcher.set_tuner(previous)
-        dispatcher.clear_memory_cache()
+        dispatch_tuner.set_tuner(previous)
+        dispatch_tuner.clear_memory_cache()
     assert auto_us < 20 and kernel_us < 5, (auto_us, kernel_us)

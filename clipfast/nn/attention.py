@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._validate import host_sync_forbidden, warn_once
-from ..ops.attention import flash_attention
+from ..dispatching import flash_attention
 
 _CAUSAL_CACHE: "OrderedDict[tuple, tuple[Tensor, bool]]" = OrderedDict()
 _CAUSAL_CACHE_SIZE = 16

@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from ..ops.layer_norm import layer_norm
+from ..dispatching import layer_norm
 
 
 class LayerNorm(torch.nn.LayerNorm):

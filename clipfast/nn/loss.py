@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..ops.contrastive_loss import clip_loss_scaled, contrastive_cross_entropy, siglip_loss_scaled
+from ..dispatching import clip_loss_scaled, contrastive_cross_entropy, siglip_loss_scaled
 
 
 class _AllGather(torch.autograd.Function):

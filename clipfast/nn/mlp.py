@@ -18,7 +18,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.mlp import ACTIVATIONS, mlp, quick_gelu
+from ..dispatching import mlp, quick_gelu
+from ..ops.mlp import ACTIVATIONS
 
 
 class QuickGELU(nn.Module):

@@ -9,8 +9,12 @@ and ``is_causal`` may be combined (causal text with padding).
 
 Rows whose keys are all masked return 0 (SDPA returns NaN) and give zero gradients.
 
-Cases the kernels do not take run ``F.scaled_dot_product_attention`` with a one-time warning: head dims
-above 256, a value head dim different from the query's, and masks that require grad.
+Cases the kernels do not take run the eager reference (``reference_attention``:
+``F.scaled_dot_product_attention`` with the mask in a form SDPA takes) with a one-time warning: head dims
+above 256, a value head dim different from the query's, and masks that require grad. The reference is also
+the dispatcher's ``torch`` candidate. The custom ops' CPU path without the interpreter is not SDPA but the
+kernels' own math in eager PyTorch (``_eager_fwd`` / ``_eager_bwd``): it must give what the kernels give
+where SDPA differs (0 on rows whose keys are all masked) and the statistics the backward op reads.
 """
 from __future__ import annotations
 
@@ -25,14 +29,40 @@ from clipfast.kernels import attention as kernel
 from clipfast.kernels import runtime
 
 from .._validate import PLAIN_TENSOR_TYPES, check_same_device, check_tensor, plain_float_tensors_on, warn_once
-from ..dispatcher import route
 from ._custom_op import custom_op
 
 OP = "flash_attention"
 
 
 # ----------------------------------------------------------------------------------------------
-# Eager reference (also the CPU path without the interpreter): same math and the same saved lse.
+# Eager reference: SDPA, with clipfast's mask conventions turned into a form SDPA accepts
+# ----------------------------------------------------------------------------------------------
+
+def sdpa_form(q, k, attn_mask, is_causal):
+    """clipfast's mask conventions in a form SDPA accepts: ``(attn_mask, is_causal)``."""
+    if attn_mask is None:
+        return None, is_causal
+    lq, lk = q.shape[-2], k.shape[-2]
+    if attn_mask.dim() == 2 and attn_mask.shape[0] not in (1, lq) and q.dim() == 4 \
+            and tuple(attn_mask.shape) == (q.shape[0], lk):
+        attn_mask = attn_mask[:, None, None, :]  # [B, Lk] key padding
+    if is_causal:
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        attn_mask = attn_mask & keep if attn_mask.dtype == torch.bool \
+            else attn_mask.masked_fill(~keep, float("-inf"))
+    if attn_mask.dtype not in (torch.bool, q.dtype):
+        attn_mask = attn_mask.to(q.dtype)
+    return attn_mask, False
+
+
+def reference_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                        scale: Optional[float]) -> Tensor:
+    attn_mask, is_causal = sdpa_form(q, k, attn_mask, is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom ops' CPU path without the interpreter: the kernels' math and saved lse, in eager PyTorch.
 # ----------------------------------------------------------------------------------------------
 
 def _eager_scores(q, k, bias, is_causal, scale):
@@ -221,20 +251,22 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor]
     masks as [Lq, Lk]; pass [B, 1, 1, Lk] when B == Lq). ``is_causal`` may be combined with a mask. Rows with
     every key masked give 0 and zero gradients. ``scale`` defaults to ``1 / sqrt(D)``.
     """
+    return kernel_attention(*attention_args(q, k, v, attn_mask, is_causal, scale))
+
+
+def attention_args(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
+                   scale: Optional[float] = None) -> tuple:
     _check(q, k, v, attn_mask, scale)
+    return q, k, v, attn_mask, is_causal, scale
+
+
+def kernel_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], is_causal: bool,
+                     scale: Optional[float]) -> Tensor:
+    """clipfast's path: the flash-attention op, or the reference (once said) for what the kernels do not take."""
     reason = _sdpa_reason(q, k, v, attn_mask)
     if reason is not None:
         warn_once(f"attention_sdpa_{reason}", f"{OP} with {reason} runs PyTorch scaled_dot_product_attention")
-        if attn_mask is not None and is_causal:
-            lq, lk = q.shape[-2], k.shape[-2]
-            causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
-            attn_mask = attn_mask.masked_fill(~causal, float("-inf")) if attn_mask.dtype != torch.bool \
-                else attn_mask & causal
-            is_causal = False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-    alt = route(OP, (q, k, v, attn_mask, is_causal, scale))
-    if alt is not None:
-        return alt(q, k, v, attn_mask, is_causal, scale)
+        return reference_attention(q, k, v, attn_mask, is_causal, scale)
     unbatched = q.dim() == 3
     if unbatched:
         q, k, v = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)

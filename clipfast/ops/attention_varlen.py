@@ -26,7 +26,6 @@ from clipfast.kernels import attention_varlen as kernel
 from clipfast.kernels import runtime
 
 from .._validate import check_same_device, check_tensor, host_sync_forbidden, warn_once
-from ..dispatcher import route
 from ._custom_op import custom_op
 from .attention import _eager_bwd as _dense_eager_bwd
 from .attention import _eager_fwd as _dense_eager_fwd
@@ -35,8 +34,48 @@ OP = "flash_attention_varlen"
 
 
 # ----------------------------------------------------------------------------------------------
-# Eager reference (also the CPU path without the interpreter): the dense reference per sequence, with the
-# kernels' saved statistics layout.
+# Eager reference: what PyTorch code writes for packed sequences (SDPA on a padded batch). Also the
+# dispatcher's ``torch`` candidate and the fallback for shapes the kernels do not take.
+# ----------------------------------------------------------------------------------------------
+
+def _token_positions(cu_seqlens: Tensor, total: int):
+    """(sequence index, position in its sequence) of every packed token, computed on the device."""
+    token = torch.arange(total, device=cu_seqlens.device)
+    offsets = cu_seqlens.long()
+    seq = torch.searchsorted(offsets[1:], token, right=True)
+    return seq, token - offsets[seq]
+
+
+def reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+                               scale) -> Tensor:
+    """Scatter the packed sequences into a padded batch, run SDPA with a key-padding (+ causal, top-left)
+    mask, gather the real rows back. No host synchronization. Padded query rows see every key (their results
+    are dropped) so that no row is fully masked."""
+    batch = cu_seqlens_q.shape[0] - 1
+    h = q.shape[1]
+    if batch == 0 or q.shape[0] == 0:
+        return q.new_empty((q.shape[0], h, v.shape[2]))
+    sq, pq = _token_positions(cu_seqlens_q, q.shape[0])
+    sk, pk = _token_positions(cu_seqlens_k, k.shape[0])
+
+    def padded(t, seq, pos, length):
+        return t.new_zeros((batch, length, h, t.shape[2])).index_put((seq, pos), t).transpose(1, 2)
+
+    qp, kp, vp = padded(q, sq, pq, max_seqlen_q), padded(k, sk, pk, max_seqlen_k), padded(v, sk, pk, max_seqlen_k)
+    keys = torch.arange(max_seqlen_k, device=q.device)
+    rows = torch.arange(max_seqlen_q, device=q.device)
+    keep = (keys < (cu_seqlens_k[1:] - cu_seqlens_k[:-1])[:, None])[:, None, :]           # [B, 1, Lk]
+    if is_causal:
+        keep = keep & (keys[None, :] <= rows[:, None])                                      # [B, Lq, Lk]
+    padded_row = (rows >= (cu_seqlens_q[1:] - cu_seqlens_q[:-1])[:, None])[:, :, None]      # [B, Lq, 1]
+    mask = (keep | padded_row)[:, None]                                                     # [B, 1, Lq, Lk]
+    out = torch.nn.functional.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)[sq, pq]
+
+
+# ----------------------------------------------------------------------------------------------
+# The custom ops' CPU path without the interpreter: the dense eager math per sequence, with the kernels'
+# saved statistics layout.
 # ----------------------------------------------------------------------------------------------
 
 def _sequences(cu_seqlens_q, cu_seqlens_k):
@@ -188,16 +227,6 @@ def _eager_reason(q, v) -> Optional[str]:
     return None
 
 
-def _eager_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, is_causal, scale):
-    """Differentiable per-sequence SDPA (the fallback for shapes the kernels do not take)."""
-    outs = []
-    for qs, qe, ks, ke in _sequences(cu_seqlens_q, cu_seqlens_k):
-        o = torch.nn.functional.scaled_dot_product_attention(
-            _dense(q, qs, qe), _dense(k, ks, ke), _dense(v, ks, ke), is_causal=is_causal, scale=scale)
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs) if outs else q.new_empty(q.shape[:2] + v.shape[2:])
-
-
 def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, is_causal: bool = False,
                            scale: Optional[float] = None) -> Tensor:
@@ -209,16 +238,27 @@ def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor
     sequence sees keys j <= i of the same sequence. ``scale`` defaults to ``1 / sqrt(D)``. Returns
     [total_q, H, D].
     """
+    return kernel_attention_varlen(*attention_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                          max_seqlen_k, is_causal, scale))
+
+
+def attention_varlen_args(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                          max_seqlen_q: int, max_seqlen_k: int, is_causal: bool = False,
+                          scale: Optional[float] = None) -> tuple:
+    """The canonical arguments: the public ones with the sizes as ints and the scale resolved."""
     _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale)
     d = q.shape[2]
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(d) if d > 0 else 1.0
+    return q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(is_causal), scale
+
+
+def kernel_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+                            scale) -> Tensor:
+    """clipfast's path: the varlen op, or the reference (once said) for what the kernels do not take."""
     reason = _eager_reason(q, v)
     if reason is not None:
-        warn_once(f"attention_varlen_eager_{reason}", f"{OP} with {reason} runs per-sequence PyTorch SDPA")
-        return _eager_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, bool(is_causal), scale)
-    alt = route(OP, (q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(is_causal),
-                     scale))
-    if alt is not None:
-        return alt(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k), bool(is_causal), scale)
-    return flash_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                      bool(is_causal), scale)[0]
+        warn_once(f"attention_varlen_eager_{reason}", f"{OP} with {reason} runs PyTorch SDPA on a padded batch")
+        return reference_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          is_causal, scale)
+    return flash_attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
+                                      scale)[0]

@@ -29,7 +29,6 @@ from clipfast.kernels import contrastive_loss as kernel
 
 from .._validate import (FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_same_device, check_tensor, kernel_takes_width,
                          plain_float_tensors_on)
-from ..dispatcher import route
 from ._custom_op import custom_op
 
 EPS = 1e-12
@@ -263,19 +262,26 @@ def _check_features(op: str, a: Tensor, b: Tensor, a_name: str, b_name: str, squ
                          f"{b.shape[0]} columns of `{b_name}`")
 
 
-def _run(a, b, scale, bias, kind, offset, both_directions, normalize) -> Tensor:
-    alt = route("siglip_loss" if kind == SIGLIP else "clip_loss", (a, b, scale, bias, kind, offset, both_directions,
-                                                                    normalize))
-    if alt is not None:
-        return alt(a, b, scale, bias, kind, offset, both_directions, normalize)
-    return fused_loss(a, b, scale, bias, kind, offset, both_directions, normalize)
-
-
-def fused_loss(a, b, scale, bias, kind, offset, both_directions, normalize, grad_block_d: int = 0) -> Tensor:
-    """The fused op itself (no dispatch), its backward with the feature-chunk width ``grad_block_d``
-    (0: the tile with the fewest GEMM passes)."""
+def kernel_loss(a, b, scale, bias, kind, offset, both_directions, normalize, grad_block_d: int = 0) -> Tensor:
+    """clipfast's path: the fused op (no logits matrix), its backward on feature chunks of ``grad_block_d``
+    (0: the width with the fewest GEMM passes)."""
     return contrastive_loss_fwd(a, b, scale, bias, kind, int(offset), bool(both_directions), bool(normalize),
                                 int(grad_block_d))[0]
+
+
+def reference_loss(a, b, scale, bias, kind, offset, both_directions, normalize) -> Tensor:
+    """The eager formula (``eager_loss``: builds the N x M logits) as a fp32 scalar."""
+    return eager_loss(a, b, scale, bias, kind, offset, both_directions, normalize).float()
+
+
+# Every public loss below takes its own arguments to the canonical ones, ``(a, b, scale, bias, kind, offset,
+# both_directions, normalize)`` with ``scale`` exponentiated (``<loss>_args``), then runs ``kernel_loss``.
+
+def clip_loss_args(image_features, text_features, logit_scale, normalize=True) -> tuple:
+    op = "clip_loss"
+    _check_features(op, image_features, text_features, "image_features", "text_features", True, 0)
+    s = _scalar(op, "logit_scale", logit_scale, image_features).exp()
+    return image_features, text_features, s, None, CLIP, 0, True, normalize
 
 
 def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float],
@@ -284,10 +290,16 @@ def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[
 
     ``image_features``/``text_features``: [N, d], same dtype (fp32/fp16/bf16); L2-normalized here when
     ``normalize`` (``x / max(||x||, 1e-12)``). Returns a fp32 scalar; never builds the N x N logits."""
-    op = "clip_loss"
-    _check_features(op, image_features, text_features, "image_features", "text_features", True, 0)
+    return kernel_loss(*clip_loss_args(image_features, text_features, logit_scale, normalize))
+
+
+def siglip_loss_args(image_features, text_features, logit_scale, logit_bias, normalize=True,
+                     label_offset=0) -> tuple:
+    op = "siglip_loss"
+    _check_features(op, image_features, text_features, "image_features", "text_features", False, label_offset)
     s = _scalar(op, "logit_scale", logit_scale, image_features).exp()
-    return _run(image_features, text_features, s, None, CLIP, 0, True, normalize)
+    b = _scalar(op, "logit_bias", logit_bias, image_features)
+    return image_features, text_features, s, b, SIGLIP, label_offset, False, normalize
 
 
 def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float],
@@ -295,11 +307,14 @@ def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Unio
     """SigLIP loss ``-sum(logsigmoid(y * (s I T^T + b))) / N``, ``s = logit_scale.exp()``, ``y = +1`` on the
     pairs (text ``i + label_offset`` for image ``i``) and -1 elsewhere. ``text_features`` may have more rows
     than ``image_features`` (all texts of a data-parallel group). Returns a fp32 scalar."""
-    op = "siglip_loss"
-    _check_features(op, image_features, text_features, "image_features", "text_features", False, label_offset)
-    s = _scalar(op, "logit_scale", logit_scale, image_features).exp()
-    b = _scalar(op, "logit_bias", logit_bias, image_features)
-    return _run(image_features, text_features, s, b, SIGLIP, label_offset, False, normalize)
+    return kernel_loss(*siglip_loss_args(image_features, text_features, logit_scale, logit_bias, normalize,
+                                         label_offset))
+
+
+def contrastive_cross_entropy_args(queries, keys, scale, label_offset=0, normalize=False) -> tuple:
+    op = "contrastive_cross_entropy"
+    _check_features(op, queries, keys, "queries", "keys", False, label_offset)
+    return queries, keys, _scalar(op, "scale", scale, queries), None, CLIP, label_offset, False, normalize
 
 
 def contrastive_cross_entropy(queries: Tensor, keys: Tensor, scale: Union[Tensor, float], label_offset: int = 0,
@@ -308,25 +323,29 @@ def contrastive_cross_entropy(queries: Tensor, keys: Tensor, scale: Union[Tensor
 
     ``scale`` multiplies the logits directly (open_clip's convention: an already exponentiated
     ``logit_scale``). This is one direction of the local loss of a data-parallel rank."""
-    op = "contrastive_cross_entropy"
-    _check_features(op, queries, keys, "queries", "keys", False, label_offset)
-    return _run(queries, keys, _scalar(op, "scale", scale, queries), None, CLIP, label_offset, False, normalize)
+    return kernel_loss(*contrastive_cross_entropy_args(queries, keys, scale, label_offset, normalize))
+
+
+def clip_loss_scaled_args(image_features, text_features, scale, normalize=False) -> tuple:
+    op = "clip_loss"
+    _check_features(op, image_features, text_features, "image_features", "text_features", True, 0)
+    return image_features, text_features, _scalar(op, "scale", scale, image_features), None, CLIP, 0, True, normalize
 
 
 def clip_loss_scaled(image_features: Tensor, text_features: Tensor, scale: Union[Tensor, float],
                      normalize: bool = False) -> Tensor:
     """``clip_loss`` taking the multiplier ``scale`` itself (open_clip's ``logit_scale``) instead of its log."""
-    op = "clip_loss"
-    _check_features(op, image_features, text_features, "image_features", "text_features", True, 0)
-    return _run(image_features, text_features, _scalar(op, "scale", scale, image_features), None, CLIP, 0, True,
-                normalize)
+    return kernel_loss(*clip_loss_scaled_args(image_features, text_features, scale, normalize))
+
+
+def siglip_loss_scaled_args(image_features, text_features, scale, bias, label_offset=0, normalize=False) -> tuple:
+    op = "siglip_loss"
+    _check_features(op, image_features, text_features, "image_features", "text_features", False, label_offset)
+    return (image_features, text_features, _scalar(op, "scale", scale, image_features),
+            _scalar(op, "logit_bias", bias, image_features), SIGLIP, label_offset, False, normalize)
 
 
 def siglip_loss_scaled(image_features: Tensor, text_features: Tensor, scale: Union[Tensor, float],
                        bias: Union[Tensor, float], label_offset: int = 0, normalize: bool = False) -> Tensor:
     """``siglip_loss`` taking the multiplier ``scale`` itself (open_clip's convention) instead of its log."""
-    op = "siglip_loss"
-    _check_features(op, image_features, text_features, "image_features", "text_features", False, label_offset)
-    return _run(image_features, text_features, _scalar(op, "scale", scale, image_features),
-                _scalar(op, "logit_bias", bias, image_features), SIGLIP, label_offset, False, normalize)
-
+    return kernel_loss(*siglip_loss_scaled_args(image_features, text_features, scale, bias, label_offset, normalize))

@@ -7,8 +7,12 @@ Pattern every op in clipfast follows:
 - ``register_fake`` for both, so ``torch.compile(fullgraph=True)`` traces them without a graph break;
 - ``register_autograd`` on the forward op calling the backward op (fused Triton backward, no eager
   recomputation);
-- a thin public function that validates arguments (the usual call in one pass, the per-argument checks
-  only when that fails) and calls the forward op.
+- one eager reference per op (``reference_<op>``, on the op's canonical arguments): the CPU path without
+  the interpreter, the ``torch`` candidate of ``clipfast.dispatching`` and the benchmarks' eager baseline;
+- ``<op>_args``: validation (the usual call in one pass, the per-argument checks only when that fails),
+  returning the canonical arguments; ``kernel_<op>``: clipfast's path on them; and the public function
+  ``<op>`` = ``kernel_<op>(*<op>_args(...))``, which no dispatch decision reaches (``clipfast.<op>`` is the
+  dispatched one).
 """
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ from torch import Tensor
 from clipfast.kernels import layer_norm as kernel
 
 from .._validate import check_same_device, check_shape, check_tensor, kernel_takes_width, plain_float_tensors_on
-from ..dispatcher import route
 from ._custom_op import custom_op
 
 
@@ -33,8 +36,25 @@ def _empty() -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Eager reference (also the CPU path without the interpreter): same math, fp32 statistics.
+# Eager reference: ``F.layer_norm``, the parameters in the activations' dtype (what PyTorch code runs)
 # ----------------------------------------------------------------------------------------------
+
+def _same_dtype(t: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    return t.to(like.dtype) if t is not None and t.dtype != like.dtype else t
+
+
+def reference_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), _same_dtype(weight, x), _same_dtype(bias, x), eps)
+
+
+def reference_add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                             eps: float) -> tuple[Tensor, Tensor]:
+    h = x + residual
+    return h, reference_layer_norm(h, weight, bias, eps)
+
+
+# The custom ops' CPU path without the interpreter: the same math with the statistics their backward reads
+# (fp32, saved per row) and the parameters in their own dtype.
 
 def _eager_fwd(x, residual, weight, bias, eps):
     h = x + residual if residual is not None else x
@@ -163,24 +183,37 @@ def _unit_stride(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.stride(0) == 1 else t.contiguous()
 
 
+def layer_norm_args(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                    eps: float = 1e-5) -> tuple:
+    _check("layer_norm", x, None, weight, bias)
+    return x, weight, bias, eps
+
+
+def add_layer_norm_args(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                        eps: float = 1e-5) -> tuple:
+    _check("add_layer_norm", x, residual, weight, bias)
+    return x, residual, weight, bias, eps
+
+
+def kernel_layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float) -> Tensor:
+    return layer_norm_fwd(x, None, _unit_stride(weight), _unit_stride(bias), float(eps))[0]
+
+
+def kernel_add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          eps: float) -> tuple[Tensor, Tensor]:
+    y, h, _, _ = layer_norm_fwd(x, residual, _unit_stride(weight), _unit_stride(bias), float(eps))
+    return h, y
+
+
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
     """LayerNorm over the last dimension with fp32 statistics; returns x's dtype.
 
     ``weight``/``bias`` may be None or of another float dtype than ``x`` (fp32 parameters with fp16/bf16
     activations, as under autocast)."""
-    _check("layer_norm", x, None, weight, bias)
-    alt = route("layer_norm", (x, weight, bias, eps))
-    if alt is not None:
-        return alt(x, weight, bias, eps)
-    return layer_norm_fwd(x, None, _unit_stride(weight), _unit_stride(bias), float(eps))[0]
+    return kernel_layer_norm(*layer_norm_args(x, weight, bias, eps))
 
 
 def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                    eps: float = 1e-5) -> tuple[Tensor, Tensor]:
     """``h = x + residual`` and ``layer_norm(h)`` in one pass; returns ``(h, y)``."""
-    _check("add_layer_norm", x, residual, weight, bias)
-    alt = route("add_layer_norm", (x, residual, weight, bias, eps))
-    if alt is not None:
-        return alt(x, residual, weight, bias, eps)
-    y, h, _, _ = layer_norm_fwd(x, residual, _unit_stride(weight), _unit_stride(bias), float(eps))
-    return h, y
+    return kernel_add_layer_norm(*add_layer_norm_args(x, residual, weight, bias, eps))

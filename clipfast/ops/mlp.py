@@ -30,7 +30,6 @@ from clipfast.kernels import runtime
 
 from .._validate import (FLOAT_DTYPES, PLAIN_TENSOR_TYPES, any_requires_grad, check_same_device, check_shape,
                          check_tensor, plain_float_tensors_on)
-from ..dispatcher import route
 from ._custom_op import custom_op
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
@@ -38,10 +37,10 @@ ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 
 # ----------------------------------------------------------------------------------------------
 # Eager reference (also the CPU path without the interpreter): the same math, in the input dtype,
-# activations computed in fp32.
+# activations computed in fp32. On the canonical arguments (``mlp_args``: parameters in x's dtype).
 # ----------------------------------------------------------------------------------------------
 
-def eager_activation(z: Tensor, activation: str) -> Tensor:
+def reference_activation(z: Tensor, activation: str) -> Tensor:
     zf = z.float() if z.dtype != torch.float64 else z
     if activation == "quick_gelu":
         out = zf * torch.sigmoid(1.702 * zf)
@@ -65,18 +64,34 @@ def eager_activation_grad(z: Tensor, activation: str) -> Tensor:
     return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * 0.7978845608028654 * (1 + 3 * 0.044715 * z * z)
 
 
+def _reference_parts(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, act=reference_activation):
+    """(y, the pre-activation z)."""
+    z = F.linear(x, fc_weight, fc_bias)
+    y = F.linear(act(z, activation), proj_weight, proj_bias)
+    return (y + residual if residual is not None else y), z
+
+
+def reference_mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor,
+                  proj_bias: Optional[Tensor], activation: str, residual: Optional[Tensor], *,
+                  act=reference_activation) -> Tensor:
+    """``proj(act(fc(x))) (+ residual)`` with ``F.linear``; ``act(z, activation)`` may be replaced (the
+    dispatcher's hybrid candidate runs clipfast's activation kernel between cuBLAS GEMMs)."""
+    return _reference_parts(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual, act)[0]
+
+
+def reference_quick_gelu(x: Tensor) -> Tensor:
+    return reference_activation(x, "quick_gelu")
+
+
 def _eager_mlp_fwd(x2, w1, b1, w2, b2, residual2, activation, save_for_backward):
-    z = F.linear(x2, w1, b1)
-    y = F.linear(eager_activation(z, activation), w2, b2)
-    if residual2 is not None:
-        y = y + residual2
+    y, z = _reference_parts(x2, w1, b1, w2, b2, activation, residual2)
     return y, (z if save_for_backward else None)
 
 
 def _eager_mlp_bwd(dy2, x2, w1, w2, z, activation, need_dx, need_fc_grads, need_proj_grads, has_b1, has_b2):
     dw2 = db2 = dx = dw1 = db1 = None
     if need_proj_grads:
-        dw2 = dy2.t() @ eager_activation(z, activation)
+        dw2 = dy2.t() @ reference_activation(z, activation)
         db2 = dy2.float().sum(0) if has_b2 else None
     if need_dx or need_fc_grads:
         dz = ((dy2 @ w2).float() * eager_activation_grad(z, activation)).to(dy2.dtype)
@@ -193,7 +208,7 @@ mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
 def activation_fwd(x: Tensor, activation: str) -> Tensor:
     if runtime.uses_triton(x):
         return kernel.activation_fwd(x.contiguous(), activation)
-    return eager_activation(x, activation)
+    return reference_activation(x, activation)
 
 
 @activation_fwd.register_fake
@@ -236,15 +251,20 @@ def _check_activation(op: str, activation) -> None:
         raise ValueError(f"{op}: `activation` must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
 
 
+def quick_gelu_args(x: Tensor) -> tuple:
+    if not (type(x) in PLAIN_TENSOR_TYPES and x.dtype in FLOAT_DTYPES):
+        check_tensor("quick_gelu", "x", x)
+    return (x,)
+
+
+def kernel_quick_gelu(x: Tensor) -> Tensor:
+    return activation_fwd(x, "quick_gelu")
+
+
 def quick_gelu(x: Tensor) -> Tensor:
     """``x * sigmoid(1.702 * x)`` elementwise (OpenAI CLIP's QuickGELU), computed in fp32, returned in
     ``x``'s dtype."""
-    if not (type(x) in PLAIN_TENSOR_TYPES and x.dtype in FLOAT_DTYPES):
-        check_tensor("quick_gelu", "x", x)
-    alt = route("quick_gelu", (x,))
-    if alt is not None:
-        return alt(x)
-    return activation_fwd(x, "quick_gelu")
+    return kernel_quick_gelu(*quick_gelu_args(x))
 
 
 def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor, proj_bias: Optional[Tensor],
@@ -255,16 +275,25 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
     proj_bias: [D_out] or None; residual: [..., D_out] or None (added in the projection's epilogue);
     activation: "quick_gelu" (x * sigmoid(1.702 x)), "gelu" (erf) or "gelu_tanh". Accumulates in fp32 and
     returns ``x``'s dtype; fp32 inputs use TF32 only when torch allows it for matmuls."""
+    return kernel_mlp(*mlp_args(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=residual))
+
+
+def mlp_args(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor,
+             proj_bias: Optional[Tensor], activation: str = "quick_gelu", *, residual: Optional[Tensor] = None) -> tuple:
+    """The canonical arguments ``(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual)``, the
+    parameters of another float dtype cast to x's (autocast's rule; same-dtype ones are used as they are)."""
     if not _common_case(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation):
         _check_fully(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation)
-    # parameters of another float dtype are cast to x's (autocast's rule); same-dtype ones are used as they are
     dtype = x.dtype
     params = [t if t is None or t.dtype == dtype else t.to(dtype) for t in (fc_weight, fc_bias, proj_weight, proj_bias)]
-    alt = route("mlp", (x, *params, activation, residual))
-    if alt is not None:
-        return alt(x, *params, activation, residual)
+    return (x, *params, activation, residual)
+
+
+def kernel_mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor,
+               proj_bias: Optional[Tensor], activation: str, residual: Optional[Tensor]) -> Tensor:
+    """clipfast's path: the fused MLP op (Z kept for backward only when a gradient is wanted)."""
     save = torch.is_grad_enabled() and any_requires_grad(x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
-    return mlp_fwd(x, *params, residual, activation, save)[0]
+    return mlp_fwd(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation, save)[0]
 
 
 def _common_case(x, fc_weight, fc_bias, proj_weight, proj_bias, residual, activation) -> bool:

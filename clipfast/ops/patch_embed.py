@@ -17,18 +17,18 @@ from torch import Tensor
 from clipfast.kernels import patch_embed as kernel
 from clipfast.kernels import runtime
 
-from .._validate import (FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_same_device, check_tensor, host_sync_forbidden,
-                         plain_float_tensors_on)
-from ..dispatcher import route
+from .._validate import (FLOAT_DTYPES, PLAIN_TENSOR_TYPES, check_same_device, check_shape, check_tensor,
+                         host_sync_forbidden, plain_float_tensors_on)
 from . import _custom_op
 from ._custom_op import custom_op
-from .layer_norm import layer_norm
+from .layer_norm import kernel_layer_norm, reference_layer_norm
 
 PIXEL_DTYPES = FLOAT_DTYPES + (torch.uint8,)
 
 
 # ----------------------------------------------------------------------------------------------
-# Eager reference (also the CPU path without the interpreter)
+# Eager reference: conv2d -> flatten -> cat(class) -> + positional (-> F.layer_norm for ln_pre), on the
+# canonical arguments (``patch_embed_args``). The pre-LN part is also the CPU path without the interpreter.
 # ----------------------------------------------------------------------------------------------
 
 def _normalized(pixels, scale, shift):
@@ -37,7 +37,8 @@ def _normalized(pixels, scale, shift):
     return pixels.float() * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
 
 
-def _eager_fwd(pixels, weight, bias, class_embedding, positional_embedding, scale, shift):
+def _reference_tokens(pixels, weight, bias, class_embedding, positional_embedding, scale, shift):
+    bias = bias.to(weight.dtype) if bias is not None else None
     x = F.conv2d(_normalized(pixels, scale, shift).to(weight.dtype), weight, bias, stride=weight.shape[-1])
     x = x.flatten(2).transpose(1, 2)
     if class_embedding is not None:
@@ -45,7 +46,19 @@ def _eager_fwd(pixels, weight, bias, class_embedding, positional_embedding, scal
         x = torch.cat([cls, x], dim=1)
     if positional_embedding is not None:
         x = x + positional_embedding.to(x.dtype)
-    return x.contiguous()
+    return x
+
+
+def reference_patch_embed(pixels, conv_weight, conv_bias, class_embedding, positional_embedding, scale, shift,
+                          ln_weight, ln_bias, ln_eps) -> Tensor:
+    tokens = _reference_tokens(pixels, conv_weight, conv_bias, class_embedding, positional_embedding, scale, shift)
+    if ln_weight is None and ln_bias is None:
+        return tokens
+    return reference_layer_norm(tokens, ln_weight, ln_bias, ln_eps)
+
+
+def _eager_fwd(pixels, weight, bias, class_embedding, positional_embedding, scale, shift):
+    return _reference_tokens(pixels, weight, bias, class_embedding, positional_embedding, scale, shift).contiguous()
 
 
 def _eager_bwd(dtokens, pixels, weight, scale, shift, has_cls, need_pixels, need_weight, need_bias, sum_rows):
@@ -278,17 +291,34 @@ def patch_embed(pixels: Tensor, conv_weight: Tensor, class_embedding: Optional[T
       ``ln_eps``) is applied and only the normalized tokens are returned (CLIP never uses the pre-LN tokens;
       autograd keeps them for the LayerNorm backward).
     """
+    return kernel_patch_embed(*patch_embed_args(pixels, conv_weight, class_embedding, positional_embedding,
+                                                conv_bias=conv_bias, mean=mean, std=std, ln_weight=ln_weight,
+                                                ln_bias=ln_bias, ln_eps=ln_eps))
+
+
+def patch_embed_args(pixels: Tensor, conv_weight: Tensor, class_embedding: Optional[Tensor] = None,
+                     positional_embedding: Optional[Tensor] = None, *, conv_bias: Optional[Tensor] = None,
+                     mean: Union[Sequence[float], Tensor, None] = None, std: Union[Sequence[float], Tensor, None] = None,
+                     ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None, ln_eps: float = 1e-5) -> tuple:
+    """The canonical arguments ``(pixels, conv_weight, conv_bias, class_embedding, positional_embedding [N,
+    width], scale, shift, ln_weight, ln_bias, ln_eps)``, the normalization folded into ``scale``/``shift``."""
     op = "patch_embed"
     _check(op, pixels, conv_weight, conv_bias, class_embedding, positional_embedding)
+    for name, t in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t is not None and not (type(t) in PLAIN_TENSOR_TYPES and t.shape == conv_weight.shape[:1]):
+            check_tensor(op, name, t, ndim=1)
+            check_shape(op, name, t, conv_weight.shape[:1])
     scale, shift = _scale_shift(op, pixels, mean, std)
     pos = positional_embedding
     if pos is not None and pos.dim() == 3:
         pos = pos.reshape(pos.shape[1:])
-    args = (pixels, conv_weight, conv_bias, class_embedding, pos, scale, shift, ln_weight, ln_bias, ln_eps)
-    alt = route(op, args)
-    if alt is not None:
-        return alt(*args)
-    tokens = patch_embed_fwd(pixels, conv_weight, conv_bias, class_embedding, pos, scale, shift)
+    return pixels, conv_weight, conv_bias, class_embedding, pos, scale, shift, ln_weight, ln_bias, ln_eps
+
+
+def kernel_patch_embed(pixels, conv_weight, conv_bias, class_embedding, positional_embedding, scale, shift,
+                       ln_weight, ln_bias, ln_eps) -> Tensor:
+    """clipfast's path: the patch-embedding kernel, then ln_pre (the LayerNorm kernels) when asked for."""
+    tokens = patch_embed_fwd(pixels, conv_weight, conv_bias, class_embedding, positional_embedding, scale, shift)
     if ln_weight is None and ln_bias is None:
         return tokens
-    return layer_norm(tokens, ln_weight, ln_bias, float(ln_eps))
+    return kernel_layer_norm(tokens, ln_weight, ln_bias, float(ln_eps))

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from clipfast.nn.mlp import fc_act_fc_forward, sequential_mlp_forward
-from clipfast.ops.mlp import eager_activation
+from clipfast.ops.mlp import reference_activation
 from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 
 # On the CPU explicitly: the rules are imported by the first ``clipfast.patch``, which may run under a
@@ -38,7 +38,7 @@ def _behaves_like(fn, activation: str) -> bool:
     except Exception:
         return False
     return (isinstance(out, torch.Tensor) and out.shape == _PROBE.shape
-            and torch.allclose(out.float(), eager_activation(_PROBE.double(), activation).float(),
+            and torch.allclose(out.float(), reference_activation(_PROBE.double(), activation).float(),
                                atol=1e-5, rtol=1e-5))
 
 

@@ -1,149 +1,21 @@
-"""Never slower than PyTorch: a measured choice, per op and shape bucket, between clipfast's kernels and
-the PyTorch implementations a user would otherwise run.
-
-Modes (``CLIPFAST_DISPATCH`` at import, ``set_dispatch(mode)``, ``with dispatch(mode):``):
-
-- ``"auto"`` (default): on CUDA, the first call of an op at a new shape *bucket* times every candidate
-  (``clipfast.candidates``) with CUDA events after a warm-up -- the forward alone under ``no_grad`` /
-  inference, forward and backward when a gradient is wanted -- and keeps the fastest. On CPU the op runs
-  as it always has (Triton interpreter under ``TRITON_INTERPRET=1``, else the eager reference).
-- ``"kernel"``: always clipfast's path (the tests and the kernel benchmarks run this way).
-- ``"torch"``: always the plain PyTorch implementation; nothing from ``clipfast.kernels`` is launched.
-
-Hot path (every op call): ``route(op, args)`` is a global read in ``kernel`` mode, one dict lookup in
-``torch`` mode, and in ``auto`` a key of a few integers (sizes rounded up to a power of two, exact feature
-widths, dtype, whether a gradient is wanted) looked up in a dict. It never synchronizes the device, so a
-tuned model can be captured in a CUDA graph; while compiling or capturing, a bucket without a choice runs
-clipfast's path and tunes nothing. Under ``torch.compile`` the lookup runs at trace time (the chosen
-implementation is traced: no graph break) and a later tuning triggers a recompile through dynamo's guards.
-
-Tuning is invisible to the code around it: it draws its inputs from a private generator (every global RNG
-is left as it was), saves its tensors past any ``saved_tensors_hooks`` in force (activation checkpointing,
-CPU offloading), so a checkpointed forward saves the same tensors when it is recomputed, and it never runs
-inside a backward pass (a bucket first met there, e.g. by a reentrant checkpoint's recompute, runs
-clipfast's path and is tuned at its next call outside).
-
-Choices are kept in memory and on disk: ``dispatch.json`` under ``cache_dir()`` (``CLIPFAST_CACHE_DIR``,
-else ``$XDG_CACHE_HOME/clipfast``, else ``~/.cache/clipfast``), one section per environment (GPU name and
-the torch, triton and clipfast versions), so an upgrade re-tunes. Tuning time per op and bucket is bounded
-(``CLIPFAST_TUNE_BUDGET_S``, default 1 s). A candidate that raises or returns non-finite values is dropped
-with a one-time warning. Under ``torch.distributed`` each rank decides on its own (from the shared disk
-cache or by timing): the hot path never runs a collective, so a bucket met by one rank alone (rank-0
-evaluation, uneven last batches) never blocks. Every candidate computes the same math, so ranks that chose
-differently still train together; to make them run the same code, call ``sync_dispatch()`` on every rank at
-a point they all reach (e.g. after the first step): rank 0's choices are broadcast and adopted.
-"""
+"""The hot path (``route``) and the tuner: per op and shape bucket, the first call in ``auto`` mode times the
+candidates (or reads the disk cache) and keeps the fastest; later calls are one dict lookup."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from .kernels.environment import cache_dir, versions, warn_once
+from clipfast.kernels.environment import warn_once
 
-MODES = ("auto", "kernel", "torch")
-KERNEL = "clipfast"  # the name of clipfast's own candidate in every op
-ENV_MODE = "CLIPFAST_DISPATCH"
-
-
-def _check_mode(mode) -> str:
-    if mode not in MODES:
-        raise ValueError(f"clipfast dispatch mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    return mode
-
-
-def _mode_from_env() -> str:
-    value = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
-    try:
-        return _check_mode(value)
-    except ValueError as exc:
-        raise ValueError(f"{ENV_MODE}: {exc}") from None
-
-
-_mode: str = _mode_from_env()
-
-
-def set_dispatch(mode: str) -> str:
-    """Set the dispatch mode (``"auto"``, ``"kernel"`` or ``"torch"``) for the process; returns the previous."""
-    global _mode
-    previous, _mode = _mode, _check_mode(mode)
-    return previous
-
-
-def get_dispatch() -> str:
-    return _mode
-
-
-@contextlib.contextmanager
-def dispatch(mode: str) -> Iterator[None]:
-    """``with clipfast.dispatch("torch"): ...`` runs the block in ``mode`` and restores the previous one."""
-    previous = set_dispatch(mode)
-    try:
-        yield
-    finally:
-        set_dispatch(previous)
-
-
-# ----------------------------------------------------------------------------------------------
-# Op specifications (filled by clipfast.candidates on first use)
-# ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Candidate:
-    """One implementation of an op. ``fn`` takes the op's hook arguments; ``None`` means clipfast's own
-    path, which the op runs inline (no extra call). ``cuda_only`` candidates are not offered on CPU."""
-
-    name: str
-    fn: Optional[Callable]
-    cuda_only: bool = False
-
-
-@dataclass
-class OpSpec:
-    """How the dispatcher sees one op: its shape key (already bucketed; dtype and gradient flag are added
-    here), its candidates (clipfast's first), the one ``torch`` mode runs, clipfast's path as a callable for
-    timing, and an optional filter of the candidates a call may use (e.g. the eager loss under a memory cap).
-    """
-
-    op: str
-    shape_key: Callable[..., tuple]
-    candidates: list[Candidate]
-    torch_name: str
-    kernel_fn: Callable
-    eligible: Optional[Callable[..., bool]] = None  # eligible(name, *args) for the non-clipfast candidates
-    by_name: dict[str, Candidate] = field(init=False)
-
-    def __post_init__(self):
-        self.by_name = {c.name: c for c in self.candidates}
-
-    def runner(self, name: str) -> Callable:
-        fn = self.by_name[name].fn
-        return self.kernel_fn if fn is None else fn
-
-
-_specs: dict[str, OpSpec] = {}
-
-
-def register(spec: OpSpec) -> OpSpec:
-    _specs[spec.op] = spec
-    return spec
-
-
-def specs() -> dict[str, OpSpec]:
-    if not _specs:
-        from . import candidates  # noqa: F401  (registers every op)
-    return _specs
-
-
-def bucket(n: int) -> int:
-    """Sizes that vary between calls (batch, tokens, rows) are rounded up to a power of two."""
-    return 1 << (n - 1).bit_length() if n > 1 else n
-
+from . import modes
+from .cache import DiskCache
+from .modes import KERNEL
+from .specs import OpSpec, _specs
 
 # ----------------------------------------------------------------------------------------------
 # The hot path
@@ -162,10 +34,10 @@ def _wants_grad(args) -> bool:
 
 def route(op: str, args: tuple) -> Optional[Callable]:
     """What the op should run: ``None`` for clipfast's own path, else a callable taking ``*args``."""
-    mode = _mode
+    mode = modes._mode
     if mode == "kernel":
         return None
-    spec = _specs.get(op) or specs()[op]
+    spec = _specs[op]
     if mode == "torch":
         return spec.by_name[spec.torch_name].fn
     first = args[0]
@@ -232,7 +104,6 @@ def sync_dispatch(group=None) -> int:
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1):
         return 0
-    specs()
     box = [list(_chosen_names.items()) if dist.get_rank(group) == 0 else None]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
     changed = 0
@@ -432,70 +303,6 @@ def set_tuner(tuner: Tuner) -> Tuner:
     return previous
 
 
-# ----------------------------------------------------------------------------------------------
-# The on-disk cache
-# ----------------------------------------------------------------------------------------------
-
-def cache_path() -> str:
-    return os.path.join(cache_dir(), "dispatch.json")
-
-
-def environment(device: torch.device) -> str:
-    """The cache section of ``device``: its name and the versions a choice depends on."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return "|".join([name] + [f"{k} {v}" for k, v in versions().items()])
-
-
-class DiskCache:
-    """``{"format": 1, "environments": {environment: {key_text: {"choice": name, "ms": {...}}}}}``, read once
-    per process and rewritten (atomically, merged with what is on disk) after each tuning."""
-
-    FORMAT = 1
-
-    def __init__(self):
-        self._data: Optional[dict] = None
-        self._env: dict[Any, str] = {}
-
-    def _read(self) -> dict:
-        try:
-            with open(cache_path()) as f:
-                data = json.load(f)
-            if data.get("format") == self.FORMAT and isinstance(data.get("environments"), dict):
-                return data
-        except (OSError, ValueError, AttributeError):
-            pass
-        return {"format": self.FORMAT, "environments": {}}
-
-    def _section(self, device: torch.device) -> dict:
-        if self._data is None:
-            self._data = self._read()
-        env = self._env.get(device)
-        if env is None:
-            env = self._env[device] = environment(device)
-        return self._data["environments"].setdefault(env, {})
-
-    def lookup(self, device: torch.device, key: str) -> Optional[dict]:
-        return self._section(device).get(key)
-
-    def store(self, device: torch.device, key: str, entry: dict) -> None:
-        self._section(device)[key] = entry
-        env = self._env[device]
-        path = cache_path()
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            merged = self._read()
-            merged["environments"].setdefault(env, {}).update(self._data["environments"][env])
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                json.dump(merged, f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except OSError as exc:
-            warn_once("dispatch_cache_write", f"dispatch: cannot write the tuning cache {path} ({exc})")
-
-    def entries(self, device: torch.device) -> dict:
-        return dict(self._section(device))
-
-
 _disk = DiskCache()
 
 
@@ -506,42 +313,3 @@ def clear_memory_cache() -> None:
     _chosen_names.clear()
     tune_records.clear()
     _disk = DiskCache()
-
-
-# ----------------------------------------------------------------------------------------------
-# Reporting
-# ----------------------------------------------------------------------------------------------
-
-FAMILY_OPS = {"layer_norm": ("layer_norm", "add_layer_norm"), "attention": ("flash_attention", "flash_attention_varlen"),
-              "mlp": ("mlp", "quick_gelu"), "patch_embed": ("patch_embed",),
-              "loss": ("clip_loss", "siglip_loss")}
-
-
-def _kernels_here() -> str:
-    """What "clipfast's path" means on this machine: the kernels, or on CPU without the interpreter the
-    eager reference."""
-    if torch.cuda.is_available():
-        return "clipfast kernels"
-    from clipfast.kernels import runtime
-
-    if runtime.INTERPRET:
-        return "clipfast kernels (CPU: Triton interpreter)"
-    return "eager PyTorch reference on CPU (TRITON_INTERPRET=1 runs clipfast's kernels in the interpreter)"
-
-
-def describe(family: str) -> str:
-    """What a swapped module of ``family`` runs under the current mode, for ``clipfast.patch``'s report."""
-    if _mode != "auto":
-        return "PyTorch (dispatch 'torch')" if _mode == "torch" else f"{_kernels_here()} (dispatch 'kernel')"
-    ops = FAMILY_OPS.get(family, ())
-    counts: dict[str, int] = {}
-    for key, name in _chosen_names.items():
-        if key[0] in ops:
-            counts[name] = counts.get(name, 0) + 1
-    if not counts and torch.cuda.is_available():
-        for key, entry in _disk.entries(torch.device("cuda", torch.cuda.current_device())).items():
-            if key.split("|", 1)[0] in ops and isinstance(entry, dict) and "choice" in entry:
-                counts[entry["choice"]] = counts.get(entry["choice"], 0) + 1
-    if not counts:
-        return "auto: " + (_kernels_here() + ("; not tuned yet" if torch.cuda.is_available() else ""))
-    return "auto: " + ", ".join(f"{name} x{n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
