@@ -1,10 +1,11 @@
 """The dispatched ops: the public functions of ``clipfast`` (and what ``clipfast.nn``, the patch rules and
-text unpadding call). Each validates through the op's ``<op>_args`` (``clipfast.ops``), asks ``route`` what
-to run on those canonical arguments and runs it: clipfast's path (``kernel_<op>``) or the chosen PyTorch
-candidate. Signatures and semantics are the pure ops' in ``clipfast.ops`` (docstrings shared)."""
+text unpadding call). Each takes the pure op's signature and docstring (``clipfast.ops``), validates through
+the op's ``<op>_args`` (which returns the canonical arguments), asks ``route`` what to run on them and runs
+it: clipfast's path (``kernel_<op>``) or the chosen PyTorch candidate."""
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import functools
+from typing import Callable, Union
 
 from torch import Tensor
 
@@ -25,98 +26,40 @@ from . import candidates  # noqa: F401  (registers every op's candidates)
 from .tuner import route
 
 
-def _same_doc(pure):
-    def decorate(fn):
-        fn.__doc__ = pure.__doc__
-        return fn
-    return decorate
+def _dispatched(op: Union[str, Callable[[tuple], str]], pure: Callable, args_of: Callable, kernel: Callable):
+    """``pure`` behind the dispatcher: ``op`` names the op (or picks it from the canonical arguments)."""
+    op_of = (lambda canonical: op) if isinstance(op, str) else op
+
+    def dispatched(*args, **kwargs) -> Tensor:
+        canonical = args_of(*args, **kwargs)
+        return (route(op_of(canonical), canonical) or kernel)(*canonical)
+
+    functools.update_wrapper(dispatched, pure)
+    dispatched.__module__ = __name__
+    return dispatched
 
 
-@_same_doc(pure_layer_norm)
-def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, eps: float = 1e-5) -> Tensor:
-    args = layer_norm_args(x, weight, bias, eps)
-    return (route("layer_norm", args) or kernel_layer_norm)(*args)
+layer_norm = _dispatched("layer_norm", pure_layer_norm, layer_norm_args, kernel_layer_norm)
+add_layer_norm = _dispatched("add_layer_norm", pure_add_layer_norm, add_layer_norm_args, kernel_add_layer_norm)
+flash_attention = _dispatched("flash_attention", pure_attention.flash_attention, pure_attention.attention_args,
+                              pure_attention.kernel_attention)
+flash_attention_varlen = _dispatched("flash_attention_varlen", pure_varlen.flash_attention_varlen,
+                                     pure_varlen.attention_varlen_args, pure_varlen.kernel_attention_varlen)
+quick_gelu = _dispatched("quick_gelu", pure_quick_gelu, quick_gelu_args, kernel_quick_gelu)
+mlp = _dispatched("mlp", pure_mlp, mlp_args, kernel_mlp)
+patch_embed = _dispatched("patch_embed", pure_patch_embed, patch_embed_args, kernel_patch_embed)
 
 
-@_same_doc(pure_add_layer_norm)
-def add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
-                   eps: float = 1e-5) -> tuple[Tensor, Tensor]:
-    args = add_layer_norm_args(x, residual, weight, bias, eps)
-    return (route("add_layer_norm", args) or kernel_add_layer_norm)(*args)
+def _loss_op(canonical: tuple) -> str:
+    """The contrastive losses share one kernel path; the dispatcher keeps the two kinds apart."""
+    return "siglip_loss" if canonical[4] == pure_loss.SIGLIP else "clip_loss"
 
 
-@_same_doc(pure_attention.flash_attention)
-def flash_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False,
-                    scale: Optional[float] = None) -> Tensor:
-    args = pure_attention.attention_args(q, k, v, attn_mask, is_causal, scale)
-    return (route("flash_attention", args) or pure_attention.kernel_attention)(*args)
-
-
-@_same_doc(pure_varlen.flash_attention_varlen)
-def flash_attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
-                           max_seqlen_q: int, max_seqlen_k: int, is_causal: bool = False,
-                           scale: Optional[float] = None) -> Tensor:
-    args = pure_varlen.attention_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, is_causal,
-                                         scale)
-    return (route("flash_attention_varlen", args) or pure_varlen.kernel_attention_varlen)(*args)
-
-
-@_same_doc(pure_quick_gelu)
-def quick_gelu(x: Tensor) -> Tensor:
-    args = quick_gelu_args(x)
-    return (route("quick_gelu", args) or kernel_quick_gelu)(*args)
-
-
-@_same_doc(pure_mlp)
-def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor, proj_bias: Optional[Tensor],
-        activation: str = "quick_gelu", *, residual: Optional[Tensor] = None) -> Tensor:
-    args = mlp_args(x, fc_weight, fc_bias, proj_weight, proj_bias, activation, residual=residual)
-    return (route("mlp", args) or kernel_mlp)(*args)
-
-
-@_same_doc(pure_patch_embed)
-def patch_embed(pixels: Tensor, conv_weight: Tensor, class_embedding: Optional[Tensor] = None,
-                positional_embedding: Optional[Tensor] = None, *, conv_bias: Optional[Tensor] = None,
-                mean: Union[Sequence[float], Tensor, None] = None, std: Union[Sequence[float], Tensor, None] = None,
-                ln_weight: Optional[Tensor] = None, ln_bias: Optional[Tensor] = None, ln_eps: float = 1e-5) -> Tensor:
-    args = patch_embed_args(pixels, conv_weight, class_embedding, positional_embedding,
-                                         conv_bias=conv_bias, mean=mean, std=std, ln_weight=ln_weight,
-                                         ln_bias=ln_bias, ln_eps=ln_eps)
-    return (route("patch_embed", args) or kernel_patch_embed)(*args)
-
-
-def _contrastive(args: tuple) -> Tensor:
-    op = "siglip_loss" if args[4] == pure_loss.SIGLIP else "clip_loss"
-    return (route(op, args) or pure_loss.kernel_loss)(*args)
-
-
-@_same_doc(pure_loss.clip_loss)
-def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float],
-              normalize: bool = True) -> Tensor:
-    return _contrastive(pure_loss.clip_loss_args(image_features, text_features, logit_scale, normalize))
-
-
-@_same_doc(pure_loss.siglip_loss)
-def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Union[Tensor, float],
-                logit_bias: Union[Tensor, float], normalize: bool = True, label_offset: int = 0) -> Tensor:
-    return _contrastive(pure_loss.siglip_loss_args(image_features, text_features, logit_scale, logit_bias, normalize,
-                                               label_offset))
-
-
-@_same_doc(pure_loss.contrastive_cross_entropy)
-def contrastive_cross_entropy(queries: Tensor, keys: Tensor, scale: Union[Tensor, float], label_offset: int = 0,
-                              normalize: bool = False) -> Tensor:
-    return _contrastive(pure_loss.contrastive_cross_entropy_args(queries, keys, scale, label_offset, normalize))
-
-
-@_same_doc(pure_loss.clip_loss_scaled)
-def clip_loss_scaled(image_features: Tensor, text_features: Tensor, scale: Union[Tensor, float],
-                     normalize: bool = False) -> Tensor:
-    return _contrastive(pure_loss.clip_loss_scaled_args(image_features, text_features, scale, normalize))
-
-
-@_same_doc(pure_loss.siglip_loss_scaled)
-def siglip_loss_scaled(image_features: Tensor, text_features: Tensor, scale: Union[Tensor, float],
-                       bias: Union[Tensor, float], label_offset: int = 0, normalize: bool = False) -> Tensor:
-    return _contrastive(pure_loss.siglip_loss_scaled_args(image_features, text_features, scale, bias, label_offset,
-                                                      normalize))
+clip_loss = _dispatched(_loss_op, pure_loss.clip_loss, pure_loss.clip_loss_args, pure_loss.kernel_loss)
+siglip_loss = _dispatched(_loss_op, pure_loss.siglip_loss, pure_loss.siglip_loss_args, pure_loss.kernel_loss)
+contrastive_cross_entropy = _dispatched(_loss_op, pure_loss.contrastive_cross_entropy,
+                                        pure_loss.contrastive_cross_entropy_args, pure_loss.kernel_loss)
+clip_loss_scaled = _dispatched(_loss_op, pure_loss.clip_loss_scaled, pure_loss.clip_loss_scaled_args,
+                               pure_loss.kernel_loss)
+siglip_loss_scaled = _dispatched(_loss_op, pure_loss.siglip_loss_scaled, pure_loss.siglip_loss_scaled_args,
+                                 pure_loss.kernel_loss)
