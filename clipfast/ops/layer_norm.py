@@ -53,20 +53,14 @@ def reference_add_layer_norm(x: Tensor, residual: Tensor, weight: Optional[Tenso
     return h, reference_layer_norm(h, weight, bias, eps)
 
 
-# The custom ops' CPU path without the interpreter: the same math with the statistics their backward reads
-# (fp32, saved per row) and the parameters in their own dtype.
+# The custom ops' CPU path without the interpreter: PyTorch's own LayerNorm, which also returns the fp32
+# statistics the backward op reads; the parameters in their own dtype (fp32 ones with fp16/bf16 activations).
 
 def _eager_fwd(x, residual, weight, bias, eps):
     h = x + residual if residual is not None else x
-    hf = h.float()
-    var, mean = torch.var_mean(hf, dim=-1, unbiased=False)
-    rstd = torch.rsqrt(var + eps)
-    y = (hf - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)
-    if weight is not None:
-        y = y * weight.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype), (h if residual is not None else None), mean.reshape(-1), rstd.reshape(-1)
+    weight, bias = (p if p is None or p.dtype in (h.dtype, torch.float32) else p.float() for p in (weight, bias))
+    y, mean, rstd = torch.native_layer_norm(h, (h.shape[-1],), weight, bias, eps)
+    return y, (h if residual is not None else None), mean.reshape(-1), rstd.reshape(-1)
 
 
 def _eager_bwd(dy, dh, x, weight, bias, mean, rstd):
