@@ -1,9 +1,10 @@
 """Switching clipfast on in an existing model: ``clipfast.patch(model)`` / ``clipfast.unpatch(model)``.
 
-Swaps are per instance and driven by a registry of rules. A rule (``PatchRule``) belongs to a kernel
-family ("layer_norm", "attention", "mlp", "patch_embed", ...), has a cheap ``match`` test on one module
-and a ``convert`` that builds the replacement. Rules live in ``clipfast/patch_rules/<family>.py`` and are
-imported automatically the first time ``patch`` runs.
+Swaps are per instance and driven by a registry of rules (``clipfast.patch_rules.registry``). A rule
+(``PatchRule``) belongs to a kernel family ("layer_norm", "attention", "mlp", "patch_embed", ...), has a
+cheap ``match`` test on one module and a ``convert`` that builds the replacement. The families' rules live in
+``clipfast/patch_rules/<family>.py``, each integrated library's in ``clipfast/integrations/``; they are
+imported the first time ``patch`` runs.
 
 What a replacement must be (``clone_as`` and ``fast_subclass`` make this the easy path):
 - an instance of a subclass of the original's class, so ``isinstance`` checks elsewhere (OpenAI's
@@ -22,54 +23,21 @@ from typing import Callable
 
 import torch.nn as nn
 
+from . import patch_rules
+from .dispatching import FAMILY_OPS, describe
+from .patch_rules.registry import CHANGED as _CHANGED
+from .patch_rules.registry import ORIGINAL as _ORIGINAL
+from .patch_rules.registry import RULES as _RULES
+from .patch_rules.registry import (PatchRule, Unsupported, _rebuild_fast, clone_as, fast_subclass,  # noqa: F401
+                                   is_fast, register_rule)
+
 __all__ = ["PatchRule", "PatchReport", "Skipped", "Swapped", "Unsupported", "clone_as", "fast_subclass", "is_fast",
            "known_families", "patch", "register_rule", "registered_rules", "unpatch"]
 
-#: Families every installation knows about; ``patch`` takes a keyword for each, and for any other
-#: family a registered rule names.
-DEFAULT_FAMILIES = ("layer_norm", "attention", "mlp", "patch_embed")
-
-# The attribute (in the replacement's __dict__, not a submodule) holding the module it replaced.
-_ORIGINAL = "_clipfast_original"
-
-
-class Unsupported(Exception):
-    """Raised by a rule's ``convert`` to leave a module alone; the message is the reason the report shows."""
-
-
-@dataclass(frozen=True)
-class PatchRule:
-    """One way of swapping a fast module in.
-
-    family: the option users enable or disable (a keyword of ``patch``).
-    name: what the report shows, e.g. ``"OpenAI ResidualAttentionBlock.mlp -> fused MLP"``.
-    match: cheap type/structural test on one module.
-    convert: returns the replacement (see the module docstring) or raises ``Unsupported(reason)``.
-    """
-
-    family: str
-    name: str
-    match: Callable[[nn.Module], bool]
-    convert: Callable[[nn.Module], nn.Module]
-
-
-_RULES: list[PatchRule] = []
-
-
-def register_rule(rule: PatchRule) -> PatchRule:
-    """Add ``rule`` to the registry (after the rules already there: the first matching rule wins).
-    Registering a rule with the family and name of one already registered replaces it in place, so
-    re-importing a rules module does not duplicate its rules."""
-    if not isinstance(rule, PatchRule):
-        raise TypeError(f"register_rule: expected a PatchRule, got {type(rule).__name__}")
-    if not rule.family.isidentifier():
-        raise ValueError(f"register_rule: family {rule.family!r} must be a valid keyword name")
-    for i, existing in enumerate(_RULES):
-        if (existing.family, existing.name) == (rule.family, rule.name):
-            _RULES[i] = rule
-            return rule
-    _RULES.append(rule)
-    return rule
+#: Families every installation knows about; ``patch`` takes a keyword for each, and for any other family a
+#: registered rule names: the dispatch layer's kernel families but the loss (open_clip's loss modules are
+#: swapped by ``clipfast.autopatch(loss=True)``, not by ``patch``).
+DEFAULT_FAMILIES = tuple(family for family in FAMILY_OPS if family != "loss")
 
 
 def registered_rules(family: str | None = None) -> list[PatchRule]:
@@ -86,72 +54,7 @@ def known_families() -> list[str]:
 
 
 def _load_rules() -> None:
-    from . import patch_rules  # noqa: F401  (imports every rules module, which registers its rules)
-
-
-# ----------------------------------------------------------------------------------------------
-# Building replacements
-# ----------------------------------------------------------------------------------------------
-
-def clone_as(module: nn.Module, cls: type) -> nn.Module:
-    """A new instance of ``cls`` (a subclass of ``type(module)``) sharing ``module``'s parameters,
-    buffers, submodules and attributes.
-
-    The containers (``_parameters``, ``_buffers``, ``_modules``, ...) are fresh dicts holding the same
-    objects, so swapping a child of the clone leaves the original's children untouched. Hook
-    dictionaries are shared, so removing a hook through its handle works on both."""
-    if not (isinstance(cls, type) and issubclass(cls, type(module))):
-        raise TypeError(f"clone_as: {getattr(cls, '__name__', cls)!r} is not a subclass of {type(module).__name__}")
-    new = cls.__new__(cls)
-    state = {}
-    for key, value in module.__dict__.items():
-        if key in (_ORIGINAL, _CHANGED):
-            continue
-        if isinstance(value, (dict, set)) and "hook" not in key:
-            value = type(value)(value)
-        state[key] = value
-    new.__dict__.update(state)
-    return new
-
-
-_SUBCLASSES: dict[tuple, type] = {}
-
-
-def fast_subclass(original_cls: type, forward: Callable, name: str) -> type:
-    """The subclass of ``original_cls`` whose ``forward`` is ``forward`` (cached: one class per
-    original class, forward and name). Its instances are recognized as already patched."""
-    key = (original_cls, forward, name)
-    cls = _SUBCLASSES.get(key)
-    if cls is None:
-        cls = type(name, (original_cls,), {
-            "forward": forward,
-            "__module__": getattr(forward, "__module__", __name__),
-            "__qualname__": name,
-            "__doc__": f"{original_cls.__name__} with its forward running clipfast kernels "
-                       f"(made by clipfast.patching.fast_subclass).",
-            "_clipfast_fast": True,
-            "_clipfast_key": key,
-            "__reduce_ex__": _reduce_fast,
-        })
-        _SUBCLASSES[key] = cls
-    return cls
-
-
-def _reduce_fast(self, protocol):
-    # the class is made at run time, so pickle (torch.save) and deepcopy rebuild it from its key; the
-    # forward must then be importable (a module-level function), as for any pickled reference
-    getstate = getattr(self, "__getstate__", None)  # object.__getstate__ is Python 3.11+
-    return _rebuild_fast, type(self)._clipfast_key, getstate() if getstate is not None else self.__dict__
-
-
-def _rebuild_fast(original_cls: type, forward: Callable, name: str) -> nn.Module:
-    cls = fast_subclass(original_cls, forward, name)
-    return cls.__new__(cls)
-
-
-def is_fast(module: nn.Module) -> bool:
-    """Whether ``module`` is a clipfast replacement (swapped in by ``patch`` or built by ``fast_subclass``)."""
-    return _ORIGINAL in module.__dict__ or bool(getattr(type(module), "_clipfast_fast", False))
+    patch_rules.load()  # imports every rules module, which registers its rules
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,9 +270,6 @@ def patch(model: nn.Module, *, layer_norm: bool = True, attention: bool = True, 
     return report
 
 
-# The attribute (in the replacement's __dict__) holding {name: value} of the attributes the rule set to
-# values of its own (e.g. a config copy with another attention implementation), as the rule left them.
-_CHANGED = "_clipfast_changed"
 _CONTAINERS = ("_parameters", "_buffers", "_modules")
 
 

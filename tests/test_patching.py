@@ -305,6 +305,38 @@ def test_rule_returning_a_non_subclass_is_an_error(scratch_rules):
         register_rule("not a rule")
 
 
+def test_default_families_are_patch_keywords_and_the_dispatch_families():
+    import inspect
+
+    from clipfast.dispatching import FAMILY_OPS
+
+    keywords = [p.name for p in inspect.signature(patch).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert list(patching.DEFAULT_FAMILIES) == keywords
+    assert set(patching.DEFAULT_FAMILIES) <= set(FAMILY_OPS)
+    assert patching.known_families()[:len(keywords)] == keywords
+
+
+def test_rules_are_tried_in_module_order_whatever_was_imported_first():
+    """The families' rules (their modules in name order) come before the libraries', however the rules
+    modules were first imported; ``patching`` and the rules share one registry."""
+    import subprocess
+    import sys
+
+    from clipfast import patch_rules
+    from clipfast.patch_rules import registry
+
+    modules = patch_rules.rule_modules()
+    owners = [r.match.__module__ for r in patching.registered_rules()]
+    assert owners == sorted(owners, key=modules.index) and set(owners) == set(modules)
+    assert patching._RULES is registry.RULES and patching.register_rule is registry.register_rule
+    assert patching.known_families()[-2:] == ["residual", "unpad_text"]
+    script = (f"import importlib, clipfast; importlib.import_module({modules[-1]!r}); "
+              "importlib.import_module('clipfast.patch_rules.mlp'); from clipfast import patching; "
+              "print([(r.family, r.name) for r in patching.registered_rules()])")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == str([(r.family, r.name) for r in patching.registered_rules()])
+
+
 def test_clone_as_and_fast_subclass():
     ln = nn.LayerNorm(8)
     ln.custom_attr = [1]

@@ -1,17 +1,47 @@
-"""Patch rules, one module per kernel family (``layer_norm.py``, ``attention.py``, ...) and per
-integrated codebase (``integrations_*.py``).
+"""Patch rules: one module per kernel family here (``layer_norm.py``, ``attention.py``, ...), one per
+integrated library in ``LIBRARIES``; all register into ``registry``.
 
-Every module in this package is imported (in name order) the first time ``clipfast.patch`` runs;
-importing a module registers its rules with ``clipfast.patching.register_rule``. Adding a family means
-adding a file here, nothing else. A rules module whose optional dependency is missing is skipped with a
-warning instead of breaking ``patch`` for every model.
+``load()`` (run by ``clipfast.patch`` the first time it needs the rules) imports the family modules (every
+module of this package, in name order) and then the libraries' modules; importing a module registers its
+rules with ``registry.register_rule``. Rules are tried in that order (see ``registry.order_rules``), the
+first matching rule that converts a module winning: the attention family first (its ``match`` sees every
+module and recognises the causal masks blocks hold), then the other families, then the libraries' rules
+(each matches only its own library's classes). Adding a family means adding a file here, nothing else. A
+rules module whose optional dependency is missing is skipped with a warning instead of breaking ``patch``
+for every model.
 """
 import importlib
 import pkgutil
 import warnings
 
-for _info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    try:
-        importlib.import_module(f"{__name__}.{_info.name}")
-    except ImportError as _error:
-        warnings.warn(f"clipfast: patch rules {_info.name!r} not loaded: {_error}", RuntimeWarning, stacklevel=2)
+from . import registry
+
+#: The integrated libraries' rules modules, after the families' (their order among themselves does not
+#: matter: each matches its own library's classes only).
+LIBRARIES = ("clipfast.patch_rules.integrations_cn_clip", "clipfast.patch_rules.integrations_hf",
+             "clipfast.patch_rules.integrations_open_clip", "clipfast.patch_rules.integrations_siglip",
+             "clipfast.patch_rules.integrations_timm")
+
+_loaded: list[str] = []
+
+
+def rule_modules() -> list[str]:
+    """Every rules module, in the order their rules are tried."""
+    families = sorted(f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__))
+    families = [name for name in families if name != registry.__name__ and name not in LIBRARIES]
+    return families + list(LIBRARIES)
+
+
+def load() -> None:
+    """Import every rules module (once) and put their rules in order."""
+    if _loaded:
+        return
+    modules = rule_modules()
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            warnings.warn(f"clipfast: patch rules {name.rsplit('.', 1)[-1]!r} not loaded: {error}", RuntimeWarning,
+                          stacklevel=3)
+    registry.order_rules(modules)
+    _loaded[:] = modules

@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from clipfast.nn.attention import is_causal_mask, mha_forward
 from clipfast.ops.attention import flash_attention
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
 
 ATTENTION_POOLS = {
     "clipfast.models.model.AttentionPool2d",

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 
 from . import patch_embed
 

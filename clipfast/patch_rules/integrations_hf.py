@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from clipfast.integrations import hf
 from clipfast.ops import add_layer_norm
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 
 from . import patch_embed
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 
 ATTENTION = ("open_clip.transformer", "Attention")
 

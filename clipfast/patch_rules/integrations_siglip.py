@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from clipfast.ops.patch_embed import patch_embed
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
 
 from . import patch_embed as rules
 

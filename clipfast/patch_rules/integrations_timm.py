@@ -31,7 +31,7 @@ from clipfast.kernels import layer_norm as layer_norm_kernel
 from clipfast.nn.mlp import fused_mlp
 from clipfast.ops.attention import flash_attention
 from clipfast.ops.patch_embed import patch_embed
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
 
 from . import layer_norm as layer_norm_rules
 from . import mlp as mlp_rules

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from clipfast.kernels import layer_norm as kernel
 from clipfast.nn import LayerNorm as FastLayerNorm
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 
 #: Subclasses of nn.LayerNorm (by ``module.qualname``) that compute in fp32 and return the input dtype.
 INPUT_DTYPE_SUBCLASSES = {

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from clipfast.nn.mlp import fc_act_fc_forward, sequential_mlp_forward
 from clipfast.ops.mlp import reference_activation
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 
 # On the CPU explicitly: the rules are imported by the first ``clipfast.patch``, which may run under a
 # default-device context such as ``with torch.device("meta")`` (deferred initialization, e.g. for FSDP2).

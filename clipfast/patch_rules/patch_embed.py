@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from clipfast._validate import warn_once
 from clipfast.ops.patch_embed import patch_embed
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
 
 from .layer_norm import INPUT_DTYPE_SUBCLASSES
 

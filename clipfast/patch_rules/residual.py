@@ -32,7 +32,7 @@ from clipfast.kernels import layer_norm as layer_norm_kernel
 from clipfast.nn.mlp import MLP, fused_mlp, sequential_mlp_forward
 from clipfast.ops.layer_norm import add_layer_norm
 from clipfast.patch_rules.layer_norm import INPUT_DTYPE_SUBCLASSES
-from clipfast.patching import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 
 BLOCK_CLASS_NAME = "ResidualAttentionBlock"
 #: the names each known block ``forward`` uses, in order (its ``__code__.co_names``)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from clipfast import unpad, unpad_masked
-from clipfast.patching import PatchRule, Unsupported, clone_as, register_rule
+from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, register_rule
 
 
 def _match(module: nn.Module) -> bool:
