@@ -407,13 +407,6 @@ def gemm_passes(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], c
     return macs / (n_a * n_b * n_cols)
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 features follow torch's matmul setting (full fp32 unless TF32 is allowed)."""
-    if dtype == torch.float32 and not (torch.backends.cuda.matmul.allow_tf32 and not runtime.INTERPRET):
-        return "ieee"
-    return "tf32"
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -462,7 +455,7 @@ def contrastive_fwd(a, b, bias, kind: int, offset: int, both_directions: bool):
     _contrastive_fwd_kernel[(n_p, n_s)](
         a, b, bias if bias is not None else row_m, row_m, row_l, col_m, col_l, pos,
         n_a, n_b, n_cols, a.stride(0), b.stride(0), offset, cols_per_split, n_p,
-        KIND=kind, HAS_COLS=has_cols, EVEN_K=n_cols % cfg["BLOCK_K"] == 0, DOT_PRECISION=dot_precision(a.dtype),
+        KIND=kind, HAS_COLS=has_cols, EVEN_K=n_cols % cfg["BLOCK_K"] == 0, DOT_PRECISION=runtime.dot_precision(a.dtype),
         **cfg)
     if kind == SIGLIP:
         return (row_l.sum(0), None), None
@@ -533,7 +526,7 @@ def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums
             n_a, n_b, n_cols, a.stride(0), b.stride(0), acc.stride(1), acc.stride(0), offset, cols_per_split,
             d_start, KIND=kind, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None,
             HAS_ROW_SUMS=want_sums and d_start == 0, EVEN_K=n_cols % cfg["BLOCK_K"] == 0,
-            DOT_PRECISION=dot_precision(a.dtype), **cfg)
+            DOT_PRECISION=runtime.dot_precision(a.dtype), **cfg)
     return acc, (sums if want_sums else None)
 
 
@@ -612,7 +605,7 @@ def aot_cases() -> list[runtime.AotCase]:
                     quick=d == 512 and name in ("clip", "siglip"),
                     divisible_by_16=ALIGNED_GRAD_ARGS if aligned else None,
                     shared_estimate=shared_estimate("grad", g, "fp16")))
-    # fp32 features: full-precision dots (FMA, no tensor cores) unless TF32 is allowed
+    # fp32 features: exact dots (FMA, no tensor cores) unless torch allows TF32 (``runtime.dot_precision``)
     t = tiles(torch.float32, 512)
     for key, kernel, sig, extra in (("fwd", _contrastive_fwd_kernel, fwd_sig, {"HAS_COLS": True}),
                                     ("grad", _contrastive_grad_kernel, grad_sig,

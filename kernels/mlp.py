@@ -19,10 +19,9 @@ fc dgrad              dZ                 W1.T (a view)      -> dx
 
 Each program computes one [BLOCK_M, BLOCK_N] tile with an fp32 accumulator, walking K in BLOCK_K steps
 (``tl.dot`` on tensor cores: HMMA on sm_80, HGMMA on sm_90). Programs are ordered in groups of GROUP_M
-tile rows, so the B tiles a group reads stay in L2 while the group sweeps N. fp32 inputs use
-``input_precision="ieee"`` (exact fp32 products, as eager without TF32) unless TF32 is enabled in torch
-(``torch.backends.cuda.matmul.allow_tf32`` / ``set_float32_matmul_precision("high")``), which is when
-eager cuBLAS uses TF32 too.
+tile rows, so the B tiles a group reads stay in L2 while the group sweeps N. fp32 inputs take the
+precision of ``runtime.dot_precision`` (IS_TF32): exact fp32 products (``input_precision="ieee"``, as eager
+by default) unless torch allows TF32 matmuls, which is when eager cuBLAS uses TF32 too.
 
 Memory traffic: the GEMM reads A and B once per tile row/column (the L2 grouping keeps the re-reads on
 chip) and writes C once; the epilogue adds reads of the bias (N), the residual or Z (M x N) only when
@@ -630,9 +629,9 @@ ELEMENTWISE_WARPS = 8
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _allow_tf32(t: torch.Tensor) -> bool:
-    """fp32 GEMMs use TF32 exactly when eager cuBLAS would."""
-    return t.dtype == torch.float32 and t.is_cuda and torch.get_float32_matmul_precision() != "highest"
+def _is_tf32(t: torch.Tensor) -> bool:
+    """fp32 operands whose products run in TF32 (``runtime.dot_precision``); IS_TF32 is False for fp16/bf16."""
+    return t.dtype == torch.float32 and runtime.dot_precision(t.dtype) == "tf32"
 
 
 def _layout(t: torch.Tensor) -> tuple[torch.Tensor, bool, int]:
@@ -762,7 +761,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
     partial = runtime.empty((runtime.cdiv(M, COLSUM_ROWS.value), N), torch.float32, a.device) if colsum else None
     epilogue = [(t, True, N, N) for t in (c, zz, residual) if t is not None]
     aligned = _aligned((a, a_row_major, stride_a, M), (b, b_row_major, stride_b, N), *epilogue)
-    exact_fp32 = a.dtype == torch.float32 and not _allow_tf32(a)
+    tf32 = _is_tf32(a)
+    exact_fp32 = a.dtype == torch.float32 and not tf32
     if activate_b and (not aligned or exact_fp32):
         # element-by-element loads, or exact fp32 products (FMA: the operands' register layouts are twice
         # the fp16 ones), leave no registers for act() in the loop (AOT: the exact-fp32 act(B) weight
@@ -786,7 +786,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
         IS_A_ROW_MAJOR=a_row_major, IS_B_ROW_MAJOR=b_row_major, IS_ALIGNED=aligned,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_PRE_OUT=save_pre,
         HAS_ACT_GRAD=pre is not None, HAS_RESIDUAL=residual is not None, HAS_COLSUM=colsum,
-        IS_TF32=_allow_tf32(a), IS_B_ACTIVATED=activate_b, IS_SPLIT=slices > 1,
+        IS_TF32=tf32, IS_B_ACTIVATED=activate_b, IS_SPLIT=slices > 1,
     )
     if slices > 1:  # summed in fp32 like every column sum (one compile shared with them), rounded once after
         c = column_sums(c.view(slices, M * N)).view(M, N).to(a.dtype)

@@ -43,6 +43,10 @@ Backward, from ``dtokens`` (the gradient of the pre-LN tokens):
   pixels require grad.
 - ``_sum_over_batch_kernel``: ``d pos = sum_b dT[b]`` and ``d class_embedding = sum_b dT[b, 0]`` in fp32.
 
+Precision: fp32 operands follow ``runtime.dot_precision`` like every kernel (exact fp32 products unless torch
+allows TF32 matmuls), not cuDNN's own switch that eager ``F.conv2d`` follows (``torch.backends.cudnn.allow_tf32``,
+on by default): by default this fp32 GEMM is exact where eager's convolution may use TF32.
+
 Offsets: every index product that can pass 2**31 elements (a batch, token, channel or row index times a
 stride of a strided view, e.g. tokens read through a [T, B, width] transpose) is formed in int64; only
 products bounded by one weight or positional-embedding matrix stay in int32.
@@ -422,11 +426,6 @@ SUM_TILE = {"BLOCK_B": 8, "BLOCK": 512, "num_warps": 4}
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
-def _dot_precision(dtype: torch.dtype):
-    # fp32 runs full-precision (no TF32) so fp32 results meet the float64 standard like cuDNN's fp32 path
-    return "ieee" if dtype == torch.float32 else None
-
-
 def _vec(t: torch.Tensor, strides, run: int, inner_stride: int = 1) -> int:
     """Elements per aligned contiguous group the kernels may assume for ``t`` (see ``_ptrs``): the largest
     power of two v <= 8 with v * itemsize <= 16 bytes that divides ``run`` (the contiguous run length), every
@@ -471,7 +470,7 @@ def patch_embed_fwd(pixels, weight, bias, class_embedding, positional_embedding,
         PATCH=g["patch"], HAS_BIAS=bias is not None, HAS_CLS=has_cls, HAS_POS=pos is not None, HAS_NORM=has_norm,
         VEC=_vec(pixels, pixels.stride()[:3], g["patch"], pixels.stride(3)), W_VEC=_vec(w2, (g["K"],), g["K"]),
         N_VEC=min(_vec(out, (g["width"],), g["width"]), _vec(pos, (g["width"],), g["width"]) if pos is not None else 16),
-        DOT_PRECISION=_dot_precision(weight.dtype),
+        DOT_PRECISION=runtime.dot_precision(weight.dtype),
     )
     return out
 
@@ -493,7 +492,7 @@ def patch_embed_bwd(dtokens, pixels, weight, scale, shift, has_cls: bool, need_p
     (``sum_rows`` 0 skips it). Absent results are None."""
     g = _geometry(pixels, weight)
     width, K = g["width"], g["K"]
-    precision = _dot_precision(dtokens.dtype)
+    precision = runtime.dot_precision(dtokens.dtype)
     db, dt, dn = dtokens.stride()
     dt_vec = _vec(dtokens, (db, dt), width, dn)
     dpixels = dweight = dbias = dsum = None
@@ -566,8 +565,10 @@ def _clip_vecs(label: str, patch: int, uint8: bool) -> dict:
 def aot_cases() -> list[runtime.AotCase]:
     """Every GEMM config offered (``offered``, on sm_80 / sm_90) at patch 16 (ViT-B/16) for CLIP (class token,
     no conv bias) and, in the forward, for SigLIP (conv bias, no class token), the first config at patches 14
-    (SigLIP SO400M/14 too) and 32, the uint8 forward, in fp16/bf16 and (cases ``..._fp32``: patch 16 and the
-    uint8 pixels) exact fp32, each with its shared-memory estimate; the conv-bias gradient and batch-sum
+    (SigLIP SO400M/14 too) and 32, the uint8 forward, in fp16/bf16 and (cases ``..._fp32`` / ``..._tf32``:
+    patch 16 and the uint8 pixels) fp32, exact and with TF32 allowed (``runtime.dot_precision``), each with its
+    shared-memory estimate (TF32 runs the fp32 tiles on mma.sync tensor cores, HMMA on sm_90 too: wgmma takes
+    64-row tiles, so no HGMMA is expected of them); the conv-bias gradient and batch-sum
     kernels. Quick subset: the first config of each kernel at patch 16, CLIP and SigLIP, fp16/bf16."""
     geometry = {"n_rows": "i32", "n_patches": "i32", "n_patches_w": "i32"}
     pix_strides = {"stride_pb": "i32", "stride_pc": "i32", "stride_ph": "i32", "stride_pw": "i32"}
@@ -592,7 +593,8 @@ def aot_cases() -> list[runtime.AotCase]:
     cases = []
     for label, (fn, signature, flags) in kernels.items():
         configs = fn.shipped_configs
-        for precision, dtypes, dot_precision in (("half", ("fp16", "bf16"), None), ("fp32", ("fp32",), "ieee")):
+        for precision, dtypes, dot_precision in (("half", ("fp16", "bf16"), "tf32"), ("fp32", ("fp32",), "ieee"),
+                                                 ("tf32", ("fp32",), "tf32")):
             # the configs offered to this precision on sm_80 / sm_90, with the architectures they are offered on
             archs_of: dict[int, list[int]] = {}
             for arch in (80, 90):
@@ -615,7 +617,7 @@ def aot_cases() -> list[runtime.AotCase]:
                 bias_flag = {"HAS_BIAS": siglip} if label == "fwd" else {}
                 archs = tuple(archs_of[config])
                 cases.append(runtime.AotCase(
-                    name=(f"patch_embed_{label}{'_fp32' if precision == 'fp32' else ''}"
+                    name=(f"patch_embed_{label}{'' if precision == 'half' else '_' + precision}"
                           f"[p={patch}{',u8' if uint8 else ''}{',bias' if siglip else ''}]"),
                     kernel=runtime.jit_function(fn), signature=sig,
                     constexprs={"PATCH": patch, "HAS_CLS": not siglip, "HAS_NORM": uint8, **flags, **bias_flag,

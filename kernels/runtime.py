@@ -185,6 +185,35 @@ def capability(device: torch.device) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Matmul precision
+# ---------------------------------------------------------------------------------------------
+
+def torch_allows_tf32() -> bool:
+    """Whether torch lets fp32 matmuls use TF32: ``torch.backends.cuda.matmul.fp32_precision`` where it is set
+    ("tf32" / "ieee"), else ``torch.get_float32_matmul_precision() != "highest"`` (what
+    ``torch.backends.cuda.matmul.allow_tf32`` and ``set_float32_matmul_precision`` set). The legacy getter
+    raises once the newer API was used for any backend (then the matmul setting is its default: no TF32)."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", "none")
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    try:
+        return torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        return False
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """The ``input_precision`` of every ``tl.dot`` on operands of ``dtype``: the one TF32 policy of the kernels.
+    fp32 operands follow torch's fp32 matmul setting (``torch_allows_tf32``): "tf32" where torch lets eager
+    matmuls use TF32 (``torch.backends.cuda.matmul.allow_tf32``, ``set_float32_matmul_precision("high")``),
+    else "ieee" (exact fp32 products, as eager by default); always "ieee" under the interpreter. fp16/bf16
+    operands: "tf32" (Triton ignores it for them)."""
+    if dtype != torch.float32:
+        return "tf32"
+    return "tf32" if not INTERPRET and torch_allows_tf32() else "ieee"
+
+
+# ---------------------------------------------------------------------------------------------
 # Shared memory per block: the limit, and the estimate tiles are offered by
 # ---------------------------------------------------------------------------------------------
 

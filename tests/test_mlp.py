@@ -377,6 +377,31 @@ def test_split_k_policy():
     assert kernel.split_k_slices(128, 128, 1000, torch.device("cpu")) == 1
 
 
+def test_one_tf32_policy_for_every_kernel(monkeypatch):
+    """``runtime.dot_precision``: fp32 products run in TF32 exactly where torch allows TF32 matmuls, never under
+    the interpreter; fp16/bf16 take "tf32" (ignored for them). The MLP, the contrastive loss and patch
+    embedding launch their fp32 products with it."""
+    previous = torch.get_float32_matmul_precision()
+    monkeypatch.setattr(runtime, "INTERPRET", False)
+    try:
+        for setting, want in (("highest", "ieee"), ("high", "tf32"), ("medium", "tf32")):
+            torch.set_float32_matmul_precision(setting)
+            assert runtime.dot_precision(torch.float32) == want, setting
+            assert runtime.dot_precision(torch.float16) == runtime.dot_precision(torch.bfloat16) == "tf32"
+        monkeypatch.setattr(runtime, "INTERPRET", True)
+        assert runtime.dot_precision(torch.float32) == "ieee"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    asked = []
+    real = runtime.dot_precision
+    monkeypatch.setattr(runtime, "dot_precision", lambda dtype: asked.append(dtype) or real(dtype))
+    x, w1, b1, w2, b2 = mlp_inputs(5, 16, 32)
+    clipfast.mlp(x, w1, b1, w2, b2)
+    clipfast.clip_loss(torch.randn(4, 16), torch.randn(4, 16), torch.tensor(2.0))
+    clipfast.patch_embed(torch.randn(1, 3, 8, 8), torch.randn(16, 3, 4, 4))
+    assert asked.count(torch.float32) >= 4  # two GEMMs, the loss forward, the patch embedding forward
+
+
 def test_saved_activation_bytes_bound():
     """The fused MLP keeps x and Z for backward (H is recomputed): <= 0.6x eager nn.GELU's activation bytes
     (x, Z, H) and <= 0.4x eager QuickGELU's (x, Z, sigmoid, H), parameters excluded."""
