@@ -14,14 +14,15 @@
 # the tests and benchmarks as time allows. A process that crashes (a CUDA error, any abnormal exit) costs
 # its case only: that case is rerun alone with CUDA_LAUNCH_BLOCKING=1 (both errors in results.json,
 # "crashes") and the cases after it run in a fresh process. The logic lives in
-# clipfast/benchmarks/suite.py (its docstring has the details).
+# the clipfast.gpu_check package (its docstring has the details; the benchmark cases it runs are in
+# clipfast/benchmarks/).
 #
 # Without CUDA the same command is a rehearsal: the same steps at smoke shapes through the Triton
 # interpreter (a few minutes), results marked "rehearsal": true; tests/test_gpu_suite.py runs it. Where
 # nvidia-smi lists a GPU that torch cannot use, the preflight stops instead of rehearsing.
 #
 # If lent a GPU: run this once, early (one call, timeout_s 540: a margin over the 8 minutes), then here
-#   python -m clipfast.benchmarks.summary --write-readme --from OUT
+#   python -m clipfast.gpu_check.summary --write-readme --from OUT
 # which copies the results to bench/results/<gpu>_<date>_torch<v>_triton<v>/ and regenerates the
 # README's results section (targets met/missed); commit both. Spend what device time is left on the
 # slowest hot path summary.md shows.
@@ -39,4 +40,4 @@ installed=$($PY -I -c 'import clipfast, os; print(os.path.dirname(os.path.dirnam
 if [ "$installed" != "$here" ]; then
     $PY -m pip install -q --no-deps --no-build-isolation -e . || exit 1
 fi
-exec $PY -m clipfast.benchmarks.suite "$OUT"
+exec $PY -m clipfast.gpu_check "$OUT"

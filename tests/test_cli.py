@@ -58,7 +58,7 @@ def test_aot_quick_subset_compiles_every_kernel_family(tmp_path):
 def test_readme_results_section_is_generated_from_committed_results():
     import os
 
-    from clipfast.benchmarks import summary
+    from clipfast.gpu_check import summary
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cwd = os.getcwd()
@@ -67,7 +67,7 @@ def test_readme_results_section_is_generated_from_committed_results():
         with open("README.md") as f:
             readme = f.read()
         assert summary.render_readme(readme, summary.section(summary.load_results())) == readme, \
-            "README results section is stale: run python -m clipfast.benchmarks.summary --write-readme"
+            "README results section is stale: run python -m clipfast.gpu_check.summary --write-readme"
     finally:
         os.chdir(cwd)
 

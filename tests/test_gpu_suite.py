@@ -1,4 +1,4 @@
-"""The GPU check (bench/gpu_suite.sh, clipfast.benchmarks.suite): its correctness step's tests, its plans,
+"""The GPU check (bench/gpu_suite.sh, clipfast.gpu_check): its correctness step's tests, its plans,
 the benchmark harness it relies on, the summary's target verdicts, and the CPU rehearsal of the whole
 command (so it cannot rot between GPU runs).
 
@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
-from clipfast.benchmarks import harness, preflight, summary, suite
+from clipfast.benchmarks import harness
 from clipfast.benchmarks import patch_embed as bench_patch_embed
-from clipfast.benchmarks.targets import TARGETS
+from clipfast.gpu_check import child, preflight, steps, summary, workers
+from clipfast.gpu_check import run as check
+from clipfast.gpu_check.targets import TARGETS
 from clipfast.kernels import attention as attention_kernel
 from clipfast.kernels import mlp as mlp_kernel
 
@@ -30,7 +32,7 @@ from .numerics import assert_op_matches, randn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # bf16 is collected everywhere (skipped in the interpreter, which computes it wrong), so the rehearsal's
-# correctness plan is the GPU's: bf16 checks of every family first (suite.correctness_plan)
+# correctness plan is the GPU's: bf16 checks of every family first (steps.correctness_plan)
 HALF = [pytest.param(torch.float16, id="fp16"),
         pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
             not ON_GPU, reason="bf16 runs on the GPU only (the interpreter computes it wrong)"))]
@@ -246,11 +248,11 @@ def test_backward_timing_runs_a_fresh_forward_each_time():
     """bwd mode: each backward consumes its own graph (no retain_graph; torch.compile's donated buffers
     forbid it), and gives the single backward's gradients every time."""
     x = torch.randn(5, 3, requires_grad=True)
-    setup, run = harness._step(lambda x: (x * x).sum(-1), {"x": x}, "bwd")
+    setup, run = harness.timed_step(lambda x: (x * x).sum(-1), {"x": x}, "bwd")
     for _ in range(3):
         run(setup())
         torch.testing.assert_close(x.grad, 2 * x.detach())
-    setup, run = harness._step(lambda x: x * 2, {"x": x}, "fwd+bwd")
+    setup, run = harness.timed_step(lambda x: x * 2, {"x": x}, "fwd+bwd")
     run(setup())
     torch.testing.assert_close(x.grad, torch.full_like(x, 2.0))
 
@@ -262,7 +264,7 @@ def test_gpu_shape_cases_build_consistent_inputs():
     """Every GPU-shape kernel case's eager implementation runs on its own inputs (on the meta device:
     shapes only), e.g. the add+LN cases' residual matches x."""
     meta = torch.device("meta")
-    cases = [c for c in suite._all_cases(smoke=False) if c.module_family in KERNEL_FAMILIES]
+    cases = [c for c in steps.cases_by_module(smoke=False) if c.module_family in KERNEL_FAMILIES]
     assert {c.module_family for c in cases} == set(KERNEL_FAMILIES)
     for case in cases:
         if case.module_family == "attention" and "MHA" in case.name:
@@ -289,7 +291,7 @@ def test_compile_step_compiles_every_pruned_config_then_runs_the_first(monkeypat
     monkeypatch.setattr(tuner, "configs", everywhere)
     monkeypatch.setattr(tuner, "cache", {})
     x, w1, b1, w2, b2, _ = _mlp_inputs(37, 64, 128)
-    with suite.compiling_every_config():
+    with workers.compiling_every_config():
         out = clipfast.mlp(x, w1, b1, w2, b2, "quick_gelu")
     h = F.linear(x, w1, b1)
     torch.testing.assert_close(out, F.linear(h * torch.sigmoid(1.702 * h), w2, b2), atol=1e-4, rtol=1e-4)
@@ -310,12 +312,12 @@ def _names(entries):
 
 
 def test_plans_cover_the_headline_and_every_case_once():
-    cases = suite._all_cases(smoke=False)
-    steps = ("headline_kernels", "headline_model", "headline_model_compiled", "rest_bench")
-    plans = {s: _names(suite.plan(s, False, cases)) for s in steps}
+    cases = steps.cases_by_module(smoke=False)
+    names = ("headline_kernels", "headline_model", "headline_model_compiled", "rest_bench")
+    plans = {s: _names(steps.plan(s, False, cases)) for s in names}
     compiled = plans["headline_model_compiled"]
-    everything = {(c.module_family, c.name, i) for c in cases for i in suite._impl_names(c, False)
-                  if not suite._whole_model_compile(c, i) or (c.module_family, c.name, i) in compiled}
+    everything = {(c.module_family, c.name, i) for c in cases for i in steps.impl_names(c, False)
+                  if not steps.whole_model_compile(c, i) or (c.module_family, c.name, i) in compiled}
     assert set().union(*plans.values()) == everything
     assert sum(len(p) for p in plans.values()) == len(everything)  # nothing twice
     kernels = plans["headline_kernels"]
@@ -331,17 +333,17 @@ def test_plans_cover_the_headline_and_every_case_once():
     # two whole-model torch.compiles, none in the rest
     assert {i for _, _, i in compiled} == {"torch.compile", "clipfast+torch.compile"} and len(compiled) == 2
     assert not any("compile" in i for f, c, i in plans["headline_model"])
-    warm = suite.plan("warm", False, cases)
-    assert warm and all(c.module_family not in suite.WHOLE_MODEL_FAMILIES for c, _ in warm)
+    warm = steps.plan("warm", False, cases)
+    assert warm and all(c.module_family not in steps.WHOLE_MODEL_FAMILIES for c, _ in warm)
     # a headline step's worker builds its picks' families alone (others import optional packages): same plan
-    for step in suite.HEADLINE:
-        assert _names(suite.plan(step, False)) == plans[step], step
+    for step in steps.HEADLINE:
+        assert _names(steps.plan(step, False)) == plans[step], step
 
 
 def test_smoke_plans_pick_every_headline_family():
-    cases = suite._all_cases(smoke=True)
-    for step, picks in suite.HEADLINE.items():
-        chosen = {c.module_family for c, _ in suite.plan(step, True, cases)}
+    cases = steps.cases_by_module(smoke=True)
+    for step, picks in steps.HEADLINE.items():
+        chosen = {c.module_family for c, _ in steps.plan(step, True, cases)}
         wanted = {p.family for p in picks}
         if step != "headline_model_compiled":  # no torch.compile in the rehearsal
             assert chosen == wanted, step
@@ -353,23 +355,23 @@ def test_correctness_plan_schedules_the_bf16_checks_of_every_family_first():
     entries = [(f"tests/test_gpu_suite.py::test_{f}-{dtype}]".replace("[-", "["), dtype == "bf16")
                for f in families for dtype in ("fp16", "bf16")] + [("tests/test_attention.py::test_gpu_only", False)]
     for shards in (1, 4, 16):
-        plan = suite.correctness_plan(entries, shards)
+        plan = steps.correctness_plan(entries, shards)
         assert sorted(n for shard in plan for n in shard) == sorted(n for n, _ in entries)
         for shard in plan:
             flags = [n.endswith("-bf16]") or n.endswith("[bf16]") for n in shard]
             assert flags == sorted(flags, reverse=True), shard  # no bf16 check after a non-bf16 one
         firsts = [shard[0] for shard in plan if shard]
         assert all("bf16" in n for n in firsts[:min(shards, 6)])
-    assert suite.bf16_first([("a", False), ("b", True), ("c", False), ("d", True)]) == ["b", "d", "a", "c"]
+    assert steps.bf16_first([("a", False), ("b", True), ("c", False), ("d", True)]) == ["b", "d", "a", "c"]
 
 
 def test_cuda_errors_are_told_from_other_errors():
-    assert suite.is_cuda_error("RuntimeError: CUDA error: an illegal memory access was encountered")
-    assert suite.is_cuda_error("torch.AcceleratorError: CUDA error: unspecified launch failure")
-    assert suite.is_cuda_error("RuntimeError: Triton Error [CUDA]: misaligned address")
-    assert not suite.is_cuda_error("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert not suite.is_cuda_error("AssertionError: max abs error 3e-2 > 1e-2")
-    assert not suite.is_cuda_error(None)
+    assert child.is_cuda_error("RuntimeError: CUDA error: an illegal memory access was encountered")
+    assert child.is_cuda_error("torch.AcceleratorError: CUDA error: unspecified launch failure")
+    assert child.is_cuda_error("RuntimeError: Triton Error [CUDA]: misaligned address")
+    assert not child.is_cuda_error("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert not child.is_cuda_error("AssertionError: max abs error 3e-2 > 1e-2")
+    assert not child.is_cuda_error(None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -425,7 +427,7 @@ def test_summary_files_gpu_results_and_refuses_a_rehearsal(tmp_path, capsys):
 
 
 def test_records_are_merged_as_they_come_and_partial_lines_wait(tmp_path):
-    run = suite.Run(str(tmp_path), budget_s=60)
+    run = check.Run(str(tmp_path), budget_s=60)
     records, status = tmp_path / "r.jsonl", {}
     row = {"kind": "row", "family": "layer_norm", "case": "c µs", "impl": "clipfast", "mode": "fwd",
            "dtype": "float16", "ms_median": 1.0, "error": None}
@@ -518,7 +520,7 @@ def test_gpu_listed_but_not_usable_stops_the_run_without_a_rehearsal(tmp_path, m
     out = tmp_path / "out"
     handler = signal.getsignal(signal.SIGTERM)
     try:
-        assert suite.main_run(str(out), 60) == 3
+        assert check.main_run(str(out), 60) == 3
     finally:
         signal.signal(signal.SIGTERM, handler)
     data = json.loads((out / "results.json").read_text())
@@ -551,9 +553,9 @@ def test_a_cuda_error_is_rerun_alone_and_the_rest_runs_in_a_fresh_process(tmp_pa
     (tmp_path / "lane").mkdir()
     (tmp_path / "lane" / "test_lane.py").write_text(PYTEST_LANE)
     monkeypatch.setenv("CLIPFAST_SUITE_CRASH", "cuda:^correctness/.*::test_b$")
-    run = suite.Run(str(tmp_path), budget_s=60)
+    run = check.Run(str(tmp_path), budget_s=60)
     run.workers = 1
-    run.run_step(suite.Step("correctness", "pytest", 1.0, (str(tmp_path / "lane"),)), last=True)
+    run.run_step(steps.Step("correctness", "pytest", 1.0, (str(tmp_path / "lane"),)), last=True)
     tests = {t["nodeid"].rsplit("::", 1)[-1]: t for t in run.data["tests"]}
     assert [t["outcome"] for t in (tests["test_a"], tests["test_b"], tests["test_c"])] == ["passed", "failed", "passed"]
     assert len(run.data["tests"]) == 3  # the rerun's outcome is in the crash record, not counted twice
@@ -599,9 +601,9 @@ def test_cpu_rehearsal_of_the_gpu_check(tmp_path):
     assert data["preflight"]["ok"] and [c["name"] for c in data["preflight"]["checks"]] == [
         "compiler", "python_h", "gpu_visible", "libcuda", "launch"]
     assert data["preflight"]["checks"][-1]["ok"] and "interpreter" in data["preflight"]["checks"][-1]["detail"]
-    steps = [s["name"] for s in data["steps"] if not s.get("background")]
-    assert data["rehearsal"] is True and steps == [s.name for s in suite.STEPS]
-    assert [s["name"] for s in data["steps"] if s.get("background")] == [suite.BACKGROUND_STEP.name]
+    ran = [s["name"] for s in data["steps"] if not s.get("background")]
+    assert data["rehearsal"] is True and ran == [s.name for s in steps.STEPS]
+    assert [s["name"] for s in data["steps"] if s.get("background")] == [steps.BACKGROUND_STEP.name]
     assert all("status" in s for s in data["steps"])
     assert data["warm"] and data["tests"] and data["rows"], (data["steps"], proc.stdout[-2000:])
     assert not [t for t in data["tests"] if t["outcome"] in ("failed", "error")]

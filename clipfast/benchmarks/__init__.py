@@ -1,8 +1,9 @@
 """Benchmark cases per kernel family and the harness that times them.
 
 Each module here (other than ``harness``) defines ``cases(smoke: bool) -> list[BenchCase]``; modules are
-discovered by scanning, so ``clipfast bench``, the pytest-benchmark suite in ``bench/`` and the GPU suite
-all pick a new family up without registering it anywhere.
+discovered by scanning, so ``clipfast bench`` (``cli``), the pytest-benchmark suite in ``bench/`` and the GPU
+check (``clipfast.gpu_check``, which runs these cases and is never imported from here) all pick a new family
+up without registering it anywhere.
 """
 import importlib
 import pkgutil

@@ -9,8 +9,7 @@ import sys
 import torch
 
 from . import all_cases, case_modules
-from .harness import environment, run_case
-from .summary import RESULTS_ROOT, results_dir_name
+from .harness import RESULTS_ROOT, environment, results_dir_name, run_case
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

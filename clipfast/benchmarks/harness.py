@@ -1,4 +1,5 @@
-"""The one benchmark harness: ``clipfast bench``, the pytest-benchmark suite and the GPU suite call it.
+"""The one benchmark harness: ``clipfast bench``, the pytest-benchmark suite in ``bench/`` and the GPU check
+(``clipfast.gpu_check``) call it.
 
 A ``BenchCase`` names the implementations of one hot path at one shape (always ``clipfast`` and
 ``eager``; optionally other alternatives, e.g. SDPA backends) and how to make inputs. ``run_case``
@@ -14,6 +15,8 @@ the rows as smoke with no timings.
 from __future__ import annotations
 
 import math
+import os
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -54,7 +57,7 @@ def _grad_leaves(inputs: dict) -> list[torch.Tensor]:
     return [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _step(fn: Callable, inputs: dict, mode: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
+def timed_step(fn: Callable, inputs: dict, mode: str) -> tuple[Callable[[], Any], Callable[[Any], Any]]:
     """``(setup, run)`` for one ``mode`` step of ``fn``: ``run(setup())`` is the step; only ``run`` is timed.
 
     ``bwd`` runs a fresh forward in ``setup`` for every backward, so each timed backward consumes its own
@@ -164,7 +167,7 @@ def compiled(fn: Callable) -> Callable:
 
 
 def _in_dispatch(mode: str, fn: Callable) -> Callable:
-    from clipfast.dispatcher import dispatch
+    from clipfast.dispatching import dispatch
 
     def run(**inputs):
         with dispatch(mode):
@@ -172,7 +175,7 @@ def _in_dispatch(mode: str, fn: Callable) -> Callable:
     return run
 
 
-def _implementations(case: BenchCase, smoke: bool, names=None) -> dict[str, Callable]:
+def implementations(case: BenchCase, smoke: bool, names=None) -> dict[str, Callable]:
     """The case's implementations, ``clipfast`` running the kernels (dispatch "kernel") and, on CUDA,
     ``clipfast (auto)`` beside it running the measured choice between them and PyTorch (dispatch "auto"),
     plus ``torch.compile`` of ``compile_impl`` (not in the smoke pass: the interpreter's kernels are not what
@@ -254,7 +257,7 @@ def run_case(case: BenchCase, device: torch.device | None = None, smoke: bool | 
         if not drift <= SMOKE_TOLERANCE[case.dtype]:
             raise AssertionError(f"{case.family} {case.name}: clipfast differs from eager by {drift:.2e} (relative)")
     peaks = gpu_peaks()
-    chosen = _implementations(case, smoke, impls)
+    chosen = implementations(case, smoke, impls)
     for mode in case.modes:
         for impl_name, fn in chosen.items():
             if should_stop and should_stop():
@@ -263,7 +266,7 @@ def run_case(case: BenchCase, device: torch.device | None = None, smoke: bool | 
                    "dtype": str(case.dtype).replace("torch.", ""), "shape": case.shape, "smoke": smoke}
             try:
                 inputs = case.make_inputs(device, case.dtype)
-                _measure(case, row, _step(fn, inputs, mode), mode, smoke, peaks)
+                _measure(case, row, timed_step(fn, inputs, mode), mode, smoke, peaks)
                 row["error"] = None
             except Exception as exc:  # one broken alternative must not hide the others' numbers
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -309,3 +312,12 @@ def environment() -> dict:
     else:
         env["gpu"] = None
     return env
+
+
+RESULTS_ROOT = os.path.join("bench", "results")  # GPU results, one folder per run (results_dir_name)
+
+
+def results_dir_name(env: dict) -> str:
+    """``<gpu>_<date>_torch<v>_triton<v>`` of an ``environment()``."""
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env.get("gpu") or "cpu").strip("-")
+    return f"{gpu}_{env['date']}_torch{env['torch'].split('+')[0]}_triton{env['triton']}"

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
-from clipfast.dispatcher import dispatch
+from clipfast.dispatching import dispatch
 
 
 @dataclass

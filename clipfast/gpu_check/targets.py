@@ -1,6 +1,6 @@
 """The performance targets (GUIDE §3, H100 bf16, ratios side by side in one run) as data, in one place.
 
-``clipfast.benchmarks.summary`` checks every target against a run's benchmark rows and flags it met or
+``clipfast.gpu_check.summary`` checks every target against a run's benchmark rows and flags it met or
 missed in ``summary.md`` and the README. A target names the rows it reads (family, case pattern, mode)
 and one figure:
 

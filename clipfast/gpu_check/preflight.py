@@ -17,7 +17,7 @@ it inspects (commands, paths, environment), so every failure path is testable on
 where a GPU is used (the interpreter builds nothing): in the rehearsal (no GPU listed, no CUDA) their failures
 are warnings.
 
-    python -m clipfast.benchmarks.preflight            # the checks, one line each; exit 1 on a stop
+    python -m clipfast.gpu_check.preflight            # the checks, one line each; exit 1 on a stop
 """
 from __future__ import annotations
 
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
 
     rehearsal = not torch.cuda.is_available()
     env = dict(os.environ, **({"TRITON_INTERPRET": "1"} if rehearsal else {}))
-    result = run_preflight(rehearsal, [sys.executable, "-m", "clipfast.benchmarks.preflight", "--launch"], env,
+    result = run_preflight(rehearsal, [sys.executable, "-m", "clipfast.gpu_check.preflight", "--launch"], env,
                            on_check=lambda c: print(c.line(), flush=True))
     print("preflight: ok" if result["ok"] else result["reason"])
     return 0 if result["ok"] else 1

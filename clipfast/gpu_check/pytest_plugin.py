@@ -1,4 +1,4 @@
-"""pytest plugin for the GPU check (``-p clipfast.benchmarks._pytest_budget``), driven by environment
+"""pytest plugin for the GPU check (``-p clipfast.gpu_check.pytest_plugin``), driven by environment
 variables the check sets, inert without them:
 
 - ``CLIPFAST_SUITE_RECORDS``: append one JSON line per test outcome to this file as soon as it is known,
@@ -10,7 +10,7 @@ variables the check sets, inert without them:
   disjoint shares in parallel (and compile their kernels in parallel);
 - ``CLIPFAST_SUITE_SKIP_FILE`` / ``CLIPFAST_SUITE_ONLY_FILE``: node ids (one a line) to leave out (the tests a
   crashed process of this shard already started) / to run alone (the rerun of the test it crashed on);
-- ``CLIPFAST_SUITE_CRASH``: a crash to inject (see ``suite.crash_if_injected``), for the rehearsal's tests.
+- ``CLIPFAST_SUITE_CRASH``: a crash to inject (see ``child.crash_if_injected``), for the rehearsal's tests.
 
 Each test's start is recorded (with this process's pid) before it runs, so a process that dies is pinned on
 the test under way. After a test whose failure reads as a CUDA error, or after which the device no longer
@@ -21,34 +21,19 @@ Kept free of torch/triton imports of its own: it loads before ``tests/conftest.p
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 
 import pytest
 
-from .suite import _listed, bf16_first, crash_if_injected, is_cuda_error
-
-
-_DEADLINE: list = []
-
-
-def _deadline() -> float | None:
-    """The step budget (``CLIPFAST_SUITE_STEP_BUDGET_S``) counted from the end of collection, capped by
-    the run's deadline (``CLIPFAST_SUITE_DEADLINE``); None without either."""
-    if not _DEADLINE:
-        budget = os.environ.get("CLIPFAST_SUITE_STEP_BUDGET_S")
-        run = os.environ.get("CLIPFAST_SUITE_DEADLINE")
-        found = [float(v) for v in (run,) if v] + ([time.time() + float(budget)] if budget else [])
-        _DEADLINE.append(min(found) if found else None)
-    return _DEADLINE[0]
+from .child import append, crash_if_injected, device_error, is_cuda_error, listed, step_deadline
+from .steps import bf16_first
 
 
 def _record(entry: dict) -> None:
     path = os.environ.get("CLIPFAST_SUITE_RECORDS")
     if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        append(path, entry)
 
 
 def _is_bf16(item) -> bool:
@@ -63,7 +48,7 @@ def pytest_collection_modifyitems(config, items):
         flags = {item.nodeid: _is_bf16(item) for item in selected}
         order = {nodeid: i for i, nodeid in enumerate(bf16_first([(n, flags[n]) for n in flags]))}
         selected.sort(key=lambda item: order[item.nodeid])
-    only, skip, shard = _listed("CLIPFAST_SUITE_ONLY_FILE"), _listed("CLIPFAST_SUITE_SKIP_FILE"), \
+    only, skip, shard = listed("CLIPFAST_SUITE_ONLY_FILE"), listed("CLIPFAST_SUITE_SKIP_FILE"), \
         os.environ.get("CLIPFAST_SUITE_SHARD")
     if only is not None:
         selected = [item for item in selected if item.nodeid in only]
@@ -112,25 +97,11 @@ def _error_line(text: str) -> str:
     return (lines[-1] if lines else text.strip().splitlines()[-1])[:500]
 
 
-def _device_error() -> str | None:
-    """The error a device synchronization raises (a sticky CUDA error), None where it is fine or unused."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return None
-    try:
-        torch.cuda.synchronize()
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"[:500]
-    return None
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     yield
     if not _CUDA_ERROR:
-        sticky = _device_error()
+        sticky = device_error()
         if sticky:
             _CUDA_ERROR.append((item.nodeid, f"device unusable after this test: {sticky}"))
     if _CUDA_ERROR:
@@ -140,13 +111,12 @@ def pytest_runtest_protocol(item, nextitem):
             _record({"kind": "cuda_error", "case": nodeid, "pid": os.getpid(), "error": error})
         item.session.shouldstop = "CUDA error: the rest of this shard runs in a fresh process"
         return
-    deadline = _deadline()
-    if deadline is not None and nextitem is not None and time.time() > deadline:
+    if nextitem is not None and time.time() > step_deadline():
         item.session.shouldstop = "time budget of this step used up"
         _record({"kind": "budget", "stopped_before": nextitem.nodeid})
 
 
 def pytest_collection_finish(session):
-    _deadline()  # the step's budget starts now
+    step_deadline()  # the step's budget starts now
     _record({"kind": "ready", "pid": os.getpid(), "t": time.time()})
     _record({"kind": "collected", "count": len(session.items)})

@@ -2,10 +2,10 @@
 from the committed results (never typed by hand). Every target in ``targets.TARGETS`` is flagged met or
 missed.
 
-    python -m clipfast.benchmarks.summary                              # print the README section
-    python -m clipfast.benchmarks.summary --write-readme --from OUT    # file OUT (bench/gpu_suite.sh's output)
+    python -m clipfast.gpu_check.summary                              # print the README section
+    python -m clipfast.gpu_check.summary --write-readme --from OUT    # file OUT (bench/gpu_suite.sh's output)
                                                                        # under bench/results/ and regenerate it
-    python -m clipfast.benchmarks.summary --write-readme               # regenerate from bench/results/
+    python -m clipfast.gpu_check.summary --write-readme               # regenerate from bench/results/
 
 A CPU rehearsal's output is refused: it has no timings and is not a GPU result.
 """
@@ -19,19 +19,13 @@ import re
 import shutil
 import sys
 
+from ..benchmarks.harness import RESULTS_ROOT, results_dir_name
 from .targets import TARGETS, Target
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-RESULTS_ROOT = os.path.join("bench", "results")
 COMMITTED_FILES = ("results.json", "summary.md", "junit.xml", "plot_headline.png", "plot_rest.png",
                    "plot_loss_scaling.png")  # log.txt stays out of the repository
 COMPARED = ("eager", "torch.compile")
-
-
-def results_dir_name(env: dict) -> str:
-    """``<gpu>_<date>_torch<v>_triton<v>``."""
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", env.get("gpu") or "cpu").strip("-")
-    return f"{gpu}_{env['date']}_torch{env['torch'].split('+')[0]}_triton{env['triton']}"
 
 
 def _time(row: dict):
@@ -121,7 +115,7 @@ def _check_line(check: dict) -> str:
 
 
 def suite_markdown(data: dict) -> str:
-    """``summary.md`` of one run of the GPU check (``clipfast.benchmarks.suite``)."""
+    """``summary.md`` of one run of the GPU check (``clipfast.gpu_check``)."""
     env = data["environment"]
     rehearsal = data.get("rehearsal")
     title = "CPU rehearsal (smoke shapes through the Triton interpreter; no timings)" if rehearsal else env["gpu"]
@@ -203,9 +197,9 @@ def section(results: list[dict]) -> str:
         targets += [f"| {t.hot_path} | {t.text} | {t.family} `{(t.case or '*').replace('|', chr(92) + '|')}` {t.mode} |"
                     for t in TARGETS]
         return ("No GPU results are committed yet. `bash bench/gpu_suite.sh OUT` on a GPU writes them; "
-                "`python -m clipfast.benchmarks.summary --write-readme --from OUT` files them under `bench/results/` "
+                "`python -m clipfast.gpu_check.summary --write-readme --from OUT` files them under `bench/results/` "
                 "and regenerates this section, flagging each target below met or missed "
-                "(`clipfast/benchmarks/targets.py`):\n\n" + "\n".join(targets))
+                "(`clipfast/gpu_check/targets.py`):\n\n" + "\n".join(targets))
     out = []
     for data in results:
         env, rows = data["environment"], data["rows"]
@@ -246,7 +240,7 @@ def file_results(src: str, root: str = RESULTS_ROOT) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m clipfast.benchmarks.summary", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m clipfast.gpu_check.summary", description=__doc__.split("\n\n")[0])
     p.add_argument("--write-readme", action="store_true", help="replace the README's results section")
     p.add_argument("--from", dest="source", default=None, help="a GPU check's output folder to file first")
     p.add_argument("--readme", default="README.md")
