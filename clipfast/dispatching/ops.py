@@ -32,7 +32,8 @@ def _dispatched(op: Union[str, Callable[[tuple], str]], pure: Callable, args_of:
 
     def dispatched(*args, **kwargs) -> Tensor:
         canonical = args_of(*args, **kwargs)
-        return (route(op_of(canonical), canonical) or kernel)(*canonical)
+        chosen = route(op_of(canonical), canonical)  # None: clipfast's path
+        return (kernel if chosen is None else chosen)(*canonical)
 
     functools.update_wrapper(dispatched, pure)
     dispatched.__module__ = __name__
