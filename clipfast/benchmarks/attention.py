@@ -1,8 +1,9 @@
-"""Attention at CLIP shapes: ``clipfast.flash_attention`` against eager ``softmax(q k^T) v``, every SDPA
-backend (flash, efficient, cuDNN, math) and, on the causal text shape, the path ``nn.MultiheadAttention``
-takes with OpenAI's float causal mask (SDPA with an additive [L, L] mask, which rules out its flash
-backend). A second family of cases times the whole ``nn.MultiheadAttention`` module (projections
-included) against ``clipfast.nn.MultiheadAttention``.
+"""Attention at CLIP shapes: ``clipfast.flash_attention`` against the op's eager reference
+(``clipfast.ops.attention.reference_attention``: SDPA with the backend PyTorch picks), every SDPA backend
+(flash, efficient, cuDNN, and math: the materialized ``softmax(q k^T) v``) and, on the causal text shape, the
+path ``nn.MultiheadAttention`` takes with OpenAI's float causal mask (SDPA with an additive [L, L] mask,
+which rules out its flash backend). A second family of cases times the whole ``nn.MultiheadAttention``
+module (projections included) against ``clipfast.nn.MultiheadAttention``.
 
 Targets (H100, bf16): >= 1.0x the best SDPA backend, >= 2x the masked MHA path on the text shape, forward
 >= 200 TFLOP/s at S=197.
@@ -11,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
+from clipfast.ops.attention import reference_attention
 
 from .harness import BenchCase
 
@@ -24,10 +26,7 @@ SMOKE_SHAPES = {"smoke B=1 H=2 S=65 D=64": (1, 2, 65, 64, False), "smoke B=1 H=2
 
 
 def _eager(q, k, v, causal):
-    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if causal:
-        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-    return torch.softmax(s.float(), -1).to(q.dtype) @ v
+    return reference_attention(q, k, v, None, causal, None)
 
 
 def _sdpa(backend):

@@ -1,14 +1,16 @@
 """Contrastive losses at large-batch CLIP training sizes: N = 4k..32k (64k where memory allows),
 d = 512/768/1024, bf16 features, forward + backward time and peak memory.
 
-``eager`` is open_clip's ``ClipLoss`` / ``SigLipLoss`` formula (materializes the N x N logits; open_clip's
-own class when installed is added as ``open_clip``); ``torch.compile`` of the eager formula is added by the
-harness. Features arrive normalized and ``logit_scale`` exponentiated, as open_clip passes them.
+``eager`` is the op's own eager reference (``clipfast.ops.contrastive_loss.reference_loss``: open_clip's
+``ClipLoss`` / ``SigLipLoss`` formula, which materializes the N x N logits, with its products in fp32) on the
+arguments open_clip passes: features normalized, ``logit_scale`` exponentiated. open_clip's own class, when
+installed, is added as ``open_clip``; ``torch.compile`` of the eager reference is added by the harness.
 """
 import torch
 import torch.nn.functional as F
 
 import clipfast
+from clipfast.ops.contrastive_loss import CLIP, SIGLIP, reference_loss
 
 from .harness import BenchCase
 
@@ -29,25 +31,19 @@ def _big_memory_shapes() -> list:
 
 
 def eager_clip_loss(image, text, logit_scale):
-    """open_clip ``ClipLoss`` on one GPU."""
-    logits_per_image = logit_scale * image @ text.T
-    logits_per_text = logit_scale * text @ image.T
-    labels = torch.arange(image.shape[0], device=image.device)
-    return (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels)) / 2
+    """open_clip ``ClipLoss`` on one GPU: both directions, nothing normalized here."""
+    return reference_loss(image, text, logit_scale, None, CLIP, 0, True, False)
 
 
 def eager_siglip_loss(image, text, logit_scale, logit_bias):
     """open_clip ``SigLipLoss`` on one GPU."""
-    logits = logit_scale * image @ text.T + logit_bias
-    labels = 2 * torch.eye(image.shape[0], device=image.device, dtype=logits.dtype) - 1
-    return -F.logsigmoid((labels * logits).float()).sum() / image.shape[0]
+    return reference_loss(image, text, logit_scale, logit_bias, SIGLIP, 0, False, False)
 
 
 def eager_local_cross_entropy(queries, keys, logit_scale):
-    """open_clip ``ClipLoss(local_loss=True)``, one direction: the rank's rows against all gathered columns."""
-    n = queries.shape[0]
-    labels = torch.arange(n, device=queries.device) + n
-    return F.cross_entropy((logit_scale * queries @ keys.T).float(), labels)
+    """open_clip ``ClipLoss(local_loss=True)``, one direction: the rank's rows against all gathered columns
+    (rank 1: the positives at N..2N)."""
+    return reference_loss(queries, keys, logit_scale, None, CLIP, queries.shape[0], False, False)
 
 
 def _make_local(n, m, d):

@@ -1,14 +1,16 @@
 """The contrastive loss as one data-parallel rank computes it: its 256 local pairs against the 32k gathered
 features of all ranks (open_clip ``ClipLoss(local_loss=True, gather_with_grad=True)``), both directions.
 
-``clipfast`` is ``clipfast.contrastive_cross_entropy`` per direction; ``eager`` is open_clip's formula
-(``logit_scale * local @ gathered.T`` then cross-entropy against ``arange(n) + rank * n``), which
+``clipfast`` is ``clipfast.contrastive_cross_entropy`` per direction; ``eager`` is the op's eager reference
+per direction (``clipfast.ops.contrastive_loss.reference_loss``: open_clip's ``logit_scale * local @
+gathered.T`` then cross-entropy against ``arange(n) + rank * n``, with its products in fp32), which
 materializes the [256, 32k] logits. Rows are reported under the ``contrastive_loss`` family.
 """
 import torch
 import torch.nn.functional as F
 
 import clipfast
+from clipfast.ops.contrastive_loss import CLIP, reference_loss
 
 from .harness import BenchCase
 
@@ -18,10 +20,8 @@ RANK = 2  # the rank whose pairs are local: its positives sit at offset RANK * l
 
 
 def eager_local_loss(image, text, all_image, all_text, logit_scale, offset):
-    labels = torch.arange(image.shape[0], device=image.device) + offset
-    logits_per_image = logit_scale * image @ all_text.T
-    logits_per_text = logit_scale * text @ all_image.T
-    return (F.cross_entropy(logits_per_image.float(), labels) + F.cross_entropy(logits_per_text.float(), labels)) / 2
+    return (reference_loss(image, all_text, logit_scale, None, CLIP, offset, False, False)
+            + reference_loss(text, all_image, logit_scale, None, CLIP, offset, False, False)) / 2
 
 
 def clipfast_local_loss(image, text, all_image, all_text, logit_scale, offset):

@@ -1,13 +1,14 @@
-"""Transformer MLP (fc -> QuickGELU -> proj) at CLIP shapes, against eager Linear -> QuickGELU -> Linear,
-torch.compile of it, and the two bare GEMMs without bias or activation (the floor: what cuBLAS takes for
-the matrix products alone; its backward is the same four GEMMs). Also the standalone QuickGELU.
+"""Transformer MLP (fc -> QuickGELU -> proj) at CLIP shapes, against the op's eager reference Linear ->
+QuickGELU -> Linear (``clipfast.ops.mlp.reference_mlp``: the activation computed in fp32), torch.compile of
+it, and the two bare GEMMs without bias or activation (the floor: what cuBLAS takes for the matrix products
+alone; its backward is the same four GEMMs). Also the standalone QuickGELU against its reference.
 
 Targets (H100, bf16): >= 1.3x eager, >= 1.1x torch.compile, within 10% of the bare GEMMs, >= 600 TFLOP/s.
 """
 import torch
-import torch.nn.functional as F
 
 import clipfast
+from clipfast.ops.mlp import reference_activation, reference_mlp
 
 from .harness import BenchCase
 
@@ -22,12 +23,11 @@ SMOKE_SHAPES = {"smoke 37x64->256": (37, 64, 256)}
 
 
 def _quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
+    return reference_activation(x, "quick_gelu")
 
 
 def _eager(x, w1, b1, w2, b2, residual=None):
-    y = F.linear(_quick_gelu(F.linear(x, w1, b1)), w2, b2)
-    return y + residual if residual is not None else y
+    return reference_mlp(x, w1, b1, w2, b2, "quick_gelu", residual)
 
 
 def _clipfast(x, w1, b1, w2, b2, residual=None):
@@ -104,7 +104,7 @@ def saved_activation_bytes(fn, *args, exclude=()) -> int:
 
 
 def _eager_gelu(x, w1, b1, w2, b2):
-    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    return reference_mlp(x, w1, b1, w2, b2, "gelu", None)
 
 
 def _fused_gelu(x, w1, b1, w2, b2):
@@ -129,9 +129,9 @@ VIT_B16_SHAPES = [("ViT-B/16 MLP, 197 tokens", 197, 768, 3072), ("ViT-B/16 MLP, 
 
 def saved_bytes_rows(shapes=VIT_B16_SHAPES, dtype=torch.bfloat16, with_compile: bool = True,
                      model: str | None = "tiny"):
-    """Rows of the saved-for-backward table: one MLP block at each ``(label, rows, width, hidden)`` (eager
-    nn.GELU and QuickGELU MLPs, their torch.compile, the fused MLP), and a whole reference model
-    (``clipfast.models.create(model)``, batch 2) eager, compiled and patched. Parameters are excluded."""
+    """Rows of the saved-for-backward table: one MLP block at each ``(label, rows, width, hidden)`` (the op's
+    eager reference with erf GELU and with QuickGELU, their torch.compile, the fused MLP), and a whole reference
+    model (``clipfast.models.create(model)``, batch 2) eager, compiled and patched. Parameters are excluded."""
     rows = []
     for label, tokens, width, hidden in shapes:
         x = torch.randn(tokens, width, dtype=dtype, requires_grad=True)
@@ -207,8 +207,9 @@ bf16 for the MLP blocks, fp32 for the model). `torch.autograd.graph.saved_tensor
 tensor the forward saves for backward; the table sums the distinct storages, parameters excluded (only
 activations). The clipfast ops save the same tensors on every path (kernels or eager fallback), so a CPU
 measures what a GPU keeps. The clipfast MLP keeps x and the pre-activation Z (H = act(Z) is recomputed
-in the backward); eager nn.GELU keeps x, Z and H, eager QuickGELU (`z * sigmoid(1.702 * z)`) also the
-sigmoid. torch.compile ran with CPU inductor.
+in the backward). The eager rows are the op's eager reference (`clipfast.ops.mlp.reference_mlp`, its
+activation computed in fp32: "eager nn.GELU" with `F.gelu`, "eager QuickGELU" with `z * sigmoid(1.702 * z)`),
+which keeps x, Z in fp32, H and (QuickGELU) the fp32 sigmoid. torch.compile ran with CPU inductor.
 
 {saved_bytes_markdown(rows)}
 """)

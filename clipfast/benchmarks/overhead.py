@@ -4,7 +4,9 @@ Every clipfast op pays, per call, its argument checks, the dispatch lookup, the 
 gradient is wanted) the autograd node, on top of the work itself. On tiny tensors the work is negligible,
 so the time per call is that overhead. This measures, for every op, microseconds per call of
 
-- ``torch``: the plain PyTorch call a user would write (``F.layer_norm``, SDPA, ``F.linear`` ... );
+- ``torch``: the op's eager reference (``reference_*`` in ``clipfast.ops``: the plain PyTorch calls the op
+  replaces, ``F.layer_norm``, SDPA, ``F.linear`` ...), called directly on the arguments a user passes (the
+  same formula the clipfast op falls back to, without its checks, dispatch or custom op);
 - ``clipfast``: the clipfast op in dispatch ``kernel`` (on CPU the eager-fallback path, which shares the
   checks, dispatch and autograd plumbing with the kernel path; on CUDA the kernel path);
 - ``clipfast (auto)``: the same in dispatch ``auto`` (the lookup of the measured choice included);
@@ -28,10 +30,16 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import clipfast
 from clipfast.dispatching import dispatch
+from clipfast.ops.attention import reference_attention
+from clipfast.ops.contrastive_loss import CLIP, SIGLIP, reference_loss
+from clipfast.ops.layer_norm import reference_add_layer_norm, reference_layer_norm
+from clipfast.ops.mlp import reference_activation, reference_mlp
+from clipfast.ops.patch_embed import reference_patch_embed
+
+EPS = 1e-5  # the LayerNorm default of the clipfast calls below
 
 
 @dataclass
@@ -46,58 +54,38 @@ def _t(device, grad, *shape):
     return torch.randn(*shape, device=device).requires_grad_(grad)
 
 
-def _plain_clip_loss(image, text, logit_scale):
-    logits = logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
-    labels = torch.arange(image.shape[0], device=image.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-
-
-def _plain_siglip_loss(image, text, logit_scale, logit_bias):
-    logits = logit_scale.exp() * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T + logit_bias
-    labels = 2 * torch.eye(image.shape[0], device=image.device) - 1
-    return -F.logsigmoid(labels * logits).sum() / image.shape[0]
-
-
-def _plain_patch_embed(pixels, weight, cls, pos):
-    x = F.conv2d(pixels, weight, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
-    return torch.cat([cls.expand(x.shape[0], 1, -1), x], 1) + pos
-
-
-def _plain_add_layer_norm(x, r, weight, bias):
-    h = x + r
-    return h, F.layer_norm(h, (32,), weight, bias)
-
-
-def _quick_gelu(x):
-    return x * torch.sigmoid(1.702 * x)
-
-
 CASES = [
     OverheadCase("layer_norm", lambda d, g: dict(x=_t(d, g, 4, 32), weight=_t(d, g, 32), bias=_t(d, g, 32)),
                  lambda x, weight, bias: clipfast.layer_norm(x, weight, bias),
-                 lambda x, weight, bias: F.layer_norm(x, (32,), weight, bias)),
+                 lambda x, weight, bias: reference_layer_norm(x, weight, bias, EPS)),
     OverheadCase("add_layer_norm",
                  lambda d, g: dict(x=_t(d, g, 4, 32), r=_t(d, g, 4, 32), weight=_t(d, g, 32), bias=_t(d, g, 32)),
                  lambda x, r, weight, bias: clipfast.add_layer_norm(x, r, weight, bias),
-                 _plain_add_layer_norm),
+                 lambda x, r, weight, bias: reference_add_layer_norm(x, r, weight, bias, EPS)),
     OverheadCase("flash_attention", lambda d, g: dict(q=_t(d, g, 1, 2, 8, 16), k=_t(d, g, 1, 2, 8, 16),
                                                       v=_t(d, g, 1, 2, 8, 16)),
-                 clipfast.flash_attention, lambda q, k, v: F.scaled_dot_product_attention(q, k, v)),
+                 clipfast.flash_attention, lambda q, k, v: reference_attention(q, k, v, None, False, None)),
     OverheadCase("mlp", lambda d, g: dict(x=_t(d, g, 4, 32), w1=_t(d, g, 64, 32), b1=_t(d, g, 64),
                                           w2=_t(d, g, 32, 64), b2=_t(d, g, 32)),
                  lambda x, w1, b1, w2, b2: clipfast.mlp(x, w1, b1, w2, b2),
-                 lambda x, w1, b1, w2, b2: F.linear(_quick_gelu(F.linear(x, w1, b1)), w2, b2)),
-    OverheadCase("quick_gelu", lambda d, g: dict(x=_t(d, g, 4, 32)), clipfast.quick_gelu, _quick_gelu),
+                 lambda x, w1, b1, w2, b2: reference_mlp(x, w1, b1, w2, b2, "quick_gelu", None)),
+    OverheadCase("quick_gelu", lambda d, g: dict(x=_t(d, g, 4, 32)), clipfast.quick_gelu,
+                 lambda x: reference_activation(x, "quick_gelu")),
     OverheadCase("patch_embed", lambda d, g: dict(pixels=_t(d, False, 1, 3, 16, 16), weight=_t(d, g, 32, 3, 8, 8),
                                                   cls=_t(d, g, 32), pos=_t(d, g, 5, 32)),
-                 lambda pixels, weight, cls, pos: clipfast.patch_embed(pixels, weight, cls, pos), _plain_patch_embed),
+                 lambda pixels, weight, cls, pos: clipfast.patch_embed(pixels, weight, cls, pos),
+                 lambda pixels, weight, cls, pos: reference_patch_embed(pixels, weight, None, cls, pos, None, None,
+                                                                        None, None, EPS)),
     OverheadCase("clip_loss", lambda d, g: dict(image=_t(d, g, 4, 16), text=_t(d, g, 4, 16),
                                                 logit_scale=_t(d, g, ())),
-                 lambda image, text, logit_scale: clipfast.clip_loss(image, text, logit_scale), _plain_clip_loss),
+                 lambda image, text, logit_scale: clipfast.clip_loss(image, text, logit_scale),
+                 lambda image, text, logit_scale: reference_loss(image, text, logit_scale.exp().float(), None, CLIP, 0,
+                                                                 True, True)),
     OverheadCase("siglip_loss", lambda d, g: dict(image=_t(d, g, 4, 16), text=_t(d, g, 4, 16),
                                                   logit_scale=_t(d, g, ()), logit_bias=_t(d, g, ())),
                  lambda image, text, logit_scale, logit_bias: clipfast.siglip_loss(image, text, logit_scale, logit_bias),
-                 _plain_siglip_loss),
+                 lambda image, text, logit_scale, logit_bias: reference_loss(image, text, logit_scale.exp().float(),
+                                                                             logit_bias, SIGLIP, 0, False, True)),
 ]
 
 

@@ -1,11 +1,12 @@
 """Patch embedding + class token + positional embedding + ln_pre (the start of every CLIP image tower):
-ViT-B/16 and ViT-L/14 at batch 256, against eager conv2d -> flatten -> cat -> add -> LayerNorm and
-torch.compile of it. The pixels do not require grad (training); the uint8 case feeds raw uint8 images with
-CLIP's mean/std folded in, against eager normalize -> the same chain."""
+ViT-B/16 and ViT-L/14 at batch 256, against the op's eager reference (``clipfast.ops.patch_embed.
+reference_patch_embed``: conv2d -> flatten -> cat -> add -> LayerNorm) and torch.compile of it. The pixels do
+not require grad (training); the uint8 case feeds raw uint8 images with CLIP's mean/std folded in (the op's own
+folding, ``patch_embed_args``), against the reference's normalize -> the same chain."""
 import torch
-import torch.nn.functional as F
 
 import clipfast
+from clipfast.ops.patch_embed import patch_embed_args, reference_patch_embed
 
 from .harness import BenchCase
 
@@ -19,24 +20,23 @@ SHAPES = {  # label -> (batch, image size, patch, width)
 SMOKE_SHAPES = {"smoke B=2 32px p16 w64": (2, 32, 16, 64)}
 
 
+LN_EPS = 1e-5  # the op's default, which the clipfast calls below use
+
+
 def _eager(pixels, weight, cls, pos, ln_weight, ln_bias):
-    x = F.conv2d(pixels, weight, stride=weight.shape[-1]).flatten(2).transpose(1, 2)
-    x = torch.cat([cls.to(x.dtype) + torch.zeros(x.shape[0], 1, x.shape[-1], dtype=x.dtype, device=x.device), x], 1)
-    x = x + pos.to(x.dtype)
-    return F.layer_norm(x, x.shape[-1:], ln_weight, ln_bias)
+    return reference_patch_embed(pixels, weight, None, cls, pos, None, None, ln_weight, ln_bias, LN_EPS)
 
 
-def _eager_uint8(pixels, weight, cls, pos, ln_weight, ln_bias):
-    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
-    return _eager(((pixels.float() / 255 - mean) / std).to(weight.dtype), weight, cls, pos, ln_weight, ln_bias)
+def _eager_uint8(pixels, weight, cls, pos, ln_weight, ln_bias, scale, shift):
+    """``scale``/``shift``: CLIP's mean/std folded as the op folds them (made with the inputs, not timed)."""
+    return reference_patch_embed(pixels, weight, None, cls, pos, scale, shift, ln_weight, ln_bias, LN_EPS)
 
 
 def _fused(pixels, weight, cls, pos, ln_weight, ln_bias):
     return clipfast.patch_embed(pixels, weight, cls, pos, ln_weight=ln_weight, ln_bias=ln_bias)
 
 
-def _fused_uint8(pixels, weight, cls, pos, ln_weight, ln_bias):
+def _fused_uint8(pixels, weight, cls, pos, ln_weight, ln_bias, scale, shift):
     return clipfast.patch_embed(pixels, weight, cls, pos, mean=CLIP_MEAN, std=CLIP_STD,
                                 ln_weight=ln_weight, ln_bias=ln_bias)
 
@@ -54,8 +54,12 @@ def cases(smoke: bool):
                 else:
                     pixels = torch.randn(batch, 3, image, image, device=device, dtype=dtype)
                 param = lambda *shape, scale=0.02: (scale * torch.randn(*shape, device=device, dtype=dtype)).requires_grad_()  # noqa: E731
-                return {"pixels": pixels, "weight": param(width, 3, patch, patch), "cls": param(width),
-                        "pos": param(n_tokens, width), "ln_weight": param(width, scale=1.0), "ln_bias": param(width)}
+                inputs = {"pixels": pixels, "weight": param(width, 3, patch, patch), "cls": param(width),
+                          "pos": param(n_tokens, width), "ln_weight": param(width, scale=1.0), "ln_bias": param(width)}
+                if uint8:
+                    folded = patch_embed_args(pixels, inputs["weight"], mean=CLIP_MEAN, std=CLIP_STD)
+                    inputs["scale"], inputs["shift"] = folded[5:7]
+                return inputs
 
             size = torch.finfo(dtype).bits // 8
             pixel_bytes = batch * 3 * image * image * (1 if uint8 else size)
