@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import torch
 
-from .environment import cache_dir, versions, warn_once
+from .environment import cache_dir, set_target, versions, warn_once
 
 ENV_MODE = "CLIPFAST_AUTOTUNE"
 ENV_TARGET_ARCH = "CLIPFAST_TARGET_ARCH"
@@ -76,33 +76,16 @@ def target_arch() -> int | None:
     return int(text) if text else None
 
 
-# Streaming multiprocessors of the usual GPU of an architecture (planning on CPU: split-K and persistent
-# grids depend on it). H100 SXM 132, A100 108.
-TARGET_SM_COUNT = {80: 108, 86: 84, 89: 128, 90: 132}
-
-
 _target_gpu: str | None = None
 
 
 def install_target(arch: int, sm_count: int | None = None, gpu: str | None = None) -> None:
-    """Planning: make ``runtime.capability`` / ``runtime.sm_count`` answer ``arch`` (and its usual SM count)
-    for non-CUDA tensors, as a GPU of that architecture would (``gpu``: its name, for the tables' GPU
+    """Planning: the device queries (``environment.capability`` / ``sm_count``) answer ``arch`` (and its usual
+    SM count) for non-CUDA tensors, as a GPU of that architecture would (``gpu``: its name, for the tables' GPU
     sections and the user's table). CUDA tensors keep their real answers."""
     global _target_gpu
-    from . import runtime
-
     _target_gpu = gpu
-
-    real_capability, real_sm_count = runtime.capability, runtime.sm_count
-    sms = sm_count or TARGET_SM_COUNT.get(arch, 132)
-
-    def capability(device):
-        return real_capability(device) if device.type == "cuda" else (arch // 10, arch % 10)
-
-    def sm_count_(device):
-        return real_sm_count(device) if device.type == "cuda" else sms
-
-    runtime.capability, runtime.sm_count = capability, sm_count_
+    set_target(arch, sm_count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,16 +121,6 @@ def key_text(key: list[str], args: dict) -> str:
     if t is not None:
         parts.append(f"dtype={str(t.dtype).replace('torch.', '')}")
     return ",".join(parts)
-
-
-def _arch_of(args: dict) -> int:
-    from . import runtime
-
-    t = _first_tensor(args)
-    if t is None:
-        return 0
-    major, minor = runtime.capability(t.device)
-    return 10 * major + minor
 
 
 _gpu_names: dict[int, str] = {}
@@ -311,13 +284,20 @@ def kernel_name(fn) -> str:
     return f"{module.rsplit('.', 1)[-1]}.{name}" if module else name
 
 
+def _no_arch(args: dict) -> int:
+    return 0
+
+
 class Policy:
     """The per-kernel state of the policy: the kernel's own pruning (``offered``), the early_config_prune
     that returns one config outside ``max`` mode, and the benchmark function that times nothing when one
-    config is left (triton 3.6 benchmarks even a single pruned config)."""
+    config is left (triton 3.6 benchmarks even a single pruned config). ``arch_of``: a launch's architecture
+    (10 x major + minor) from its arguments, which the tables are looked up by (``runtime.launch_arch``)."""
 
-    def __init__(self, name: str, key: list[str], prune: Callable | None, do_bench: Callable | None):
+    def __init__(self, name: str, key: list[str], prune: Callable | None, do_bench: Callable | None,
+                 arch_of: Callable[[dict], int] = _no_arch):
         self.name, self.key, self._prune, self._do_bench = name, list(key), prune, do_bench
+        self.arch_of = arch_of
         self.single = True
         self.pending: tuple | None = None  # max mode: (set hash, key text, gpu) being benchmarked
         self.listeners: list[Callable] = []  # planning: called with (kernel name, key text, offered, chosen)
@@ -330,7 +310,7 @@ class Policy:
         """The one config default mode runs and where it came from."""
         if mode() == "0":
             return offered[0], "heuristic default (CLIPFAST_AUTOTUNE=0)"
-        record, source = lookup(self.name, key, _arch_of(args), _gpu_name(args))
+        record, source = lookup(self.name, key, self.arch_of(args), _gpu_name(args))
         if record is not None:
             for cfg in offered:
                 if matches(cfg, record):
@@ -356,7 +336,7 @@ class Policy:
             cfg, source = self.choose(offered, args, key)
             if not source and _first_tensor(args) is not None:
         
-                arch = _arch_of(args)
+                arch = self.arch_of(args)
                 warn_once(f"autotune_default_{self.name}",
                           f"no tuned config for {self.name} at {key} on "
                           f"{_gpu_name(args) or f'sm_{arch}'}: running its default {config_text(cfg)}; {TUNE_HINT}")

@@ -513,8 +513,7 @@ def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums
     0 for the fewest GEMM passes, 256 or 512 to pick a tile)."""
     a, b = _rows(a), _rows(b)
     n_a, n_b, n_cols = a.shape[0], b.shape[0], a.shape[1]
-    major, minor = runtime.capability(a.device)
-    plan = grad_plan(a.dtype, n_cols, aligned_rows(a, b), block_d, 10 * major + minor)
+    plan = grad_plan(a.dtype, n_cols, aligned_rows(a, b), block_d, runtime.device_arch(a.device))
     n_s, cols_per_split = grad_splits(n_a, n_b, n_cols, plan, a.device)
     acc = runtime.empty((n_s, n_a, n_cols), torch.float32, a.device)
     sums = runtime.empty((n_s, 2, n_a), torch.float32, a.device) if want_sums else acc

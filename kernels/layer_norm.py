@@ -258,8 +258,7 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
         zeros = lambda p: torch.zeros_like(p) if p is not None else None  # noqa: E731
         return dx, zeros(weight), zeros(bias)
     tile = bwd_tile(n_cols)
-    major, minor = runtime.capability(x.device)
-    stages = bwd_stages(tile["BLOCK_N"], x.dtype, 10 * major + minor, dh is not None)
+    stages = bwd_stages(tile["BLOCK_N"], x.dtype, runtime.device_arch(x.device), dh is not None)
     n_programs = bwd_programs(n_rows, n_cols, tile["BLOCK_M"], x.device)
     rows_per_program = runtime.cdiv(runtime.cdiv(n_rows, n_programs), tile["BLOCK_M"]) * tile["BLOCK_M"]
     n_programs = runtime.cdiv(n_rows, rows_per_program)  # every program has rows: every partial row is written

@@ -354,15 +354,6 @@ def tma_applies(arch: int, aligned: bool) -> bool:
     return arch >= 90 and aligned and HAS_TENSOR_DESCRIPTORS
 
 
-def _arch(named_args: dict) -> int:
-    """10 x major + minor of the device the launch's A operand is on (0: not a CUDA tensor)."""
-    a = named_args.get("A")
-    if not isinstance(a, torch.Tensor):
-        return 0
-    major, minor = runtime.capability(a.device)
-    return 10 * major + minor
-
-
 def _product_kinds(args: dict) -> set[str]:
     """The kinds of product (see ``Tile.avoid``) a launch's constexpr flags make."""
     kinds = set()
@@ -412,7 +403,7 @@ def _prune(configs, named_args, arch: int | None = None, **kwargs):
     """The tiles offered to one launch (see ``offered``): its epilogue, operand alignment and device
     (``arch`` overrides the device, for the AOT cases)."""
     args = {**named_args, **kwargs}
-    arch = _arch(named_args) if arch is None else arch
+    arch = runtime.launch_arch(named_args, "A") if arch is None else arch
     kinds = _product_kinds(args)
     aligned = args.get("IS_ALIGNED", True)
     kept = [c for c in configs if offered(_tile(c), kinds, aligned, arch)]
@@ -770,7 +761,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
         b = activation_fwd(b.contiguous() if b_row_major else b.t().contiguous(), activation)
         b, activate_b, activation = (b if b_row_major else b.t()), False, "none"
 
-    if a.is_cuda and tma_applies(_arch({"A": a}), aligned):
+    if a.is_cuda and tma_applies(runtime.device_arch(a.device), aligned):
         _ensure_descriptor_scratch()
 
     def grid(meta):

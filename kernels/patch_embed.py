@@ -181,19 +181,13 @@ def why_not_offered(label: str, cfg: triton.Config, dtype, arch: int) -> str | N
             f"{runtime.max_shared_per_block(arch)} B per block")
 
 
-def _arch(named_args) -> int:
-    t = next((v for v in named_args.values() if isinstance(v, torch.Tensor)), None)
-    major, minor = runtime.capability(t.device) if t is not None else (0, 0)
-    return 10 * major + minor
-
-
 def _pruner(label: str, operand: str):
     """``early_config_prune`` of GEMM kernel ``label``: the configs ``offered`` to the dtype of its
     ``operand`` argument (the compute dtype) on the launch's architecture."""
     def prune(configs, named_args, **kwargs):
         t = named_args.get(operand)
         dtype = t.dtype if isinstance(t, torch.Tensor) and t.dtype in runtime.ELEMENT_SIZE else torch.float16
-        keep = {_config_key(c) for c in offered(label, configs, dtype, _arch(named_args))}
+        keep = {_config_key(c) for c in offered(label, configs, dtype, runtime.launch_arch(named_args))}
         return [c for c in configs if _config_key(c) in keep] or configs[:1]
     return prune
 

@@ -16,6 +16,9 @@ import triton
 
 from . import configs as config_policy
 from . import environment
+# The device queries (``environment``), asked through this module by every kernel: tests and planning
+# replace them here.
+from .environment import capability, sm_count  # noqa: F401
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, so the value at import time is what counts.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -81,7 +84,8 @@ def autotune(configs: list[triton.Config], key: list[str], **kwargs: Any) -> Cal
         kwargs.setdefault("do_bench", _untimed)
     if len(chosen) > 1:
         prune_by = dict(kwargs.pop("prune_configs_by", None) or {})
-        policy = config_policy.Policy("", key, prune_by.get("early_config_prune"), kwargs.get("do_bench"))
+        policy = config_policy.Policy("", key, prune_by.get("early_config_prune"), kwargs.get("do_bench"),
+                                      arch_of=launch_arch)
         kwargs["prune_configs_by"] = {**prune_by, "early_config_prune": policy.prune}
         if AUTOTUNE:
             kwargs["do_bench"] = policy.do_bench
@@ -166,22 +170,19 @@ def on_tensor_device(launcher: Callable) -> Callable:
     return run
 
 
-@functools.lru_cache(maxsize=None)
-def _device_properties(index: int):
-    return torch.cuda.get_device_properties(index)
+def device_arch(device: torch.device) -> int:
+    """10 x major + minor of ``device``'s compute capability (``capability``): 90 for sm_90; 0 for a device
+    that is not a GPU (the interpreter), unless planning stands in for one."""
+    major, minor = capability(device)
+    return 10 * major + minor
 
 
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors on ``device`` (a small fixed number on CPU, to keep grids small)."""
-    if device.type != "cuda":
-        return 4
-    return _device_properties(device.index if device.index is not None else torch.cuda.current_device()).multi_processor_count
-
-
-def capability(device: torch.device) -> tuple[int, int]:
-    if device.type != "cuda":
-        return (0, 0)
-    return torch.cuda.get_device_capability(device)
+def launch_arch(named_args: dict, operand: str | None = None) -> int:
+    """``device_arch`` of a launch: of its ``operand`` argument, or of its first tensor argument; 0 where that
+    is not a tensor. What every pruning function and the config tables key on."""
+    t = named_args.get(operand) if operand is not None else next(
+        (v for v in named_args.values() if isinstance(v, torch.Tensor)), None)
+    return device_arch(t.device) if isinstance(t, torch.Tensor) else 0
 
 
 # ---------------------------------------------------------------------------------------------

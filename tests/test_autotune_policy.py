@@ -11,7 +11,7 @@ import pytest
 import torch
 import triton
 
-from clipfast.kernels import attention, configs, mlp, runtime
+from clipfast.kernels import attention, configs, environment, mlp, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFGS = [triton.Config({"BLOCK": b}, num_warps=w) for b, w in ((16, 4), (32, 4), (64, 8))]
@@ -26,7 +26,7 @@ def cache(tmp_path, monkeypatch):
 
 
 def _policy(name, prune=None, bench=None):
-    return configs.Policy(name, ["n"], prune, bench)
+    return configs.Policy(name, ["n"], prune, bench, arch_of=runtime.launch_arch)
 
 
 def test_default_mode_runs_the_first_offered_config_untimed_and_says_so_once(cache, monkeypatch):
@@ -94,6 +94,22 @@ def test_max_mode_offers_what_the_kernels_own_pruning_offers(cache, monkeypatch)
     with runtime.forced_config(gemm, gemm.configs[3]):
         assert gemm.configs == [gemm.shipped_configs[3]]
     assert len(gemm.configs) > 1
+
+
+def test_planning_target_answers_the_device_queries_for_cpu_tensors(monkeypatch):
+    """``configs.install_target`` (``clipfast warm``'s planning): CPU tensors answer as a GPU of that architecture
+    (capability, its usual SM count, the launch architecture the pruning and the tables key on)."""
+    monkeypatch.setattr(environment, "_target", None)
+    monkeypatch.setattr(configs, "_target_gpu", None)
+    cpu = torch.device("cpu")
+    assert (runtime.capability(cpu), runtime.sm_count(cpu), runtime.launch_arch({"X": torch.empty(1)})) == ((0, 0), 4, 0)
+    configs.install_target(90, gpu="Fake GPU")
+    assert (runtime.capability(cpu), runtime.sm_count(cpu)) == ((9, 0), environment.TARGET_SM_COUNT[90])
+    assert runtime.launch_arch({"n": 3, "X": torch.empty(1)}) == runtime.device_arch(cpu) == 90
+    assert runtime.launch_arch({"X": torch.empty(1)}, "A") == 0  # no such operand
+    assert configs._gpu_name({"X": torch.empty(1)}) == "Fake GPU"
+    configs.install_target(80, sm_count=7)
+    assert (runtime.capability(cpu), runtime.sm_count(cpu)) == ((8, 0), 7)
 
 
 def test_interpreter_keeps_one_config_without_a_policy():

@@ -207,7 +207,7 @@ def _skip_unless_it_runs_here(tile, dtype):
     autotuner never runs it there, and a launch over the shared-memory limit fails (OutOfResources)."""
     if not ON_GPU:
         return
-    arch = kernel._arch({"A": torch.empty(0, device=DEVICE)})
+    arch = runtime.device_arch(DEVICE)
     reason = kernel.why_not_offered(tile, kernel._product_kinds({"A": torch.empty(0, dtype=dtype)}), True, arch)
     if reason:
         pytest.skip(f"{_tile_id(tile)} is not offered to {dtype} on sm_{arch}: {reason}")

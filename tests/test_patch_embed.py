@@ -475,7 +475,7 @@ def test_every_shipped_config_runs_in_the_interpreter(name, index, dtype):
     tuned = getattr(patch_embed_kernel, name)
     if ON_GPU:
         label = GEMM_LABELS[name]
-        arch = patch_embed_kernel._arch({"W": torch.empty(0, device=DEVICE)})
+        arch = runtime.device_arch(DEVICE)
         reason = patch_embed_kernel.why_not_offered(label, tuned.shipped_configs[index], dtype, arch)
         if reason:
             pytest.skip(f"patch_embed {label} config {index} is not offered to {dtype} on sm_{arch}: {reason}")
