@@ -115,8 +115,6 @@ class PatchReport:
             lines.append(f"  {header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]}")
             lines.append(f"  {'-' * widths[0]}  {'-' * widths[1]}  {'-' * len(header[2])}")
             lines += [f"  {p:<{widths[0]}}  {o:<{widths[1]}}  {r}" for p, o, r in rows]
-        from .dispatching import describe
-
         counts = self.counts()
         fam = []
         for name, state in self.families.items():

@@ -26,20 +26,23 @@ What runs
 Only ``encode_text`` changes: code that needs every position (``forward_intermediates``, the transformer
 called directly) keeps the padded computation. ``clipfast.patch(model, unpad_text=False)`` keeps it too.
 
-Towers that take a padding mask (Hugging Face CLIP / ChineseCLIP, cn_clip's BERT) are in
-``clipfast/unpad_masked.py``; they share the packing helpers, hook test and patched classes here.
+Towers that take a padding mask (Hugging Face CLIP / ChineseCLIP in ``clipfast/integrations/hf/unpad.py``,
+cn_clip in ``clipfast/integrations/cn_clip.py``) use the packing helpers, the hook test, the packed post-LN
+BERT tower (bidirectional, pooled at the first token: HF ChineseCLIP's and cn_clip's text towers) and the
+patched classes here. Nothing here imports an integrated library: towers are recognised by class name.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ._validate import host_sync_forbidden
+from .dispatching import flash_attention_varlen
 from .nn.attention import is_causal_mask
-from .ops.attention_varlen import flash_attention_varlen
 
 # The text towers this applies to, by class (module.qualname): nothing optional is imported.
 REFERENCE, OPENAI, OPEN_CLIP = "clipfast.models.model.CLIP", "clip.model.CLIP", "open_clip.model.CLIP"
@@ -52,6 +55,11 @@ def tower_name(model) -> str:
     cls = model if isinstance(model, type) else type(model)
     cls = getattr(cls, "_clipfast_unpadded_base", cls)
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def unpadded_base(model: nn.Module) -> type:
+    """The class an unpadded model's class was made from (its methods are the padded originals)."""
+    return type(model)._clipfast_unpadded_base
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +75,17 @@ def eot_positions(model: nn.Module, text: torch.Tensor) -> Optional[torch.Tensor
     if pool == "eos" and eos is not None:
         return (text == eos).int().argmax(dim=-1)
     return None
+
+
+def gather_ids(ids: Optional[torch.Tensor], default: torch.Tensor, like: torch.Tensor, keep) -> torch.Tensor:
+    """``ids`` (or ``default``, [1, L]) broadcast to ``like`` [B, L], at the kept tokens."""
+    return (default if ids is None else ids).expand_as(like)[keep]
+
+
+def real_pooled_tokens(attention_mask: torch.Tensor, pooled_at: torch.Tensor) -> bool:
+    """A 0/1 mask whose pooled tokens are real (one host sync)."""
+    binary = ((attention_mask == 0) | (attention_mask == 1)).all()
+    return bool(binary & attention_mask.gather(1, pooled_at[:, None]).bool().all())
 
 
 def packed_offsets(keep: torch.Tensor):
@@ -87,6 +106,12 @@ def pack(text: torch.Tensor, lengths: torch.Tensor):
 # ----------------------------------------------------------------------------------------------
 # Blocks on packed tokens
 # ----------------------------------------------------------------------------------------------
+
+def packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens, max_len: int, is_causal: bool,
+                     scale: Optional[float] = None) -> torch.Tensor:
+    """Self-attention within each packed sequence: q, k, v [T, H, D] -> [T, H, D] (every unpadded tower's)."""
+    return flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, is_causal=is_causal, scale=scale)
+
 
 def _hooked(module: nn.Module) -> bool:
     """Whether ``module`` has forward hooks (FSDP2's parameter all-gather, composable checkpointing, a
@@ -119,7 +144,7 @@ def _packed_attention(attn: nn.MultiheadAttention, x: torch.Tensor, cu_seqlens, 
     t, w = x.shape
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).view(t, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.unbind(1)  # strided views, read in place by the kernel
-    o = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, is_causal=True)
+    o = packed_attention(q, k, v, cu_seqlens, max_len, is_causal=True)
     return F.linear(o.reshape(t, w), attn.out_proj.weight, attn.out_proj.bias)
 
 
@@ -127,6 +152,18 @@ def _packed_block(block: nn.Module, x: torch.Tensor, cu_seqlens, max_len: int) -
     ls_1, ls_2 = getattr(block, "ls_1", nn.Identity()), getattr(block, "ls_2", nn.Identity())
     x = x + ls_1(_packed_attention(block.attn, block.ln_1(x), cu_seqlens, max_len))
     return x + ls_2(block.mlp(block.ln_2(x)))
+
+
+def bypassed(model: nn.Module, layers, parts) -> list:
+    """The modules whose forward a packed tower does not call (their hooks would not run): ``model``, its
+    ``layers`` and the ``parts`` (functions of a layer) of each."""
+    return [model, *[m for layer in layers for m in (layer, *(p(layer) for p in parts))]]
+
+
+def packable_call(modules, training_blockers: bool) -> bool:
+    """Whether a packed tower may run this call: no host sync forbidden, nothing in training that the packed
+    path does not reproduce (``training_blockers``), no hooks on the ``modules`` it bypasses."""
+    return not host_sync_forbidden() and not training_blockers and not any(_hooked(m) for m in modules)
 
 
 def _blocks(model: nn.Module):
@@ -212,34 +249,95 @@ def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tens
 
 
 # ----------------------------------------------------------------------------------------------
+# Post-LN BERT towers (bidirectional, pooled at the first token): Hugging Face ChineseCLIP, cn_clip
+# ----------------------------------------------------------------------------------------------
+# Exact for the same reason: with a key-padding mask and no causality the first token's state depends on
+# the real tokens only, so packing them (each with its own position id and token type) changes nothing.
+
+def _heads(linear: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
+    return linear(x).view(x.shape[0], heads, -1)
+
+
+def _bert_layer(layer: nn.Module, x: torch.Tensor, cu_seqlens, max_len: int) -> torch.Tensor:
+    """A post-LN BERT layer (HF ChineseCLIP's or cn_clip's: ``attention.self`` / ``attention.output`` /
+    ``intermediate`` / ``output``) on packed rows [T, W], bidirectional within each sequence."""
+    sa = layer.attention.self
+    q, k, v = (_heads(p, x, sa.num_attention_heads) for p in (sa.query, sa.key, sa.value))
+    o = packed_attention(q, k, v, cu_seqlens, max_len, is_causal=False, scale=1.0 / math.sqrt(sa.attention_head_size))
+    x = layer.attention.output(o.reshape(x.shape[0], -1), x)  # dense, dropout, LayerNorm(. + x)
+    return layer.output(layer.intermediate(x), x)
+
+
+def bert_packable(bert: nn.Module) -> bool:
+    """Whether the packed BERT tower may run this call (see ``packable_call``)."""
+    layers = list(bert.encoder.layer)
+    config = getattr(bert, "config", None)
+    checkpointing = getattr(bert.encoder, "grad_checkpointing", False) or getattr(bert.encoder, "gradient_checkpointing",
+                                                                                 False)
+    checkpointing = checkpointing or any(getattr(m, "gradient_checkpointing", False) for m in layers)
+    dropout = bert.training and (checkpointing or getattr(config, "attention_probs_dropout_prob", 0) > 0)
+    return packable_call(bypassed(bert, layers, (lambda l: l.attention, lambda l: l.attention.self)) + [bert.encoder],
+                         dropout)
+
+
+def bert_cls(bert: nn.Module, input_ids, keep, token_type_ids=None, position_ids=None) -> torch.Tensor:
+    """The last layer's first-token (CLS) state of every row, computed on the ``keep`` tokens [B, L] only
+    (position 0 of every row kept). Token types default to 0 and positions to 0..L-1, as both BERTs do."""
+    cu_seqlens, max_len = packed_offsets(keep)
+    length = input_ids.shape[1]
+    positions = gather_ids(position_ids, torch.arange(length, device=input_ids.device)[None], input_ids, keep)
+    types = gather_ids(token_type_ids, torch.zeros_like(input_ids[:1]), input_ids, keep)
+    x = bert.embeddings(input_ids=input_ids[keep][None], token_type_ids=types[None], position_ids=positions[None])[0]
+    for layer in bert.encoder.layer:
+        x = _bert_layer(layer, x, cu_seqlens, max_len)
+    return x[cu_seqlens[:-1].long()]
+
+
+def head_dim_reason(dim: int) -> Optional[str]:
+    """Why the varlen kernel cannot take this head dim (None when it can)."""
+    return None if 16 <= dim <= 256 else f"head dim {dim} outside 16..256"
+
+
+def bert_structure_reason(bert: nn.Module) -> Optional[str]:
+    """Why the packed BERT tower cannot run ``bert``'s layers (None when it can), from their structure."""
+    for layer in bert.encoder.layer:
+        sa = layer.attention.self
+        if not all(hasattr(sa, n) for n in ("query", "key", "value", "attention_head_size")):
+            return "BERT self-attention without query/key/value projections (e.g. cn_clip's FlashMHA)"
+        for n in ("output", "intermediate"):
+            if not hasattr(layer, n) or not hasattr(layer.attention, "output"):
+                return "BERT layers are not attention/intermediate/output-shaped"
+    return None
+
+
+def bert_head_dim_reason(bert: nn.Module) -> Optional[str]:
+    return head_dim_reason(bert.encoder.layer[0].attention.self.attention_head_size)
+
+
+# ----------------------------------------------------------------------------------------------
 # The patched class
 # ----------------------------------------------------------------------------------------------
+
+#: The methods the unpadded subclass of a causal tower's class overrides.
+CAUSAL_METHODS = {"encode_text": encode_text}
 
 _CLASSES: dict[type, type] = {}
 
 
-def _methods(cls: type) -> dict:
-    """The methods the unpadded subclass of ``cls`` overrides: ``encode_text`` here, the masked towers'
-    (Hugging Face CLIP / ChineseCLIP, cn_clip) from ``clipfast.unpad_masked``."""
-    if tower_name(cls) in TEXT_TOWERS:
-        return {"encode_text": encode_text}
-    from . import unpad_masked
-
-    return unpad_masked.METHODS[tower_name(cls)]
-
-
-def unpadded_class(cls: type) -> type:
-    """The subclass of a CLIP class whose text encoding skips padding (one per class, cached); pickles
-    and deep-copies by reference to this module."""
+def unpadded_class(cls: type, methods: dict[str, Callable]) -> type:
+    """The subclass of a CLIP class overriding ``methods`` (its text encoding skipping padding; one per class,
+    cached); pickles and deep-copies by reference to this module and to the methods' module. A method named
+    ``_clipfast_release`` is called by ``clipfast.unpatch`` before the original class is put back."""
     new = _CLASSES.get(cls)
     if new is None:
-        methods = _methods(cls)
         # a transformers model keeps its class's __name__: save_pretrained records it as the architecture
         name = cls.__name__ if cls.__module__.startswith("transformers.") else f"Unpadded{cls.__name__}"
+        public = [m for m in methods if not m.startswith("_")]
         new = type(name, (cls,), {
             **methods, "__module__": __name__, "__qualname__": f"Unpadded{cls.__name__}",
-            "__doc__": f"{cls.__name__} whose {', '.join(methods)} compute(s) only real tokens (clipfast.unpad).",
-            "_clipfast_fast": True, "_clipfast_unpadded_base": cls, "__reduce_ex__": _reduce,
+            "__doc__": f"{cls.__name__} whose {', '.join(public)} compute(s) only real tokens (clipfast.unpad).",
+            "_clipfast_fast": True, "_clipfast_unpadded_base": cls, "_clipfast_unpadded_methods": dict(methods),
+            "__reduce_ex__": _reduce,
         })
         _CLASSES[cls] = new
     return new
@@ -247,9 +345,15 @@ def unpadded_class(cls: type) -> type:
 
 def _reduce(self, protocol):
     getstate = getattr(self, "__getstate__", None)
-    return _rebuild, (type(self)._clipfast_unpadded_base,), getstate() if getstate is not None else self.__dict__
+    cls = type(self)
+    return (_rebuild, (cls._clipfast_unpadded_base, cls._clipfast_unpadded_methods),
+            getstate() if getstate is not None else self.__dict__)
 
 
-def _rebuild(cls: type) -> nn.Module:
-    new = unpadded_class(cls)
+def _rebuild(cls: type, methods: Optional[dict[str, Callable]] = None) -> nn.Module:
+    if methods is None:  # pickled before the methods were recorded: only the causal towers' were here then
+        if tower_name(cls) not in TEXT_TOWERS:
+            raise TypeError(f"an unpadded {cls.__name__} pickled by an earlier clipfast: unpatch it before saving")
+        methods = CAUSAL_METHODS
+    new = unpadded_class(cls, methods)
     return new.__new__(new)

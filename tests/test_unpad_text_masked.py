@@ -1,6 +1,7 @@
-"""Unpadded text towers that take a padding mask (``clipfast/unpad_masked.py``): Hugging Face CLIPModel (causal,
-pooled at the end-of-text token, with and without ``attention_mask``), Hugging Face ChineseCLIPModel and cn_clip
-(BERT, pooled at CLS). Patched (packed, real tokens only) vs the unpatched padded model, forward and every
+"""Unpadded text towers that take a padding mask (``clipfast/integrations/hf/unpad.py``,
+``clipfast/integrations/cn_clip.py``, the packed BERT tower of ``clipfast/unpad.py``): Hugging Face CLIPModel
+(causal, pooled at the end-of-text token, with and without ``attention_mask``), Hugging Face ChineseCLIPModel and
+cn_clip (BERT, pooled at CLS). Patched (packed, real tokens only) vs the unpatched padded model, forward and every
 parameter gradient against a float64 reference; calls that need more than pooled features run padded."""
 import copy
 import json
@@ -10,7 +11,8 @@ import pytest
 import torch
 
 import clipfast
-from clipfast import unpad_masked
+from clipfast import unpad
+from clipfast.integrations.hf import unpad as hf_unpad
 
 from .conftest import DEVICE
 from .integrations.common import check_patch, perturbed
@@ -61,19 +63,19 @@ def clip_text(lengths, eos=EOS, left=False):
 def packed_calls(monkeypatch):
     """Counts the varlen attention calls of the packed path (proof it ran, not the padded model)."""
     calls = []
-    varlen = unpad_masked.flash_attention_varlen
+    varlen = unpad.flash_attention_varlen
 
     def counting(q, *args, **kwargs):
         calls.append((q.shape[0], kwargs["is_causal"]))
         return varlen(q, *args, **kwargs)
 
-    monkeypatch.setattr(unpad_masked, "flash_attention_varlen", counting)
+    monkeypatch.setattr(unpad, "flash_attention_varlen", counting)
     return calls
 
 
 @pytest.fixture
 def no_packing(monkeypatch):
-    monkeypatch.setattr(unpad_masked, "flash_attention_varlen", None)  # must not be reached
+    monkeypatch.setattr(unpad, "flash_attention_varlen", None)  # must not be reached
 
 
 def text_features(model, ids, mask=None):
@@ -157,13 +159,13 @@ def test_hf_clip_text_model_with_projection(packed_calls):
 def padded_runs(monkeypatch):
     """Counts the padded text-tower runs that compute ``last_hidden_state`` on read."""
     calls = []
-    replay = unpad_masked._PaddedStates.__call__
+    replay = hf_unpad._PaddedStates.__call__
 
     def counting(self):
         calls.append(self)
         return replay(self)
 
-    monkeypatch.setattr(unpad_masked._PaddedStates, "__call__", counting)
+    monkeypatch.setattr(hf_unpad._PaddedStates, "__call__", counting)
     return calls
 
 

@@ -1,5 +1,6 @@
-"""Patch rules: one module per kernel family here (``layer_norm.py``, ``attention.py``, ...), one per
-integrated library in ``LIBRARIES``; all register into ``registry``.
+"""Patch rules: one module per kernel family here (``layer_norm.py``, ``attention.py``, ...), and the rules of
+each integrated library in its home in ``clipfast/integrations/`` (``LIBRARIES``); all register into
+``registry``.
 
 ``load()`` (run by ``clipfast.patch`` the first time it needs the rules) imports the family modules (every
 module of this package, in name order) and then the libraries' modules; importing a module registers its
@@ -18,9 +19,8 @@ from . import registry
 
 #: The integrated libraries' rules modules, after the families' (their order among themselves does not
 #: matter: each matches its own library's classes only).
-LIBRARIES = ("clipfast.patch_rules.integrations_cn_clip", "clipfast.patch_rules.integrations_hf",
-             "clipfast.patch_rules.integrations_open_clip", "clipfast.patch_rules.integrations_siglip",
-             "clipfast.patch_rules.integrations_timm")
+LIBRARIES = ("clipfast.integrations.cn_clip", "clipfast.integrations.hf.rules", "clipfast.integrations.open_clip",
+             "clipfast.integrations.timm")
 
 _loaded: list[str] = []
 
@@ -28,7 +28,7 @@ _loaded: list[str] = []
 def rule_modules() -> list[str]:
     """Every rules module, in the order their rules are tried."""
     families = sorted(f"{__name__}.{info.name}" for info in pkgutil.iter_modules(__path__))
-    families = [name for name in families if name != registry.__name__ and name not in LIBRARIES]
+    families = [name for name in families if name != registry.__name__]
     return families + list(LIBRARIES)
 
 
@@ -41,7 +41,7 @@ def load() -> None:
         try:
             importlib.import_module(name)
         except ImportError as error:
-            warnings.warn(f"clipfast: patch rules {name.rsplit('.', 1)[-1]!r} not loaded: {error}", RuntimeWarning,
-                          stacklevel=3)
+            short = name.removeprefix("clipfast.integrations.").removeprefix(f"{__name__}.")
+            warnings.warn(f"clipfast: patch rules {short!r} not loaded: {error}", RuntimeWarning, stacklevel=3)
     registry.order_rules(modules)
     _loaded[:] = modules

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from clipfast.dispatching import flash_attention
 from clipfast.nn.attention import is_causal_mask, mha_forward
-from clipfast.ops.attention import flash_attention
 from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
 
 ATTENTION_POOLS = {

@@ -9,8 +9,9 @@ has one, class token and positional embedding in one kernel, ln_pre fused behind
 - Hugging Face ``CLIPVisionEmbeddings``: class token + position embedding (ln_pre lives elsewhere there);
   ``interpolate_pos_encoding=True`` runs the original forward.
 
-Hugging Face SigLIP's and timm's embeddings (a conv with bias, no class token) have their rules in
-``integrations_siglip.py`` / ``integrations_timm.py``, built from the helpers here.
+Hugging Face SigLIP's and timm's embeddings (a conv with bias, no class token) and ChineseCLIP's and
+Chinese-CLIP's have their rules in ``clipfast/integrations/`` (``hf/rules.py``, ``timm.py``, ``cn_clip.py``),
+built from the helpers here.
 
 The fast modules fall back to the original code, call by call, for what the kernel does not cover: CUDA
 autocast (the conv would run in the autocast dtype), image sizes that are not multiples of the patch or
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from clipfast._validate import warn_once
-from clipfast.ops.patch_embed import patch_embed
+from clipfast.dispatching import patch_embed
 from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
 
 from .layer_norm import INPUT_DTYPE_SUBCLASSES

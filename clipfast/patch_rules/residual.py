@@ -28,9 +28,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from clipfast.dispatching import add_layer_norm
 from clipfast.kernels import layer_norm as layer_norm_kernel
 from clipfast.nn.mlp import MLP, fused_mlp, sequential_mlp_forward
-from clipfast.ops.layer_norm import add_layer_norm
 from clipfast.patch_rules.layer_norm import INPUT_DTYPE_SUBCLASSES
 from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 

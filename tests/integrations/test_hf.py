@@ -60,16 +60,18 @@ def expected_swaps(model, attention_cls, mlp_cls=()):
 
 @pytest.fixture
 def flash_calls(monkeypatch):
-    """Counts the calls that reach clipfast.flash_attention (proof the kernel ran, not a fallback)."""
+    """Counts the attention function's calls of clipfast's flash attention (proof the kernel ran, not a fallback)."""
+    from clipfast.integrations import hf
+
     calls = []
-    flash = clipfast.flash_attention
+    flash = hf.flash_attention
 
     def counting(*args, **kwargs):
         mask = kwargs.get("attn_mask")
         calls.append((kwargs.get("is_causal"), None if mask is None else tuple(mask.shape)))
         return flash(*args, **kwargs)
 
-    monkeypatch.setattr(clipfast, "flash_attention", counting)
+    monkeypatch.setattr(hf, "flash_attention", counting)
     return calls
 
 

@@ -1,6 +1,7 @@
-"""Unpadded text towers that take a padding mask: Hugging Face ``CLIPModel`` and
-``CLIPTextModelWithProjection`` (causal, pooled at the end-of-text token), Hugging Face ``ChineseCLIPModel`` and Chinese-CLIP (``cn_clip``) (post-LN BERT,
-bidirectional, pooled at the first token, CLS).
+"""Unpadded Hugging Face text towers, which take a padding mask: ``CLIPModel`` and
+``CLIPTextModelWithProjection`` (causal, pooled at the end-of-text token) and ``ChineseCLIPModel`` (post-LN
+BERT, bidirectional, pooled at the first token, CLS; its packed tower is ``clipfast.unpad``'s, shared with
+cn_clip's in ``clipfast/integrations/cn_clip.py``).
 
 Why it is exact
 ---------------
@@ -15,9 +16,8 @@ pooled features and the same gradients (tokens outside it get zero gradients eit
   keys where it is 0. The closed set is ``{j <= p : attention_mask[j] == 1}``: right padding, left
   padding and holes alike. Without a mask it is ``0..p`` (the positions after the end-of-text token,
   padding or not, cannot reach it). The pooled token must itself be real (``attention_mask[p] == 1``).
-- **BERT towers** pool at position 0 with a key-padding mask and no causality: the closed set is every
-  real token (``attention_mask == 1``; for cn_clip ``text != [PAD]``, the mask its ``encode_text``
-  builds), with position 0 real. Token types and positions are gathered with the tokens, so each keeps
+- **ChineseCLIP** (BERT) pools at position 0 with a key-padding mask and no causality: the closed set is
+  every real token (``attention_mask == 1``), with position 0 real. Token types and positions are gathered with the tokens, so each keeps
   its original position id. HF ChineseCLIP called without ``attention_mask`` attends to every position:
   nothing is padding and the model runs as it is.
 
@@ -31,10 +31,10 @@ for BERT) on the QKV projections. The pooled rows are the last (CLIP) or first (
 When the padded model runs instead (detected exactly, per call)
 ---------------------------------------------------------------
 Only the pooled output is computed, so the unpadded path runs only where a caller asks for pooled
-features: HF ``get_text_features`` and ``forward`` (whose results are ``text_embeds`` / logits;
-``CLIPTextModelWithProjection.forward``'s ``text_embeds``), cn_clip ``encode_text`` (and its ``forward``). The bare text models (``CLIPTextModel``, ``ChineseCLIPTextModel``,
-cn_clip's ``bert``), whose main output is every position's state, are never changed. On the unpadded
-path the HF output object has every field and key of the padded call's; its ``last_hidden_state``
+features: ``get_text_features`` and ``forward`` (whose results are ``text_embeds`` / logits;
+``CLIPTextModelWithProjection.forward``'s ``text_embeds``). The bare text models (``CLIPTextModel``,
+``ChineseCLIPTextModel``), whose main output is every position's state, are never changed. On the unpadded
+path the output object has every field and key of the padded call's; its ``last_hidden_state``
 (``text_model_output.last_hidden_state`` from ``forward``), the one field this path does not compute, is
 computed by the padded text tower on first read (``_LastHiddenStateOnRead``: same inputs, grad mode and
 autocast; refused once the weights changed in place), so a caller that reads it gets the padded model's
@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import collections
 import contextvars
-import math
 import sys
 import weakref
 from contextlib import nullcontext
@@ -60,26 +59,21 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import unpad
-from ._validate import host_sync_forbidden
-from .ops.attention_varlen import flash_attention_varlen
+from clipfast import unpad
+from clipfast._validate import host_sync_forbidden
 
 HF_CLIP = "transformers.models.clip.modeling_clip.CLIPModel"
 HF_CLIP_TEXT = "transformers.models.clip.modeling_clip.CLIPTextModelWithProjection"
 HF_CHINESE_CLIP = "transformers.models.chinese_clip.modeling_chinese_clip.ChineseCLIPModel"
-CN_CLIP = "cn_clip.clip.model.CLIP"
-TOWERS = (HF_CLIP, HF_CLIP_TEXT, HF_CHINESE_CLIP, CN_CLIP)
 
 # set while a patched forward needs the padded text tower (return_dict=False), read by get_text_features
 _PADDED = contextvars.ContextVar("clipfast_unpad_padded", default=False)
 
-
-def _base(self) -> type:
-    return type(self)._clipfast_unpadded_base
+_base = unpad.unpadded_base
 
 
 # ----------------------------------------------------------------------------------------------
-# Layers on packed tokens
+# CLIPEncoderLayer on packed tokens
 # ----------------------------------------------------------------------------------------------
 
 def _heads(linear: nn.Module, x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -90,35 +84,14 @@ def _clip_layer(layer: nn.Module, x: torch.Tensor, cu_seqlens, max_len: int) -> 
     """HF ``CLIPEncoderLayer`` (pre-LN, causal) on packed rows [T, W]."""
     attn, h = layer.self_attn, layer.layer_norm1(x)
     q, k, v = (_heads(p, h, attn.num_heads) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
-    o = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, is_causal=True, scale=attn.scale)
+    o = unpad.packed_attention(q, k, v, cu_seqlens, max_len, is_causal=True, scale=attn.scale)
     x = x + attn.out_proj(o.reshape(x.shape))
     return x + layer.mlp(layer.layer_norm2(x))
-
-
-def _bert_layer(layer: nn.Module, x: torch.Tensor, cu_seqlens, max_len: int) -> torch.Tensor:
-    """A post-LN BERT layer (HF ChineseCLIP's or cn_clip's: ``attention.self`` / ``attention.output`` /
-    ``intermediate`` / ``output``) on packed rows [T, W], bidirectional within each sequence."""
-    sa = layer.attention.self
-    q, k, v = (_heads(p, x, sa.num_attention_heads) for p in (sa.query, sa.key, sa.value))
-    o = flash_attention_varlen(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, is_causal=False,
-                               scale=1.0 / math.sqrt(sa.attention_head_size))
-    x = layer.attention.output(o.reshape(x.shape[0], -1), x)  # dense, dropout, LayerNorm(. + x)
-    return layer.output(layer.intermediate(x), x)
 
 
 # ----------------------------------------------------------------------------------------------
 # When the packed path may run
 # ----------------------------------------------------------------------------------------------
-
-def _bypassed(model: nn.Module, layers, parts) -> list:
-    """The modules whose forward the packed path does not call (their hooks would not run)."""
-    return [model, *[m for layer in layers for m in (layer, *(p(layer) for p in parts))]]
-
-
-def _packable_call(modules, training_blockers: bool) -> bool:
-    return (not host_sync_forbidden() and not training_blockers
-            and not any(unpad._hooked(m) for m in modules))
-
 
 def _hf_pooled_only(model: nn.Module, text_model: nn.Module, input_ids, attention_mask, kwargs) -> bool:
     """Whether an HF ``get_text_features`` call asks for the pooled features only (see the module docstring)."""
@@ -135,17 +108,6 @@ def _hf_pooled_only(model: nn.Module, text_model: nn.Module, input_ids, attentio
     return attention_mask is None or (isinstance(attention_mask, torch.Tensor)
                                       and attention_mask.shape == input_ids.shape
                                       and (attention_mask.dtype == torch.bool or not attention_mask.is_floating_point()))
-
-
-def _real(attention_mask: torch.Tensor, pooled_at: torch.Tensor) -> bool:
-    """A 0/1 mask whose pooled tokens are real (one host sync)."""
-    binary = ((attention_mask == 0) | (attention_mask == 1)).all()
-    return bool(binary & attention_mask.gather(1, pooled_at[:, None]).bool().all())
-
-
-def _gather_ids(ids: Optional[torch.Tensor], default: torch.Tensor, like: torch.Tensor, keep) -> torch.Tensor:
-    """``ids`` (or ``default``, [1, L]) broadcast to ``like`` [B, L], at the kept tokens."""
-    return (default if ids is None else ids).expand_as(like)[keep]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,19 +128,19 @@ def hf_clip_pooled(text_model: nn.Module, input_ids, attention_mask=None, positi
     layers = list(text_model.encoder.layers)
     dropout = text_model.training and (text_model.config.attention_dropout > 0
                                        or any(getattr(m, "gradient_checkpointing", False) for m in layers))
-    bypassed = _bypassed(text_model, layers, (lambda l: l.self_attn,)) + [text_model.encoder, text_model.embeddings]
-    if not _packable_call(bypassed, dropout):
+    bypassed = unpad.bypassed(text_model, layers, (lambda l: l.self_attn,)) + [text_model.encoder, text_model.embeddings]
+    if not unpad.packable_call(bypassed, dropout):
         return None
     length = input_ids.shape[1]
     eot = hf_eot_positions(text_model, input_ids)
     keep = torch.arange(length, device=input_ids.device)[None, :] <= eot[:, None]
     if attention_mask is not None:
-        if not _real(attention_mask, eot):
+        if not unpad.real_pooled_tokens(attention_mask, eot):
             return None
         keep = keep & attention_mask.bool()
     cu_seqlens, max_len = unpad.packed_offsets(keep)
     emb = text_model.embeddings
-    positions = _gather_ids(position_ids, emb.position_ids[:, :length], input_ids, keep)
+    positions = unpad.gather_ids(position_ids, emb.position_ids[:, :length], input_ids, keep)
     x = emb.token_embedding(input_ids[keep]) + emb.position_embedding(positions)
     for layer in layers:
         x = _clip_layer(layer, x, cu_seqlens, max_len)
@@ -345,32 +307,8 @@ def hf_clip_text_with_projection_forward(self, input_ids=None, attention_mask=No
 
 
 # ----------------------------------------------------------------------------------------------
-# BERT towers: Hugging Face ChineseCLIPModel, cn_clip
+# ChineseCLIPModel (the packed BERT tower of clipfast.unpad)
 # ----------------------------------------------------------------------------------------------
-
-def _bert_packable(bert: nn.Module) -> bool:
-    layers = list(bert.encoder.layer)
-    config = getattr(bert, "config", None)
-    checkpointing = getattr(bert.encoder, "grad_checkpointing", False) or getattr(bert.encoder, "gradient_checkpointing",
-                                                                                 False)
-    checkpointing = checkpointing or any(getattr(m, "gradient_checkpointing", False) for m in layers)
-    dropout = bert.training and (checkpointing or getattr(config, "attention_probs_dropout_prob", 0) > 0)
-    bypassed = _bypassed(bert, layers, (lambda l: l.attention, lambda l: l.attention.self)) + [bert.encoder]
-    return _packable_call(bypassed, dropout)
-
-
-def bert_cls(bert: nn.Module, input_ids, keep, token_type_ids=None, position_ids=None) -> torch.Tensor:
-    """The last layer's first-token (CLS) state of every row, computed on the ``keep`` tokens [B, L] only
-    (position 0 of every row kept). Token types default to 0 and positions to 0..L-1, as both BERTs do."""
-    cu_seqlens, max_len = unpad.packed_offsets(keep)
-    length = input_ids.shape[1]
-    positions = _gather_ids(position_ids, torch.arange(length, device=input_ids.device)[None], input_ids, keep)
-    types = _gather_ids(token_type_ids, torch.zeros_like(input_ids[:1]), input_ids, keep)
-    x = bert.embeddings(input_ids=input_ids[keep][None], token_type_ids=types[None], position_ids=positions[None])[0]
-    for layer in bert.encoder.layer:
-        x = _bert_layer(layer, x, cu_seqlens, max_len)
-    return x[cu_seqlens[:-1].long()]
-
 
 def hf_chinese_clip_get_text_features(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                                       **kwargs):
@@ -378,9 +316,9 @@ def hf_chinese_clip_get_text_features(self, input_ids, attention_mask=None, toke
     for and an ``attention_mask`` marks padding (``last_hidden_state`` then computed on first read); the original
     otherwise."""
     if (attention_mask is not None and _hf_pooled_only(self, self.text_model, input_ids, attention_mask, kwargs)
-            and _bert_packable(self.text_model)
-            and _real(attention_mask, torch.zeros_like(input_ids[:, 0]))):
-        cls = bert_cls(self.text_model, input_ids, attention_mask.bool(), token_type_ids, position_ids)
+            and unpad.bert_packable(self.text_model)
+            and unpad.real_pooled_tokens(attention_mask, torch.zeros_like(input_ids[:, 0]))):
+        cls = unpad.bert_cls(self.text_model, input_ids, attention_mask.bool(), token_type_ids, position_ids)
         states = _PaddedStates(self.text_model, input_ids=input_ids, attention_mask=attention_mask,
                                token_type_ids=token_type_ids, position_ids=position_ids)
         return _pooled_output(self.text_projection(cls), states)
@@ -400,22 +338,10 @@ def hf_forward(self, *args, **kwargs):
         _PADDED.reset(token)
 
 
-def cn_clip_encode_text(self, text):
-    """cn_clip ``encode_text`` on the real (non-[PAD]) tokens only; the original where the packed path
-    cannot take the call."""
-    if (not host_sync_forbidden() and isinstance(text, torch.Tensor) and text.dim() == 2 and text.shape[0] > 0
-            and _bert_packable(self.bert)):
-        keep = text.ne(self.tokenizer.vocab["[PAD]"])
-        if bool(keep[:, 0].all()):
-            return bert_cls(self.bert, text, keep).type(self.dtype) @ self.text_projection
-    return _base(self).encode_text(self, text)
-
-
 METHODS = {
     HF_CLIP: {"get_text_features": hf_clip_get_text_features, "forward": hf_forward},
     HF_CLIP_TEXT: {"forward": hf_clip_text_with_projection_forward},
     HF_CHINESE_CLIP: {"get_text_features": hf_chinese_clip_get_text_features, "forward": hf_forward},
-    CN_CLIP: {"encode_text": cn_clip_encode_text},
 }
 
 
@@ -423,30 +349,15 @@ METHODS = {
 # Structure (checked when patching)
 # ----------------------------------------------------------------------------------------------
 
-def _head_dim_ok(dim: int) -> Optional[str]:
-    return None if 16 <= dim <= 256 else f"head dim {dim} outside 16..256"
-
-
 def unsupported_reason(model: nn.Module) -> Optional[str]:
     """Why this tower's text encoding cannot skip padding (None when it can), from its structure."""
-    name = unpad.tower_name(model)
     try:
-        if name in (HF_CLIP, HF_CLIP_TEXT):
+        if unpad.tower_name(model) in (HF_CLIP, HF_CLIP_TEXT):
             attn = model.text_model.encoder.layers[0].self_attn
             for layer in model.text_model.encoder.layers:
                 if not all(hasattr(layer, n) for n in ("layer_norm1", "layer_norm2", "mlp", "self_attn")):
                     return "text encoder layers are not CLIPEncoderLayer-shaped"
-            return _head_dim_ok(attn.head_dim)
-        bert = model.text_model if name == HF_CHINESE_CLIP else model.bert
-        for layer in bert.encoder.layer:
-            sa = layer.attention.self
-            if not all(hasattr(sa, n) for n in ("query", "key", "value", "attention_head_size")):
-                return "BERT self-attention without query/key/value projections (e.g. cn_clip's FlashMHA)"
-            for n in ("output", "intermediate"):
-                if not hasattr(layer, n) or not hasattr(layer.attention, "output"):
-                    return "BERT layers are not attention/intermediate/output-shaped"
-        if name == CN_CLIP and "[PAD]" not in getattr(getattr(model, "tokenizer", None), "vocab", {}):
-            return "no [PAD] token in the tokenizer"
-        return _head_dim_ok(bert.encoder.layer[0].attention.self.attention_head_size)
+            return unpad.head_dim_reason(attn.head_dim)
+        return unpad.bert_structure_reason(model.text_model) or unpad.bert_head_dim_reason(model.text_model)
     except (AttributeError, IndexError, TypeError) as e:
         return f"unexpected text tower structure ({e})"

@@ -1,4 +1,6 @@
-"""Hugging Face transformers: a ``"clipfast"`` attention implementation.
+"""Hugging Face transformers (CLIP, ChineseCLIP, CLIPSeg, SigLIP / SigLIP 2): a ``"clipfast"`` attention
+implementation (here), the patch rules for transformers' classes (``rules.py``) and the unpadded text towers
+of CLIPModel, CLIPTextModelWithProjection and ChineseCLIPModel (``unpad.py``).
 
 transformers (4.57+, 5.x) looks attention functions up by name in ``ALL_ATTENTION_FUNCTIONS`` and mask
 builders in ``ALL_MASK_ATTENTION_FUNCTIONS``. After ``import clipfast``,
@@ -34,7 +36,8 @@ from typing import Optional
 
 import torch
 
-from .._validate import host_sync_forbidden, warn_once
+from clipfast._validate import host_sync_forbidden, warn_once
+from clipfast.dispatching import flash_attention
 
 NAME = "clipfast"
 
@@ -153,8 +156,6 @@ def _mask_taken_by_kernel(mask: Optional[torch.Tensor], query, key) -> bool:
 
 def _fallback_reason(module, query, key, value, attention_mask, dropout, kwargs) -> Optional[str]:
     """Why the kernel cannot run this call (None when it can)."""
-    if getattr(sys.modules.get("clipfast"), "flash_attention", None) is None:
-        return "clipfast.flash_attention is not available"
     if dropout and module.training:
         return "attention dropout in training"
     if any(kwargs.get(k) is not None for k in _SDPA_ONLY_KWARGS):
@@ -194,8 +195,7 @@ def clipfast_attention_forward(module: torch.nn.Module, query: torch.Tensor, key
         from transformers.integrations.sdpa_attention import repeat_kv
 
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    out = sys.modules["clipfast"].flash_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal,
-                                                  scale=scaling)
+    out = flash_attention(query, key, value, attn_mask=attention_mask, is_causal=is_causal, scale=scaling)
     return out.transpose(1, 2), None
 
 

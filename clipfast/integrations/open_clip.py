@@ -1,4 +1,4 @@
-"""open_clip rules for its own ``Attention`` class (blocks of type ``custom``: QK-norm, head scaling, inner
+"""open_clip: the rule for its own ``Attention`` class (blocks of type ``custom``: QK-norm, head scaling, inner
 norm; the default blocks use ``nn.MultiheadAttention``, covered by ``attention.py``).
 
 The replacement keeps the module's forward step by step and swaps the SDPA call for
@@ -6,6 +6,11 @@ The replacement keeps the module's forward step by step and swaps the SDPA call 
 mask is per head; bool True = masked), ``ln_q``/``ln_k``, then head scale, ``ln_inner``, ``out_proj``. The
 text tower's float causal mask runs as ``is_causal``. Scaled-cosine attention (a learned per-head logit
 scale on normalized q, k) and attention dropout in training run the original forward.
+
+The rest of open_clip is covered by the family rules (its blocks, LayerNorms, MLPs, ``AttentionPool2d``,
+vision embedding ``_embeds``; its text tower's unpadded ``encode_text`` is ``clipfast.unpad``'s) and, for its
+timm image towers, by ``timm.py``. The class is recognised by module and class name, so open_clip is never
+imported here.
 """
 from __future__ import annotations
 
@@ -15,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from clipfast.dispatching import flash_attention
+from clipfast.nn.attention import is_causal_mask
 from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, register_rule
 
 ATTENTION = ("open_clip.transformer", "Attention")
@@ -23,9 +30,6 @@ ATTENTION = ("open_clip.transformer", "Attention")
 def _attention_forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     if self.logit_scale is not None or (self.training and self.attn_drop.p > 0):
         return type(self).__bases__[0].forward(self, x, attn_mask)
-    from clipfast.nn.attention import is_causal_mask
-    from clipfast.ops.attention import flash_attention
-
     n, length, channels = x.shape
     q, k, v = (t.reshape(n, length, self.num_heads, -1).transpose(1, 2)
                for t in F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))

@@ -1,4 +1,4 @@
-"""timm rules: the ViT blocks of timm's ``VisionTransformer``, as open_clip's ``TimmModel`` wraps them
+"""timm: rules for the ViT blocks of timm's ``VisionTransformer``, as open_clip's ``TimmModel`` wraps them
 (``ViT-B-16-SigLIP``, ``ViT-SO400M-14-SigLIP``, ... and any ``timm_model_name`` tower).
 
 - ``timm.layers.LayerNorm`` (``F.layer_norm``, input dtype out; left alone when timm's fast-norm mode is
@@ -27,15 +27,13 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from clipfast.dispatching import flash_attention, patch_embed
 from clipfast.kernels import layer_norm as layer_norm_kernel
 from clipfast.nn.mlp import fused_mlp
-from clipfast.ops.attention import flash_attention
-from clipfast.ops.patch_embed import patch_embed
+from clipfast.patch_rules import layer_norm as layer_norm_rules
+from clipfast.patch_rules import mlp as mlp_rules
+from clipfast.patch_rules import patch_embed as patch_rules
 from clipfast.patch_rules.registry import PatchRule, Unsupported, clone_as, fast_subclass, is_fast, register_rule
-
-from . import layer_norm as layer_norm_rules
-from . import mlp as mlp_rules
-from . import patch_embed as patch_rules
 
 LAYER_NORM = ("timm.layers.norm", "LayerNorm")
 LAYER_NORM_FP32 = ("timm.layers.norm", "LayerNormFp32")
