@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import clipfast
+from clipfast.kernels import gemm
 from clipfast.kernels import mlp as kernel
 from clipfast.kernels import runtime
 from clipfast.ops.mlp import reference_activation
@@ -202,19 +203,19 @@ def _tile_id(tile):
 
 def _skip_unless_it_runs_here(tile, dtype):
     """The interpreter runs every tile. On a GPU, a forced tile the offer rules never give a plain product of
-    this dtype on this architecture (``kernel.why_not_offered``: the persistent TMA variant before sm_90, a
+    this dtype on this architecture (``gemm.why_not_offered``: the persistent TMA variant before sm_90, a
     tile whose shared memory does not fit the GPU's per-block maximum in this dtype, ...) is skipped: the
     autotuner never runs it there, and a launch over the shared-memory limit fails (OutOfResources)."""
     if not ON_GPU:
         return
     arch = runtime.device_arch(DEVICE)
-    reason = kernel.why_not_offered(tile, kernel._product_kinds({"A": torch.empty(0, dtype=dtype)}), True, arch)
+    reason = gemm.why_not_offered(tile, kernel._product_kinds({"A": torch.empty(0, dtype=dtype)}), True, arch)
     if reason:
         pytest.skip(f"{_tile_id(tile)} is not offered to {dtype} on sm_{arch}: {reason}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tile", kernel.TILES[1:], ids=_tile_id)
+@pytest.mark.parametrize("tile", gemm.TILES[1:], ids=_tile_id)
 def test_every_shipped_tile_matches_float64(monkeypatch, tile, dtype):
     """The interpreter runs the first tile only: force each other one (its epilogue sub-tiles, 256-row
     tiles with several column-sum groups, the persistent TMA variant) on ragged shapes (rows past a 64-row
@@ -229,12 +230,12 @@ def test_every_shipped_tile_matches_float64(monkeypatch, tile, dtype):
 def test_split_k_weight_gradients_match_float64(monkeypatch, dtype):
     """Weight gradients in K slices (fp32 partials + one sum; the last slice has a K tail), and bias
     gradients summed over several chunks of rows (three passes of the column-sum kernel)."""
-    monkeypatch.setattr(kernel, "FORCE_SPLIT_K", 3)
+    monkeypatch.setattr(gemm, "FORCE_SPLIT_K", 3)
     monkeypatch.setattr(kernel, "COLUMN_SUM_ROWS", 16)
     calls = []
     real = kernel._column_sum_kernel.run
     monkeypatch.setattr(kernel._column_sum_kernel, "run", lambda *a, **k: calls.append(k["grid"]) or real(*a, **k))
-    assert kernel.split_k_slices(64, 256, 300, torch.device("cpu")) == 3
+    assert gemm.split_k_slices(64, 256, 300, torch.device("cpu")) == 3
     assert_op_matches("mlp split-K", fused_mlp("quick_gelu"), eager_mlp("quick_gelu"), mlp_inputs(300, 64, 256), dtype)
     assert any(g[1] == 19 for g in calls) and any(g[1] == 2 for g in calls)  # chunked db2 / db1 sums
 
@@ -244,24 +245,24 @@ def test_tiles_are_pruned_per_product_kind():
     small tile; architecture-specific tiles only on their architecture."""
     def offered(arch=90, **flags):
         args = {**kernel._NO_EPILOGUE, "IS_ALIGNED": True, **flags}
-        return {kernel._tile(c) for c in kernel._prune(kernel.GEMM_CONFIGS, args, arch=arch)}
+        return {gemm._tile(c) for c in kernel._prune(gemm.GEMM_CONFIGS, args, arch=arch)}
 
-    hopper = {t for t in kernel.TILES if kernel.offered(t, set(), True, 90)}
+    hopper = {t for t in gemm.TILES if gemm.offered(t, set(), True, 90)}
     assert offered() == hopper
-    assert {t for t in kernel.TILES if t.persistent} <= hopper  # (triton 3.6+ has tensor descriptors)
+    assert {t for t in gemm.TILES if t.persistent} <= hopper  # (triton 3.6+ has tensor descriptors)
     assert offered(ACTIVATION=1, IS_B_ACTIVATED=True) == {t for t in hopper if "activated_b" not in t.avoid}
     assert offered(HAS_BIAS=True, HAS_RESIDUAL=True) == {t for t in hopper if "residual" not in t.avoid}
     assert offered(ACTIVATION=2, HAS_ACT_GRAD=True) == {t for t in hopper if not {"heavy", "act_grad"} & set(t.avoid)}
     assert offered(ACTIVATION=1, HAS_ACT_GRAD=True) == {t for t in hopper if "act_grad" not in t.avoid}
-    assert offered(IS_ALIGNED=False) == {t for t in kernel.TILES if t.unaligned}
+    assert offered(IS_ALIGNED=False) == {t for t in gemm.TILES if t.unaligned}
     assert offered(IS_SPLIT=True) == {t for t in hopper if "split" not in t.avoid}
     fp32 = offered(A=torch.empty(1, 1))
-    assert fp32 == {t for t in hopper if "fp32" not in t.avoid and kernel.offered(t, {"fp32"}, True, 90)}
+    assert fp32 == {t for t in hopper if "fp32" not in t.avoid and gemm.offered(t, {"fp32"}, True, 90)}
     assert not any(t.persistent or t.block_m * t.block_n > 128 * 128 for t in fp32)  # over 227 KB in fp32
-    assert {t for t in kernel.TILES if t.persistent} <= offered(A=torch.empty(1, 1, dtype=torch.float16))
+    assert {t for t in gemm.TILES if t.persistent} <= offered(A=torch.empty(1, 1, dtype=torch.float16))
     ampere = offered(arch=80)
-    assert ampere == {t for t in kernel.TILES if not t.persistent and t.archs in (None, (8,))}
-    assert offered(arch=0) == ampere - {t for t in kernel.TILES if t.archs}  # not a CUDA tensor
+    assert ampere == {t for t in gemm.TILES if not t.persistent and t.archs in (None, (8,))}
+    assert offered(arch=0) == ampere - {t for t in gemm.TILES if t.archs}  # not a CUDA tensor
 
 
 @pytest.mark.parametrize("arch", sorted(runtime.MAX_SHARED_PER_BLOCK))
@@ -276,36 +277,36 @@ def test_offered_tiles_fit_the_shared_memory_per_block(arch, dtype):
             args = {**kernel._NO_EPILOGUE, **{k: v for k, v in flags.items() if not k.startswith("_")},
                     "IS_ALIGNED": aligned, "A": torch.empty(0, dtype=dtype)}
             kinds = kernel._product_kinds(args)
-            kept = [kernel._tile(c) for c in kernel._prune(kernel.GEMM_CONFIGS, args, arch=arch)]
+            kept = [gemm._tile(c) for c in kernel._prune(gemm.GEMM_CONFIGS, args, arch=arch)]
             if arch >= 80:  # (Turing's 64 KB fit no fp32 tile: the launch takes the smallest estimate)
-                assert len(kept) == sum(kernel.offered(t, kinds, aligned, arch) for t in kept), (variant, aligned)
+                assert len(kept) == sum(gemm.offered(t, kinds, aligned, arch) for t in kept), (variant, aligned)
                 for tile in kept:
                     assert tile.shared_estimate(kinds) <= limit, (variant, aligned, tile)
             else:
                 assert min(t.shared_estimate(kinds) for t in kept) == min(
-                    t.shared_estimate(kinds) for t in kernel.TILES if t.unaligned or aligned)
+                    t.shared_estimate(kinds) for t in gemm.TILES if t.unaligned or aligned)
     # the tiles measured over the limit in fp32 (compiled: 294,912 B for the 128x256 tiles on sm_90, 262,168 B
     # and more for the persistent ones; 196,608 B for 128x256 on sm_80) are never offered to fp32 there
     if dtype == torch.float32 and arch in (80, 90):
-        for t in kernel.TILES:
+        for t in gemm.TILES:
             if t.persistent or t.block_m * t.block_n > 128 * 128:
-                assert not kernel.offered(t, {"fp32"}, True, arch), t
+                assert not gemm.offered(t, {"fp32"}, True, arch), t
                 if "fp32" not in t.avoid and (t.archs is None or arch // 10 in t.archs):  # else: not on this arch
-                    assert "shared memory" in kernel.why_not_offered(t, {"fp32"}, True, arch), t
+                    assert "shared memory" in gemm.why_not_offered(t, {"fp32"}, True, arch), t
     assert runtime.max_shared_per_block(0) is None and runtime.fits_shared_memory(10 ** 9, 0)  # the interpreter
     assert runtime.max_shared_per_block(91) == runtime.MAX_SHARED_PER_BLOCK[90]  # unlisted: its generation's least
     assert runtime.max_shared_per_block(150) == min(v for a, v in runtime.MAX_SHARED_PER_BLOCK.items() if a >= 80)
 
 
 def test_persistent_tma_variant_needs_hopper_alignment_and_tensor_descriptors(monkeypatch):
-    assert kernel.tma_applies(90, True) and kernel.tma_applies(100, True)
-    assert not kernel.tma_applies(80, True) and not kernel.tma_applies(90, False)
-    monkeypatch.setattr(kernel, "HAS_TENSOR_DESCRIPTORS", False)  # a triton without tl.make_tensor_descriptor
-    assert not kernel.tma_applies(90, True)
-    assert not any(kernel._tile(c).persistent for c in kernel._prune(kernel.GEMM_CONFIGS, {}, arch=90))
+    assert gemm.tma_applies(90, True) and gemm.tma_applies(100, True)
+    assert not gemm.tma_applies(80, True) and not gemm.tma_applies(90, False)
+    monkeypatch.setattr(gemm, "HAS_TENSOR_DESCRIPTORS", False)  # a triton without tl.make_tensor_descriptor
+    assert not gemm.tma_applies(90, True)
+    assert not any(gemm._tile(c).persistent for c in kernel._prune(gemm.GEMM_CONFIGS, {}, arch=90))
 
 
-PERSISTENT_TILES = [t for t in kernel.TILES if t.persistent]
+PERSISTENT_TILES = [t for t in gemm.TILES if t.persistent]
 
 
 @pytest.mark.parametrize("tile,dtype", list(zip(PERSISTENT_TILES, DTYPES[::-1] * len(PERSISTENT_TILES))),
@@ -331,7 +332,7 @@ def test_persistent_split_k_weight_gradients_match_float64(monkeypatch, dtype):
     """Split-K slices through tensor descriptors: slice starts as descriptor coordinates, the last slice's
     K tail read as zeros."""
     _skip_unless_it_runs_here(PERSISTENT_TILES[-1], dtype)
-    monkeypatch.setattr(kernel, "FORCE_SPLIT_K", 3)
+    monkeypatch.setattr(gemm, "FORCE_SPLIT_K", 3)
     monkeypatch.setattr(kernel._gemm_kernel, "configs", [PERSISTENT_TILES[-1].config()])
     assert_op_matches("mlp persistent split-K", fused_mlp("gelu"), eager_mlp("gelu"), mlp_inputs(300, 32, 128), dtype)
 
@@ -347,11 +348,11 @@ def test_descriptor_scratch_allocator_is_set_once_and_keeps_the_users():
     def run(user_allocator):
         if user_allocator is not None:
             triton.set_allocator(user_allocator)
-        kernel._ensure_descriptor_scratch()
+        gemm._ensure_descriptor_scratch()
         return _allocation._allocator.get()
 
     before = _allocation._allocator.get()  # whatever earlier tests left in this thread
-    assert contextvars.Context().run(run, None) is kernel._scratch
+    assert contextvars.Context().run(run, None) is gemm._scratch
     mine = lambda size, alignment, stream: None  # noqa: E731
     assert contextvars.Context().run(run, mine) is mine
     assert _allocation._allocator.get() is before  # this thread untouched
@@ -371,10 +372,10 @@ def test_unaligned_activated_operand_is_activated_first(monkeypatch):
 def test_split_k_policy():
     """Split only when the output tiles do not fill SPLIT_K_WAVES waves, and only K long enough."""
     sms = runtime.sm_count(torch.device("cpu"))
-    assert kernel.split_k_slices(768, 3072, 50432, torch.device("cpu")) == 1 or sms * 2 > 144
-    few_tiles = kernel.split_k_slices(128, 128, 64 * 2048, torch.device("cpu"))
-    assert few_tiles == min(kernel.MAX_SPLIT_K, kernel.SPLIT_K_WAVES * sms)
-    assert kernel.split_k_slices(128, 128, 1000, torch.device("cpu")) == 1
+    assert gemm.split_k_slices(768, 3072, 50432, torch.device("cpu")) == 1 or sms * 2 > 144
+    few_tiles = gemm.split_k_slices(128, 128, 64 * 2048, torch.device("cpu"))
+    assert few_tiles == min(gemm.MAX_SPLIT_K, gemm.SPLIT_K_WAVES * sms)
+    assert gemm.split_k_slices(128, 128, 1000, torch.device("cpu")) == 1
 
 
 def test_one_tf32_policy_for_every_kernel(monkeypatch):
