@@ -190,6 +190,7 @@ def _swap_root(model: nn.Module, new: nn.Module) -> None:
 
 
 def _unswap_root(model: nn.Module) -> None:
+    _release(model)
     shell = _restore(model)
     model.__class__ = type(shell)
     model.__dict__ = shell.__dict__
@@ -316,6 +317,14 @@ def _restore(fast: nn.Module) -> nn.Module:
     return original
 
 
+def _release(fast: nn.Module) -> None:
+    """Let a replacement give up what it set up while patched: its class's ``_clipfast_release(self)``, if any
+    (e.g. the unpadded Hugging Face towers' parameter-registration hook), runs before the original is back."""
+    release = getattr(type(fast), "_clipfast_release", None)
+    if release is not None:
+        release(fast)
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Put back every module ``patch`` swapped in ``model`` (the very same objects). Returns ``model``."""
     if not isinstance(model, nn.Module):
@@ -328,6 +337,7 @@ def unpatch(model: nn.Module) -> nn.Module:
                 continue
             visit(child)
             if _ORIGINAL in child.__dict__:
+                _release(child)
                 module._modules[child_name] = _restore(child)
 
     visit(model)

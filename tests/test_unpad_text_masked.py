@@ -220,6 +220,55 @@ def test_hf_last_hidden_state_is_the_padded_models_and_computed_only_when_read(t
         out.last_hidden_state
 
 
+def test_nothing_global_at_import_and_the_registration_hook_only_while_patched():
+    """Importing clipfast (every rules module, the Hugging Face towers included) installs no global module
+    hook. The parameter-registration hook that keeps the towers' parameter lists current is installed by the
+    first unpadded call of a patched model and removed when the patched models are unpatched; an output read
+    afterwards still computes its states. The output is built as clipfast's subclass of the Hugging Face
+    class (nothing of the library is reclassed or changed)."""
+    from .conftest import run_without_interpreter
+
+    script = """
+import torch
+import torch.nn.modules.module as m
+
+def hooks():
+    return {k: list(v) for k, v in vars(m).items() if k.startswith("_global") and isinstance(v, dict)}
+
+before = hooks()
+import transformers
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+import clipfast
+from clipfast import patching
+from clipfast.integrations.hf import unpad as hf_unpad
+assert patching.registered_rules() and hooks() == before, "import"
+config = transformers.CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    num_attention_heads=2, vocab_size=100, max_position_embeddings=16, eos_token_id=99),
+    vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    image_size=32, patch_size=16))
+a, b = transformers.CLIPModel(config).eval(), transformers.CLIPModel(config).eval()
+clipfast.patch(a), clipfast.patch(b)
+assert hooks() == before, "patch"
+ids = torch.randint(2, 98, (3, 16))
+ids[:, 9] = 99
+registration = len(before["_global_parameter_registration_hooks"])
+out = a.get_text_features(input_ids=ids)
+assert len(m._global_parameter_registration_hooks) == registration + 1, "call"
+b.get_text_features(input_ids=ids)
+assert len(m._global_parameter_registration_hooks) == registration + 1, "one hook"
+clipfast.unpatch(a)
+assert len(m._global_parameter_registration_hooks) == registration + 1, "b still patched"
+clipfast.unpatch(b)
+assert hooks() == before, "unpatch"
+assert type(out).__mro__[2] is BaseModelOutputWithPooling and type(out).__module__ == hf_unpad.__name__
+assert BaseModelOutputWithPooling.__dict__.get("last_hidden_state") is None
+torch.testing.assert_close(out.last_hidden_state, a.text_model(input_ids=ids).last_hidden_state)
+assert hooks() == before, "read"
+print("ok")
+"""
+    assert "ok" in run_without_interpreter(script)
+
+
 @pytest.mark.filterwarnings("ignore:clipfast")
 def test_hf_last_hidden_state_replays_the_calls_autocast_whatever_the_readers(padded_runs):
     """Read under other autocast settings than the call's, the states are still the call's: those of the padded

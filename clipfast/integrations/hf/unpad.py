@@ -46,6 +46,17 @@ length is data dependent; the padded graph has static shapes and no graph break)
 or attention dropout in training, forward hooks on the modules the packed path does not call (FSDP2,
 checkpoint wrappers, a user's; transformers' own output-capturing hooks are fine), masks other than 0/1,
 a padded pooled token, inputs that are not [batch, length].
+
+Nothing global
+--------------
+Importing this module changes nothing outside it. The output computing ``last_hidden_state`` on read is
+built, from the start, as an instance of a subclass of the Hugging Face output class (no library object is
+ever reclassed, no library class is changed): only a descriptor on the class can make an attribute read
+compute, and on the Hugging Face class itself it would change every model's outputs (see
+``_LastHiddenStateOnRead``). To notice a replaced weight between a call and the read, each tower's parameter
+list is kept and listed again after any parameter registration, which torch reports through a process-wide
+hook only: that hook is installed at the first unpadded call of a patched model and removed when the patched
+models are unpatched (``_TowerParameters``).
 """
 from __future__ import annotations
 
@@ -159,24 +170,49 @@ class _NotComputed:
 _NOT_COMPUTED = _NotComputed()
 
 
-# A tower's parameters, listed once (walking the modules costs more than the rest of a call's host work) and
-# listed again after any module anywhere registers a parameter (a replaced weight, load_state_dict(assign=True)).
-_registrations = [0]
-_TOWER_PARAMETERS: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+class _TowerParameters:
+    """Each text tower's parameters, listed at its first unpadded call and again after any module registers a
+    parameter (a replaced weight, ``load_state_dict(assign=True)``): walking the modules costs ~10x the rest of
+    a call's host work. torch tells of registrations only through a process-wide hook, so that hook is
+    installed while lists are kept: from the first unpadded call of a patched model until the patched models
+    are unpatched (``release``), never at import. A tower collected while patched drops out with it."""
+
+    def __init__(self):
+        self._lists: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+        self._registrations = 0
+        self._hook = None
+
+    def get(self, tower: nn.Module) -> tuple:
+        if self._hook is None:
+            self._hook = torch.nn.modules.module.register_module_parameter_registration_hook(self._count)
+            self._lists.clear()  # listed while no hook counted: listed again
+        cached = self._lists.get(tower)
+        if cached is None or cached[0] != self._registrations:
+            cached = self._lists[tower] = (self._registrations, tuple(tower.parameters()))
+        return cached[1]
+
+    def release(self, tower: nn.Module) -> None:
+        """Forget ``tower``; the hook goes with the last tower (not from inside a registration: torch iterates
+        its hooks then)."""
+        self._lists.pop(tower, None)
+        if not self._lists and self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _count(self, module, name, param):
+        self._registrations += 1
 
 
-def _count_registration(module, name, param):
-    _registrations[0] += 1
+_TOWER_PARAMETERS = _TowerParameters()
 
 
-torch.nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+def _release(self) -> None:
+    """Called by ``clipfast.unpatch`` on a patched model (the unpadded class's ``_clipfast_release``)."""
+    _TOWER_PARAMETERS.release(self.text_model)
 
 
-def _parameters(tower: nn.Module) -> tuple:
-    cached = _TOWER_PARAMETERS.get(tower)
-    if cached is None or cached[0] != _registrations[0]:
-        cached = _TOWER_PARAMETERS[tower] = (_registrations[0], tuple(tower.parameters()))
-    return cached[1]
+def _same_objects(a: tuple, b: tuple) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 class _PaddedStates:
@@ -187,7 +223,7 @@ class _PaddedStates:
 
     def __init__(self, tower: nn.Module, **inputs):
         self.tower, self.inputs = tower, inputs
-        self.params = _parameters(tower)
+        self.params = _TOWER_PARAMETERS.get(tower)
         device = inputs["input_ids"].device.type
         try:  # (device type, dtype or None when off): replayed as it was, whatever the reader's context
             self.autocast = (device, torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
@@ -204,7 +240,8 @@ class _PaddedStates:
             return inputs + sum(p._version for p in self.params if not p.is_inference())
 
     def __call__(self) -> torch.Tensor:
-        if self._version() != self.version or _parameters(self.tower) is not self.params:
+        # the parameters listed afresh (once per read): the model may have been unpatched meanwhile
+        if self._version() != self.version or not _same_objects(tuple(self.tower.parameters()), self.params):
             raise RuntimeError(
                 "last_hidden_state of this unpadded text output is computed on first read, and the text tower's "
                 "parameters or inputs were changed in place (or replaced) since the call; read it before updating "
@@ -222,13 +259,21 @@ class _LastHiddenStateOnRead:
     call returns (same keys, same order, so positional and dict access agree with it); ``last_hidden_state``,
     the one field the packed path does not compute, is computed by ``_PaddedStates`` on its first read:
     attribute, key, index, ``to_tuple``, ``values`` / ``items``, comparison, copy and pickling alike (copies
-    are the plain Hugging Face class). Callers that read pooled features only never pay for it."""
+    are the plain Hugging Face class). Callers that read pooled features only never pay for it.
+
+    Why a subclass: a ``ModelOutput`` keeps each field twice, as an instance attribute (the dataclass field)
+    and as a dict entry (``__getitem__``, ``to_tuple``, ``values``... read that one), and nothing on an
+    instance can make an attribute read compute: that takes a descriptor on the class, and on the Hugging
+    Face class itself it would change every model's outputs in the process. So the output is built as an
+    instance of this subclass from the start (``_with_states_on_read``): no object or class of the library is
+    changed, and ``isinstance`` checks against the Hugging Face class hold."""
 
     @property
     def last_hidden_state(self):
         value = self.__dict__.get("last_hidden_state")
-        if value is _NOT_COMPUTED:
-            value = self.__dict__["_clipfast_padded_states"]()
+        states = self.__dict__.get("_clipfast_padded_states")
+        if value is _NOT_COMPUTED and states is not None:  # (none yet while the constructor runs)
+            value = states()
             self.__dict__["last_hidden_state"] = value
             collections.OrderedDict.__setitem__(self, "last_hidden_state", value)
         return value
@@ -253,6 +298,7 @@ def _computing_first(name: str):
     return method
 
 
+# every dict-level read of the values (the dict entry holds the placeholder until computed)
 for _name in ("__getitem__", "get", "items", "values", "to_tuple", "copy", "popitem", "__eq__", "__ne__", "__repr__",
               "__or__", "__ror__"):
     setattr(_LastHiddenStateOnRead, _name, _computing_first(_name))
@@ -261,15 +307,17 @@ _ON_READ_CLASSES: dict = {}
 
 
 def _with_states_on_read(output_cls: type, padded_states: _PaddedStates, **fields):
-    """``output_cls(**fields)`` whose ``last_hidden_state`` is ``padded_states()`` on first read."""
-    output = output_cls(last_hidden_state=_NOT_COMPUTED, **fields)  # the key in its place (first or second)
-    if output_cls not in _ON_READ_CLASSES:
+    """An ``output_cls`` holding ``fields``, whose ``last_hidden_state`` is ``padded_states()`` on first read:
+    an instance of ``output_cls``'s on-read subclass (see ``_LastHiddenStateOnRead``)."""
+    cls = _ON_READ_CLASSES.get(output_cls)
+    if cls is None:
         # its own name (transformers registers every output class as a pytree node under module.name; sharing
         # the Hugging Face class's would take it over); printed under the Hugging Face class's qualname
-        _ON_READ_CLASSES[output_cls] = type(f"{output_cls.__name__}StatesOnRead", (_LastHiddenStateOnRead, output_cls),
-                                            {"__module__": __name__, "__qualname__": output_cls.__qualname__})
+        cls = _ON_READ_CLASSES[output_cls] = type(f"{output_cls.__name__}StatesOnRead",
+                                                  (_LastHiddenStateOnRead, output_cls),
+                                                  {"__module__": __name__, "__qualname__": output_cls.__qualname__})
+    output = cls(last_hidden_state=_NOT_COMPUTED, **fields)  # the key in its place (first or second)
     output.__dict__["_clipfast_padded_states"] = padded_states
-    output.__class__ = _ON_READ_CLASSES[output_cls]
     return output
 
 
@@ -339,9 +387,10 @@ def hf_forward(self, *args, **kwargs):
 
 
 METHODS = {
-    HF_CLIP: {"get_text_features": hf_clip_get_text_features, "forward": hf_forward},
-    HF_CLIP_TEXT: {"forward": hf_clip_text_with_projection_forward},
-    HF_CHINESE_CLIP: {"get_text_features": hf_chinese_clip_get_text_features, "forward": hf_forward},
+    HF_CLIP: {"get_text_features": hf_clip_get_text_features, "forward": hf_forward, "_clipfast_release": _release},
+    HF_CLIP_TEXT: {"forward": hf_clip_text_with_projection_forward, "_clipfast_release": _release},
+    HF_CHINESE_CLIP: {"get_text_features": hf_chinese_clip_get_text_features, "forward": hf_forward,
+                      "_clipfast_release": _release},
 }
 
 
