@@ -17,7 +17,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 #: families in step with the case modules found by ``clipfast.benchmarks.case_modules``).
 SPECIAL_TARGETS = {
     "all": "every case family below",
-    "overhead": "host microseconds per call of every op against the plain PyTorch call (its own table)",
+    "overhead": "host microseconds per call of every op against its eager reference, the plain PyTorch it "
+                "replaces (its own table)",
     "text": "tokens / FLOPs (and time on a GPU) of unpadded vs padded text towers (its own report)",
 }
 CASE_TARGETS = {

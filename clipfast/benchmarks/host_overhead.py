@@ -1,9 +1,9 @@
 """Host overhead per op call as benchmark cases (mode ``host``) for ``clipfast bench`` and the GPU check:
-the CPU time one call of each clipfast op costs at a tiny shape, against the plain PyTorch call it replaces,
-launches queued without synchronizing. At tiny shapes the GPU finishes each kernel before the next launch,
-so the figure is what the host pays per call: argument checks, dispatch, custom-op and autograd bookkeeping
-and the Triton launcher. The ops, shapes and PyTorch counterparts are ``overhead.CASES`` (also behind
-``clipfast bench overhead``).
+the CPU time one call of each clipfast op costs at a tiny shape, against the plain PyTorch it replaces (the
+op's eager reference, called directly), launches queued without synchronizing. At tiny shapes the GPU
+finishes each kernel before the next launch, so the figure is what the host pays per call: argument checks,
+dispatch, custom-op and autograd bookkeeping and the Triton launcher. The ops, shapes and PyTorch
+counterparts are ``overhead.CASES`` (also behind ``clipfast bench overhead``).
 
 Target (GUIDE §3): at most 2x the plain PyTorch call, and at most 20 µs on a GPU host.
 """
