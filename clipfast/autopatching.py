@@ -12,9 +12,10 @@ How it hooks in, library by library:
   modules already imported (``open_clip_train.main``, user code). Modules imported later copy the wrapper from
   the library. Nested calls (``create_model_and_transforms`` calls ``create_model``) patch once, at the
   outermost call, after the library has finished with the model (weights loaded, device and dtype set).
-- **Libraries imported after the call**: a finder on ``sys.meta_path`` watches the few modules that define
-  those functions and installs the wrappers right after such a module's code has run, before any other
-  module can copy its names. The module keeps its own loader (``__loader__``, ``__spec__.loader``).
+- **Libraries imported after the call**: a finder on ``sys.meta_path``
+  (``clipfast.integrations.import_hooks.AfterImport``) watches the few modules that define those functions
+  and installs the wrappers right after such a module's code has run, before any other module can copy its
+  names. The module keeps its own loader (``__loader__``, ``__spec__.loader``).
 - **Hugging Face**: ``PreTrainedModel.post_init`` (the last step of every model's constructor, so
   ``Model(config)``, ``from_config`` / ``_from_config`` and ``from_pretrained`` alike) patches models whose
   class is, or derives from, one of transformers' CLIP / ChineseCLIP / CLIPSeg / SigLIP / SigLIP2 classes.
@@ -42,7 +43,6 @@ functions kept outside module namespaces before the call (a ``functools.partial`
 from __future__ import annotations
 
 import functools
-import importlib.abc
 import sys
 import threading
 import types
@@ -53,6 +53,7 @@ from typing import Callable
 import torch.nn as nn
 
 from . import nn as _cf_nn
+from .integrations.import_hooks import AfterImport
 from .patching import PatchReport, check_family_options
 
 __all__ = ["AutopatchHandle", "autopatch", "active"]
@@ -116,59 +117,6 @@ def _depth() -> int:
 
 
 # ----------------------------------------------------------------------------------------------
-# Import hook: run a callback right after a watched module's code has run
-# ----------------------------------------------------------------------------------------------
-
-class _Finder(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: for a watched module name it asks the finders after it for the spec and
-    wraps the spec's loader so that ``after(module)`` runs once the module's code has run."""
-
-    def __init__(self, names: set[str], after: Callable[[types.ModuleType], None]):
-        self.names = names
-        self.after = after
-        self._busy = threading.local()
-
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname not in self.names or getattr(self._busy, "name", None) == fullname:
-            return None
-        self._busy.name = fullname
-        try:
-            spec = None
-            for finder in list(sys.meta_path):
-                if finder is self or not hasattr(finder, "find_spec"):
-                    continue
-                spec = finder.find_spec(fullname, path, target)
-                if spec is not None:
-                    break
-        finally:
-            self._busy.name = None
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        spec.loader = _Loader(spec.loader, self.after)
-        return spec
-
-
-class _Loader(importlib.abc.Loader):
-    def __init__(self, loader, after):
-        self._loader = loader
-        self._after = after
-
-    def create_module(self, spec):
-        return self._loader.create_module(spec)
-
-    def exec_module(self, module):
-        # the module keeps its own loader (importlib.resources, inspect and pickle read it)
-        module.__loader__ = self._loader
-        if getattr(module, "__spec__", None) is not None:
-            module.__spec__.loader = self._loader
-        self._loader.exec_module(module)
-        self._after(module)
-
-    def __getattr__(self, name):
-        return getattr(self._loader, name)
-
-
-# ----------------------------------------------------------------------------------------------
 # The handle
 # ----------------------------------------------------------------------------------------------
 
@@ -204,7 +152,7 @@ class AutopatchHandle:
     # id(original) -> (original, replacement); id(replacement) -> (replacement, original)
     _replacement: dict = field(default_factory=dict, repr=False)
     _original: dict = field(default_factory=dict, repr=False)
-    _finder: _Finder | None = field(default=None, repr=False)
+    _finder: AfterImport | None = field(default=None, repr=False)
     _hf: tuple | None = field(default=None, repr=False)  # (PreTrainedModel, original post_init)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -216,8 +164,7 @@ class AutopatchHandle:
     def _install(self) -> None:
         self.active = True
         watched = {t.module for t in self._targets()} | {_HF_MODULE}
-        self._finder = _Finder(watched, self._on_import)
-        sys.meta_path.insert(0, self._finder)
+        self._finder = AfterImport(watched, self._on_import).install()
         for name in sorted(watched):
             module = sys.modules.get(name)
             if module is not None:
@@ -284,8 +231,8 @@ class AutopatchHandle:
             if not self.active:
                 return
             self.active = False
-            if self._finder is not None and self._finder in sys.meta_path:
-                sys.meta_path.remove(self._finder)
+            if self._finder is not None:
+                self._finder.remove()
             self._finder = None
             self._swap_everywhere(self._original)
             if self._hf is not None:

@@ -169,8 +169,8 @@ hf = CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_
                                       num_attention_heads=2, image_size=16, patch_size=8))
 assert any(is_fast(m) for m in hf.modules())
 h.undo()
-from clipfast.autopatching import _Finder
-assert not any(isinstance(f, _Finder) for f in sys.meta_path)  # (the libraries may add finders of their own)
+from clipfast.integrations.import_hooks import AfterImport
+assert not any(isinstance(f, AfterImport) for f in sys.meta_path)  # (the libraries may add finders of their own)
 others = [f for f in meta if not type(f).__module__.startswith("clipfast")]  # clipfast.integrations.hf's leaves
 assert [f for f in sys.meta_path if any(f is g for g in others)] == others
 assert open_clip.create_model is open_clip.factory.create_model and not hasattr(open_clip.create_model, "__wrapped__")

@@ -25,12 +25,11 @@ the mask a fallback gets, and boolean masks reach the eager attention as additiv
 
 Registration is cheap and lazy: importing ``transformers.modeling_utils`` costs seconds, so clipfast does
 not import it; if transformers is already loaded the function is registered now, otherwise an import hook
-registers it the moment transformers loads its attention registry.
+(``clipfast.integrations.import_hooks``) registers it the moment transformers loads its attention registry.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.abc
 import sys
 from typing import Optional
 
@@ -38,6 +37,7 @@ import torch
 
 from clipfast._validate import host_sync_forbidden, warn_once
 from clipfast.dispatching import flash_attention
+from clipfast.integrations.import_hooks import AfterImport
 
 NAME = "clipfast"
 
@@ -252,37 +252,18 @@ def register() -> bool:
     return True
 
 
-class _RegisterOnImport(importlib.abc.MetaPathFinder):
-    """Runs :func:`register` right after ``transformers.modeling_utils`` finishes loading."""
+def _registry_loaded(module) -> None:
+    _REGISTER_ON_IMPORT.remove()
+    register()
 
-    def find_spec(self, fullname, path, target=None):
-        if fullname != _REGISTRY_MODULES[0]:
-            return None
-        for finder in sys.meta_path:
-            if finder is self or not hasattr(finder, "find_spec"):
-                continue
-            spec = finder.find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        if loader is None or not hasattr(loader, "exec_module"):
-            return spec
-        exec_module = loader.exec_module
 
-        def exec_then_register(module):
-            exec_module(module)
-            sys.meta_path[:] = [f for f in sys.meta_path if f is not self]
-            register()
-
-        loader.exec_module = exec_then_register  # this loader object belongs to this one spec
-        return spec
+# registers the function right after transformers.modeling_utils has loaded (installed by ``install``)
+_REGISTER_ON_IMPORT = AfterImport({_REGISTRY_MODULES[0]}, _registry_loaded)
 
 
 def install() -> None:
     """Register now when transformers' registry is loaded, else when it gets imported."""
     if _REGISTRY_MODULES[0] in sys.modules:
         register()
-    elif not any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterOnImport())
+    else:
+        _REGISTER_ON_IMPORT.install()
