@@ -272,8 +272,8 @@ def bert_packable(bert: nn.Module) -> bool:
     """Whether the packed BERT tower may run this call (see ``packable_call``)."""
     layers = list(bert.encoder.layer)
     config = getattr(bert, "config", None)
-    checkpointing = getattr(bert.encoder, "grad_checkpointing", False) or getattr(bert.encoder, "gradient_checkpointing",
-                                                                                 False)
+    checkpointing = (getattr(bert.encoder, "grad_checkpointing", False)
+                     or getattr(bert.encoder, "gradient_checkpointing", False))
     checkpointing = checkpointing or any(getattr(m, "gradient_checkpointing", False) for m in layers)
     dropout = bert.training and (checkpointing or getattr(config, "attention_probs_dropout_prob", 0) > 0)
     return packable_call(bypassed(bert, layers, (lambda l: l.attention, lambda l: l.attention.self)) + [bert.encoder],

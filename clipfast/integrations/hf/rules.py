@@ -145,11 +145,12 @@ register_rule(PatchRule(family="attention", name="HF SigLIP attention-pooling he
 # SiglipVisionEmbeddings: conv (with bias) -> flatten -> + position embedding
 # ----------------------------------------------------------------------------------------------
 
-def _siglip_embeddings_forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+def _siglip_embeddings_forward(self, pixel_values: torch.Tensor,
+                               interpolate_pos_encoding: bool = False) -> torch.Tensor:
     conv = self.patch_embedding
     size_ok = isinstance(pixel_values, torch.Tensor) and tuple(pixel_values.shape[-2:]) == (self.image_size,) * 2
-    if interpolate_pos_encoding or not size_ok or not embedding_rules.positions_checked(self) or not embedding_rules._fusable(
-            pixel_values, conv, self.num_positions, class_token=False):
+    if (interpolate_pos_encoding or not size_ok or not embedding_rules.positions_checked(self)
+            or not embedding_rules._fusable(pixel_values, conv, self.num_positions, class_token=False)):
         return embedding_rules._original_class(self).forward(self, pixel_values, interpolate_pos_encoding)
     # [B, N, width]; the original adds position_embedding(position_ids) with a leading batch dim of 1
     return patch_embed(pixel_values, conv.weight, None, self.position_embedding.weight, conv_bias=conv.bias)

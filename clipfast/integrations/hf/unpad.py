@@ -17,9 +17,9 @@ pooled features and the same gradients (tokens outside it get zero gradients eit
   padding and holes alike. Without a mask it is ``0..p`` (the positions after the end-of-text token,
   padding or not, cannot reach it). The pooled token must itself be real (``attention_mask[p] == 1``).
 - **ChineseCLIP** (BERT) pools at position 0 with a key-padding mask and no causality: the closed set is
-  every real token (``attention_mask == 1``), with position 0 real. Token types and positions are gathered with the tokens, so each keeps
-  its original position id. HF ChineseCLIP called without ``attention_mask`` attends to every position:
-  nothing is padding and the model runs as it is.
+  every real token (``attention_mask == 1``), with position 0 real. Token types and positions are gathered
+  with the tokens, so each keeps its original position id. HF ChineseCLIP called without ``attention_mask``
+  attends to every position: nothing is padding and the model runs as it is.
 
 What runs
 ---------
@@ -139,7 +139,8 @@ def hf_clip_pooled(text_model: nn.Module, input_ids, attention_mask=None, positi
     layers = list(text_model.encoder.layers)
     dropout = text_model.training and (text_model.config.attention_dropout > 0
                                        or any(getattr(m, "gradient_checkpointing", False) for m in layers))
-    bypassed = unpad.bypassed(text_model, layers, (lambda l: l.self_attn,)) + [text_model.encoder, text_model.embeddings]
+    bypassed = unpad.bypassed(text_model, layers, (lambda l: l.self_attn,))
+    bypassed += [text_model.encoder, text_model.embeddings]
     if not unpad.packable_call(bypassed, dropout):
         return None
     length = input_ids.shape[1]
