@@ -463,18 +463,18 @@ def test_each_gradient_chunk_width_matches_float64(dtype, block_d, loss):
     if loss == "clip":
         image, text = features(33, 512), features(33, 512)
         check(f"clip_loss chunk {block_d}",
-              lambda i, t, s: ops.fused_loss(i, t, s.exp(), None, ops.CLIP, 0, True, True, block_d),
+              lambda i, t, s: ops.kernel_loss(i, t, s.exp(), None, ops.CLIP, 0, True, True, block_d),
               eager_clip_loss, [image, text, scale], dtype, reference_fn=reference_clip_loss, param_dtype_inputs=[2])
     elif loss == "siglip_rectangular":
         image, text = features(9, 80), features(70, 80)
         check(f"siglip_loss chunk {block_d}",
-              lambda i, t, s, b: ops.fused_loss(i, t, s.exp(), b, ops.SIGLIP, 37, False, True, block_d),
+              lambda i, t, s, b: ops.kernel_loss(i, t, s.exp(), b, ops.SIGLIP, 37, False, True, block_d),
               lambda i, t, s, b: eager_siglip_loss(i, t, s, b, offset=37), [image, text, scale, bias], dtype,
               param_dtype_inputs=[2, 3])
     else:
         queries, keys = features(9, 640, normalize=False), features(70, 640, normalize=False)
         check(f"contrastive_cross_entropy chunk {block_d}",
-              lambda q, k, s: ops.fused_loss(q, k, s, None, ops.CLIP, 61, False, False, block_d),
+              lambda q, k, s: ops.kernel_loss(q, k, s, None, ops.CLIP, 61, False, False, block_d),
               lambda q, k, s: eager_cross_entropy(q, k, s, 61), [queries, keys, scale.exp()], dtype,
               reference_fn=lambda q, k, s: eager_cross_entropy(q, k, s, 61, exact=True), param_dtype_inputs=[2])
 
@@ -484,12 +484,12 @@ def _enumerated_passes(n_a, n_b, d, plan, cols_per_split):
     macs = 0
     for i, (d_start, cfg) in enumerate(plan):
         d_end = d if i + 1 == len(plan) else plan[i + 1][0]
-        depth = -(-d // cfg["BLOCK_K"]) * cfg["BLOCK_K"]
-        for _ in range(0, n_a, cfg["BLOCK_M"]):
-            for _ in range(d_start, d_end, cfg["BLOCK_D"]):
+        depth = -(-d // cfg.block_k) * cfg.block_k
+        for _ in range(0, n_a, cfg.block_m):
+            for _ in range(d_start, d_end, cfg.param("BLOCK_D")):
                 for begin in range(0, n_b, cols_per_split):
-                    for _ in range(begin, min(begin + cols_per_split, n_b), cfg["BLOCK_N"]):
-                        macs += cfg["BLOCK_M"] * cfg["BLOCK_N"] * (depth + cfg["BLOCK_D"])
+                    for _ in range(begin, min(begin + cols_per_split, n_b), cfg.block_n):
+                        macs += cfg.block_m * cfg.block_n * (depth + cfg.param("BLOCK_D"))
     return macs / (n_a * n_b * d)
 
 
@@ -500,7 +500,7 @@ def test_gemm_pass_count_follows_the_launch_grid(block_d, n_a, n_b, d, sms):
 
     plan = kernel.grad_plan(torch.float16, d, True, block_d)
     n_s, cols_per_split = kernel.split_columns(n_a, n_b, d, plan, sms)
-    assert cols_per_split % max(c["BLOCK_N"] for _, c in plan) == 0 and (n_s - 1) * cols_per_split < n_b
+    assert cols_per_split % max(c.block_n for _, c in plan) == 0 and (n_s - 1) * cols_per_split < n_b
     assert kernel.gemm_passes(n_a, n_b, d, plan, cols_per_split) == pytest.approx(
         _enumerated_passes(n_a, n_b, d, plan, cols_per_split))
 
@@ -520,7 +520,7 @@ def test_wider_chunks_cut_the_backward_gemm_passes(d, n_a, n_b):
     assert before == pytest.approx(expected([256] * (d // 256)))
     assert after == pytest.approx(expected([512] * (d // 512) + ([d % 512] if d % 512 else []))) and after < before
     # the 512-wide tile spills without 16-aligned rows: those take 256-wide chunks
-    assert [cfg["BLOCK_D"] for _, cfg in kernel.grad_plan(torch.float16, d, False, 512)] == [256]
+    assert [cfg.param("BLOCK_D") for _, cfg in kernel.grad_plan(torch.float16, d, False, 512)] == [256]
 
 
 def test_chunk256_dispatch_candidate_runs_the_256_wide_backward(monkeypatch):
@@ -565,6 +565,6 @@ def test_tiles_fit_the_shared_memory_per_block(monkeypatch):
                     chosen += [("grad", t) for _, t in kernel.grad_plan(dtype, d, True, block_d, arch)]
                 for kind, tile in chosen:
                     assert kernel.shared_estimate(kind, tile, dtype, arch) <= limit, (dtype, d, kind, tile, arch)
-    widths = {arch: {t["BLOCK_D"] for _, t in kernel.grad_plan(torch.float16, 1024, True, 0, arch)}
+    widths = {arch: {t.param("BLOCK_D") for _, t in kernel.grad_plan(torch.float16, 1024, True, 0, arch)}
               for arch in (80, 86, 90, 120)}
     assert widths == {80: {512}, 86: {512}, 90: {512}, 120: {256}}, widths

@@ -49,14 +49,15 @@ def _factor(kind: int, n: int, both_directions: bool) -> float:
 # ----------------------------------------------------------------------------------------------
 
 def _eager_logits(a, b, scale, normalize):
+    """open_clip's logits: ``scale * a @ b.T`` in the features' dtype, then fp32 (or wider) for the loss."""
     if normalize:
         a, b = F.normalize(a, dim=-1, eps=EPS), F.normalize(b, dim=-1, eps=EPS)
-    acc = torch.promote_types(a.dtype, torch.float32)
-    return scale.to(acc) * (a.to(acc) @ b.to(acc).T)
+    return (scale * a @ b.T).to(torch.promote_types(a.dtype, torch.float32))
 
 
 def eager_loss(a, b, scale, bias, kind: int, offset: int, both_directions: bool, normalize: bool) -> Tensor:
-    """The same loss in plain (differentiable) PyTorch, fp32 or wider."""
+    """The same loss in plain (differentiable) PyTorch, as open_clip writes it: the products in the features'
+    dtype, the loss in fp32 or wider."""
     logits = _eager_logits(a, b, scale, normalize)
     n = a.shape[0]
     labels = torch.arange(n, device=a.device) + offset

@@ -36,19 +36,15 @@ ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 
 
 # ----------------------------------------------------------------------------------------------
-# Eager reference (also the CPU path without the interpreter): the same math, in the input dtype,
-# activations computed in fp32. On the canonical arguments (``mlp_args``: parameters in x's dtype).
+# Eager reference (also the CPU path without the interpreter): what PyTorch code computes, in the input
+# dtype (CLIP's QuickGELU as OpenAI writes it, ``F.gelu``). On the canonical arguments (``mlp_args``:
+# parameters in x's dtype).
 # ----------------------------------------------------------------------------------------------
 
 def reference_activation(z: Tensor, activation: str) -> Tensor:
-    zf = z.float() if z.dtype != torch.float64 else z
     if activation == "quick_gelu":
-        out = zf * torch.sigmoid(1.702 * zf)
-    elif activation == "gelu":
-        out = F.gelu(zf)
-    else:
-        out = F.gelu(zf, approximate="tanh")
-    return out.to(z.dtype)
+        return z * torch.sigmoid(1.702 * z)
+    return F.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
 def eager_activation_grad(z: Tensor, activation: str) -> Tensor:
