@@ -2,7 +2,8 @@
 d = 512/768/1024, bf16 features, forward + backward time and peak memory.
 
 ``eager`` is the op's own eager reference (``clipfast.ops.contrastive_loss.reference_loss``: open_clip's
-``ClipLoss`` / ``SigLipLoss`` formula, which materializes the N x N logits, with its products in fp32) on the
+``ClipLoss`` / ``SigLipLoss`` formula, which materializes the N x N logits: products in the features' dtype,
+the loss in fp32) on the
 arguments open_clip passes: features normalized, ``logit_scale`` exponentiated. open_clip's own class, when
 installed, is added as ``open_clip``; ``torch.compile`` of the eager reference is added by the harness.
 """

@@ -3,7 +3,7 @@ features of all ranks (open_clip ``ClipLoss(local_loss=True, gather_with_grad=Tr
 
 ``clipfast`` is ``clipfast.contrastive_cross_entropy`` per direction; ``eager`` is the op's eager reference
 per direction (``clipfast.ops.contrastive_loss.reference_loss``: open_clip's ``logit_scale * local @
-gathered.T`` then cross-entropy against ``arange(n) + rank * n``, with its products in fp32), which
+gathered.T`` in the features' dtype then cross-entropy in fp32 against ``arange(n) + rank * n``), which
 materializes the [256, 32k] logits. Rows are reported under the ``contrastive_loss`` family.
 """
 import torch

@@ -1,5 +1,5 @@
 """Transformer MLP (fc -> QuickGELU -> proj) at CLIP shapes, against the op's eager reference Linear ->
-QuickGELU -> Linear (``clipfast.ops.mlp.reference_mlp``: the activation computed in fp32), torch.compile of
+QuickGELU -> Linear (``clipfast.ops.mlp.reference_mlp``, in the input dtype as PyTorch code runs it), torch.compile of
 it, and the two bare GEMMs without bias or activation (the floor: what cuBLAS takes for the matrix products
 alone; its backward is the same four GEMMs). Also the standalone QuickGELU against its reference.
 
@@ -207,9 +207,9 @@ bf16 for the MLP blocks, fp32 for the model). `torch.autograd.graph.saved_tensor
 tensor the forward saves for backward; the table sums the distinct storages, parameters excluded (only
 activations). The clipfast ops save the same tensors on every path (kernels or eager fallback), so a CPU
 measures what a GPU keeps. The clipfast MLP keeps x and the pre-activation Z (H = act(Z) is recomputed
-in the backward). The eager rows are the op's eager reference (`clipfast.ops.mlp.reference_mlp`, its
-activation computed in fp32: "eager nn.GELU" with `F.gelu`, "eager QuickGELU" with `z * sigmoid(1.702 * z)`),
-which keeps x, Z in fp32, H and (QuickGELU) the fp32 sigmoid. torch.compile ran with CPU inductor.
+in the backward). The eager rows are the op's eager reference (`clipfast.ops.mlp.reference_mlp`, in the
+input dtype as PyTorch code writes it: "eager nn.GELU" with `F.gelu`, keeping x, Z and H; "eager QuickGELU"
+with `z * sigmoid(1.702 * z)`, also the sigmoid). torch.compile ran with CPU inductor.
 
 {saved_bytes_markdown(rows)}
 """)
