@@ -79,12 +79,15 @@ and partials past 2**31 elements are addressed correctly.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
 from . import runtime
 from .layer_norm import row_tile
+from .tiles import Tile
 
 # Widest feature dimension the row kernels hold in registers (the ops fall back to eager above it).
 MAX_DIM = 8192
@@ -312,35 +315,39 @@ def _contrastive_grad_kernel(
 # and strides the JIT specializes on (d % 16 == 0: every CLIP width), so it needs them (``aligned``); the
 # 256-wide chunk with twice the column tile takes every width.
 GRAD_TILES = {
-    256: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D=256, num_warps=8, num_stages=2),
-    512: dict(BLOCK_M=64, BLOCK_N=32, BLOCK_D=512, num_warps=8, num_stages=2),
+    256: Tile(64, 64, warps=8, stages=2, meta=(("BLOCK_D", 256),)),
+    512: Tile(64, 32, warps=8, stages=2, meta=(("BLOCK_D", 512),)),
 }
 ALIGNED_ONLY = (512,)
 
 
-def tiles(dtype: torch.dtype, n_cols: int, block_d: int = 0) -> dict:
-    """Tile sizes for the forward (``fwd``) and gradient (``grad``) kernels. The fp16/bf16 ones are the
-    largest that compile without spills for sm_80 and sm_90 (``clipfast aot``); BLOCK_K = 32 keeps the
-    operand tiles of the nested loops small enough. ``block_d`` picks a gradient tile of ``GRAD_TILES``
-    (0: the interpreter's tile, or ``GRAD_TILES[256]``), its chunk shrunk to a narrower ``n_cols``."""
+def _chunk(tile: Tile, block_k: int, block_d: int) -> Tile:
+    """``tile`` with its feature step BLOCK_K and its feature chunk BLOCK_D set."""
+    return replace(tile, block_k=block_k).with_meta(BLOCK_D=block_d)
+
+
+def tiles(dtype: torch.dtype, n_cols: int, block_d: int = 0) -> dict[str, Tile]:
+    """The forward (``fwd``) and gradient (``grad``) kernels' tiles (``kernels/tiles.py``; the gradient's feature
+    chunk is its BLOCK_D). The fp16/bf16 ones are the largest that compile without spills for sm_80 and sm_90
+    (``clipfast aot``); BLOCK_K = 32 keeps the operand tiles of the nested loops small enough. ``block_d`` picks
+    a gradient tile of ``GRAD_TILES`` (0: the interpreter's tile, or ``GRAD_TILES[256]``), its chunk shrunk to a
+    narrower ``n_cols``."""
     p2 = runtime.next_power_of_2(n_cols)
     k = max(16, min(32, p2))
     if runtime.INTERPRET:  # few, large tiles: the interpreter's cost is per tile operation
         ik = max(16, min(128, p2))
-        fwd = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=ik, num_warps=4, num_stages=1)
+        fwd = Tile(64, 64, ik, warps=4, stages=1)
         if not block_d:
-            return {"fwd": fwd, "grad": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=ik, BLOCK_D=max(16, min(1024, p2)),
-                                             num_warps=4, num_stages=1)}
-        return {"fwd": fwd, "grad": dict(GRAD_TILES[block_d], BLOCK_K=k, BLOCK_D=max(16, min(block_d, p2)))}
+            return {"fwd": fwd, "grad": _chunk(fwd, ik, max(16, min(1024, p2)))}
+        return {"fwd": fwd, "grad": _chunk(GRAD_TILES[block_d], k, max(16, min(block_d, p2)))}
     if dtype == torch.float32:
-        return {"fwd": dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=k, num_warps=8, num_stages=2),
-                "grad": dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=k, BLOCK_D=max(16, min(128, p2)), num_warps=8,
-                             num_stages=2)}
-    return {"fwd": dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=k, num_warps=8, num_stages=3),
-            "grad": dict(GRAD_TILES[block_d or 256], BLOCK_K=k, BLOCK_D=max(16, min(block_d or 256, p2)))}
+        return {"fwd": Tile(64, 64, k, warps=8, stages=2),
+                "grad": _chunk(Tile(64, 32, warps=8, stages=2), k, max(16, min(128, p2)))}
+    return {"fwd": Tile(64, 128, k, warps=8, stages=3),
+            "grad": _chunk(GRAD_TILES[block_d or 256], k, max(16, min(block_d or 256, p2)))}
 
 
-def shared_estimate(kind: str, tile: dict, dtype, arch: int = 90) -> int:
+def shared_estimate(kind: str, tile: Tile, dtype, arch: int = 90) -> int:
     """An upper bound on the shared memory of the ``kind`` ("fwd" / "grad") kernel at ``tile`` (``tiles``) with
     ``dtype`` features on ``arch`` (10 x major + minor), in bytes: ``num_stages`` buffers of the logit tile's
     [BLOCK_M, BLOCK_K] and [BLOCK_N, BLOCK_K] operands (``runtime.gemm_shared_estimate``), and for the
@@ -350,16 +357,16 @@ def shared_estimate(kind: str, tile: dict, dtype, arch: int = 90) -> int:
     (measured, triton 3.8: 131,072 B for the 512-wide chunk in fp16 on sm_90, 36,864 B on sm_80). `clipfast
     aot` fails a case whose compiled ``shared`` exceeds this."""
     size = runtime.ELEMENT_SIZE[dtype]
-    bm, bn, bk, stages = tile["BLOCK_M"], tile["BLOCK_N"], tile["BLOCK_K"], tile["num_stages"]
-    second = stages * bn * tile["BLOCK_D"] * size + bm * bn * size if kind == "grad" else 0
+    bm, bn, bk, stages = tile.block_m, tile.block_n, tile.block_k, tile.stages
+    second = stages * bn * tile.param("BLOCK_D") * size + bm * bn * size if kind == "grad" else 0
     estimate = runtime.gemm_shared_estimate(bm, bn, bk, stages, size, second)
     if kind == "grad" and (arch == 0 or arch >= 90):
-        estimate = max(estimate, bm * tile["BLOCK_D"] * 4 + runtime.SHARED_SCRATCH_ALLOWANCE)
+        estimate = max(estimate, bm * tile.param("BLOCK_D") * 4 + runtime.SHARED_SCRATCH_ALLOWANCE)
     return estimate
 
 
 def grad_plan(dtype: torch.dtype, n_cols: int, aligned: bool, block_d: int = 0,
-              arch: int = 0) -> list[tuple[int, dict]]:
+              arch: int = 0) -> list[tuple[int, Tile]]:
     """The gradient launches over the features: ``(d_start, tile)`` pairs, each launch covering the
     features from ``d_start`` to the next launch's start in chunks of the tile's BLOCK_D.
 
@@ -370,27 +377,27 @@ def grad_plan(dtype: torch.dtype, n_cols: int, aligned: bool, block_d: int = 0,
     its ``shared_estimate``: consumer Blackwell's 99 KB) gives 256-wide chunks; fp32 its own tile; the
     interpreter its large tile."""
     if dtype == torch.float32 or (runtime.INTERPRET and not block_d):
-        return [(0, dict(tiles(dtype, n_cols)["grad"]))]
+        return [(0, tiles(dtype, n_cols)["grad"])]
     wide = shared_estimate("grad", tiles(dtype, 512, 512)["grad"], dtype, arch)
     wide_fits = runtime.fits_shared_memory(wide, arch)
     if block_d == 256 or not aligned or not wide_fits:
-        return [(0, dict(tiles(dtype, n_cols, 256)["grad"]))]
+        return [(0, tiles(dtype, n_cols, 256)["grad"])]
     wide = n_cols - n_cols % 512
-    plan = [(0, dict(tiles(dtype, n_cols, 512)["grad"]))] if wide else []
+    plan = [(0, tiles(dtype, n_cols, 512)["grad"])] if wide else []
     if n_cols > wide:
         rest = n_cols - wide
         rest_tile = tiles(dtype, rest, 256 if rest <= 256 else 512)["grad"]
-        plan.append((wide, dict(rest_tile, BLOCK_K=tiles(dtype, n_cols, 512)["grad"]["BLOCK_K"])))
+        plan.append((wide, replace(rest_tile, block_k=tiles(dtype, n_cols, 512)["grad"].block_k)))
     return plan
 
 
-def launch_ranges(plan: list[tuple[int, dict]], n_cols: int):
+def launch_ranges(plan: list[tuple[int, Tile]], n_cols: int):
     """``(d_start, d_end, tile)`` of each launch of ``plan``: the features it covers."""
     for i, (d_start, cfg) in enumerate(plan):
         yield d_start, (plan[i + 1][0] if i + 1 < len(plan) else n_cols), cfg
 
 
-def gemm_passes(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], cols_per_split: int) -> float:
+def gemm_passes(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, Tile]], cols_per_split: int) -> float:
     """Tensor-core work of the gradient launches of ``plan`` (``grad_plan``) for one side, in GEMM passes
     (units of the ``n_a x n_b x d`` product), counted from their grids and tiles: every program (row
     block, feature chunk, column split) computes, per column tile of its split, the full-depth logit tile
@@ -400,7 +407,7 @@ def gemm_passes(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], c
     last = n_b - (n_splits - 1) * cols_per_split
     macs = 0
     for d_start, d_end, cfg in launch_ranges(plan, n_cols):
-        bm, bn, bk, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"], cfg["BLOCK_D"]
+        bm, bn, bk, bd = cfg.block_m, cfg.block_n, cfg.block_k, cfg.param("BLOCK_D")
         col_tiles = (n_splits - 1) * runtime.cdiv(cols_per_split, bn) + runtime.cdiv(last, bn)
         programs = runtime.cdiv(n_a, bm) * runtime.cdiv(d_end - d_start, bd)
         macs += programs * col_tiles * bm * bn * (runtime.cdiv(n_cols, bk) * bk + bd)
@@ -418,10 +425,10 @@ def prepare(x: torch.Tensor, scale, normalize: bool, eps: float) -> torch.Tensor
     x = _rows(x)
     y = runtime.empty(x.shape, x.dtype, x.device)
     tile = row_tile(x.shape[1])
-    _prepare_kernel[(runtime.cdiv(x.shape[0], tile["BLOCK_M"]),)](
+    _prepare_kernel[(runtime.cdiv(x.shape[0], tile.block_m),)](
         x, y, scale if scale is not None else x, x.shape[0], x.shape[1], x.stride(0), y.stride(0), eps,
         NORMALIZE=normalize, HAS_SCALE=scale is not None,
-        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], num_warps=tile["num_warps"])
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.warps)
     return y
 
 
@@ -445,8 +452,8 @@ def contrastive_fwd(a, b, bias, kind: int, offset: int, both_directions: bool):
     All fp32."""
     a, b = _rows(a), _rows(b)
     n_a, n_b, n_cols = a.shape[0], b.shape[0], a.shape[1]
-    cfg = dict(tiles(a.dtype, n_cols)["fwd"])
-    n_p, n_s, cols_per_split = _split(n_a, n_b, cfg["BLOCK_M"], cfg["BLOCK_N"], a.device)
+    cfg = tiles(a.dtype, n_cols)["fwd"]
+    n_p, n_s, cols_per_split = _split(n_a, n_b, cfg.block_m, cfg.block_n, a.device)
     has_cols = kind == CLIP and both_directions
     row_m, row_l = (runtime.empty((n_s, n_a), torch.float32, a.device) for _ in range(2))
     col_m, col_l = ((runtime.empty((n_p, n_b), torch.float32, a.device) for _ in range(2)) if has_cols
@@ -455,8 +462,8 @@ def contrastive_fwd(a, b, bias, kind: int, offset: int, both_directions: bool):
     _contrastive_fwd_kernel[(n_p, n_s)](
         a, b, bias if bias is not None else row_m, row_m, row_l, col_m, col_l, pos,
         n_a, n_b, n_cols, a.stride(0), b.stride(0), offset, cols_per_split, n_p,
-        KIND=kind, HAS_COLS=has_cols, EVEN_K=n_cols % cfg["BLOCK_K"] == 0, DOT_PRECISION=runtime.dot_precision(a.dtype),
-        **cfg)
+        KIND=kind, HAS_COLS=has_cols, EVEN_K=n_cols % cfg.block_k == 0, DOT_PRECISION=runtime.dot_precision(a.dtype),
+        **cfg.launch_options())
     if kind == SIGLIP:
         return (row_l.sum(0), None), None
     return _combine(row_m, row_l, pos), (_combine(col_m, col_l, pos) if has_cols else None)
@@ -478,21 +485,21 @@ def _combine(m: torch.Tensor, r: torch.Tensor, pos: torch.Tensor) -> tuple[torch
     return loss, torch.stack([top, log_total, -neg / total])
 
 
-def grad_splits(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], device) -> tuple[int, int]:
+def grad_splits(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, Tile]], device) -> tuple[int, int]:
     """Column splits S of the gradient grid, and columns per split (``split_columns`` on ``device``)."""
     return split_columns(n_a, n_b, n_cols, plan, runtime.sm_count(device))
 
 
-def split_columns(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, dict]], sm_count: int) -> tuple[int, int]:
+def split_columns(n_a: int, n_b: int, n_cols: int, plan: list[tuple[int, Tile]], sm_count: int) -> tuple[int, int]:
     """Column splits S of the gradient grid, and columns per split (a multiple of every launch's
     BLOCK_N: all launches of ``plan`` write the same S partials). Row blocks x feature chunks alone fill
     the GPU for square losses (S = 1: no partials at all); a rectangular local loss (256 rows against 32k
     gathered columns: 4 row blocks) gets its columns split until the first launch's grid has about two
     programs per SM. Partials cost S x N x d fp32 values, at most ~2 x SMs x BLOCK_M x BLOCK_D."""
     cfg = plan[0][1]
-    block_n = max(c["BLOCK_N"] for _, c in plan)
-    n_rb, n_cb = runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(n_b, block_n)
-    base = n_rb * runtime.cdiv(next(launch_ranges(plan, n_cols))[1], cfg["BLOCK_D"])
+    block_n = max(c.block_n for _, c in plan)
+    n_rb, n_cb = runtime.cdiv(n_a, cfg.block_m), runtime.cdiv(n_b, block_n)
+    base = n_rb * runtime.cdiv(next(launch_ranges(plan, n_cols))[1], cfg.param("BLOCK_D"))
     n_s = min(n_cb, max(1, 2 * sm_count // base), runtime.MAX_GRID_YZ)
     blocks_per_split = runtime.cdiv(n_cb, n_s)
     return runtime.cdiv(n_cb, blocks_per_split), blocks_per_split * block_n
@@ -518,14 +525,14 @@ def contrastive_grad(a, b, lse_a, lse_b, bias, kind: int, offset: int, want_sums
     acc = runtime.empty((n_s, n_a, n_cols), torch.float32, a.device)
     sums = runtime.empty((n_s, 2, n_a), torch.float32, a.device) if want_sums else acc
     for d_start, d_end, cfg in launch_ranges(plan, n_cols):
-        grid = (runtime.cdiv(n_a, cfg["BLOCK_M"]), runtime.cdiv(d_end - d_start, cfg["BLOCK_D"]), n_s)
+        grid = (runtime.cdiv(n_a, cfg.block_m), runtime.cdiv(d_end - d_start, cfg.param("BLOCK_D")), n_s)
         _contrastive_grad_kernel[grid](
             a, b, lse_a if lse_a is not None else acc, lse_b if lse_b is not None else acc,
             bias if bias is not None else acc, acc, sums,
             n_a, n_b, n_cols, a.stride(0), b.stride(0), acc.stride(1), acc.stride(0), offset, cols_per_split,
             d_start, KIND=kind, HAS_LSE_A=lse_a is not None, HAS_LSE_B=lse_b is not None,
-            HAS_ROW_SUMS=want_sums and d_start == 0, EVEN_K=n_cols % cfg["BLOCK_K"] == 0,
-            DOT_PRECISION=runtime.dot_precision(a.dtype), **cfg)
+            HAS_ROW_SUMS=want_sums and d_start == 0, EVEN_K=n_cols % cfg.block_k == 0,
+            DOT_PRECISION=runtime.dot_precision(a.dtype), **cfg.launch_options())
     return acc, (sums if want_sums else None)
 
 
@@ -547,11 +554,11 @@ def feature_grad(x, acc, coef, normalize: bool, eps: float, want_dot: bool = Fal
     dx = runtime.empty(x.shape, x.dtype, x.device)
     dot = runtime.empty((x.shape[0],), torch.float32, x.device) if want_dot else acc
     tile = row_tile(x.shape[1])
-    _feature_grad_kernel[(runtime.cdiv(x.shape[0], tile["BLOCK_M"]),)](
+    _feature_grad_kernel[(runtime.cdiv(x.shape[0], tile.block_m),)](
         x, acc, dx, coef, dot, x.shape[0], x.shape[1], acc.shape[0], x.stride(0), acc.stride(0), acc.stride(1),
         dx.stride(0), eps,
         NORMALIZE=normalize, HAS_DOT=want_dot,
-        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], num_warps=tile["num_warps"])
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.warps)
     return dx, (dot if want_dot else None)
 
 
@@ -578,7 +585,7 @@ def aot_cases() -> list[runtime.AotCase]:
                 "cols_per_split": "i32", "d_start": "i32"}
     for d in (512, 80, 784):
         t = tiles(torch.float16, d)
-        fwd = {k: v for k, v in t["fwd"].items() if k.isupper()}
+        fwd = t["fwd"].kwargs()
         even = d % fwd["BLOCK_K"] == 0
         for name, kind, has_cols in (("clip", CLIP, True), ("clip_rows", CLIP, False), ("siglip", SIGLIP, False)):
             if d == 784:  # (the forward's tiles are those of d = 80)
@@ -586,7 +593,7 @@ def aot_cases() -> list[runtime.AotCase]:
             cases.append(runtime.AotCase(
                 name=f"contrastive_fwd_{name}[d={d}]", kernel=_contrastive_fwd_kernel, signature=fwd_sig,
                 constexprs={"KIND": kind, "HAS_COLS": has_cols, "EVEN_K": even, "DOT_PRECISION": "tf32", **fwd},
-                num_warps=t["fwd"]["num_warps"], num_stages=t["fwd"]["num_stages"], expects_mma=True,
+                num_warps=t["fwd"].warps, num_stages=t["fwd"].stages, expects_mma=True,
                 quick=d == 512 and name != "clip_rows", shared_estimate=shared_estimate("fwd", t["fwd"], "fp16")))
         # the 256-wide chunk for any width; the 512-wide one, which needs 16-aligned widths and strides,
         # compiled with that alignment (as the JIT specializes it), unmasked (512) and masked (784 = 512 + 272)
@@ -599,8 +606,8 @@ def aot_cases() -> list[runtime.AotCase]:
                     name=f"contrastive_grad_{name}[d={d},chunk={block_d}]", kernel=_contrastive_grad_kernel,
                     signature=grad_sig,
                     constexprs={"KIND": kind, "HAS_LSE_A": lse_a, "HAS_LSE_B": lse_b, "HAS_ROW_SUMS": True,
-                                "EVEN_K": even, "DOT_PRECISION": "tf32", **{k: v for k, v in g.items() if k.isupper()}},
-                    num_warps=g["num_warps"], num_stages=g["num_stages"], expects_mma=True,
+                                "EVEN_K": even, "DOT_PRECISION": "tf32", **g.kwargs()},
+                    num_warps=g.warps, num_stages=g.stages, expects_mma=True,
                     quick=d == 512 and name in ("clip", "siglip"),
                     divisible_by_16=ALIGNED_GRAD_ARGS if aligned else None,
                     shared_estimate=shared_estimate("grad", g, "fp16")))
@@ -613,21 +620,21 @@ def aot_cases() -> list[runtime.AotCase]:
             cases.append(runtime.AotCase(
                 name=f"contrastive_{key}_clip_fp32_{precision}[d=512]", kernel=kernel, signature=sig,
                 constexprs={"KIND": CLIP, **extra, "EVEN_K": True, "DOT_PRECISION": precision,
-                            **{k: v for k, v in t[key].items() if k.isupper()}},
-                num_warps=t[key]["num_warps"], num_stages=t[key]["num_stages"], dtypes=("fp32",),
+                            **t[key].kwargs()},
+                num_warps=t[key].warps, num_stages=t[key].stages, dtypes=("fp32",),
                 expects_mma=precision == "tf32", quick=False, shared_estimate=shared_estimate(key, t[key], "fp32")))
     for d in (512, 1024):
         tile = row_tile(d)
-        meta = {"BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"]}
+        meta = tile.kwargs()
         cases.append(runtime.AotCase(
             name=f"contrastive_prepare[d={d}]", kernel=_prepare_kernel,
             signature={"X": "*{dtype}", "Y": "*{dtype}", "SCALE": "*fp32", "n_rows": "i32", "n_cols": "i32",
                        "stride_x": "i32", "stride_y": "i32", "eps": "fp32"},
-            constexprs={"NORMALIZE": True, "HAS_SCALE": True, **meta}, num_warps=tile["num_warps"], quick=d == 512))
+            constexprs={"NORMALIZE": True, "HAS_SCALE": True, **meta}, num_warps=tile.warps, quick=d == 512))
         cases.append(runtime.AotCase(
             name=f"contrastive_feature_grad[d={d}]", kernel=_feature_grad_kernel,
             signature={"X": "*{dtype}", "ACC": "*fp32", "DX": "*{dtype}", "COEF": "*fp32", "DOT": "*fp32",
                        "n_rows": "i32", "n_cols": "i32", "n_splits": "i32", "stride_x": "i32", "stride_split": "i32",
                        "stride_acc": "i32", "stride_dx": "i32", "eps": "fp32"},
-            constexprs={"NORMALIZE": True, "HAS_DOT": False, **meta}, num_warps=tile["num_warps"], quick=d == 512))
+            constexprs={"NORMALIZE": True, "HAS_DOT": False, **meta}, num_warps=tile.warps, quick=d == 512))
     return cases

@@ -39,7 +39,7 @@ Tiles marked ``persistent`` run the kernel with IS_PERSISTENT: one program per S
 the same grouped order (tile t, t + programs, ...), loading through tensor descriptors. The autotuner is
 offered these tiles only where ``tma_applies``: sm_90 or newer, operands the launcher found 16-byte aligned
 (TMA needs 16-byte base addresses and row strides: CLIP widths always are; any token count is fine), and a
-triton with in-kernel descriptors; and to fp16/bf16 operands only (``Tile.avoid``). Memory traffic is that of
+triton with in-kernel descriptors; and to fp16/bf16 operands only (``Tile.dtypes``). Memory traffic is that of
 the pointer variant; what changes is the issue cost of the loads, and one wave of programs instead of
 several. Descriptors built in a kernel live in global scratch that Triton allocates per launch (128 bytes per
 descriptor and program, ``_ensure_descriptor_scratch``).
@@ -55,118 +55,123 @@ below 2**31).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
 
 import torch
 import triton
 import triton.language as tl
 
 from . import runtime
+from .tiles import ANY_DTYPE, BEFORE_3_8, FROM_3_8, HALF, Launch, Tile, TileTable
 
 
 # ---------------------------------------------------------------------------------------------
 # Tiles and the rules that offer them
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Tile:
-    """One shipped GEMM tile. ``epilogue_subtiles`` (2 or 4) column slices are finished one after the
-    other, so the epilogue's fp32 temporaries cover a half or a quarter of the accumulator.
+class Product(enum.Flag):
+    """The kinds of GEMM launch the tiles are offered by: one typed value per launch, read from its flags by
+    ``kernels/mlp.py``'s ``product_kinds`` (for the launcher's pruning and the AOT cases alike); a tile's
+    ``avoid`` names those the AOT check measured it spilling in."""
 
-    ``avoid`` lists the kinds of product (``_product_kinds``) the tile is not offered to, because the AOT
-    check measured it spilling there: "heavy" (erf/tanh activation epilogues: fc forward, dgrad),
-    "activated_b" (the proj weight gradient applying the activation to its [BLOCK_K, BLOCK_N] B tiles in
-    registers as it loads them), "act_grad" (the dgrad epilogue: act'(Z) from the loaded Z times the
-    product, and the column sums), "residual" (the proj forward's residual epilogue), "split" (split-K
-    weight gradients storing fp32 partials), "fp32" (fp32 operands). ``unaligned``: offered to operands that
-    load element by element (more registers per value). ``persistent``: the persistent tensor-descriptor
-    (TMA) variant, offered only where ``tma_applies``. ``archs``: the compute capability majors (8 Ampere,
-    9 Hopper) the tile is offered on (None: every one). Besides these, a tile is offered only where its
-    ``shared_estimate`` for the product fits the architecture's shared memory per block (``offered``)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    warps: int
-    stages: int
-    epilogue_subtiles: int = 2
-    avoid: tuple[str, ...] = ()
-    unaligned: bool = False
-    group_m: int = 8
-    persistent: bool = False
-    archs: tuple[int, ...] | None = None
-
-    @property
-    def key(self) -> tuple:
-        return (self.block_m, self.block_n, self.block_k, self.warps, self.stages, self.persistent)
-
-    def config(self) -> triton.Config:
-        return triton.Config({"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
-                              "GROUP_M": self.group_m, "EPILOGUE_SUBTILES": self.epilogue_subtiles,
-                              "IS_PERSISTENT": self.persistent},
-                             num_warps=self.warps, num_stages=self.stages)
-
-    def shared_estimate(self, kinds: set[str] | frozenset = frozenset()) -> int:
-        """Bytes of shared memory the tile is offered by for a product of ``kinds`` (an upper bound, see
-        ``runtime.gemm_shared_estimate``): ``stages`` buffers of the A and B tiles, 4-byte elements for
-        "fp32" operands and 2-byte otherwise, plus one [block_m, block_n / epilogue_subtiles] slice of the
-        output (fp32 partials for "split") that the epilogue stages. Measured (triton 3.8, sm_90): the
-        persistent tiles use the stages plus that slice (128x256x64: 163,864 B in fp16, 327,704 B in fp32),
-        the pointer tiles the stages alone (294,912 B for 128x256x64 in fp32); sm_80 keeps one stage fewer
-        (98,304 B for 128x256x64 in fp16)."""
-        size = runtime.ELEMENT_SIZE["fp32" if "fp32" in kinds else "fp16"]
-        out = runtime.ELEMENT_SIZE["fp32"] if "split" in kinds else size
-        epilogue = self.block_m * (self.block_n // self.epilogue_subtiles) * out
-        return runtime.gemm_shared_estimate(self.block_m, self.block_n, self.block_k, self.stages, size, epilogue)
+    HEAVY_ACTIVATION = enum.auto()  # erf / tanh GELU epilogue (fc forward)
+    ACTIVATED_B = enum.auto()  # act() on the [BLOCK_K, BLOCK_N] B tiles in registers as they load (proj wgrad)
+    ACT_GRAD = enum.auto()  # act'(Z) from the loaded Z times the product, and the column sums (dgrad)
+    RESIDUAL = enum.auto()  # the residual epilogue (proj forward)
+    SPLIT_K = enum.auto()  # split-K weight gradients storing fp32 partials
+    FP32 = enum.auto()  # fp32 operands (exact or TF32 products)
+    UNALIGNED = enum.auto()  # operands that load element by element (not in 16-byte vectors)
 
 
-# Shipped tiles. The first is what the interpreter runs (large tiles keep it fast) and a good default on
-# both architectures. Every entry compiles without spills, software-pipelined, with tensor cores for
-# fp16/bf16 on sm_80 and sm_90, for every epilogue it is offered to (``aot_cases``); the Hopper tiles
-# (128x256 and 256x128 at 8 warps) fit by finishing the accumulator in quarters.
-_FP32_BEFORE_3_8 = () if runtime.triton_at_least(3, 8) else ("fp32",)
-TILES = [
+NO_PRODUCT = Product(0)
+GROUP_M = 8  # tile rows a group of programs sweeps the tile columns with (``_tile_coords``)
+
+
+def _gemm_tile(block_m: int, block_n: int, block_k: int, warps: int, stages: int, *, subtiles: int = 2,
+               persistent: bool = False, unaligned: bool = False, avoid: Product = NO_PRODUCT,
+               dtypes: tuple[str, ...] = ANY_DTYPE, **where) -> Tile:
+    """A GEMM row. ``subtiles`` (2 or 4) column slices of the accumulator are finished one after the other, so
+    the epilogue's fp32 temporaries cover a half or a quarter of it; ``persistent``: the persistent
+    tensor-descriptor (TMA) variant, offered only where ``tma_applies``; ``unaligned``: offered to operands that
+    load element by element too (more registers per value); ``where``: ``archs`` / ``tritons``."""
+    meta = (("GROUP_M", GROUP_M), ("EPILOGUE_SUBTILES", subtiles), ("IS_PERSISTENT", persistent))
+    return Tile(block_m, block_n, block_k, warps, stages, meta=meta, dtypes=dtypes,
+                avoid=avoid if unaligned else avoid | Product.UNALIGNED, **where)
+
+
+def is_persistent(tile: Tile) -> bool:
+    return bool(tile.param("IS_PERSISTENT"))
+
+
+def _shared_estimate(tile: Tile, launch: Launch) -> int:
+    """Bytes of shared memory a tile is offered by (an upper bound, see ``runtime.gemm_shared_estimate``):
+    ``stages`` buffers of the A and B tiles, 4-byte elements for fp32 operands and 2-byte otherwise, plus one
+    [block_m, block_n / EPILOGUE_SUBTILES] slice of the output (fp32 partials for split-K) that the epilogue
+    stages. Measured (triton 3.8, sm_90): the persistent tiles use the stages plus that slice (128x256x64:
+    163,864 B in fp16, 327,704 B in fp32), the pointer tiles the stages alone (294,912 B for 128x256x64 in
+    fp32); sm_80 keeps one stage fewer (98,304 B for 128x256x64 in fp16)."""
+    size = runtime.ELEMENT_SIZE[launch.dtype]
+    out = runtime.ELEMENT_SIZE["fp32"] if launch.kinds is not None and Product.SPLIT_K in launch.kinds else size
+    epilogue = tile.block_m * (tile.block_n // tile.param("EPILOGUE_SUBTILES")) * out
+    return runtime.gemm_shared_estimate(tile.block_m, tile.block_n, tile.block_k, tile.stages, size, epilogue)
+
+
+def _needs_tma(tile: Tile, launch: Launch) -> str | None:
+    """The GEMM's own rule: the persistent variant only where ``tma_applies``."""
+    if is_persistent(tile) and not tma_applies(launch.arch, Product.UNALIGNED not in launch.kinds):
+        return "the persistent TMA variant needs sm_90 or newer, aligned operands and tensor descriptors"
+    return None
+
+
+# Shipped tiles (rows for one Triton version share the config of the other's). The first is what the
+# interpreter runs (large tiles keep it fast) and a good default on both architectures. Every entry compiles
+# without spills, software-pipelined, with tensor cores for fp16/bf16 on sm_80 and sm_90, for every product it
+# is offered to (``aot_cases`` in ``kernels/mlp.py``); the Hopper tiles (128x256 and 256x128 at 8 warps) fit by
+# finishing the accumulator in quarters.
+_ACT_B, _SPLIT = Product.ACTIVATED_B, Product.SPLIT_K
+TILES = TileTable((
     # measured spills where avoided (bf16, sm_80 / sm_90, triton 3.6 / 3.8): 16 B on sm_80 (128x128x64),
     # 80-1100 B (128x256; 8 B for its split-K fp32 stores on sm_80), 180-1000 B on sm_80 (256x128).
-    Tile(128, 128, 32, warps=8, stages=4),
-    Tile(128, 128, 64, warps=8, stages=3, avoid=("activated_b",)),
+    _gemm_tile(128, 128, 32, 8, 4),
+    _gemm_tile(128, 128, 64, 8, 3, avoid=_ACT_B),
     # 128x256 on sm_80 under triton < 3.8: 255 registers and 8 B spilled for the plain dgrad (dX = dY W):
     # Hopper only there.
-    Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b", "split"),
-         archs=None if runtime.triton_at_least(3, 8) else (9,)),
+    _gemm_tile(128, 256, 64, 8, 3, subtiles=4, avoid=_ACT_B | _SPLIT, tritons=FROM_3_8),
+    _gemm_tile(128, 256, 64, 8, 3, subtiles=4, avoid=_ACT_B | _SPLIT, archs=(9,), tritons=BEFORE_3_8),
     # 256x128's split-K fp32 partial stores spill 16 B on sm_80 under triton 3.8: not offered to split-K.
-    Tile(256, 128, 64, warps=8, stages=3, epilogue_subtiles=4, avoid=("activated_b", "split")),
+    _gemm_tile(256, 128, 64, 8, 3, subtiles=4, avoid=_ACT_B | _SPLIT),
     # The two 4-warp tiles spill 8-48 B with exact fp32 operands on sm_80 under triton 3.6 (fc forward,
     # residual proj forward, plain and split-K weight gradients): fp16/bf16 only there.
-    Tile(64, 128, 32, warps=4, stages=4, avoid=_FP32_BEFORE_3_8),
+    _gemm_tile(64, 128, 32, 4, 4, tritons=FROM_3_8),
+    _gemm_tile(64, 128, 32, 4, 4, dtypes=HALF, tritons=BEFORE_3_8),
     # 128x64x32 spills 16-24 B on sm_80 under triton 3.6 for act(B) with the tanh GELU (as before the
     # persistent variant was added: 168 registers either way), so it is not offered to act(B).
-    Tile(128, 64, 32, warps=4, stages=4, avoid=("activated_b",) + _FP32_BEFORE_3_8),
-    Tile(64, 64, 32, warps=4, stages=4, unaligned=True),
+    _gemm_tile(128, 64, 32, 4, 4, avoid=_ACT_B, tritons=FROM_3_8),
+    _gemm_tile(128, 64, 32, 4, 4, avoid=_ACT_B, dtypes=HALF, tritons=BEFORE_3_8),
+    _gemm_tile(64, 64, 32, 4, 4, unaligned=True),
     # One warpgroup on 128x128 (sm_90, fp16/bf16, triton 3.6 and 3.8): 218-237 registers and no spills for
     # the fc forward (every activation), the residual proj forward, dx and the plain / split-K weight
     # gradients, 96 KB of shared memory at 3 stages (8 warps per SM); the dgrad epilogue (act'(Z), column
     # sums) spills 8-300 B and act(B) 8-120 B at 255 registers. On sm_80 it needs 255 registers with every
     # epilogue and spills 8-16 B in the fc forward and residual epilogues under triton 3.6: Hopper only. With
     # fp32 operands it spills 584-1288 B (exact) and 104-808 B (TF32) at 255 registers (triton 3.8): fp16/bf16.
-    Tile(128, 128, 64, warps=4, stages=3, avoid=("act_grad", "activated_b", "fp32"), archs=(9,)),
+    _gemm_tile(128, 128, 64, 4, 3, avoid=Product.ACT_GRAD | _ACT_B, dtypes=HALF, archs=(9,)),
     # Persistent, tensor descriptors (TMA), sm_90+ and aligned operands only (``tma_applies``): no spills
     # for any product on sm_90 under triton 3.6 and 3.8 (100-255 registers, 128-180 KB of shared memory,
     # one 8-warp program per SM). fp16/bf16 only: with fp32 operands they do not fit sm_90's 227 KB of shared
-    # memory (``Tile.shared_estimate``; compiled: 256-320 KB), and the exact-fp32 dgrad spills 27 KB (triton 3.8).
-    Tile(128, 256, 64, warps=8, stages=3, epilogue_subtiles=4, persistent=True, avoid=("fp32",)),
-    Tile(128, 128, 64, warps=8, stages=4, persistent=True, avoid=("fp32",)),
-]
-GEMM_CONFIGS = [t.config() for t in TILES]
-_TILE_OF = {t.key: t for t in TILES}
+    # memory (``_shared_estimate``; compiled: 256-320 KB), and the exact-fp32 dgrad spills 27 KB (triton 3.8).
+    _gemm_tile(128, 256, 64, 8, 3, subtiles=4, persistent=True, dtypes=HALF),
+    _gemm_tile(128, 128, 64, 8, 4, persistent=True, dtypes=HALF),
+), estimate=_shared_estimate, rule=_needs_tma)
+GEMM_CONFIGS = TILES.configs()
 
 # Tensor descriptors built in the kernel (``tl.make_tensor_descriptor``): triton 3.6 and later have them.
 HAS_TENSOR_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor")
 
+
 def _tile(config: triton.Config) -> Tile:
-    kw = config.kwargs
-    return _TILE_OF[(kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_warps, config.num_stages,
-                     kw.get("IS_PERSISTENT", False))]
+    """The shipped row of a config of ``GEMM_CONFIGS``."""
+    return TILES.tile_of(config)
 
 
 def tma_applies(arch: int, aligned: bool) -> bool:
@@ -175,31 +180,31 @@ def tma_applies(arch: int, aligned: bool) -> bool:
     triton with in-kernel tensor descriptors."""
     return arch >= 90 and aligned and HAS_TENSOR_DESCRIPTORS
 
-def why_not_offered(tile: Tile, kinds: set[str], aligned: bool, arch: int) -> str | None:
-    """Why ``tile`` is not offered to a product of ``kinds`` (``_product_kinds``) on operands that are
-    ``aligned`` or not, on ``arch`` (10 x major + minor; 0: unknown, e.g. the interpreter), or None where
-    it is: the tile avoids one of the kinds, needs aligned operands, ships for other architectures, its
-    ``shared_estimate`` exceeds the architecture's shared memory per block (``runtime.MAX_SHARED_PER_BLOCK``),
-    or it is the persistent TMA variant where that cannot run (``tma_applies``)."""
-    if kinds & set(tile.avoid):
-        return f"not offered to {', '.join(sorted(kinds & set(tile.avoid)))} products"
-    if not (tile.unaligned or aligned):
-        return "offered to aligned operands only"
-    if tile.archs is not None and arch // 10 not in tile.archs:
-        return f"offered on compute capability {'/'.join(map(str, tile.archs))}.x only"
-    estimate = tile.shared_estimate(kinds)
-    if not runtime.fits_shared_memory(estimate, arch):
-        return (f"needs up to {estimate} B of shared memory ({'fp32' if 'fp32' in kinds else 'fp16/bf16'} "
-                f"operands), over sm_{arch}'s {runtime.max_shared_per_block(arch)} B per block")
-    if tile.persistent and not tma_applies(arch, aligned):
-        return "the persistent TMA variant needs sm_90 or newer, aligned operands and tensor descriptors"
-    return None
+
+def launch(kinds: Product, aligned: bool, arch: int) -> Launch:
+    """The offer rules' view of a product of ``kinds`` on operands that are ``aligned`` or not, on ``arch``
+    (10 x major + minor; 0: unknown, e.g. the interpreter)."""
+    return Launch(arch, "fp32" if Product.FP32 in kinds else "fp16", kinds if aligned else kinds | Product.UNALIGNED)
 
 
-def offered(tile: Tile, kinds: set[str], aligned: bool, arch: int) -> bool:
+def shared_estimate(tile: Tile, kinds: Product = NO_PRODUCT) -> int:
+    """``_shared_estimate`` of ``tile`` for a product of ``kinds``."""
+    return _shared_estimate(tile, launch(kinds, True, 0))
+
+
+def why_not_offered(tile: Tile, kinds: Product, aligned: bool, arch: int) -> str | None:
+    """Why ``tile`` is not offered to a product of ``kinds`` on operands that are ``aligned`` or not, on
+    ``arch``, or None where it is (``TileTable.why_not_offered``: a row for another Triton version, the
+    persistent TMA variant where that cannot run, another operand dtype or GPU generation, a kind it avoids
+    (unaligned operands included), or a ``_shared_estimate`` over the architecture's shared memory per block)."""
+    return TILES.why_not_offered(tile, launch(kinds, aligned, arch))
+
+
+def offered(tile: Tile, kinds: Product, aligned: bool, arch: int) -> bool:
     """Whether ``tile`` is offered to a product of ``kinds`` on operands that are ``aligned`` or not, on
     ``arch`` (see ``why_not_offered``)."""
     return why_not_offered(tile, kinds, aligned, arch) is None
+
 
 # ---------------------------------------------------------------------------------------------
 # Main loops

@@ -23,11 +23,14 @@ huge row strides) are addressed correctly.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import triton
 import triton.language as tl
 
 from . import runtime
+from .tiles import Tile
 
 # Rows wider than this do not fit the registers of one program (the backward spills at 16384 with 16
 # warps under triton 3.8, and already at 8192 under 3.6: see `clipfast aot`); the ops fall back to eager
@@ -149,7 +152,7 @@ def _layer_norm_param_grad_kernel(
         tl.store(DB + cols, tl.sum(db, axis=0).to(DB.dtype.element_ty), mask=col_ok)
 
 
-def row_tile(n_cols: int, max_warps: int = 16) -> dict:
+def row_tile(n_cols: int, max_warps: int = 16) -> Tile:
     """Tile and warp count for a row-wise kernel over ``n_cols`` columns: a whole row per tile, a few
     rows per tile when rows are short (about 2K elements a tile), 8 fp32 values per thread up to
     ``max_warps``. Chosen with `clipfast aot` (pointers aligned, as the JIT compiles them): the forward
@@ -158,15 +161,15 @@ def row_tile(n_cols: int, max_warps: int = 16) -> dict:
     block_n = runtime.next_power_of_2(n_cols)
     block_m = max(1, min(16, 2048 // block_n))
     num_warps = max(4, min(max_warps, block_m * block_n // 256))
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": num_warps}
+    return Tile(block_m, block_n, warps=num_warps)
 
 
-def bwd_tile(n_cols: int) -> dict:
+def bwd_tile(n_cols: int) -> Tile:
     """The backward's tile (``row_tile`` with up to 16 warps). Under triton < 3.8 a single row of 2048
     (1025..2048 columns) spills on sm_90 with 8 warps (8 bytes at 80 registers); 16 warps hold it in 56."""
     tile = row_tile(n_cols)
-    if not runtime.triton_at_least(3, 8) and tile["BLOCK_M"] == 1 and tile["BLOCK_N"] == 2048:
-        tile["num_warps"] = 16
+    if not runtime.triton_at_least(3, 8) and tile.block_m == 1 and tile.block_n == 2048:
+        tile = replace(tile, warps=16)
     return tile
 
 
@@ -193,24 +196,24 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float):
     h2 = h.view(-1, n_cols) if h is not None else x2
     y2 = y.view(-1, n_cols)
     tile = row_tile(n_cols, FWD_MAX_WARPS)
-    grid = (runtime.cdiv(n_rows, tile["BLOCK_M"]),)
+    grid = (runtime.cdiv(n_rows, tile.block_m),)
     _layer_norm_fwd_kernel[grid](
         x2, res2, h2, y2, weight if weight is not None else x2, bias if bias is not None else x2, mean, rstd,
         n_rows, n_cols, x2.stride(0), res2.stride(0), h2.stride(0), y2.stride(0), eps,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], num_warps=tile["num_warps"],
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, num_warps=tile.warps,
     )
     return y, h, mean, rstd
 
 
-def bwd_shared_estimate(tile: dict, stages: int, dtype, residual: bool) -> int:
+def bwd_shared_estimate(tile: Tile, stages: int, dtype, residual: bool) -> int:
     """An upper bound on the backward's shared memory at ``tile`` (``bwd_tile``) and ``stages`` (``bwd_stages``)
     with ``dtype`` activations, in bytes: ``stages`` buffers of the dy and x (and dh) row tiles and the fp32
     row statistics the pipelined loop copies ahead, plus scratch (Hopper keeps ``stages`` buffers, Ampere one
     fewer). Measured (triton 3.8): 16,436-24,736 B in fp32 at 512-1280 columns (one buffer), 2,048-4,096 B
     in fp16. `clipfast aot` fails a case whose compiled ``shared`` exceeds this."""
-    rows = tile["BLOCK_M"]
-    per_buffer = (3 if residual else 2) * rows * tile["BLOCK_N"] * runtime.ELEMENT_SIZE[dtype] + 2 * rows * 4
+    rows = tile.block_m
+    per_buffer = (3 if residual else 2) * rows * tile.block_n * runtime.ELEMENT_SIZE[dtype] + 2 * rows * 4
     return stages * per_buffer + runtime.SHARED_SCRATCH_ALLOWANCE
 
 
@@ -258,9 +261,9 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
         zeros = lambda p: torch.zeros_like(p) if p is not None else None  # noqa: E731
         return dx, zeros(weight), zeros(bias)
     tile = bwd_tile(n_cols)
-    stages = bwd_stages(tile["BLOCK_N"], x.dtype, runtime.device_arch(x.device), dh is not None)
-    n_programs = bwd_programs(n_rows, n_cols, tile["BLOCK_M"], x.device)
-    rows_per_program = runtime.cdiv(runtime.cdiv(n_rows, n_programs), tile["BLOCK_M"]) * tile["BLOCK_M"]
+    stages = bwd_stages(tile.block_n, x.dtype, runtime.device_arch(x.device), dh is not None)
+    n_programs = bwd_programs(n_rows, n_cols, tile.block_m, x.device)
+    rows_per_program = runtime.cdiv(runtime.cdiv(n_rows, n_programs), tile.block_m) * tile.block_m
     n_programs = runtime.cdiv(n_rows, rows_per_program)  # every program has rows: every partial row is written
     partial = runtime.empty((int(has_weight) + int(has_bias), n_programs, n_cols), torch.float32, x.device)
     dw_partial = partial[0] if has_weight else mean
@@ -271,7 +274,7 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
         dy2, dh2, x2, weight if has_weight else x2, mean, rstd, dx2, dw_partial, db_partial,
         n_rows, n_cols, rows_per_program, dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0),
         HAS_DH=dh is not None, HAS_WEIGHT=has_weight, HAS_BIAS=has_bias,
-        BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], NUM_STAGES=stages, num_warps=tile["num_warps"],
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, NUM_STAGES=stages, num_warps=tile.warps,
     )
     if not (has_weight or has_bias):
         return dx, None, None
@@ -300,13 +303,12 @@ def aot_cases() -> list[runtime.AotCase]:
                 signature={"X": "*{dtype}", "RES": "*{dtype}", "H": "*{dtype}", "Y": "*{dtype}", "W": "*fp32",
                            "B": "*fp32", "MEAN": "*fp32", "RSTD": "*fp32", "n_rows": "i32", "n_cols": "i32",
                            "stride_x": "i32", "stride_res": "i32", "stride_h": "i32", "stride_y": "i32", "eps": "fp32"},
-                constexprs={"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
-                            "BLOCK_M": fwd_tile["BLOCK_M"], "BLOCK_N": fwd_tile["BLOCK_N"]},
-                num_warps=fwd_tile["num_warps"], quick=quick,
+                constexprs={"HAS_RESIDUAL": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, **fwd_tile.kwargs()},
+                num_warps=fwd_tile.warps, quick=quick,
             ))
             for dtypes in (("fp16", "bf16"), ("fp32",)):  # fp32: twice the bytes per pipeline buffer
                 # (the stages sm_80 and sm_90 get: their shared memory fits every tile pipelined)
-                stages = bwd_stages(tile["BLOCK_N"], dtypes[0], 80, residual)
+                stages = bwd_stages(tile.block_n, dtypes[0], 80, residual)
                 cases.append(runtime.AotCase(
                     name=f"layer_norm_bwd{'_residual' if residual else ''}{'_fp32' if dtypes == ('fp32',) else ''}"
                          f"[N={n_cols}]",
@@ -315,9 +317,9 @@ def aot_cases() -> list[runtime.AotCase]:
                                "RSTD": "*fp32", "DX": "*{dtype}", "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32",
                                "n_rows": "i32", "n_cols": "i32", "rows_per_program": "i32", "stride_dy": "i32",
                                "stride_dh": "i32", "stride_x": "i32", "stride_dx": "i32"},
-                    constexprs={"HAS_DH": residual, "HAS_WEIGHT": True, "HAS_BIAS": True,
-                                "BLOCK_M": tile["BLOCK_M"], "BLOCK_N": tile["BLOCK_N"], "NUM_STAGES": stages},
-                    num_warps=tile["num_warps"], quick=quick and dtypes != ("fp32",), dtypes=dtypes,
+                    constexprs={"HAS_DH": residual, "HAS_WEIGHT": True, "HAS_BIAS": True, **tile.kwargs(),
+                                "NUM_STAGES": stages},
+                    num_warps=tile.warps, quick=quick and dtypes != ("fp32",), dtypes=dtypes,
                     shared_estimate=bwd_shared_estimate(tile, stages, dtypes[0], residual),
                 ))
     # the dW/dB reduction, into fp32 parameters (autocast) and into parameters of the activations' dtype

@@ -63,10 +63,10 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .gemm import (GEMM_CONFIGS, SPLIT_K_ALIGN, TILES, Tile, _accumulate_from_descriptors,  # noqa: F401
+from .gemm import (GEMM_CONFIGS, SPLIT_K_ALIGN, TILES, Product, _accumulate_from_descriptors,  # noqa: F401
                    _accumulate_from_pointers, _aligned, _bucket, _ensure_descriptor_scratch, _layout,
-                   _operand_descriptor, _tile, _tile_coords, _tile_ptrs, offered, split_k_slices, tma_applies,
-                   why_not_offered)
+                   _operand_descriptor, _tile, _tile_coords, _tile_ptrs, is_persistent, launch, offered,
+                   shared_estimate, split_k_slices, tma_applies, why_not_offered)
 
 # Activation codes (constexpr in the kernels).
 ACTIVATIONS = {"none": 0, "quick_gelu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -180,34 +180,32 @@ COLSUM_ROWS: tl.constexpr = tl.constexpr(64)
 
 _HEAVY_ACTIVATIONS = (2, 3)  # erf and tanh GELU
 
-def _product_kinds(args: dict) -> set[str]:
-    """The kinds of product (see ``Tile.avoid``) a launch's constexpr flags make."""
-    kinds = set()
+def _product_kinds(args: dict) -> Product:
+    """The kinds of product (``gemm.Product``) a launch of ``_gemm_kernel`` makes, from its constexpr flags and
+    operand dtype (alignment is IS_ALIGNED, apart)."""
+    kinds = Product(0)
     if args.get("IS_B_ACTIVATED", False):
-        kinds.add("activated_b")
+        kinds |= Product.ACTIVATED_B
     elif args.get("ACTIVATION", 0) in _HEAVY_ACTIVATIONS:
-        kinds.add("heavy")
+        kinds |= Product.HEAVY_ACTIVATION
     if args.get("HAS_ACT_GRAD", False):
-        kinds.add("act_grad")
+        kinds |= Product.ACT_GRAD
     if args.get("HAS_RESIDUAL", False):
-        kinds.add("residual")
+        kinds |= Product.RESIDUAL
     if args.get("IS_SPLIT", False):
-        kinds.add("split")
+        kinds |= Product.SPLIT_K
     if any(isinstance(t, torch.Tensor) and t.dtype == torch.float32 for t in (args.get("A"), args.get("B"))):
-        kinds.add("fp32")
+        kinds |= Product.FP32
     return kinds
 
 
 def _prune(configs, named_args, arch: int | None = None, **kwargs):
-    """The tiles offered to one launch (see ``offered``): its epilogue, operand alignment and device
-    (``arch`` overrides the device, for the AOT cases)."""
+    """The configs offered to one launch (``gemm.TILES.offered``): its product kinds, operand alignment and
+    device (``arch`` overrides the device, for the AOT cases); where none is (a GPU whose shared memory fits
+    no tile of these operands), the smallest by shared memory that can take it."""
     args = {**named_args, **kwargs}
     arch = runtime.launch_arch(named_args, "A") if arch is None else arch
-    kinds = _product_kinds(args)
-    aligned = args.get("IS_ALIGNED", True)
-    kept = [c for c in configs if offered(_tile(c), kinds, aligned, arch)]
-    # none offered (a GPU whose shared memory fits no tile of these operands): the smallest by shared memory
-    return kept or [min(configs, key=lambda c: (not (_tile(c).unaligned or aligned), _tile(c).shared_estimate(kinds)))]
+    return TILES.prune(configs, launch(_product_kinds(args), args.get("IS_ALIGNED", True), arch))
 
 
 @triton.jit
@@ -532,14 +530,14 @@ def gemm_aot_case(variant: str, config: triton.Config, aligned: bool = True, qui
     constexprs = {**_NO_EPILOGUE, **flags, "IS_ALIGNED": aligned, **config.kwargs, "IS_TF32": precision == "tf32"}
     divisible = (_GEMM_DIVISIBLE if not flags["IS_A_ROW_MAJOR"] else _FWD_DIVISIBLE) if aligned else ()
     persistent = bool(config.kwargs.get("IS_PERSISTENT"))
-    kinds = _product_kinds(constexprs) | ({"fp32"} if precision != "half" else set())
+    kinds = _product_kinds(constexprs) | (Product.FP32 if precision != "half" else Product(0))
     return runtime.AotCase(
         name=(f"mlp_gemm_{variant}{'' if aligned else '_unaligned'}{'_tma' if persistent else ''}"
               f"{'' if precision == 'half' else '_' + precision}"),
         kernel=runtime.jit_function(_gemm_kernel), signature=signature, constexprs=constexprs,
         num_warps=config.num_warps, num_stages=config.num_stages, expects_mma=precision != "fp32",
         expects_tma=persistent, dtypes=("fp16", "bf16") if precision == "half" else ("fp32",), quick=quick,
-        divisible_by_16=divisible, archs=archs, shared_estimate=_tile(config).shared_estimate(kinds))
+        divisible_by_16=divisible, archs=archs, shared_estimate=shared_estimate(_tile(config), kinds))
 
 
 AOT_ARCHS = (80, 90)
@@ -572,8 +570,8 @@ def aot_cases() -> list[runtime.AotCase]:
                     archs = tuple(archs_of[_tile(cfg).key])
                     quick = precision == "half" and aligned and (
                         variant in _QUICK_VARIANTS and i == 0
-                        or variant == _QUICK_VARIANTS[0] and _tile(cfg).persistent and first_persistent)
-                    first_persistent = first_persistent and not _tile(cfg).persistent
+                        or variant == _QUICK_VARIANTS[0] and is_persistent(_tile(cfg)) and first_persistent)
+                    first_persistent = first_persistent and not is_persistent(_tile(cfg))
                     cases.append(gemm_aot_case(variant, cfg, aligned, quick=quick,
                                                archs=None if archs == AOT_ARCHS else archs, precision=precision))
     for out in ("fp32", "{dtype}"):

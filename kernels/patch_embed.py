@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from . import runtime
+from .tiles import FP32, Launch, Tile, TileTable, dtype_name
 
 # ---------------------------------------------------------------------------------------------
 # im2col addressing, shared by the three GEMM kernels
@@ -117,68 +118,74 @@ def _patch_tile(PIX, SCALE, SHIFT, row_off, row_ok, k, K, stride_c, stride_h, st
 
 
 # ---------------------------------------------------------------------------------------------
-# Forward
+# Tiles of the three GEMM kernels
 # ---------------------------------------------------------------------------------------------
 
-def _gemm_configs(bm_bn_bk_warps_stages):
-    keys = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
-    return [triton.Config(dict(zip(keys, c[:3])), num_warps=c[3], num_stages=c[4]) for c in bm_bn_bk_warps_stages]
+def _operand_elements(label: str, tile: Tile) -> int:
+    """Elements of the two operand tiles GEMM kernel ``label`` pipelines through shared memory: the forward's
+    pixel tile [BLOCK_M, BLOCK_K] and weight tile [BLOCK_K, BLOCK_N], dweight's dT [BLOCK_M, BLOCK_N] and pixel
+    [BLOCK_M, BLOCK_K] tiles, dpixels' dT [BLOCK_M, BLOCK_N] and weight [BLOCK_N, BLOCK_K] tiles."""
+    m, n, k = tile.block_m, tile.block_n, tile.block_k
+    return {"fwd": m * k + k * n, "dweight": m * n + m * k, "dpixels": m * n + n * k}[label]
 
 
-def _config_key(cfg: triton.Config) -> tuple[int, int, int, int, int]:
-    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"], cfg.num_warps, cfg.num_stages)
+def _estimate(label: str):
+    def estimate(tile: Tile, launch: Launch) -> int:
+        """An upper bound on the shared memory of GEMM kernel ``label`` at ``tile`` with ``launch.dtype``
+        operands (uint8 pixels are counted at the compute dtype), in bytes: ``stages`` buffers of its two operand
+        tiles (``runtime.gemm_shared_estimate``: Hopper keeps that many, Ampere one fewer) plus scratch.
+        Measured (triton 3.8): the forward's 64x256x64 3-stage tile takes 245,760 B in exact fp32 on sm_90, over
+        its 232,448 B. `clipfast aot` fails a case whose compiled ``shared`` exceeds this."""
+        size = runtime.ELEMENT_SIZE[launch.dtype]
+        return tile.stages * _operand_elements(label, tile) * size + runtime.SHARED_SCRATCH_ALLOWANCE
+    return estimate
 
 
-# The operand tiles each GEMM kernel pipelines through shared memory, as (rows, cols) of its BLOCK_ sizes: the
-# forward's pixel tile [BLOCK_M, BLOCK_K] and weight tile [BLOCK_K, BLOCK_N], dweight's dT [BLOCK_M, BLOCK_N]
-# and pixel [BLOCK_M, BLOCK_K] tiles, dpixels' dT [BLOCK_M, BLOCK_N] and weight [BLOCK_N, BLOCK_K] tiles.
-_OPERAND_TILES = {"fwd": (("BLOCK_M", "BLOCK_K"), ("BLOCK_K", "BLOCK_N")),
-                  "dweight": (("BLOCK_M", "BLOCK_N"), ("BLOCK_M", "BLOCK_K")),
-                  "dpixels": (("BLOCK_M", "BLOCK_N"), ("BLOCK_N", "BLOCK_K"))}
+# Each GEMM kernel's tiles (``kernels/tiles.py``), default first; the first is also what the interpreter runs
+# (large tiles keep it fast). Under triton 3.6 the forward default's K step is 32: at 64 the uint8 forward
+# (pixels normalized in fp32 in registers) spills 8 bytes on sm_80 (16-24 at 2 or 4 stages); at 32 it takes
+# 227 registers and does not (`clipfast aot`). The last row of each is exact fp32's (``dtypes=FP32``; the others
+# fp16/bf16): FMA products, each thread holding its rows and columns of both operands over BLOCK_K, spill at
+# every fp16/bf16 tile (16-12,656 B, triton 3.8; their 3-stage 128-wide tiles also need 196-246 KB of shared
+# memory), so fp32 has small tiles of its own, spill-free on sm_80 and sm_90 (64-128 registers; tried and not
+# shipped: the forward's 64x64x32 spills 8 B on sm_90 with 8 warps and 32 B on sm_80 with 4, its 32x64x32
+# (8 warps) 8 B on sm_80 under triton 3.6; dweight's 32x64x32 spills 8 B on sm_90 with uint8 pixels (8 warps;
+# 16 B plain with 4), hence the K step of 16 (128 registers with uint8); 64x64x32 dpixels with 4 warps 272 B on
+# sm_80). Each offers a launch the rows for its dtype whose estimate fits the architecture's shared memory per
+# block (``TileTable.offered``; where none fits, Volta / Turing, the smallest).
+TABLES = {
+    "fwd": TileTable((
+        Tile(128, 128, 64 if runtime.triton_at_least(3, 8) else 32, 8, 3), Tile(64, 256, 64, 8, 3),
+        Tile(64, 128, 64, 4, 4), Tile(32, 64, 16, 8, 3, dtypes=FP32),
+    ), estimate=_estimate("fwd")),
+    "dweight": TileTable((
+        Tile(64, 128, 128, 8, 3), Tile(64, 128, 64, 4, 4), Tile(32, 128, 128, 4, 3),
+        Tile(32, 64, 16, 8, 3, dtypes=FP32),
+    ), estimate=_estimate("dweight")),
+    "dpixels": TileTable((
+        Tile(128, 64, 128, 8, 3), Tile(128, 64, 64, 4, 4), Tile(64, 64, 128, 4, 3), Tile(32, 64, 32, 4, 3, dtypes=FP32),
+    ), estimate=_estimate("dpixels")),
+}
+FWD_CONFIGS, DWEIGHT_CONFIGS, DPIXELS_CONFIGS = (TABLES[label].configs() for label in ("fwd", "dweight", "dpixels"))
 
 
 def shared_estimate(label: str, cfg: triton.Config, dtype) -> int:
-    """An upper bound on the shared memory of GEMM kernel ``label`` ("fwd", "dweight", "dpixels") at ``cfg``
-    with operands of ``dtype`` (torch dtype or "fp16" / "bf16" / "fp32"; uint8 pixels are counted at the
-    compute dtype), in bytes: ``num_stages`` buffers of its two operand tiles (``runtime.gemm_shared_estimate``:
-    Hopper keeps that many, Ampere one fewer) plus scratch. Measured (triton 3.8): the forward's 64x256x64
-    3-stage tile takes 245,760 B in exact fp32 on sm_90, over its 232,448 B. `clipfast aot` fails a case whose
-    compiled ``shared`` exceeds this."""
-    size = runtime.ELEMENT_SIZE[dtype]
-    elements = sum(cfg.kwargs[r] * cfg.kwargs[c] for r, c in _OPERAND_TILES[label])
-    return cfg.num_stages * elements * size + runtime.SHARED_SCRATCH_ALLOWANCE
-
-
-def _shipped_for(cfg: triton.Config, dtype, arch: int) -> bool:
-    """Whether ``cfg`` ships for ``dtype`` operands on ``arch`` (``OFFERED_TO``; arch 0: any generation)."""
-    dtypes, majors = OFFERED_TO.get(_config_key(cfg), (("fp16", "bf16"), None))
-    name = dtype if isinstance(dtype, str) else runtime.TRITON_TYPE_NAMES[dtype]
-    return name in dtypes and (arch == 0 or majors is None or arch // 10 in majors)
+    """The shared-memory estimate of GEMM kernel ``label`` ("fwd", "dweight", "dpixels") at its config ``cfg``
+    with ``dtype`` operands (torch dtype or "fp16" / "bf16" / "fp32")."""
+    table = TABLES[label]
+    return table.estimate(table.tile_of(cfg), Launch(0, dtype_name(dtype)))
 
 
 def offered(label: str, configs, dtype, arch: int) -> list[triton.Config]:
     """The configs of GEMM kernel ``label`` offered to ``dtype`` operands on ``arch`` (10 x major + minor; 0:
-    the interpreter, no limit): those shipped for the dtype and generation (``OFFERED_TO``; where none is,
-    every config) whose ``shared_estimate`` fits the architecture's shared memory per block
-    (``runtime.MAX_SHARED_PER_BLOCK``); where none fits (Volta / Turing), the config with the smallest estimate
-    of them all."""
-    for_dtype = [c for c in configs if _shipped_for(c, dtype, arch)] or list(configs)
-    fit = [c for c in for_dtype if runtime.fits_shared_memory(shared_estimate(label, c, dtype), arch)]
-    return fit or [min(configs, key=lambda c: shared_estimate(label, c, dtype))]
+    the interpreter, no limit), in table order (``TileTable.offered``)."""
+    return TABLES[label].prune(configs, Launch(arch, dtype_name(dtype)))
 
 
 def why_not_offered(label: str, cfg: triton.Config, dtype, arch: int) -> str | None:
     """Why ``cfg`` of GEMM kernel ``label`` is not offered to ``dtype`` operands on ``arch``, or None."""
-    configs = {"fwd": FWD_CONFIGS, "dweight": DWEIGHT_CONFIGS, "dpixels": DPIXELS_CONFIGS}[label]
-    if _config_key(cfg) in {_config_key(c) for c in offered(label, configs, dtype, arch)}:
-        return None
-    if not _shipped_for(cfg, dtype, arch):
-        dtypes, majors = OFFERED_TO.get(_config_key(cfg), (("fp16", "bf16"), None))
-        where = f" on compute capability {'/'.join(map(str, majors))}.x" if majors else ""
-        return f"shipped for {'/'.join(dtypes)} operands{where} only"
-    estimate = shared_estimate(label, cfg, dtype)
-    return (f"needs up to {estimate} B of shared memory ({dtype} operands), over sm_{arch}'s "
-            f"{runtime.max_shared_per_block(arch)} B per block")
+    table = TABLES[label]
+    return table.why_not_offered(table.tile_of(cfg), Launch(arch, dtype_name(dtype)))
 
 
 def _pruner(label: str, operand: str):
@@ -187,17 +194,13 @@ def _pruner(label: str, operand: str):
     def prune(configs, named_args, **kwargs):
         t = named_args.get(operand)
         dtype = t.dtype if isinstance(t, torch.Tensor) and t.dtype in runtime.ELEMENT_SIZE else torch.float16
-        keep = {_config_key(c) for c in offered(label, configs, dtype, runtime.launch_arch(named_args))}
-        return [c for c in configs if _config_key(c) in keep] or configs[:1]
+        return offered(label, configs, dtype, runtime.launch_arch(named_args))
     return prune
 
 
-# The first config is what the interpreter runs (large tiles keep it fast). Under triton 3.6 the default's
-# K step is 32: at 64 the uint8 forward (pixels normalized in fp32 in registers) spills 8 bytes on sm_80
-# (16-24 at 2 or 4 stages); at 32 it takes 227 registers and does not (`clipfast aot`).
-FWD_CONFIGS = _gemm_configs([(128, 128, 64 if runtime.triton_at_least(3, 8) else 32, 8, 3), (64, 256, 64, 8, 3),
-                             (64, 128, 64, 4, 4), (32, 64, 16, 8, 3)])
-
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
 
 @runtime.autotune(FWD_CONFIGS, key=["width", "K"], prune_configs_by={"early_config_prune": _pruner("fwd", "W")})
 @triton.jit
@@ -260,9 +263,6 @@ def _patch_embed_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 # Backward
 # ---------------------------------------------------------------------------------------------
-
-DWEIGHT_CONFIGS = _gemm_configs([(64, 128, 128, 8, 3), (64, 128, 64, 4, 4), (32, 128, 128, 4, 3), (32, 64, 16, 8, 3)])
-
 
 @runtime.autotune(DWEIGHT_CONFIGS, key=["width", "K"],
                   prune_configs_by={"early_config_prune": _pruner("dweight", "DT")})
@@ -333,23 +333,7 @@ def _bias_grad_kernel(DT, DB_PARTIAL, n_rows, n_patches, width, n_splits, stride
     tl.store(DB_PARTIAL + split.to(tl.int64) * width + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
-BIAS_TILE = {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
-
-
-DPIXELS_CONFIGS = _gemm_configs([(128, 64, 128, 8, 3), (128, 64, 64, 4, 4), (64, 64, 128, 4, 3), (32, 64, 32, 4, 3)])
-
-# The operand dtypes and GPU generations (compute capability majors; None: every one) each config is offered to
-# (``offered``); a config not listed: fp16/bf16 on every GPU. Exact fp32 (``input_precision="ieee"``: FMA
-# products, each thread holding its rows and columns of both operands over BLOCK_K) spills at every fp16/bf16
-# config (16-12,656 B, triton 3.8; their 3-stage 128-wide tiles also need 196-246 KB of shared memory), so it
-# has small tiles of its own, spill-free on sm_80 and sm_90 (64-128 registers; tried and not shipped: the
-# forward's 64x64x32 spills 8 B on sm_90 with 8 warps and 32 B on sm_80 with 4, its 32x64x32 (8 warps) 8 B on
-# sm_80 under triton 3.6; dweight's 32x64x32 spills 8 B on sm_90 with uint8 pixels (8 warps; 16 B plain with
-# 4), hence the K step of 16 (128 registers with uint8); 64x64x32 dpixels with 4 warps 272 B on sm_80).
-OFFERED_TO: dict[tuple[int, int, int, int, int], tuple[tuple[str, ...], tuple[int, ...] | None]] = {
-    _config_key(FWD_CONFIGS[3]): (("fp32",), None), _config_key(DWEIGHT_CONFIGS[3]): (("fp32",), None),
-    _config_key(DPIXELS_CONFIGS[3]): (("fp32",), None),
-}
+BIAS_TILE = Tile(32, 128, warps=4)
 
 
 @runtime.autotune(DPIXELS_CONFIGS, key=["width", "K"],
@@ -509,10 +493,9 @@ def patch_embed_bwd(dtokens, pixels, weight, scale, shift, has_cls: bool, need_p
     if need_bias:
         splits = _dweight_splits(g["n_rows"], width, 1, pixels.device)
         partial = runtime.empty((splits, width), torch.float32, pixels.device)
-        _bias_grad_kernel[(runtime.cdiv(width, BIAS_TILE["BLOCK_N"]), splits)](
+        _bias_grad_kernel[(runtime.cdiv(width, BIAS_TILE.block_n), splits)](
             dtokens, partial, g["n_rows"], g["n_patches"], width, splits, db, dt, dn, HAS_CLS=has_cls,
-            DT_VEC=dt_vec, BLOCK_M=BIAS_TILE["BLOCK_M"], BLOCK_N=BIAS_TILE["BLOCK_N"],
-            num_warps=BIAS_TILE["num_warps"],
+            DT_VEC=dt_vec, BLOCK_M=BIAS_TILE.block_m, BLOCK_N=BIAS_TILE.block_n, num_warps=BIAS_TILE.warps,
         )
         dbias = partial.sum(0)
 
@@ -625,8 +608,7 @@ def aot_cases() -> list[runtime.AotCase]:
         name="patch_embed_bias_grad", kernel=_bias_grad_kernel,
         signature={"DT": "*{dtype}", "DB_PARTIAL": "*fp32", "n_rows": "i32", "n_patches": "i32", "width": "i32",
                    "n_splits": "i32", **dt_strides},
-        constexprs={"HAS_CLS": False, "DT_VEC": 8, "BLOCK_M": BIAS_TILE["BLOCK_M"], "BLOCK_N": BIAS_TILE["BLOCK_N"]},
-        num_warps=BIAS_TILE["num_warps"], quick=True,
+        constexprs={"HAS_CLS": False, "DT_VEC": 8, **BIAS_TILE.kwargs()}, num_warps=BIAS_TILE.warps, quick=True,
     ))
     cases.append(runtime.AotCase(
         name="patch_embed_sum_over_batch", kernel=_sum_over_batch_kernel,

@@ -93,8 +93,8 @@ def test_compiled_fp32_tile_over_the_limit_fails_and_a_fitting_one_passes():
     script = """
 import json
 from clipfast import aot
-from clipfast.kernels import mlp
-tiles = {(t.block_m, t.block_n, t.block_k, t.persistent): t for t in mlp.TILES}
+from clipfast.kernels import gemm, mlp
+tiles = {(t.block_m, t.block_n, t.block_k, gemm.is_persistent(t)): t for t in gemm.TILES.shipped()}
 rows = []
 for key, arch in (((128, 256, 64, False), 90), ((64, 64, 32, False), 80)):
     tile = tiles[key]
@@ -102,7 +102,7 @@ for key, arch in (((128, 256, 64, False), 90), ((64, 64, 32, False), 80)):
     row = {"arch": f"sm_{arch}", "error": None, "expects_mma": True, "shared_estimate": case.shared_estimate,
            **aot._compile_case(case, "fp32", arch)}
     rows.append({"shared": row["shared"], "estimate": case.shared_estimate, "problems": aot._problems(row),
-                 "offered": mlp.offered(tile, {"fp32"}, True, arch)})
+                 "offered": gemm.offered(tile, gemm.Product.FP32, True, arch)})
 print(json.dumps(rows))
 """
     over, fits = json.loads(run_without_interpreter(script).strip().splitlines()[-1])
@@ -123,10 +123,10 @@ def test_layer_norm_backward_fits_the_shared_memory_per_block():
             for n_cols in (64, 512, 768, 1024, 1280, 2048, 4096, layer_norm.MAX_COLS):
                 for residual in (False, True):
                     tile = layer_norm.bwd_tile(n_cols)
-                    stages = layer_norm.bwd_stages(tile["BLOCK_N"], dtype, arch, residual)
+                    stages = layer_norm.bwd_stages(tile.block_n, dtype, arch, residual)
                     estimate = layer_norm.bwd_shared_estimate(tile, stages, dtype, residual)
                     assert estimate <= limit or stages == 1, (arch, dtype, n_cols, residual)
-                    if arch >= 80 and tile["BLOCK_N"] < 8192:
+                    if arch >= 80 and tile.block_n < 8192:
                         assert stages == 2, (arch, dtype, n_cols, residual)
 
 

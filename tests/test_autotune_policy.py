@@ -112,6 +112,43 @@ def test_planning_target_answers_the_device_queries_for_cpu_tensors(monkeypatch)
     assert (runtime.capability(cpu), runtime.sm_count(cpu)) == ((8, 0), 7)
 
 
+def test_one_tile_table_for_every_family():
+    """``kernels/tiles.py``: rows per Triton version share a config (the running version's row answers for it),
+    and one filter offers a launch the rows for its dtype, architecture, BLOCK_D and kinds (the family's
+    enum.Flag) whose shared-memory estimate fits, in table order, else the smallest that can run at all."""
+    import enum
+
+    from clipfast.kernels import tiles
+
+    class Kind(enum.Flag):
+        HEAVY = enum.auto()
+        SPLIT = enum.auto()
+
+    rows = (tiles.Tile(128, 128, 64, 8, 3, avoid=Kind.HEAVY, tritons=((3, 0), (3, 0))),  # never ships
+            tiles.Tile(128, 128, 64, 8, 3, avoid=Kind.SPLIT),
+            tiles.Tile(64, 64, 32, 4, 2, meta=(("SPLIT_DV", 2),), dtypes=tiles.ANY_DTYPE, archs=(8,)),
+            tiles.Tile(32, 32, 32, 4, 1, block_ds=(128,), dtypes=tiles.FP32))
+    table = tiles.TileTable(rows, estimate=lambda t, launch: t.stages * t.block_m * t.block_n * 2,
+                            rule=lambda t, launch: "too small" if launch.kinds and Kind.HEAVY in launch.kinds
+                            and t.block_m < 128 else None)
+    assert table.shipped() == rows[1:] and [table.tile_of(c) for c in table.configs()] == list(rows[1:])
+    assert table.configs()[1].kwargs == {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "SPLIT_DV": 2}
+    launch = tiles.Launch
+    assert table.offered(launch(90)) == [rows[1]]  # fp16: not the fp32 row; sm_90: not the Ampere one
+    assert table.offered(launch(80, "fp16", Kind.SPLIT)) == [rows[2]]
+    assert table.offered(launch(0, "fp32", block_d=128)) == [rows[2], rows[3]]  # arch 0: any generation
+    assert table.why_not_offered(rows[1], launch(86)) is None  # 98,304 B fit sm_86's 99 KB, not sm_75's 64 KB
+    assert "shared memory" in table.why_not_offered(rows[1], launch(75)) and table.offered(launch(75)) == [rows[2]]
+    # nothing offered (split: avoided; sm_75: not the Ampere row): the smallest of those that can run at all
+    assert table.offered(launch(75, "fp16", Kind.SPLIT)) == [rows[2]]
+    assert table.why_not_offered(rows[2], launch(75, "fp16", Kind.SPLIT)) is None
+    assert table.why_not_offered(rows[1], launch(80, "fp16", Kind.SPLIT)) == "not offered to split launches"
+    assert table.why_not_offered(rows[3], launch(80, "fp32", block_d=64)) == "shipped for BLOCK_D 128 only"
+    assert table.why_not_offered(rows[2], launch(80, "fp16", Kind.HEAVY)) == "too small"
+    assert table.prune(table.configs(), launch(80, "fp16", Kind.SPLIT)) == [table.configs()[1]]
+    assert rows[2].launch_options()["num_stages"] == 2 and rows[2].with_meta(SPLIT_DV=4).param("SPLIT_DV") == 4
+
+
 def test_interpreter_keeps_one_config_without_a_policy():
     if not runtime.INTERPRET:
         pytest.skip("interpreter only")

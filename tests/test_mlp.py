@@ -197,8 +197,16 @@ def test_eager_fallback_matches_float64(monkeypatch):
 
 
 def _tile_id(tile):
-    return (f"{tile.block_m}x{tile.block_n}x{tile.block_k}w{tile.warps}s{tile.stages}e{tile.epilogue_subtiles}"
-            f"{'-tma' if tile.persistent else ''}")
+    return (f"{tile.block_m}x{tile.block_n}x{tile.block_k}w{tile.warps}s{tile.stages}e{tile.param('EPILOGUE_SUBTILES')}"
+            f"{'-tma' if gemm.is_persistent(tile) else ''}")
+
+
+TILES = gemm.TILES.shipped()
+P = gemm.Product
+
+
+def _unaligned(tile):
+    return P.UNALIGNED not in tile.avoid
 
 
 def _skip_unless_it_runs_here(tile, dtype):
@@ -215,7 +223,7 @@ def _skip_unless_it_runs_here(tile, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tile", gemm.TILES[1:], ids=_tile_id)
+@pytest.mark.parametrize("tile", TILES[1:], ids=_tile_id)
 def test_every_shipped_tile_matches_float64(monkeypatch, tile, dtype):
     """The interpreter runs the first tile only: force each other one (its epilogue sub-tiles, 256-row
     tiles with several column-sum groups, the persistent TMA variant) on ragged shapes (rows past a 64-row
@@ -247,22 +255,25 @@ def test_tiles_are_pruned_per_product_kind():
         args = {**kernel._NO_EPILOGUE, "IS_ALIGNED": True, **flags}
         return {gemm._tile(c) for c in kernel._prune(gemm.GEMM_CONFIGS, args, arch=arch)}
 
-    hopper = {t for t in gemm.TILES if gemm.offered(t, set(), True, 90)}
+    hopper = {t for t in TILES if gemm.offered(t, P(0), True, 90)}
     assert offered() == hopper
-    assert {t for t in gemm.TILES if t.persistent} <= hopper  # (triton 3.6+ has tensor descriptors)
-    assert offered(ACTIVATION=1, IS_B_ACTIVATED=True) == {t for t in hopper if "activated_b" not in t.avoid}
-    assert offered(HAS_BIAS=True, HAS_RESIDUAL=True) == {t for t in hopper if "residual" not in t.avoid}
-    assert offered(ACTIVATION=2, HAS_ACT_GRAD=True) == {t for t in hopper if not {"heavy", "act_grad"} & set(t.avoid)}
-    assert offered(ACTIVATION=1, HAS_ACT_GRAD=True) == {t for t in hopper if "act_grad" not in t.avoid}
-    assert offered(IS_ALIGNED=False) == {t for t in gemm.TILES if t.unaligned}
-    assert offered(IS_SPLIT=True) == {t for t in hopper if "split" not in t.avoid}
+    assert {t for t in TILES if gemm.is_persistent(t)} <= hopper  # (triton 3.6+ has tensor descriptors)
+    assert offered(ACTIVATION=1, IS_B_ACTIVATED=True) == {t for t in hopper if P.ACTIVATED_B not in t.avoid}
+    assert offered(HAS_BIAS=True, HAS_RESIDUAL=True) == {t for t in hopper if P.RESIDUAL not in t.avoid}
+    assert offered(ACTIVATION=2, HAS_ACT_GRAD=True) == {
+        t for t in hopper if not (P.HEAVY_ACTIVATION | P.ACT_GRAD) & t.avoid}
+    assert offered(ACTIVATION=1, HAS_ACT_GRAD=True) == {t for t in hopper if P.ACT_GRAD not in t.avoid}
+    assert offered(IS_ALIGNED=False) == {t for t in TILES if _unaligned(t)}
+    assert offered(IS_SPLIT=True) == {t for t in hopper if P.SPLIT_K not in t.avoid}
     fp32 = offered(A=torch.empty(1, 1))
-    assert fp32 == {t for t in hopper if "fp32" not in t.avoid and gemm.offered(t, {"fp32"}, True, 90)}
-    assert not any(t.persistent or t.block_m * t.block_n > 128 * 128 for t in fp32)  # over 227 KB in fp32
-    assert {t for t in gemm.TILES if t.persistent} <= offered(A=torch.empty(1, 1, dtype=torch.float16))
+    assert fp32 == {t for t in hopper if "fp32" in t.dtypes and gemm.offered(t, P.FP32, True, 90)}
+    assert not any(gemm.is_persistent(t) or t.block_m * t.block_n > 128 * 128 for t in fp32)  # over 227 KB in fp32
+    assert {t for t in TILES if gemm.is_persistent(t)} <= offered(A=torch.empty(1, 1, dtype=torch.float16))
     ampere = offered(arch=80)
-    assert ampere == {t for t in gemm.TILES if not t.persistent and t.archs in (None, (8,))}
-    assert offered(arch=0) == ampere - {t for t in gemm.TILES if t.archs}  # not a CUDA tensor
+    assert ampere == {t for t in TILES if not gemm.is_persistent(t) and t.archs in (None, (8,))}
+    # not a CUDA tensor (the interpreter): every generation's tiles, no shared-memory limit, no TMA
+    assert offered(arch=0) == {t for t in TILES if not gemm.is_persistent(t)}
+    assert P.ACTIVATED_B | P.SPLIT_K in gemm._tile(gemm.GEMM_CONFIGS[3]).avoid  # a typed value, not strings
 
 
 @pytest.mark.parametrize("arch", sorted(runtime.MAX_SHARED_PER_BLOCK))
@@ -281,18 +292,18 @@ def test_offered_tiles_fit_the_shared_memory_per_block(arch, dtype):
             if arch >= 80:  # (Turing's 64 KB fit no fp32 tile: the launch takes the smallest estimate)
                 assert len(kept) == sum(gemm.offered(t, kinds, aligned, arch) for t in kept), (variant, aligned)
                 for tile in kept:
-                    assert tile.shared_estimate(kinds) <= limit, (variant, aligned, tile)
+                    assert gemm.shared_estimate(tile, kinds) <= limit, (variant, aligned, tile)
             else:
-                assert min(t.shared_estimate(kinds) for t in kept) == min(
-                    t.shared_estimate(kinds) for t in gemm.TILES if t.unaligned or aligned)
+                assert min(gemm.shared_estimate(t, kinds) for t in kept) == min(
+                    gemm.shared_estimate(t, kinds) for t in TILES if _unaligned(t) or aligned)
     # the tiles measured over the limit in fp32 (compiled: 294,912 B for the 128x256 tiles on sm_90, 262,168 B
     # and more for the persistent ones; 196,608 B for 128x256 on sm_80) are never offered to fp32 there
     if dtype == torch.float32 and arch in (80, 90):
-        for t in gemm.TILES:
-            if t.persistent or t.block_m * t.block_n > 128 * 128:
-                assert not gemm.offered(t, {"fp32"}, True, arch), t
-                if "fp32" not in t.avoid and (t.archs is None or arch // 10 in t.archs):  # else: not on this arch
-                    assert "shared memory" in gemm.why_not_offered(t, {"fp32"}, True, arch), t
+        for t in TILES:
+            if gemm.is_persistent(t) or t.block_m * t.block_n > 128 * 128:
+                assert not gemm.offered(t, P.FP32, True, arch), t
+                if "fp32" in t.dtypes and (t.archs is None or arch // 10 in t.archs):  # else: not on this arch
+                    assert "shared memory" in gemm.why_not_offered(t, P.FP32, True, arch), t
     assert runtime.max_shared_per_block(0) is None and runtime.fits_shared_memory(10 ** 9, 0)  # the interpreter
     assert runtime.max_shared_per_block(91) == runtime.MAX_SHARED_PER_BLOCK[90]  # unlisted: its generation's least
     assert runtime.max_shared_per_block(150) == min(v for a, v in runtime.MAX_SHARED_PER_BLOCK.items() if a >= 80)
@@ -303,10 +314,10 @@ def test_persistent_tma_variant_needs_hopper_alignment_and_tensor_descriptors(mo
     assert not gemm.tma_applies(80, True) and not gemm.tma_applies(90, False)
     monkeypatch.setattr(gemm, "HAS_TENSOR_DESCRIPTORS", False)  # a triton without tl.make_tensor_descriptor
     assert not gemm.tma_applies(90, True)
-    assert not any(gemm._tile(c).persistent for c in kernel._prune(gemm.GEMM_CONFIGS, {}, arch=90))
+    assert not any(gemm.is_persistent(gemm._tile(c)) for c in kernel._prune(gemm.GEMM_CONFIGS, {}, arch=90))
 
 
-PERSISTENT_TILES = [t for t in gemm.TILES if t.persistent]
+PERSISTENT_TILES = [t for t in TILES if gemm.is_persistent(t)]
 
 
 @pytest.mark.parametrize("tile,dtype", list(zip(PERSISTENT_TILES, DTYPES[::-1] * len(PERSISTENT_TILES))),

@@ -451,18 +451,18 @@ def test_offered_configs_fit_the_shared_memory_per_block(arch, dtype):
         kept = patch_embed_kernel.offered(label, configs, dtype, arch)
         assert kept, (name, arch, dtype)
         assert all(patch_embed_kernel.shared_estimate(label, c, dtype) <= limit for c in kept), (name, arch, dtype)
-        own = patch_embed_kernel.OFFERED_TO
-        fp32_own = {key for key in map(patch_embed_kernel._config_key, configs)
-                    if key in own and own[key][0] == ("fp32",)}
+        table = patch_embed_kernel.TABLES[label]
+        fp32_own = {t.key for t in table.shipped() if t.dtypes == ("fp32",)}
         if arch >= 80:  # (before: a fallback to the smallest config of all)
-            assert ({patch_embed_kernel._config_key(c) for c in kept} <= fp32_own) == (dtype == torch.float32)
+            assert ({table.tile_of(c).key for c in kept} <= fp32_own) == (dtype == torch.float32)
     # measured (triton 3.8): the forward's 64x256x64 3-stage tile takes 245,760 B in fp32 on sm_90 (over 232,448)
     wide = next(c for c in patch_embed_kernel.FWD_CONFIGS if c.kwargs["BLOCK_N"] == 256)
     assert patch_embed_kernel.shared_estimate("fwd", wide, torch.float32) >= 245760
     assert "shared memory" in patch_embed_kernel.why_not_offered("fwd", wide, torch.float16, 86)
     prune, configs = patch_embed_kernel._pruner("fwd", "W"), patch_embed_kernel.FWD_CONFIGS
-    own = patch_embed_kernel.OFFERED_TO
-    assert prune(configs, {"W": torch.empty(0)}) == [c for c in configs if patch_embed_kernel._config_key(c) in own]
+    table = patch_embed_kernel.TABLES["fwd"]
+    assert prune(configs, {"W": torch.empty(0)}) == [c for c in configs if table.tile_of(c).dtypes == ("fp32",)]
+    assert prune(configs, {"W": torch.empty(0, dtype=torch.float16)}) == configs[:3]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
