@@ -173,8 +173,9 @@ def bwd_tile(n_cols: int) -> Tile:
     return tile
 
 
-def _as_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """[..., N] -> [M, N] view with unit column stride (copies only when no such view exists)."""
+def _unit_stride_rows(t: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """[..., N] -> [M, N] with unit column stride, as the row kernels read it: a view where one exists, else a
+    contiguous copy."""
     t = t.reshape(-1, n_cols)
     return t if t.stride(-1) == 1 or t.shape[0] == 0 else t.contiguous()
 
@@ -184,7 +185,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float):
     """Launch the forward kernel. Returns ``(y, h, mean, rstd)`` with ``h`` None without a residual.
     ``x``/``residual`` are [..., N]; ``y``/``h`` have x's shape and dtype; statistics are fp32 [M]."""
     n_cols = x.shape[-1]
-    x2 = _as_rows(x, n_cols)
+    x2 = _unit_stride_rows(x, n_cols)
     n_rows = x2.shape[0]
     y = runtime.empty(x.shape, x.dtype, x.device)
     h = runtime.empty(x.shape, x.dtype, x.device) if residual is not None else None
@@ -192,7 +193,7 @@ def layer_norm_fwd(x, residual, weight, bias, eps: float):
     rstd = runtime.empty((n_rows,), torch.float32, x.device)
     if n_rows == 0:
         return y, h, mean, rstd
-    res2 = _as_rows(residual, n_cols) if residual is not None else x2
+    res2 = _unit_stride_rows(residual, n_cols) if residual is not None else x2
     h2 = h.view(-1, n_cols) if h is not None else x2
     y2 = y.view(-1, n_cols)
     tile = row_tile(n_cols, FWD_MAX_WARPS)
@@ -253,7 +254,7 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
     ``(dx, dweight, dbias)``: dx in x's dtype, the parameter gradients in the parameters' dtypes (None where
     absent). Two launches: the row pass and the dW/dB reduction."""
     n_cols = x.shape[-1]
-    x2, dy2 = _as_rows(x, n_cols), _as_rows(dy, n_cols)
+    x2, dy2 = _unit_stride_rows(x, n_cols), _unit_stride_rows(dy, n_cols)
     n_rows = x2.shape[0]
     dx = runtime.empty(x.shape, x.dtype, x.device)
     has_weight, has_bias = weight is not None, bias is not None
@@ -268,7 +269,7 @@ def layer_norm_bwd(dy, dh, x, weight, bias, mean, rstd):
     partial = runtime.empty((int(has_weight) + int(has_bias), n_programs, n_cols), torch.float32, x.device)
     dw_partial = partial[0] if has_weight else mean
     db_partial = partial[-1] if has_bias else mean
-    dh2 = _as_rows(dh, n_cols) if dh is not None else dy2
+    dh2 = _unit_stride_rows(dh, n_cols) if dh is not None else dy2
     dx2 = dx.view(-1, n_cols)
     _layer_norm_bwd_kernel[(n_programs,)](
         dy2, dh2, x2, weight if has_weight else x2, mean, rstd, dx2, dw_partial, db_partial,
