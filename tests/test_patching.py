@@ -337,6 +337,25 @@ def test_rules_are_tried_in_module_order_whatever_was_imported_first():
     assert out.stdout.strip() == str([(r.family, r.name) for r in patching.registered_rules()])
 
 
+def test_a_rules_module_that_cannot_be_imported_is_skipped_with_a_warning():
+    import subprocess
+    import sys
+
+    script = """
+import sys, warnings
+sys.modules["clipfast.integrations.timm"] = None  # an import of it raises ImportError
+from clipfast import patching
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    rules = patching.registered_rules()
+assert any("patch rules 'timm' not loaded" in str(w.message) for w in caught), [str(w.message) for w in caught]
+assert rules and not any(r.match.__module__ == "clipfast.integrations.timm" for r in rules)
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "ok" in out.stdout, out.stderr[-2000:]
+
+
 def test_clone_as_and_fast_subclass():
     ln = nn.LayerNorm(8)
     ln.custom_attr = [1]
