@@ -112,7 +112,10 @@ def rank() -> int:
 
 
 def _say(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    """One write per line (text and newline together): the ranks of a torchrun job share stderr, and a line
+    written in two pieces can be split by another rank's."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def main_run(argv: list[str]) -> int:
