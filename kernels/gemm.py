@@ -71,7 +71,7 @@ from .tiles import ANY_DTYPE, BEFORE_3_8, FROM_3_8, HALF, Launch, Tile, TileTabl
 
 class Product(enum.Flag):
     """The kinds of GEMM launch the tiles are offered by: one typed value per launch, read from its flags by
-    ``kernels/mlp.py``'s ``product_kinds`` (for the launcher's pruning and the AOT cases alike); a tile's
+    ``kernels/mlp.py``'s ``_product_kinds`` (for the launcher's pruning and the AOT cases alike); a tile's
     ``avoid`` names those the AOT check measured it spilling in."""
 
     HEAVY_ACTIVATION = enum.auto()  # erf / tanh GELU epilogue (fc forward)
@@ -84,7 +84,8 @@ class Product(enum.Flag):
 
 
 NO_PRODUCT = Product(0)
-GROUP_M = 8  # tile rows a group of programs sweeps the tile columns with (``_tile_coords``)
+# Tile rows a group of programs sweeps the tile columns with (``_tile_coords``): the same for every tile.
+GROUP_M: tl.constexpr = tl.constexpr(8)
 
 
 def _gemm_tile(block_m: int, block_n: int, block_k: int, warps: int, stages: int, *, subtiles: int = 2,
@@ -94,7 +95,7 @@ def _gemm_tile(block_m: int, block_n: int, block_k: int, warps: int, stages: int
     the epilogue's fp32 temporaries cover a half or a quarter of it; ``persistent``: the persistent
     tensor-descriptor (TMA) variant, offered only where ``tma_applies``; ``unaligned``: offered to operands that
     load element by element too (more registers per value); ``where``: ``archs`` / ``tritons``."""
-    meta = (("GROUP_M", GROUP_M), ("EPILOGUE_SUBTILES", subtiles), ("IS_PERSISTENT", persistent))
+    meta = (("EPILOGUE_SUBTILES", subtiles), ("IS_PERSISTENT", persistent))
     return Tile(block_m, block_n, block_k, warps, stages, meta=meta, dtypes=dtypes,
                 avoid=avoid if unaligned else avoid | Product.UNALIGNED, **where)
 
@@ -248,7 +249,7 @@ def _mma_step(a, b, acc, IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.conste
 
 
 @triton.jit
-def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """(tile row, tile column) of output tile number ``tile`` in grouped order: GROUP_M tile rows sweep the
     tile columns together, so the B tiles a group reads stay in L2."""
     num_pid_m = tl.cdiv(M, BLOCK_M)

@@ -380,6 +380,23 @@ def test_unaligned_activated_operand_is_activated_first(monkeypatch):
     assert calls == ["gelu"]
 
 
+def test_kernel_signatures_stay_short():
+    """No @triton.jit function of these kernel files takes more than 32 parameters (the GEMM's C, Z and the
+    residual are contiguous [M, N]: their row stride is N; GROUP_M is the engine's constant)."""
+    import ast
+    import inspect
+
+    from clipfast.kernels import contrastive_loss, layer_norm, patch_embed
+
+    longest = {}
+    for module in (gemm, kernel, patch_embed, contrastive_loss, layer_norm):
+        for node in ast.walk(ast.parse(inspect.getsource(module))):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                longest[f"{module.__name__}.{node.name}"] = len(node.args.args)
+    assert len(longest) > 20 and max(longest.values()) <= 32, longest
+    assert longest["clipfast.kernels.mlp._gemm_kernel"] == 32
+
+
 def test_split_k_policy():
     """Split only when the output tiles do not fill SPLIT_K_WAVES waves, and only K long enough."""
     sms = runtime.sm_count(torch.device("cpu"))
