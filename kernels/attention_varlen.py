@@ -19,7 +19,8 @@ shorter sequence, so the cost follows the real tokens (plus one launch slot per 
 
 Algorithm and memory traffic
 ----------------------------
-The per-sequence work is the dense kernels' (``kernels/attention.py``), reusing their tile helpers:
+The per-sequence work is the dense kernels' (``kernels/attention.py``), with the helpers both share
+(``kernels/attention_common.py``):
 forward with online base-2 softmax over key blocks (q read once, k/v once per query block, o and the
 row statistics written once; the scores never touch memory); backward without atomics: ``delta =
 rowsum(dO * O)`` (the dense preprocess kernel over the packed tokens), a key-block kernel (dk, dv in
@@ -34,11 +35,11 @@ import triton
 import triton.language as tl
 
 from . import runtime
-from .attention import _aot_signature as _dense_aot_signature
-from .attention import (_ALL_DTYPES, _BEFORE_3_8, _D128, _D256, _FP32, _FROM_3_8, _HOPPER, _SMALL, LOG2E, Tile,
-                        TileTable, _aot_tiles, _attn_bwd_preprocess_kernel, _dot_precision, _dq_key_blocks,
-                        _fwd_key_blocks, _load_tile, _mask_scores, _store_tile, _unmasked_key_end, _value_columns,
-                        block_d, grid, has_wide_offsets)
+from .attention_common import (_ALL_DTYPES, _BEFORE_3_8, _D128, _D256, _FP32, _FROM_3_8, _HOPPER, _SMALL,
+                               AOT_PRECISIONS, BWD_SPILL_FREE_MAX_D, LOG2E, AttentionAotCase, Tile, TileTable,
+                               _aot_signature, _aot_tiles, _attn_bwd_preprocess_kernel, _dot_precision, _dq_key_blocks,
+                               _fwd_key_blocks, _load_tile, _mask_scores, _store_tile, _unmasked_key_end,
+                               _value_columns, block_d, grid, has_wide_offsets, preprocess_block)
 
 MAX_HEAD_DIM = 256
 
@@ -79,9 +80,10 @@ def _sequence(CU_SEQLENS, seq):
 
 
 @triton.jit
-def _token_base(ptr, start, head, stride_t, stride_h):
-    """Pointer to token ``start`` (int64) of head ``head``: 64-bit, so huge packed tensors cannot overflow."""
-    return ptr + start * stride_t + head.to(tl.int64) * stride_h
+def _token_base(ptr, start, head, strides):
+    """Pointer to token ``start`` (int64) of head ``head`` (``strides``: [token, head, head dim]): 64-bit, so
+    huge packed tensors cannot overflow."""
+    return ptr + start * strides[0] + head.to(tl.int64) * strides[1]
 
 
 @triton.jit
@@ -103,14 +105,13 @@ def _row_stats(stats_base, delta_base, total_q, offs_m, seqlen_q):
 @triton.jit
 def _varlen_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
-    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd, stride_ot, stride_oh, stride_od,
+    q_strides, k_strides, v_strides, o_strides,
     n_heads, total_q, head_dim, qk_scale, len_bucket,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_DV: tl.constexpr = 1,
 ):
     """One [BLOCK_M] block of queries of one sequence and head, and its share of the value columns
-    (``len_bucket`` only keys the autotuner)."""
+    (``len_bucket`` only keys the autotuner). Strides: one tuple per tensor, [token, head, head dim]."""
     seq = tl.program_id(0) // SPLIT_DV // n_heads
     head = tl.program_id(0) // SPLIT_DV % n_heads
     start_m = tl.program_id(1) * BLOCK_M
@@ -121,11 +122,13 @@ def _varlen_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = _value_columns(offs_d, BLOCK_D, SPLIT_DV)
-    k_base = _token_base(K, k_start, head, stride_kt, stride_kh)
-    v_base = _token_base(V, k_start, head, stride_vt, stride_vh)
+    k_base = _token_base(K, k_start, head, k_strides)
+    v_base = _token_base(V, k_start, head, v_strides)
+    # a head's tiles are [token, head dim]: their (row, column) strides, as the shared helpers read them
+    q_tile, o_tile = (q_strides[0], q_strides[2]), (o_strides[0], o_strides[2])
+    k_tile, v_tile = (k_strides[0], k_strides[2]), (v_strides[0], v_strides[2])
 
-    q = _load_tile(_token_base(Q, q_start, head, stride_qt, stride_qh), offs_m, offs_d, stride_qt, stride_qd,
-                   seqlen_q, head_dim)
+    q = _load_tile(_token_base(Q, q_start, head, q_strides), offs_m, offs_d, q_tile, seqlen_q, head_dim)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D // SPLIT_DV], tl.float32)
@@ -134,19 +137,21 @@ def _varlen_fwd_kernel(
         hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
     mid = _unmasked_key_end(start_m, seqlen_k, IS_CAUSAL, BLOCK_N)
     # no bias: the bias pointer and strides are placeholders the helpers never read
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, K, offs_m, offs_d, offs_dv, 0, mid,
-                                    stride_kt, stride_kd, stride_vt, stride_vd, 0, 0,
-                                    seqlen_q, seqlen_k, head_dim, qk_scale,
-                                    IS_CAUSAL, 0, DOT_PRECISION, False, BLOCK_N)
-    acc, l_i, m_i = _fwd_key_blocks(acc, l_i, m_i, q, k_base, v_base, K, offs_m, offs_d, offs_dv, mid, hi,
-                                    stride_kt, stride_kd, stride_vt, stride_vd, 0, 0,
-                                    seqlen_q, seqlen_k, head_dim, qk_scale,
-                                    IS_CAUSAL, 0, DOT_PRECISION, True, BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(
+        acc, l_i, m_i, q, offs_m=offs_m, offs_d=offs_d, offs_dv=offs_dv, lo=0, hi=mid,
+        k_base=k_base, k_strides=k_tile, v_base=v_base, v_strides=v_tile, bias_base=K, bias_strides=k_tile,
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, qk_scale=qk_scale,
+        IS_CAUSAL=IS_CAUSAL, BIAS_KIND=0, DOT_PRECISION=DOT_PRECISION, MASKED=False, BLOCK_N=BLOCK_N)
+    acc, l_i, m_i = _fwd_key_blocks(
+        acc, l_i, m_i, q, offs_m=offs_m, offs_d=offs_d, offs_dv=offs_dv, lo=mid, hi=hi,
+        k_base=k_base, k_strides=k_tile, v_base=v_base, v_strides=v_tile, bias_base=K, bias_strides=k_tile,
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, qk_scale=qk_scale,
+        IS_CAUSAL=IS_CAUSAL, BIAS_KIND=0, DOT_PRECISION=DOT_PRECISION, MASKED=True, BLOCK_N=BLOCK_N)
 
     has_keys = l_i > 0.0
     l_i = tl.where(has_keys, l_i, 1.0)
-    _store_tile(_token_base(O, q_start, head, stride_ot, stride_oh), acc / l_i[:, None], offs_m, offs_dv,
-                stride_ot, stride_od, seqlen_q, head_dim)
+    _store_tile(_token_base(O, q_start, head, o_strides), acc / l_i[:, None], offs_m, offs_dv, o_tile, seqlen_q,
+                head_dim)
     stats = LSE + head.to(tl.int64) * 2 * total_q + q_start + offs_m
     tl.store(stats, tl.where(has_keys, m_i, float("inf")), mask=offs_m < seqlen_q)
     tl.store(stats + total_q, tl.math.log2(l_i), mask=offs_m < seqlen_q)
@@ -157,18 +162,20 @@ def _varlen_fwd_kernel(
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, stats_base, delta_base, offs_n, offs_d, lo, hi,
-                       stride_qt, stride_qd, stride_dot, stride_dod, total_q, seqlen_q, seqlen_k, head_dim, qk_scale,
+def _dkdv_query_blocks(dk, dv, k, v, offs_n, offs_d, lo, hi, q_base, q_strides, do_base, do_strides,
+                       stats_base, delta_base, total_q, seqlen_q, seqlen_k, head_dim, qk_scale,
                        IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
     """dk, dv contributions of the query blocks in [lo, hi) of one sequence (masked only on the causal
     diagonal: keys past the sequence's end are never stored, queries past it have probability 0)."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_tile(q_base, offs_m, offs_d, stride_qt, stride_qd, seqlen_q, head_dim)
-        do = _load_tile(do_base, offs_m, offs_d, stride_dot, stride_dod, seqlen_q, head_dim)
+        q = _load_tile(q_base, offs_m, offs_d, q_strides, seqlen_q, head_dim)
+        do = _load_tile(do_base, offs_m, offs_d, do_strides, seqlen_q, head_dim)
         row_max, log2_sum, delta = _row_stats(stats_base, delta_base, total_q, offs_m, seqlen_q)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        s_t = _mask_scores(s_t, offs_m, offs_n, q_base, 0, 0, seqlen_q, seqlen_k, IS_CAUSAL, 0, False, IS_CAUSAL)
+        # no bias: the bias pointer and strides are placeholders never read
+        s_t = _mask_scores(s_t, offs_m, offs_n, q_base, q_strides, seqlen_q, seqlen_k,
+                           IS_CAUSAL=IS_CAUSAL, BIAS_KIND=0, Q_ON_ROWS=False, MASKED=IS_CAUSAL)
         p_t = tl.math.exp2((s_t - row_max[None, :]) - log2_sum[None, :])
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION) - delta[None, :])
@@ -181,9 +188,7 @@ def _dkdv_query_blocks(dk, dv, k, v, q_base, do_base, stats_base, delta_base, of
 @triton.jit
 def _varlen_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
-    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod,
-    stride_dkt, stride_dkh, stride_dkd, stride_dvt, stride_dvh, stride_dvd,
+    q_strides, k_strides, v_strides, do_strides, dk_strides, dv_strides,
     n_heads, total_q, head_dim, qk_scale, sm_scale, len_bucket,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -198,10 +203,11 @@ def _varlen_bwd_dkdv_kernel(
     q_start, seqlen_q = _sequence(CU_Q, seq)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_tile(_token_base(K, k_start, head, stride_kt, stride_kh), offs_n, offs_d, stride_kt, stride_kd,
-                   seqlen_k, head_dim)
-    v = _load_tile(_token_base(V, k_start, head, stride_vt, stride_vh), offs_n, offs_d, stride_vt, stride_vd,
-                   seqlen_k, head_dim)
+    # a head's tiles are [token, head dim]: their (row, column) strides, as the shared helpers read them
+    k_tile, v_tile = (k_strides[0], k_strides[2]), (v_strides[0], v_strides[2])
+    dk_tile, dv_tile = (dk_strides[0], dk_strides[2]), (dv_strides[0], dv_strides[2])
+    k = _load_tile(_token_base(K, k_start, head, k_strides), offs_n, offs_d, k_tile, seqlen_k, head_dim)
+    v = _load_tile(_token_base(V, k_start, head, v_strides), offs_n, offs_d, v_tile, seqlen_k, head_dim)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     stats_base = LSE + head.to(tl.int64) * 2 * total_q + q_start
@@ -210,15 +216,16 @@ def _varlen_bwd_dkdv_kernel(
     lo = 0
     if IS_CAUSAL:  # queries above this key block's first key cannot see it
         lo = start_n // BLOCK_M * BLOCK_M
-    dk, dv = _dkdv_query_blocks(dk, dv, k, v, _token_base(Q, q_start, head, stride_qt, stride_qh),
-                                _token_base(DO, q_start, head, stride_dot, stride_doh), stats_base, delta_base,
-                                offs_n, offs_d, lo, seqlen_q, stride_qt, stride_qd, stride_dot, stride_dod,
-                                total_q, seqlen_q, seqlen_k, head_dim, qk_scale, IS_CAUSAL, DOT_PRECISION, BLOCK_M)
+    dk, dv = _dkdv_query_blocks(
+        dk, dv, k, v, offs_n=offs_n, offs_d=offs_d, lo=lo, hi=seqlen_q,
+        q_base=_token_base(Q, q_start, head, q_strides), q_strides=(q_strides[0], q_strides[2]),
+        do_base=_token_base(DO, q_start, head, do_strides), do_strides=(do_strides[0], do_strides[2]),
+        stats_base=stats_base, delta_base=delta_base, total_q=total_q, seqlen_q=seqlen_q, seqlen_k=seqlen_k,
+        head_dim=head_dim, qk_scale=qk_scale, IS_CAUSAL=IS_CAUSAL, DOT_PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M)
 
-    _store_tile(_token_base(DK, k_start, head, stride_dkt, stride_dkh), dk * sm_scale, offs_n, offs_d,
-                stride_dkt, stride_dkd, seqlen_k, head_dim)
-    _store_tile(_token_base(DV, k_start, head, stride_dvt, stride_dvh), dv, offs_n, offs_d,
-                stride_dvt, stride_dvd, seqlen_k, head_dim)
+    _store_tile(_token_base(DK, k_start, head, dk_strides), dk * sm_scale, offs_n, offs_d, dk_tile, seqlen_k,
+                head_dim)
+    _store_tile(_token_base(DV, k_start, head, dv_strides), dv, offs_n, offs_d, dv_tile, seqlen_k, head_dim)
 
 
 @runtime.autotune(DQ.configs(), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
@@ -226,8 +233,7 @@ def _varlen_bwd_dkdv_kernel(
 @triton.jit
 def _varlen_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
-    stride_qt, stride_qh, stride_qd, stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd, stride_dot, stride_doh, stride_dod, stride_dqt, stride_dqh, stride_dqd,
+    q_strides, k_strides, v_strides, do_strides, dq_strides,
     n_heads, total_q, head_dim, qk_scale, sm_scale, len_bucket,
     IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -242,27 +248,33 @@ def _varlen_bwd_dq_kernel(
     k_start, seqlen_k = _sequence(CU_K, seq)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_tile(_token_base(Q, q_start, head, stride_qt, stride_qh), offs_m, offs_d, stride_qt, stride_qd,
-                   seqlen_q, head_dim)
-    do = _load_tile(_token_base(DO, q_start, head, stride_dot, stride_doh), offs_m, offs_d, stride_dot, stride_dod,
-                    seqlen_q, head_dim)
+    # a head's tiles are [token, head dim]: their (row, column) strides, as the shared helpers read them
+    q_tile, do_tile = (q_strides[0], q_strides[2]), (do_strides[0], do_strides[2])
+    k_tile, v_tile = (k_strides[0], k_strides[2]), (v_strides[0], v_strides[2])
+    q = _load_tile(_token_base(Q, q_start, head, q_strides), offs_m, offs_d, q_tile, seqlen_q, head_dim)
+    do = _load_tile(_token_base(DO, q_start, head, do_strides), offs_m, offs_d, do_tile, seqlen_q, head_dim)
     row_max, log2_sum, delta = _row_stats(LSE + head.to(tl.int64) * 2 * total_q + q_start,
                                           DELTA + head.to(tl.int64) * total_q + q_start, total_q, offs_m, seqlen_q)
-    k_base = _token_base(K, k_start, head, stride_kt, stride_kh)
-    v_base = _token_base(V, k_start, head, stride_vt, stride_vh)
+    k_base = _token_base(K, k_start, head, k_strides)
+    v_base = _token_base(V, k_start, head, v_strides)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = seqlen_k
     if IS_CAUSAL:
         hi = tl.minimum(seqlen_k, start_m + BLOCK_M)
     mid = _unmasked_key_end(start_m, seqlen_k, IS_CAUSAL, BLOCK_N)
-    dq = _dq_key_blocks(dq, q, do, row_max, log2_sum, delta, k_base, v_base, K, offs_m, offs_d, 0, mid,
-                        stride_kt, stride_kd, stride_vt, stride_vd, 0, 0, seqlen_q, seqlen_k, head_dim, qk_scale,
-                        IS_CAUSAL, 0, DOT_PRECISION, False, BLOCK_N)
-    dq = _dq_key_blocks(dq, q, do, row_max, log2_sum, delta, k_base, v_base, K, offs_m, offs_d, mid, hi,
-                        stride_kt, stride_kd, stride_vt, stride_vd, 0, 0, seqlen_q, seqlen_k, head_dim, qk_scale,
-                        IS_CAUSAL, 0, DOT_PRECISION, True, BLOCK_N)
-    _store_tile(_token_base(DQ, q_start, head, stride_dqt, stride_dqh), dq * sm_scale, offs_m, offs_d,
-                stride_dqt, stride_dqd, seqlen_q, head_dim)
+    # no bias: the bias pointer and strides are placeholders the helpers never read
+    dq = _dq_key_blocks(
+        dq, q, do, row_max, log2_sum, delta, offs_m=offs_m, offs_d=offs_d, lo=0, hi=mid,
+        k_base=k_base, k_strides=k_tile, v_base=v_base, v_strides=v_tile, bias_base=K, bias_strides=k_tile,
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, qk_scale=qk_scale,
+        IS_CAUSAL=IS_CAUSAL, BIAS_KIND=0, DOT_PRECISION=DOT_PRECISION, MASKED=False, BLOCK_N=BLOCK_N)
+    dq = _dq_key_blocks(
+        dq, q, do, row_max, log2_sum, delta, offs_m=offs_m, offs_d=offs_d, lo=mid, hi=hi,
+        k_base=k_base, k_strides=k_tile, v_base=v_base, v_strides=v_tile, bias_base=K, bias_strides=k_tile,
+        seqlen_q=seqlen_q, seqlen_k=seqlen_k, head_dim=head_dim, qk_scale=qk_scale,
+        IS_CAUSAL=IS_CAUSAL, BIAS_KIND=0, DOT_PRECISION=DOT_PRECISION, MASKED=True, BLOCK_N=BLOCK_N)
+    _store_tile(_token_base(DQ, q_start, head, dq_strides), dq * sm_scale, offs_m, offs_d,
+                (dq_strides[0], dq_strides[2]), seqlen_q, head_dim)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,7 +310,7 @@ def varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqle
         return o, lse
     _varlen_fwd_kernel[_grid(batch, h, max_seqlen_q)](
         q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k,
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q.stride(), k.stride(), v.stride(), o.stride(),
         h, total_q, d, scale * LOG2E, _len_bucket(max(max_seqlen_q, max_seqlen_k)),
         IS_CAUSAL=is_causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=block_d(d),
     )
@@ -319,22 +331,22 @@ def varlen_bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
     bd = block_d(d)
     # delta over the packed tokens: the dense preprocess kernel on the [1, H, total_q, D] view
     delta = runtime.empty((h, total_q), torch.float32, q.device)
-    pre_block = max(16, min(64, 2048 // bd))
+    pre_block = preprocess_block(bd)
     o4, do4 = o.unsqueeze(0).transpose(1, 2), do.unsqueeze(0).transpose(1, 2)
     _attn_bwd_preprocess_kernel[grid(1, h, total_q, pre_block)](
-        o4, do4, delta, *o4.stride(), *do4.stride(), h, total_q, d,
+        o4, do4, delta, o4.stride(), do4.stride(), h, total_q, d,
         HAS_WIDE_OFFSETS=has_wide_offsets(o4, do4), BLOCK_D=bd, BLOCK_M=pre_block,
     )
     common = dict(IS_CAUSAL=is_causal, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=bd)
     bucket = _len_bucket(max(max_seqlen_q, max_seqlen_k))
     _varlen_bwd_dkdv_kernel[lambda meta: _grid(batch, h, max_seqlen_k)(meta, "BLOCK_N")](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens_q, cu_seqlens_k,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        q.stride(), k.stride(), v.stride(), do.stride(), dk.stride(), dv.stride(),
         h, total_q, d, scale * LOG2E, scale, bucket, **common,
     )
     _varlen_bwd_dq_kernel[_grid(batch, h, max_seqlen_q)](
         q, k, v, do, lse, delta, dq, cu_seqlens_q, cu_seqlens_k,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        q.stride(), k.stride(), v.stride(), do.stride(), dq.stride(),
         h, total_q, d, scale * LOG2E, scale, bucket, **common,
     )
     return dq, dk, dv
@@ -344,20 +356,12 @@ def varlen_bwd(do, q, k, v, o, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: in
 # AOT cases
 # ---------------------------------------------------------------------------------------------
 
-def _aot_signature(kernel) -> tuple[dict[str, str], dict[str, int]]:
-    """The dense kernels' AOT signature rule (``kernels/attention.py``), with the int32 sequence offsets."""
-    sig, unit = _dense_aot_signature(kernel)
-    return {**sig, **{name: "*i32" for name in ("CU_Q", "CU_K")}}, unit
-
-
 def aot_cases() -> list[runtime.AotCase]:
     """Every shipped tile of the three varlen kernels, on the architectures it is offered on, at head dims 64
     and 128, causal and bidirectional, and the forward at 256 (the backward at 256 spills in the dense kernels
     too), in fp16/bf16 and (cases ``..._fp32``) at the tiles offered to exact fp32; each case carries its
     tile's shared-memory estimate on its architecture. The quick subset is the causal text tower's head dim
-    64 at the first tile, fp16/bf16."""
-    from .attention import AOT_PRECISIONS, BWD_SPILL_FREE_MAX_D
-
+    64 at the first tile, fp16/bf16. Head-dim strides are 1 (``_aot_signature``)."""
     cases = []
     kernels = ((_varlen_fwd_kernel, FWD, "fwd"), (_varlen_bwd_dkdv_kernel, DKDV, "bwd_dkdv"),
                (_varlen_bwd_dq_kernel, DQ, "bwd_dq"))
@@ -368,10 +372,10 @@ def aot_cases() -> list[runtime.AotCase]:
                 for kernel, table, label in kernels:
                     if label != "fwd" and bd > BWD_SPILL_FREE_MAX_D:
                         continue
-                    signature, unit_strides = _aot_signature(kernel)
+                    signature, unit_strides = _aot_signature(kernel, rank=3)
                     for tile, arch, estimate in _aot_tiles(table, bd, precision):
                         first = tile == table.offered(bd, arch, dtypes[0])[0]
-                        cases.append(runtime.AotCase(
+                        cases.append(AttentionAotCase(
                             name=(f"attention_varlen_{label}{'_causal' if causal else ''}"
                                   f"{'_fp32' if precision == 'fp32' else ''}[D={bd}]"),
                             kernel=runtime.jit_function(kernel), signature=signature,

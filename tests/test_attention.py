@@ -173,6 +173,26 @@ def test_grid_is_one_axis_with_sequence_blocks_fastest():
         kernel.grid(2**24, 16, 577, 64)
 
 
+def test_attention_kernels_take_at_most_32_arguments():
+    # every @triton.jit function of the attention files (dense, packed and what they share), constexprs included:
+    # strides travel as one tuple per tensor; the packed file imports the shared module, not the dense one
+    import ast
+
+    from clipfast.kernels import attention_common, attention_varlen
+
+    counts, imports = {}, {}
+    for module in (kernel, attention_varlen, attention_common):
+        with open(module.__file__) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+                counts[f"{module.__name__.rsplit('.', 1)[-1]}.{node.name}"] = \
+                    len(node.args.args) + len(node.args.kwonlyargs)
+        imports[module] = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+    assert len(counts) >= 20 and max(counts.values()) <= 32, sorted(counts.items(), key=lambda kv: -kv[1])[:5]
+    assert imports[attention_varlen] == {None, "attention_common"}, imports[attention_varlen]  # `from . import`
+
+
 def test_program_order_puts_one_heads_blocks_side_by_side():
     # which (head, block) each program id of the flattened grid runs, read back from the kernel's helper
     import triton
