@@ -88,14 +88,20 @@ def case_constexprs(case) -> dict:
     return {**defaults, **case.constexprs}
 
 
+def _format_type(t, dtype: str):
+    """A signature type with the case's dtype filled in; a tuple argument's type is a tuple of types."""
+    return tuple(_format_type(e, dtype) for e in t) if isinstance(t, tuple) else t.format(dtype=dtype)
+
+
 def _compile_case(case, dtype: str, arch: int) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     constexprs = case_constexprs(case)
-    signature = {k: v.format(dtype=dtype) for k, v in case.signature.items()}
-    signature.update({k: "constexpr" for k in constexprs})
+    signature = {k: _format_type(v, dtype) for k, v in case.signature.items()}
+    # constexprs keyed by a path (a tuple argument's element) are typed "constexpr" in the signature's tuple
+    signature.update({k: "constexpr" for k in constexprs if isinstance(k, str)})
     arg_names = case.kernel.arg_names
     attrs = {(arg_names.index(name),): [["tt.divisibility", 16]] for name in case.aligned_args()}
     src = ASTSource(fn=case.kernel, signature=signature, constexprs=constexprs, attrs=attrs)
