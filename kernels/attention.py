@@ -12,8 +12,8 @@ within a (batch, head) slice are 32-bit unless some slice spans 2**31 elements (
 [B, L, H, D] memory layout returned as [B, H, L, D] views, so merging the heads for the out-projection is
 free.
 
-Tiles are data (``Tile`` rows in one ``TileTable`` per kernel, default first) with one filter
-(``TileTable.offered``) that picks those for a head dim, architecture and Triton version; autotuning keys on
+Tiles are data (``tiles.Tile`` rows in one ``AttentionTileTable`` per kernel, default first) with one filter
+(``AttentionTileTable.offered``) that picks those for a head dim, architecture and Triton version; autotuning keys on
 sequence lengths rounded up to a multiple of 32 (``runtime.seqlen_bucket``). At head dim 256 Hopper's forward
 tile splits the value columns over two programs (``SPLIT_DV``, see ``_value_columns``).
 
@@ -63,7 +63,8 @@ import triton.language as tl
 from . import runtime
 from .attention_common import (_ALL_DTYPES, _AMPERE, _ANY_D, _BEFORE_3_8, _D128, _D256, _FP32, _FROM_3_8, _HOPPER,
                                _SMALL, AOT_PRECISIONS, BWD_SPILL_FREE_MAX_D, FULL_BIAS, KEY_BIAS, LOG2E, NO_BIAS,
-                               AttentionAotCase, Tile, TileTable, _aot_signature, _aot_tiles,
+                               AttentionAotCase, AttentionTileTable, _aot_signature, _aot_tiles,
+                               launch, tile,
                                _attn_bwd_preprocess_kernel, _dot_precision, _dq_key_blocks, _fwd_key_blocks,
                                _head_dim_indices, _head_offset, _indices, _load_tile, _mask_scores, _program_block,
                                _store_tile, _unmasked_key_end, _value_columns, block_d, grid, has_wide_offsets,
@@ -87,7 +88,7 @@ def _load_stats(LSE, bh, offs_m, seqlen_q):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tiles (``Tile`` / ``TileTable`` and the tables' vocabulary: ``kernels/attention_common.py``)
+# Tiles (``tile`` rows, ``AttentionTileTable`` and the tables' vocabulary: ``kernels/attention_common.py``)
 # ---------------------------------------------------------------------------------------------
 
 # Each tile was compiled (`clipfast aot`, triton 3.6 and 3.8) for the architectures it is offered on, at the
@@ -113,32 +114,32 @@ def _load_stats(LSE, bh, offs_m, seqlen_q):
 # shipped (3.8, causal + full mask): forward 32x16 (4 warps) at 128 spills 184-448 B, dq
 # 64x32 (8 warps) at 64 24 B on sm_80 and 32x16 (4 warps) at 128 216-360 B, dk/dv 16x64 (8 warps) at 128
 # 16 B on sm_80. The backward's 16x16 single-stage tile at head dim 256 is what fits 99 KB in fp32.
-FWD = TileTable((
-    Tile(128, 64, 8, 3, _SMALL, _HOPPER), Tile(64, 16, 8, 3, _D128, _AMPERE, tritons=_BEFORE_3_8),
-    Tile(64, 32, 8, 3, _ANY_D), Tile(128, 128, 8, 3, _SMALL, _HOPPER), Tile(64, 64, 4, 3, _SMALL),
-    Tile(128, 32, 8, 3, _SMALL), Tile(64, 32, 4, 3, _ANY_D), Tile(64, 64, 8, 3, _ANY_D),
-    Tile(128, 16, 8, 3, _D128, _HOPPER), Tile(64, 16, 4, 3, _D256, _HOPPER, dv_splits=2), Tile(64, 16, 8, 3, _D256),
-    Tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
-    Tile(16, 16, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
-    Tile(16, 32, 8, 2, _D128, dtypes=_FP32), Tile(16, 16, 4, 2, _D256, dtypes=_FP32),
-), "BLOCK_M", streamed=2, resident=1, scores=1)
-DKDV = TileTable((
-    Tile(32, 64, 4, 3, _SMALL, _HOPPER), Tile(32, 32, 4, 2, _SMALL, _AMPERE, tritons=_BEFORE_3_8),
-    Tile(32, 64, 8, 2, _SMALL), Tile(32, 128, 8, 3, _SMALL, _HOPPER), Tile(16, 64, 4, 2, _SMALL),
-    Tile(16, 64, 8, 2, _D128 + _D256), Tile(32, 64, 8, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
-    Tile(16, 32, 4, 2, _D128, dtypes=_FP32), Tile(16, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
-    Tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES),
-), "BLOCK_N", streamed=2, resident=2, scores=2, streamed_stats=3)
-DQ = TileTable((
-    Tile(64, 32, 4, 3, _SMALL), Tile(128, 64, 8, 3, _SMALL), Tile(64, 16, 8, 2, _D128, _AMPERE, tritons=_BEFORE_3_8),
-    Tile(64, 32, 8, 2, _ANY_D), Tile(64, 64, 8, 2, _SMALL), Tile(128, 32, 8, 2, _SMALL),
-    Tile(64, 16, 4, 2, _D128, _HOPPER), Tile(64, 16, 8, 2, _D256),
-    Tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
-    Tile(16, 32, 8, 2, _D128, dtypes=_FP32, tritons=_FROM_3_8),
-    Tile(32, 32, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
-    Tile(16, 32, 8, 1, _D128, dtypes=_FP32, tritons=_BEFORE_3_8),
-    Tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES),
-), "BLOCK_M", streamed=2, resident=2, scores=2)
+FWD = AttentionTileTable((
+    tile(128, 64, 8, 3, _SMALL, _HOPPER), tile(64, 16, 8, 3, _D128, _AMPERE, tritons=_BEFORE_3_8),
+    tile(64, 32, 8, 3, _ANY_D), tile(128, 128, 8, 3, _SMALL, _HOPPER), tile(64, 64, 4, 3, _SMALL),
+    tile(128, 32, 8, 3, _SMALL), tile(64, 32, 4, 3, _ANY_D), tile(64, 64, 8, 3, _ANY_D),
+    tile(128, 16, 8, 3, _D128, _HOPPER), tile(64, 16, 4, 3, _D256, _HOPPER, dv_splits=2), tile(64, 16, 8, 3, _D256),
+    tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+    tile(16, 16, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+    tile(16, 32, 8, 2, _D128, dtypes=_FP32), tile(16, 16, 4, 2, _D256, dtypes=_FP32),
+), mma_rows="BLOCK_M", streamed=2, resident=1, scores=1)
+DKDV = AttentionTileTable((
+    tile(32, 64, 4, 3, _SMALL, _HOPPER), tile(32, 32, 4, 2, _SMALL, _AMPERE, tritons=_BEFORE_3_8),
+    tile(32, 64, 8, 2, _SMALL), tile(32, 128, 8, 3, _SMALL, _HOPPER), tile(16, 64, 4, 2, _SMALL),
+    tile(16, 64, 8, 2, _D128 + _D256), tile(32, 64, 8, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+    tile(16, 32, 4, 2, _D128, dtypes=_FP32), tile(16, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+    tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES),
+), mma_rows="BLOCK_N", streamed=2, resident=2, scores=2, streamed_stats=3)
+DQ = AttentionTileTable((
+    tile(64, 32, 4, 3, _SMALL), tile(128, 64, 8, 3, _SMALL), tile(64, 16, 8, 2, _D128, _AMPERE, tritons=_BEFORE_3_8),
+    tile(64, 32, 8, 2, _ANY_D), tile(64, 64, 8, 2, _SMALL), tile(128, 32, 8, 2, _SMALL),
+    tile(64, 16, 4, 2, _D128, _HOPPER), tile(64, 16, 8, 2, _D256),
+    tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+    tile(16, 32, 8, 2, _D128, dtypes=_FP32, tritons=_FROM_3_8),
+    tile(32, 32, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+    tile(16, 32, 8, 1, _D128, dtypes=_FP32, tritons=_BEFORE_3_8),
+    tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES),
+), mma_rows="BLOCK_M", streamed=2, resident=2, scores=2)
 # Autotune keys: lengths bucketed (nearby lengths share one tuning), the padded head dim and the variant.
 _TUNE_KEY = ["bucket_q", "bucket_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"]
 
@@ -147,7 +148,8 @@ _TUNE_KEY = ["bucket_q", "bucket_k", "BLOCK_D", "IS_CAUSAL", "BIAS_KIND"]
 # Forward
 # ---------------------------------------------------------------------------------------------
 
-@runtime.autotune(FWD.configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": FWD.prune})
+@runtime.autotune(FWD.configs(), key=_TUNE_KEY,
+                  prune_configs_by={"early_config_prune": FWD.early_prune})
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, BIAS, O, LSE,
@@ -228,7 +230,8 @@ def _dkdv_query_blocks(dk, dv, k, v, offs_n, offs_d, lo, hi, q_base, q_strides, 
     return dk, dv
 
 
-@runtime.autotune(DKDV.configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": DKDV.prune})
+@runtime.autotune(DKDV.configs(), key=_TUNE_KEY,
+                  prune_configs_by={"early_config_prune": DKDV.early_prune})
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, BIAS, DO, LSE, DELTA, DK, DV,
@@ -267,7 +270,8 @@ def _attn_bwd_dkdv_kernel(
     _store_tile(DV + _head_offset(bh, n_heads, dv_strides), dv, offs_n, offs_d, dv_strides, seqlen_k, head_dim)
 
 
-@runtime.autotune(DQ.configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": DQ.prune})
+@runtime.autotune(DQ.configs(), key=_TUNE_KEY,
+                  prune_configs_by={"early_config_prune": DQ.early_prune})
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, BIAS, DO, LSE, DELTA, DQ,
@@ -431,7 +435,7 @@ def aot_cases() -> list[runtime.AotCase]:
                         continue
                     signature, unit_strides = _aot_signature(kernel, rank=4)
                     for tile, arch, estimate in _aot_tiles(table, bd, precision, kind, default_only=bool(suffix)):
-                        default = tile == table.offered(bd, arch, dtypes[0], kind)[0]
+                        default = tile == table.offered(launch(bd, arch, dtypes[0], kind))[0]
                         cases.append(AttentionAotCase(
                             name=f"attention_{label}{suffix}{'_fp32' if precision == 'fp32' else ''}[D={bd}]",
                             kernel=runtime.jit_function(kernel), signature=signature,

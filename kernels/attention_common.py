@@ -1,6 +1,7 @@
 """What the dense (``kernels/attention.py``) and packed (``kernels/attention_varlen.py``) attention kernels share:
 the tile helpers, the score masking, the forward and dq block loops, the ``delta = rowsum(dO * O)``
-preprocess kernel, the tile tables' types and vocabulary, and the AOT signature rule. The algorithm, layouts
+preprocess kernel, the tile tables' offer rules (``AttentionTileTable``, a ``tiles.TileTable`` of ``tiles.Tile``
+rows) and vocabulary, and the AOT signature rule. The algorithm, layouts
 and memory traffic are described in ``kernels/attention.py``; this module has no kernel family of its own
 (no ``aot_cases``: each family compiles what it launches).
 
@@ -17,13 +18,16 @@ compiles as the constant 1 (contiguous, vectorized loads), a stride past 2**31 a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import triton
 import triton.language as tl
 
 from . import runtime
+from .tiles import (ANY_DTYPE, BEFORE_3_8, EVERY_TRITON, FP32, FROM_3_8, HALF, Launch, Tile, TileTable, config_key,
+                    dtype_name)
 
 LOG2E = math.log2(math.e)
 
@@ -224,44 +228,28 @@ def preprocess_block(block_d: int) -> int:
 # Tiles: data, and one filter
 # ---------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Tile:
-    """One shipped tile: query and key block sizes, warps, pipeline stages, the padded head dims (BLOCK_D)
-    it ships for, the GPU generations (compute capability majors: 8 Ampere, 9 Hopper) it is offered on
-    (None: all), for forward tiles the programs a query block's value columns are split over (``SPLIT_DV``,
-    see ``_value_columns``), the Triton versions ``[from, before)`` it ships under (register allocation
-    differs between versions, so a few tiles that spill under one are replaced under it), and the operand
-    dtypes it is offered to: fp16/bf16 (tensor cores) or exact fp32 (``input_precision="ieee"``: FMA
-    products, whose operand layouts take about twice the registers, so fp32 has small tiles of its own)."""
-    block_m: int
-    block_n: int
-    warps: int
-    stages: int
-    block_ds: tuple[int, ...]
-    archs: tuple[int, ...] | None = None
-    dv_splits: int = 1
-    tritons: tuple[tuple[int, int], tuple[int, int]] = ((3, 0), (99, 0))
-    dtypes: tuple[str, ...] = ("fp16", "bf16")
-
-    @property
-    def ships_here(self) -> bool:
-        """Whether the running Triton is one this tile ships under."""
-        return runtime.triton_at_least(*self.tritons[0]) and not runtime.triton_at_least(*self.tritons[1])
-
-    @property
-    def key(self) -> tuple[int, int, int, int, int]:
-        return (self.block_m, self.block_n, self.warps, self.stages, self.dv_splits)
-
-    def config(self) -> triton.Config:
-        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n}
-        if self.dv_splits != 1:  # only the forward kernels take SPLIT_DV (default 1)
-            meta["SPLIT_DV"] = self.dv_splits
-        return triton.Config(meta, num_warps=self.warps, num_stages=self.stages)
+def tile(block_m: int, block_n: int, warps: int, stages: int, block_ds: tuple[int, ...],
+         archs: tuple[int, ...] | None = None, dv_splits: int = 1,
+         tritons: tuple[tuple[int, int], tuple[int, int]] = EVERY_TRITON, dtypes: tuple[str, ...] = HALF) -> Tile:
+    """An attention tile (a ``tiles.Tile`` row): query and key block sizes, warps, pipeline stages, the padded
+    head dims (BLOCK_D) it ships for, the GPU generations (compute capability majors: 8 Ampere, 9 Hopper) it is
+    offered on (None: all), for forward tiles the programs a query block's value columns are split over
+    (``SPLIT_DV``, see ``_value_columns``; a meta-parameter only where it is not 1, as only the forward kernels
+    take it), the Triton versions ``[from, before)`` it ships under (register allocation differs between
+    versions, so a few tiles that spill under one are replaced under it), and the operand dtypes it is offered
+    to: fp16/bf16 (tensor cores) or exact fp32 (``input_precision="ieee"``: FMA products, whose operand layouts
+    take about twice the registers, so fp32 has small tiles of its own)."""
+    meta = (("SPLIT_DV", dv_splits),) if dv_splits != 1 else ()
+    return Tile(block_m, block_n, None, warps, stages, meta=meta, archs=archs, tritons=tritons, dtypes=dtypes,
+                block_ds=block_ds)
 
 
-def _config_key(cfg: triton.Config) -> tuple[int, int, int, int, int]:
-    return (cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.num_warps, cfg.num_stages,
-            cfg.kwargs.get("SPLIT_DV", 1))
+def dv_splits(tile: Tile) -> int:
+    """The programs a forward tile splits a query block's value columns over (``SPLIT_DV``; 1: none)."""
+    return tile.param("SPLIT_DV", 1)
+
+
+_config_key = config_key
 
 
 def _arch(named_args) -> int:
@@ -269,26 +257,31 @@ def _arch(named_args) -> int:
     return 10 * major + minor
 
 
-def dtype_name(dtype) -> str:
-    """"fp16" / "bf16" / "fp32" for a torch dtype or such a name (the AOT check's dtype names)."""
-    return dtype if isinstance(dtype, str) else runtime.TRITON_TYPE_NAMES[dtype]
+def launch(block_d: int, arch: int = 0, dtype="fp16", bias_kind: int = NO_BIAS) -> Launch:
+    """An attention launch as the offer rules see it: its padded head dim (BLOCK_D), architecture (sm number;
+    0: any, the interpreter), operand dtype (a torch dtype or "fp16" / "bf16" / "fp32") and bias kind."""
+    return Launch(arch=arch, dtype=dtype_name(dtype), kinds=bias_kind, block_d=block_d)
 
 
 @dataclass(frozen=True)
-class TileTable:
-    """A kernel's shipped tiles, default first, and the one filter that picks those offered for a head dim,
-    architecture and operand dtype. ``mma_rows`` names the block the kernel's MMAs run along (the query
-    block in the forward and dq kernels, the key block in the dk/dv kernel): the operands of those rows stay
-    resident, the other block's are loaded in the software-pipelined loop. The shared-memory estimate
-    (``shared_estimate``) counts ``streamed`` [loop rows, BLOCK_D] operands and ``streamed_stats`` fp32 row
-    statistics per pipeline buffer, ``resident`` [mma rows, BLOCK_D] operands, and ``scores``
-    [BLOCK_M, BLOCK_N] tiles staged for the second and third products."""
-    tiles: tuple[Tile, ...]
-    mma_rows: str  # "BLOCK_M" or "BLOCK_N"
+class AttentionTileTable(TileTable):
+    """A ``TileTable`` with attention's offer rules and shared-memory estimate. ``mma_rows`` names the block the
+    kernel's MMAs run along (the query block in the forward and dq kernels, the key block in the dk/dv kernel):
+    the operands of those rows stay resident, the other block's are loaded in the software-pipelined loop. The
+    shared-memory estimate (``shared_estimate``) counts ``streamed`` [loop rows, BLOCK_D] operands and
+    ``streamed_stats`` fp32 row statistics per pipeline buffer, ``resident`` [mma rows, BLOCK_D] operands, and
+    ``scores`` [BLOCK_M, BLOCK_N] tiles staged for the second and third products. A launch's ``kinds`` is its
+    bias kind (``NO_BIAS`` / ``KEY_BIAS`` / ``FULL_BIAS``)."""
+    estimate: Callable[[Tile, Launch], int] | None = field(default=None, repr=False, compare=False)
+    mma_rows: str = "BLOCK_M"  # or "BLOCK_N"
     streamed: int = 2
     resident: int = 1
     scores: int = 1
     streamed_stats: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "estimate", lambda t, run: self.shared_estimate(
+            t, run.block_d, run.dtype, run.arch, run.kinds or NO_BIAS))
 
     def fits_arch(self, tile: Tile, arch: int, dtype="fp16") -> bool:
         """Whether ``tile`` is offered on ``arch`` (sm number; 0 = any, the interpreter). Besides the tile's
@@ -326,36 +319,33 @@ class TileTable:
                 + self.scores * tile.block_m * tile.block_n * size
                 + runtime.SHARED_SCRATCH_ALLOWANCE + 8 * max(tile.block_m, tile.block_n))
 
-    def offered(self, block_d: int, arch: int, dtype="fp16", bias_kind: int = NO_BIAS) -> list[Tile]:
-        """The tiles for ``block_d`` on ``arch`` (arch 0: any) with ``dtype`` operands (a torch dtype or
-        "fp16" / "bf16" / "fp32") and a bias of ``bias_kind`` under the running Triton: those shipped for the
-        dtype (where it has none, every dtype's), by the architecture rule (where it leaves none, the head
-        dim's tiles regardless, so every head dim has one), and of those the ones whose ``shared_estimate``
-        fits the architecture's shared memory per block (``runtime.MAX_SHARED_PER_BLOCK``); where none fits,
-        the one with the smallest estimate."""
-        name = dtype_name(dtype)
-        for_d = [t for t in self.tiles if block_d in t.block_ds and t.ships_here]
+    def offered(self, launch: Launch) -> list[Tile]:
+        """The tiles for the launch's BLOCK_D on its architecture (0: any) with its operand dtype and bias kind
+        under the running Triton: those shipped for the dtype (where it has none, every dtype's), by the
+        architecture rule (where it leaves none, the head dim's tiles regardless, so every head dim has one),
+        and of those the ones whose ``shared_estimate`` fits the architecture's shared memory per block
+        (``runtime.MAX_SHARED_PER_BLOCK``); where none fits, the one with the smallest estimate."""
+        arch, name = launch.arch, launch.dtype
+        for_d = [t for t in self.tiles if launch.block_d in t.block_ds and t.ships_here]
         for_dtype = [t for t in for_d if name in t.dtypes] or for_d
         by_arch = ([t for t in for_dtype if self.fits_arch(t, arch, name)]
                    or [t for t in for_dtype if t.archs is None or arch // 10 in t.archs] or for_dtype)
-        fit = [t for t in by_arch
-               if runtime.fits_shared_memory(self.shared_estimate(t, block_d, name, arch, bias_kind), arch)]
-        return fit or [min(by_arch, key=lambda t: self.shared_estimate(t, block_d, name, arch, bias_kind))]
+        fit = [t for t in by_arch if runtime.fits_shared_memory(self.estimate(t, launch), arch)]
+        return fit or [min(by_arch, key=lambda t: self.estimate(t, launch))]
 
-    def why_not_offered(self, tile: Tile, block_d: int, arch: int, dtype="fp16",
-                        bias_kind: int = NO_BIAS) -> str | None:
-        """Why ``tile`` is not among ``offered(block_d, arch, dtype, bias_kind)``, or None where it is."""
-        if tile in self.offered(block_d, arch, dtype, bias_kind):
+    def why_not_offered(self, tile: Tile, launch: Launch) -> str | None:
+        """Why ``tile`` is not among ``offered(launch)``, or None where it is."""
+        if tile in self.offered(launch):
             return None
-        name = dtype_name(dtype)
-        if block_d not in tile.block_ds:
+        arch, name = launch.arch, launch.dtype
+        if launch.block_d not in tile.block_ds:
             return f"shipped for BLOCK_D {'/'.join(map(str, tile.block_ds))} only"
         if not tile.ships_here:
             (lo, hi) = ("%d.%d" % v for v in tile.tritons)
             return f"shipped for triton {lo} up to (not including) {hi} only"
         if name not in tile.dtypes:
             return f"offered to {'/'.join(tile.dtypes)} operands only"
-        estimate = self.shared_estimate(tile, block_d, name, arch, bias_kind)
+        estimate = self.estimate(tile, launch)
         if not runtime.fits_shared_memory(estimate, arch):
             return (f"needs up to {estimate} B of shared memory ({name} operands), over sm_{arch}'s "
                     f"{runtime.max_shared_per_block(arch)} B per block")
@@ -363,36 +353,24 @@ class TileTable:
             return f"not offered on sm_{arch} (the tile's architectures, or 8 warps on fewer than 128 MMA rows)"
         return "other tiles are offered there"
 
-    def configs(self) -> list[triton.Config]:
-        """One config per distinct tile shipped under the running Triton, in table order (a tile may have one
-        row per architecture, head dims, dtypes and Triton versions)."""
-        first: dict[tuple, Tile] = {}
-        for t in self.tiles:
-            if t.ships_here:
-                first.setdefault(t.key, t)
-        return [t.config() for t in first.values()]
-
-    def prune(self, configs, named_args, **kwargs):
-        """``early_config_prune`` for the autotuner: the configs of the offered tiles for the launch's head
-        dim, architecture, q's dtype and bias kind (the interpreter's single config is kept as it is)."""
+    def early_prune(self, configs, named_args, **kwargs) -> list[triton.Config]:
+        """``early_config_prune`` for the autotuner: the configs of the offered tiles (``prune``) for the
+        launch's head dim, architecture, q's dtype and bias kind, one per config (the interpreter's single
+        config is kept as it is)."""
         block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 64))
         q = named_args.get("Q")
         dtype = q.dtype if isinstance(q, torch.Tensor) and q.dtype in runtime.TRITON_TYPE_NAMES else "fp16"
         bias_kind = named_args.get("BIAS_KIND", kwargs.get("BIAS_KIND", NO_BIAS))
-        by_key = {_config_key(c): c for c in configs}
-        # in the order offered: the first is the default (what a single-config policy runs)
-        kept = {t.key: by_key[t.key] for t in self.offered(block_d, _arch(named_args), dtype, bias_kind)
-                if t.key in by_key}
-        return list(kept.values()) or configs[:1]
+        pruned = self.prune(configs, launch(block_d, _arch(named_args), dtype, bias_kind))
+        return list({config_key(c): c for c in pruned}.values())
 
 
 # The tables' vocabulary: head dims (BLOCK_D) a tile ships for, GPU generations, Triton versions, dtypes.
 _SMALL, _D128, _D256 = (16, 32, 64), (128,), (256,)
 _ANY_D = _SMALL + _D128
 _AMPERE, _HOPPER = (8,), (9,)
-_BEFORE_3_8 = ((3, 0), (3, 8))
-_FROM_3_8 = ((3, 8), (99, 0))
-_FP32, _ALL_DTYPES = ("fp32",), ("fp16", "bf16", "fp32")
+_BEFORE_3_8, _FROM_3_8 = BEFORE_3_8, FROM_3_8
+_FP32, _ALL_DTYPES = FP32, ANY_DTYPE
 # Head dims above 128 (BLOCK_D 256) keep k, v, dk and dv of a key block in registers: the backward tiles
 # there spill on sm_80/sm_90 at every size tried (correct, slower); the forward does not.
 BWD_SPILL_FREE_MAX_D = 128
@@ -490,17 +468,17 @@ class AttentionAotCase(runtime.AotCase):
         return f"{meta},w{self.num_warps},s{self.num_stages}"
 
 
-def _aot_tiles(table: TileTable, block_d: int, precision: str = "half", bias_kind: int = NO_BIAS,
+def _aot_tiles(table: AttentionTileTable, block_d: int, precision: str = "half", bias_kind: int = NO_BIAS,
                default_only: bool = False) -> list[tuple[Tile, int, int]]:
     """(tile, architecture, shared-memory estimate) for each tile offered for ``block_d`` on sm_80 and sm_90
     with ``precision`` operands ("half": fp16 and bf16; "fp32") and a bias of ``bias_kind``, in table order
     (only the default, the first offered, with ``default_only``). One entry per architecture: the estimate
-    differs (``TileTable.shared_estimate``)."""
+    differs (``AttentionTileTable.shared_estimate``)."""
     dtype = AOT_PRECISIONS[precision][0][0]
     found = []
     for tile in table.tiles:
         for arch in AOT_ARCHS:
-            offered = table.offered(block_d, arch, dtype, bias_kind)
+            offered = table.offered(launch(block_d, arch, dtype, bias_kind))
             if tile in (offered[:1] if default_only else offered):
                 found.append((tile, arch, table.shared_estimate(tile, block_d, dtype, arch, bias_kind)))
     return found

@@ -36,14 +36,14 @@ import triton.language as tl
 
 from . import runtime
 from .attention_common import (_ALL_DTYPES, _BEFORE_3_8, _D128, _D256, _FP32, _FROM_3_8, _HOPPER, _SMALL,
-                               AOT_PRECISIONS, BWD_SPILL_FREE_MAX_D, LOG2E, AttentionAotCase, Tile, TileTable,
+                               AOT_PRECISIONS, BWD_SPILL_FREE_MAX_D, LOG2E, AttentionAotCase, AttentionTileTable,
                                _aot_signature, _aot_tiles, _attn_bwd_preprocess_kernel, _dot_precision, _dq_key_blocks,
                                _fwd_key_blocks, _load_tile, _mask_scores, _store_tile, _unmasked_key_end,
-                               _value_columns, block_d, grid, has_wide_offsets, preprocess_block)
+                               _value_columns, block_d, grid, has_wide_offsets, launch, preprocess_block, tile)
 
 MAX_HEAD_DIM = 256
 
-# Shipped tiles (Tile rows, as in kernels/attention.py): the dense kernels' first
+# Shipped tiles (``tile`` rows, as in kernels/attention.py): the dense kernels' first
 # tile per head-dim group, one per kernel (no autotuning), each compiled for sm_80 and sm_90 under triton
 # 3.6 and 3.8 without spills. The key-block kernel takes 16 query rows a step: the dense kernels' (32, 64)
 # tile spills 16-32 bytes on sm_80 under triton 3.6 with the per-sequence bookkeeping added.
@@ -51,21 +51,24 @@ MAX_HEAD_DIM = 256
 # 3.8, and on sm_80 under both); (32, 16, 8 warps) is spill-free there but runs HMMA instead of HGMMA, and
 # (32, 32, 4 warps) and (64, 16, 2 stages) spill too. So Hopper splits the value columns over two programs
 # (``SPLIT_DV``, as the dense forward): spill-free with HGMMA under both. CLIP's head dims are 64-128.
-FWD = TileTable((Tile(64, 32, 8, 3, _SMALL + _D128), Tile(64, 16, 4, 3, _D256, _HOPPER, dv_splits=2),
-                 Tile(64, 16, 8, 3, _D256), Tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
-                 Tile(32, 32, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
-                 Tile(16, 32, 8, 2, _D128, dtypes=_FP32), Tile(16, 16, 4, 2, _D256, dtypes=_FP32)),
-                "BLOCK_M", streamed=2, resident=1, scores=1)
-DKDV = TileTable((Tile(16, 64, 8, 2, _SMALL + _D128 + _D256), Tile(16, 32, 4, 2, _SMALL + _D128, dtypes=_FP32),
-                  Tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES)),
-                 "BLOCK_N", streamed=2, resident=2, scores=2, streamed_stats=3)
-DQ = TileTable((Tile(64, 32, 8, 2, _SMALL + _D128), Tile(64, 16, 8, 2, _D256),
-                Tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
-                Tile(16, 32, 8, 2, _D128, dtypes=_FP32, tritons=_FROM_3_8),
-                Tile(32, 32, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
-                Tile(16, 32, 8, 1, _D128, dtypes=_FP32, tritons=_BEFORE_3_8),
-                Tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES)),
-               "BLOCK_M", streamed=2, resident=2, scores=2)
+FWD = AttentionTileTable((
+    tile(64, 32, 8, 3, _SMALL + _D128), tile(64, 16, 4, 3, _D256, _HOPPER, dv_splits=2), tile(64, 16, 8, 3, _D256),
+    tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+    tile(32, 32, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+    tile(16, 32, 8, 2, _D128, dtypes=_FP32), tile(16, 16, 4, 2, _D256, dtypes=_FP32),
+), mma_rows="BLOCK_M", streamed=2, resident=1, scores=1)
+DKDV = AttentionTileTable((
+    tile(16, 64, 8, 2, _SMALL + _D128 + _D256), tile(16, 32, 4, 2, _SMALL + _D128, dtypes=_FP32),
+    tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES),
+), mma_rows="BLOCK_N", streamed=2, resident=2, scores=2, streamed_stats=3)
+DQ = AttentionTileTable((
+    tile(64, 32, 8, 2, _SMALL + _D128), tile(64, 16, 8, 2, _D256),
+    tile(32, 32, 4, 2, _SMALL, dtypes=_FP32, tritons=_FROM_3_8),
+    tile(16, 32, 8, 2, _D128, dtypes=_FP32, tritons=_FROM_3_8),
+    tile(32, 32, 4, 1, _SMALL, dtypes=_FP32, tritons=_BEFORE_3_8),
+    tile(16, 32, 8, 1, _D128, dtypes=_FP32, tritons=_BEFORE_3_8),
+    tile(16, 16, 4, 1, _D256, dtypes=_ALL_DTYPES),
+), mma_rows="BLOCK_M", streamed=2, resident=2, scores=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +104,7 @@ def _row_stats(stats_base, delta_base, total_q, offs_m, seqlen_q):
 # ---------------------------------------------------------------------------------------------
 
 @runtime.autotune(FWD.configs(), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
-                  prune_configs_by={"early_config_prune": FWD.prune})
+                  prune_configs_by={"early_config_prune": FWD.early_prune})
 @triton.jit
 def _varlen_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
@@ -184,7 +187,7 @@ def _dkdv_query_blocks(dk, dv, k, v, offs_n, offs_d, lo, hi, q_base, q_strides, 
 
 
 @runtime.autotune(DKDV.configs(), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
-                  prune_configs_by={"early_config_prune": DKDV.prune})
+                  prune_configs_by={"early_config_prune": DKDV.early_prune})
 @triton.jit
 def _varlen_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
@@ -229,7 +232,7 @@ def _varlen_bwd_dkdv_kernel(
 
 
 @runtime.autotune(DQ.configs(), key=["len_bucket", "BLOCK_D", "IS_CAUSAL"],
-                  prune_configs_by={"early_config_prune": DQ.prune})
+                  prune_configs_by={"early_config_prune": DQ.early_prune})
 @triton.jit
 def _varlen_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
@@ -374,7 +377,7 @@ def aot_cases() -> list[runtime.AotCase]:
                         continue
                     signature, unit_strides = _aot_signature(kernel, rank=3)
                     for tile, arch, estimate in _aot_tiles(table, bd, precision):
-                        first = tile == table.offered(bd, arch, dtypes[0])[0]
+                        first = tile == table.offered(launch(bd, arch, dtypes[0]))[0]
                         cases.append(AttentionAotCase(
                             name=(f"attention_varlen_{label}{'_causal' if causal else ''}"
                                   f"{'_fp32' if precision == 'fp32' else ''}[D={bd}]"),

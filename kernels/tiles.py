@@ -11,7 +11,8 @@ bound on what the compiler allocates, which ``clipfast aot`` checks) and the fam
 ``offered`` is the autotuner's list for one ``Launch`` (architecture, operand dtype, kinds, BLOCK_D).
 
 Nothing here knows a family: ``kernels/gemm.py`` (the MLP's GEMM), ``kernels/patch_embed.py``,
-``kernels/contrastive_loss.py`` and ``kernels/layer_norm.py`` build their tables from it.
+``kernels/contrastive_loss.py`` and ``kernels/layer_norm.py`` build their tables from it, and the attention
+kernels' tables (``kernels/attention_common.py``) subclass ``TileTable`` with their own offer rules and estimate.
 """
 from __future__ import annotations
 

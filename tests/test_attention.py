@@ -5,6 +5,7 @@ import torch.nn.functional as F
 import clipfast
 from clipfast.kernels import attention as kernel
 from clipfast.kernels import runtime
+from clipfast.kernels.attention_common import dv_splits, launch
 
 from .conftest import DEVICE, DTYPES, ON_GPU, run_without_interpreter
 from .numerics import assert_op_matches, randn
@@ -225,36 +226,36 @@ HEAD_DIM_FOR_BLOCK_D = {16: 16, 32: 24, 64: 64, 128: 80, 256: 256}
 
 def skip_unless_offered_here(table, tile, dtype=torch.float16):
     """The interpreter runs every tile; on a GPU, a forced tile its table never offers at its smallest head
-    dim to ``dtype`` on this architecture (``TileTable.why_not_offered``: another generation's tile, one for
+    dim to ``dtype`` on this architecture (``AttentionTileTable.why_not_offered``: another generation's tile, one for
     another dtype, one whose shared memory does not fit this GPU's per-block maximum) is skipped, with the
     reason: the autotuner never runs it there, and a launch over the shared-memory limit fails."""
     if not ON_GPU:
         return
     arch = kernel._arch({"Q": torch.empty(0, device=DEVICE)})
-    reason = table.why_not_offered(tile, min(tile.block_ds), arch, dtype)
+    reason = table.why_not_offered(tile, launch(min(tile.block_ds), arch, dtype))
     if reason:
         pytest.skip(f"{tile} is not offered to {dtype} on sm_{arch} at BLOCK_D={min(tile.block_ds)}: {reason}")
 
 
 def _tile_id(label, tile, block_d):
-    split = f"-split{tile.dv_splits}" if tile.dv_splits != 1 else ""
+    split = f"-split{dv_splits(tile)}" if dv_splits(tile) != 1 else ""
     return f"{label}-{tile.block_m}x{tile.block_n}-w{tile.warps}s{tile.stages}{split}-D{block_d}"
 
 
 def test_tile_tables_offer_a_tile_for_every_head_dim_and_prune_hopper():
     for table, _ in TABLES.values():
-        assert table.tiles[0] in table.offered(64, 0)  # the default leads the table
+        assert table.tiles[0] in table.offered(launch(64, 0))  # the default leads the table
         for block_d in HEAD_DIM_FOR_BLOCK_D:
             for arch in (0, 80, 90):
-                assert table.offered(block_d, arch), (block_d, arch)
-            for tile in table.offered(block_d, 90):
+                assert table.offered(launch(block_d, arch)), (block_d, arch)
+            for tile in table.offered(launch(block_d, 90)):
                 rows = tile.block_m if table.mma_rows == "BLOCK_M" else tile.block_n
                 # 8 warps on fewer than 128 MMA rows only where the head dim has nothing else on Hopper
                 if tile.warps == 8 and rows < 128:
                     assert not any(table.fits_arch(t, 90) for t in table.tiles
                                    if block_d in t.block_ds and "fp16" in t.dtypes)
-        pruned = table.prune(table.configs(), {"BLOCK_D": 64})
-        assert [kernel._config_key(c) for c in pruned] == [t.key for t in table.offered(64, 0)]
+        pruned = table.early_prune(table.configs(), {"BLOCK_D": 64})
+        assert [kernel._config_key(c) for c in pruned] == [t.key for t in table.offered(launch(64, 0))]
 
 
 def test_tiles_are_chosen_per_triton_version(monkeypatch):
@@ -263,8 +264,8 @@ def test_tiles_are_chosen_per_triton_version(monkeypatch):
     defaults = {}
     for version in ((3, 6), (3, 8), (3, 9)):
         monkeypatch.setattr(runtime, "TRITON_VERSION", version)
-        defaults[version] = [kernel.DKDV.offered(64, 80)[0], kernel.FWD.offered(128, 80)[0],
-                             kernel.DQ.offered(128, 80)[0]]
+        defaults[version] = [kernel.DKDV.offered(launch(64, 80))[0], kernel.FWD.offered(launch(128, 80))[0],
+                             kernel.DQ.offered(launch(128, 80))[0]]
         for table, _ in TABLES.values():
             shipped = {t.key for t in table.tiles if t.ships_here}
             assert {kernel._config_key(c) for c in table.configs()} == shipped
@@ -275,9 +276,9 @@ def test_tiles_are_chosen_per_triton_version(monkeypatch):
 
 def test_head_dim_256_forward_splits_the_value_columns_on_hopper():
     # the whole 64 x 256 fp32 accumulator spills on sm_90 under triton 3.6; Hopper's tile splits it in two
-    (hopper,) = kernel.FWD.offered(256, 90)
-    assert hopper.dv_splits == 2 and hopper.config().kwargs["SPLIT_DV"] == 2
-    assert all(t.dv_splits == 1 for t in kernel.FWD.offered(256, 80))
+    (hopper,) = kernel.FWD.offered(launch(256, 90))
+    assert dv_splits(hopper) == 2 and hopper.config().kwargs["SPLIT_DV"] == 2
+    assert all(dv_splits(t) == 1 for t in kernel.FWD.offered(launch(256, 80)))
     assert kernel.grid(2, 3, 77, 64, splits=2) == (2 * 3 * 2 * 2,)
     assert "SPLIT_DV" not in kernel.DQ.tiles[0].config().kwargs  # only the forward kernels take it
 
@@ -292,7 +293,7 @@ def assert_offered_tiles_fit_shared_memory(tables):
             for dtype in ("fp32", "fp16", "bf16"):
                 for block_d in (16, 32, 64, 128, 256):
                     for bias_kind in (kernel.NO_BIAS, kernel.KEY_BIAS, kernel.FULL_BIAS):
-                        offered = table.offered(block_d, arch, dtype, bias_kind)
+                        offered = table.offered(launch(block_d, arch, dtype, bias_kind))
                         estimates = [table.shared_estimate(t, block_d, dtype, arch, bias_kind) for t in offered]
                         where = (arch, dtype, block_d, bias_kind)
                         assert offered, where
@@ -306,16 +307,19 @@ def test_offered_tiles_fit_the_shared_memory_per_block():
     assert_offered_tiles_fit_shared_memory((kernel.FWD, kernel.DKDV, kernel.DQ))
     # measured (triton 3.8): the forward at head dim 128, 64x64 w8 s3 in exact fp32 takes 180,480 B on sm_80
     # (over its 166,912 B): the estimate bounds that closely, and the tile is not offered to fp32 there
-    tile = next(t for t in kernel.FWD.tiles if t.key == (64, 64, 8, 3, 1) and 128 in t.block_ds)
+    tile = next(t for t in kernel.FWD.tiles if t.config().kwargs == {"BLOCK_M": 64, "BLOCK_N": 64} and t.warps == 8
+                and t.stages == 3 and 128 in t.block_ds)
     assert 180480 <= kernel.FWD.shared_estimate(tile, 128, "fp32", 80) <= 180480 + 1024
-    assert tile not in kernel.FWD.offered(128, 80, torch.float32)
-    assert "shared memory" in kernel.FWD.why_not_offered(tile, 128, 86, torch.float16, kernel.FULL_BIAS)
-    assert tile in kernel.FWD.offered(128, 80, torch.float16) and tile in kernel.FWD.offered(128, 86, torch.float16)
+    assert tile not in kernel.FWD.offered(launch(128, 80, torch.float32))
+    assert "shared memory" in kernel.FWD.why_not_offered(tile, launch(128, 86, torch.float16, kernel.FULL_BIAS))
+    assert tile in kernel.FWD.offered(launch(128, 80, torch.float16))
+    assert tile in kernel.FWD.offered(launch(128, 86, torch.float16))
     # the pruning the autotuner runs reads q's dtype and the bias kind
     q32 = torch.empty(0, dtype=torch.float32)
-    pruned = kernel.FWD.prune(kernel.FWD.configs(), {"Q": q32, "BLOCK_D": 64, "BIAS_KIND": kernel.NO_BIAS})
-    assert [kernel._config_key(c) for c in pruned] == [t.key for t in kernel.FWD.offered(64, 0, torch.float32)]
-    assert all("fp32" in t.dtypes for t in kernel.FWD.offered(64, 0, torch.float32))
+    pruned = kernel.FWD.early_prune(kernel.FWD.configs(), {"Q": q32, "BLOCK_D": 64, "BIAS_KIND": kernel.NO_BIAS})
+    offered = kernel.FWD.offered(launch(64, 0, torch.float32))
+    assert [kernel._config_key(c) for c in pruned] == [t.key for t in offered]
+    assert all("fp32" in t.dtypes for t in kernel.FWD.offered(launch(64, 0, torch.float32)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -346,7 +350,7 @@ def test_every_offered_tile_runs_on_gpu(label):
     failures = []
     for block_d in (64, 128, 256):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
-            for tile in table.offered(block_d, arch, dtype, kernel.KEY_BIAS):
+            for tile in table.offered(launch(block_d, arch, dtype, kernel.KEY_BIAS)):
                 with runtime.forced_config(tuned, tile.config()):
                     try:
                         outliers = 0 if dtype == torch.float32 else 2  # (fp32: see the interpreter test)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 import clipfast
 from clipfast.kernels import attention_varlen as kernel
 from clipfast.kernels import runtime
+from clipfast.kernels.attention_common import dv_splits
 
 from .conftest import DEVICE, DTYPES
 from .test_attention import assert_offered_tiles_fit_shared_memory, skip_unless_offered_here
@@ -74,7 +75,7 @@ HEAD_DIM_FOR_BLOCK_D = {16: 16, 64: 64, 128: 80, 256: 256}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("label,tile", [
     pytest.param(label, tile, id=f"{label}-{tile.block_m}x{tile.block_n}-w{tile.warps}s{tile.stages}"
-                 f"-split{tile.dv_splits}-D{min(tile.block_ds)}")
+                 f"-split{dv_splits(tile)}-D{min(tile.block_ds)}")
     for label, (table, _) in TABLES.items() for tile in table.tiles])
 def test_every_shipped_tile_runs_in_the_interpreter(label, tile, dtype):
     # the interpreter runs the first config only; each tile is forced once at its smallest head dim, causal,

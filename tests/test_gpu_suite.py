@@ -89,10 +89,11 @@ def test_attention_every_tile_matches_float64(kernel, tile, dtype):
     tuner = getattr(attention_kernel, kernel)
     config = tuner.shipped_configs[tile]
     d = _head_dim(kernel, config)
-    if ON_GPU:  # a tile the offer rules never run on this GPU in this dtype (``TileTable.why_not_offered``)
+    if ON_GPU:  # a tile the offer rules never run on this GPU in this dtype (``AttentionTileTable.why_not_offered``)
         table, arch = ATTENTION_TABLES[kernel], attention_kernel._arch({"Q": torch.empty(0, device=DEVICE)})
         rows = [t for t in table.tiles if t.key == attention_kernel._config_key(config)]  # (rows per head dim)
-        reasons = [table.why_not_offered(row, attention_kernel.block_d(d), arch, dtype) for row in rows]
+        run = attention_kernel.launch(attention_kernel.block_d(d), arch, dtype)
+        reasons = [table.why_not_offered(row, run) for row in rows]
         if all(reasons):
             pytest.skip(f"attention {kernel} tile {tile} is not offered to {dtype} on sm_{arch}: {reasons[0]}")
     shapes = [(2, 3, 197, False), (2, 2, 77, True)] if ON_GPU else [(1, 2, 33, True)]
