@@ -409,8 +409,10 @@ def has_wide_offsets(*tensors) -> bool:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get full fp32 products (what eager fp32 matmul gives), not tf32
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """Attention's one exception to ``runtime.dot_precision``: fp32 inputs get exact fp32 products whatever
+    torch allows, because the fp32 tiles are sized for FMA products (every fp16/bf16 tile spills in fp32) and
+    no TF32 tile has been compiled and checked yet."""
+    return "ieee" if dtype == torch.float32 else runtime.dot_precision(dtype)
 
 
 # ---------------------------------------------------------------------------------------------
