@@ -85,10 +85,10 @@ def test_max_mode_offers_what_the_kernels_own_pruning_offers(cache, monkeypatch)
             assert gemm.policy.offered(gemm.configs, args) == want
             checked += 1
     fwd = runtime.autotune(attention.FWD.configs(), key=["BLOCK_D"],
-                           prune_configs_by={"early_config_prune": attention.FWD.prune})(attention._attn_fwd_kernel.fn)
+                           prune_configs_by={"early_config_prune": attention.FWD.early_prune})(attention._attn_fwd_kernel.fn)
     for d in (32, 64, 128):
         args = {"Q": a, "BLOCK_D": d}
-        assert fwd.policy.prune(fwd.configs, args) == attention.FWD.prune(fwd.configs, args)
+        assert fwd.policy.prune(fwd.configs, args) == attention.FWD.early_prune(fwd.configs, args)
     assert checked > 4
     # forced_config still runs exactly one config
     with runtime.forced_config(gemm, gemm.configs[3]):
