@@ -116,13 +116,14 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(acc, rm, rn, row0, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS: tl.constexpr,
+def _epilogue(acc, rm, rn, row0, M, N, stride_c, C, BIAS, AUX, COLSUM, HAS_BIAS: tl.constexpr,
               ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
               HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
               IS_ALIGNED: tl.constexpr):
     """Bias, activation (or the activation gradient from the saved Z), residual, the store, and the
-    column sums of the stored values, for the rows rm (int64) and columns rn of the output. C, Z and RES
-    are contiguous [M, N] (row stride N).
+    column sums of the stored values, for the rows rm (int64) and columns rn of the output. AUX is the
+    epilogue's one [M, N] operand: the pre-activation Z stored (HAS_PRE_OUT) or read (HAS_ACT_GRAD), or the
+    residual (HAS_RESIDUAL); C and AUX share one layout (row stride stride_c).
 
     The activation is applied to the pre-activation rounded to the output dtype, the Z the backward sees:
     the H this forward uses and the H the weight gradient recomputes from Z are then the same values.
@@ -132,16 +133,16 @@ def _epilogue(acc, rm, rn, row0, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS: tl.con
     if HAS_BIAS:
         acc += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_PRE_OUT:
-        tl.store(_tile_ptrs(Z, rm, rn, N, IS_ALIGNED), acc.to(Z.dtype.element_ty), mask=mask)
+        tl.store(_tile_ptrs(AUX, rm, rn, stride_c, IS_ALIGNED), acc.to(AUX.dtype.element_ty), mask=mask)
     if HAS_ACT_GRAD:
-        z = tl.load(_tile_ptrs(Z, rm, rn, N, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
+        z = tl.load(_tile_ptrs(AUX, rm, rn, stride_c, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
         acc *= _activation_grad(z, ACTIVATION)
     elif ACTIVATION != 0 and not IS_B_ACTIVATED:
         acc = _activation(acc.to(C.dtype.element_ty).to(tl.float32), ACTIVATION)
     if HAS_RESIDUAL:
-        acc += tl.load(_tile_ptrs(RES, rm, rn, N, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
+        acc += tl.load(_tile_ptrs(AUX, rm, rn, stride_c, IS_ALIGNED), mask=mask, other=0.0).to(tl.float32)
     out = acc.to(C.dtype.element_ty)
-    tl.store(_tile_ptrs(C, rm, rn, N, IS_ALIGNED), out, mask=mask)
+    tl.store(_tile_ptrs(C, rm, rn, stride_c, IS_ALIGNED), out, mask=mask)
     if HAS_COLSUM:
         GROUPS: tl.constexpr = acc.shape[0] // COLSUM_ROWS
         vals = tl.where(mask, out.to(tl.float32), 0.0)
@@ -160,7 +161,7 @@ def _split_columns(acc):
 
 
 @triton.jit
-def _epilogue_halves(acc, rm, rn0, row0, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS: tl.constexpr,
+def _epilogue_halves(acc, rm, rn0, row0, M, N, stride_c, C, BIAS, AUX, COLSUM, HAS_BIAS: tl.constexpr,
                      ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
                      HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
                      IS_ALIGNED: tl.constexpr):
@@ -168,9 +169,9 @@ def _epilogue_halves(acc, rm, rn0, row0, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS
     HALF: tl.constexpr = acc.shape[1] // 2
     lo, hi = _split_columns(acc)
     rn = rn0 + tl.arange(0, HALF)
-    _epilogue(lo, rm, rn, row0, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS, ACTIVATION, HAS_PRE_OUT,
+    _epilogue(lo, rm, rn, row0, M, N, stride_c, C, BIAS, AUX, COLSUM, HAS_BIAS, ACTIVATION, HAS_PRE_OUT,
               HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED)
-    _epilogue(hi, rm, rn + HALF, row0, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS, ACTIVATION, HAS_PRE_OUT,
+    _epilogue(hi, rm, rn + HALF, row0, M, N, stride_c, C, BIAS, AUX, COLSUM, HAS_BIAS, ACTIVATION, HAS_PRE_OUT,
               HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED)
 
 
@@ -209,7 +210,7 @@ def _prune(configs, named_args, arch: int | None = None, **kwargs):
 
 
 @triton.jit
-def _finish_tile(acc, pid_m, pid_n, pid_k, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS: tl.constexpr,
+def _finish_tile(acc, pid_m, pid_n, pid_k, M, N, stride_c, C, BIAS, AUX, COLSUM, HAS_BIAS: tl.constexpr,
                  ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
                  HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
                  IS_ALIGNED: tl.constexpr, IS_SPLIT: tl.constexpr, EPILOGUE_SUBTILES: tl.constexpr):
@@ -224,13 +225,13 @@ def _finish_tile(acc, pid_m, pid_n, pid_k, M, N, C, BIAS, RES, Z, COLSUM, HAS_BI
         C += pid_k.to(tl.int64) * M * N
     if EPILOGUE_SUBTILES == 4:
         left, right = _split_columns(acc)
-        _epilogue_halves(left, rm, pid_n * BLOCK_N, row0, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS,
+        _epilogue_halves(left, rm, pid_n * BLOCK_N, row0, M, N, stride_c, C, BIAS, AUX, COLSUM, HAS_BIAS,
                          ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED)
-        _epilogue_halves(right, rm, pid_n * BLOCK_N + BLOCK_N // 2, row0, M, N, C, BIAS, RES, Z, COLSUM,
+        _epilogue_halves(right, rm, pid_n * BLOCK_N + BLOCK_N // 2, row0, M, N, stride_c, C, BIAS, AUX, COLSUM,
                          HAS_BIAS, ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED,
                          IS_ALIGNED)
     else:
-        _epilogue_halves(acc, rm, pid_n * BLOCK_N, row0, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS,
+        _epilogue_halves(acc, rm, pid_n * BLOCK_N, row0, M, N, stride_c, C, BIAS, AUX, COLSUM, HAS_BIAS,
                          ACTIVATION, HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED)
 
 
@@ -242,8 +243,8 @@ def _finish_tile(acc, pid_m, pid_n, pid_k, M, N, C, BIAS, RES, Z, COLSUM, HAS_BI
 # batch) reuses the compile of one that is, instead of doubling every product's compiles.
 @triton.jit(do_not_specialize=["M", "K", "K_PER_SPLIT"])
 def _gemm_kernel(
-    A, B, C, BIAS, RES, Z, COLSUM,
-    M, N, K, K_PER_SPLIT, stride_a, stride_b, M_BUCKET, K_BUCKET,
+    A, B, C, BIAS, AUX, COLSUM,
+    M, N, K, K_PER_SPLIT, stride_a, stride_b, stride_c, M_BUCKET, K_BUCKET,
     IS_A_ROW_MAJOR: tl.constexpr, IS_B_ROW_MAJOR: tl.constexpr, IS_ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_PRE_OUT: tl.constexpr, HAS_ACT_GRAD: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, HAS_COLSUM: tl.constexpr, IS_TF32: tl.constexpr, IS_B_ACTIVATED: tl.constexpr,
@@ -251,7 +252,7 @@ def _gemm_kernel(
     EPILOGUE_SUBTILES: tl.constexpr, IS_PERSISTENT: tl.constexpr,
 ):
     """A: [M, K], unit stride along K (IS_A_ROW_MAJOR) or M; B: [N, K], unit stride along K (IS_B_ROW_MAJOR,
-    nn.Linear layout) or N. C, and Z / RES when used, are contiguous [M, N] (row stride N).
+    nn.Linear layout) or N. C, and AUX when used (``_epilogue``), are [M, N] with row stride stride_c.
 
     One program per output tile (grid axis 0 = tiles), or, IS_PERSISTENT, a fixed number of programs (one
     per SM) that walk the tiles ``program_id, program_id + programs, ...`` loading through tensor
@@ -272,7 +273,7 @@ def _gemm_kernel(
             acc = _accumulate_from_descriptors(a_desc, b_desc, pid_m, pid_n, k_first, k_count, IS_A_ROW_MAJOR,
                                                IS_B_ROW_MAJOR, IS_TF32, IS_B_ACTIVATED, _activation, ACTIVATION,
                                                BLOCK_M, BLOCK_N, BLOCK_K)
-            _finish_tile(acc, pid_m, pid_n, pid_k, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS, ACTIVATION,
+            _finish_tile(acc, pid_m, pid_n, pid_k, M, N, stride_c, C, BIAS, AUX, COLSUM, HAS_BIAS, ACTIVATION,
                          HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED, IS_SPLIT,
                          EPILOGUE_SUBTILES)
     else:
@@ -282,7 +283,7 @@ def _gemm_kernel(
         acc = _accumulate_from_pointers(A, B, pid_m, pid_n, M, N, k_first, k_count, stride_a, stride_b,
                                         IS_A_ROW_MAJOR, IS_B_ROW_MAJOR, IS_ALIGNED, IS_TF32, IS_B_ACTIVATED,
                                         _activation, ACTIVATION, BLOCK_M, BLOCK_N, BLOCK_K)
-        _finish_tile(acc, pid_m, pid_n, pid_k, M, N, C, BIAS, RES, Z, COLSUM, HAS_BIAS, ACTIVATION,
+        _finish_tile(acc, pid_m, pid_n, pid_k, M, N, stride_c, C, BIAS, AUX, COLSUM, HAS_BIAS, ACTIVATION,
                      HAS_PRE_OUT, HAS_ACT_GRAD, HAS_RESIDUAL, HAS_COLSUM, IS_B_ACTIVATED, IS_ALIGNED, IS_SPLIT,
                      EPILOGUE_SUBTILES)
 
@@ -384,13 +385,15 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
     zz = z if z is not None else pre
     if zz is not None:
         assert zz.stride() == (N, 1)
-    plain = bias is None and residual is None and zz is None and not colsum
+    assert zz is None or residual is None, "one [M, N] epilogue operand: the pre-activation or the residual"
+    aux = zz if zz is not None else residual
+    plain = bias is None and aux is None and not colsum
     slices = split_k_slices(M, N, K, a.device) if split_k and plain and K else 1
     per_slice = runtime.cdiv(runtime.cdiv(K, slices), SPLIT_K_ALIGN) * SPLIT_K_ALIGN if slices > 1 else K
     slices = runtime.cdiv(K, per_slice) if K else 1
     c = runtime.empty((slices, M, N) if slices > 1 else (M, N), torch.float32 if slices > 1 else a.dtype, a.device)
     partial = runtime.empty((runtime.cdiv(M, COLSUM_ROWS.value), N), torch.float32, a.device) if colsum else None
-    epilogue = [(t, True, N, N) for t in (c, zz, residual) if t is not None]
+    epilogue = [(t, True, N, N) for t in (c, aux) if t is not None]
     aligned = _aligned((a, a_row_major, stride_a, M), (b, b_row_major, stride_b, N), *epilogue)
     tf32 = _is_tf32(a)
     exact_fp32 = a.dtype == torch.float32 and not tf32
@@ -411,9 +414,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias=None, activation: str = "none
         return (tiles, slices)
 
     _gemm_kernel[grid](
-        a, b, c, bias if bias is not None else c, residual if residual is not None else c,
-        zz if zz is not None else c, partial if partial is not None else c,
-        M, N, K, per_slice, stride_a, stride_b, _bucket(M), _bucket(K),
+        a, b, c, bias if bias is not None else c, aux if aux is not None else c, partial if partial is not None else c,
+        M, N, K, per_slice, stride_a, stride_b, N, _bucket(M), _bucket(K),
         IS_A_ROW_MAJOR=a_row_major, IS_B_ROW_MAJOR=b_row_major, IS_ALIGNED=aligned,
         HAS_BIAS=bias is not None, ACTIVATION=ACTIVATIONS[activation], HAS_PRE_OUT=save_pre,
         HAS_ACT_GRAD=pre is not None, HAS_RESIDUAL=residual is not None, HAS_COLSUM=colsum,
@@ -479,15 +481,15 @@ def activation_bwd(dy: torch.Tensor, x: torch.Tensor, activation: str) -> torch.
 # ---------------------------------------------------------------------------------------------
 
 _GEMM_SIGNATURE = {
-    "A": "*{dtype}", "B": "*{dtype}", "C": "*{dtype}", "BIAS": "*{dtype}", "RES": "*{dtype}", "Z": "*{dtype}",
+    "A": "*{dtype}", "B": "*{dtype}", "C": "*{dtype}", "BIAS": "*{dtype}", "AUX": "*{dtype}",
     "COLSUM": "*fp32", "M": "i32", "N": "i32", "K": "i32", "K_PER_SPLIT": "i32", "stride_a": "i32", "stride_b": "i32",
-    "M_BUCKET": "i32", "K_BUCKET": "i32",
+    "stride_c": "i32", "M_BUCKET": "i32", "K_BUCKET": "i32",
 }
 # Integers the JIT sees as multiples of 16 at CLIP shapes (widths 512-1280 and 4x, their strides, the
 # split length, the power-of-two buckets); M (batch x tokens, e.g. 256 x 197) and K of the wgrad GEMMs
 # (tokens) are not. Pointers are 16-byte aligned (torch allocations).
-_GEMM_DIVISIBLE = ("A", "B", "C", "BIAS", "RES", "Z", "COLSUM", "N", "stride_a", "stride_b", "M_BUCKET",
-                   "K_BUCKET")  # M, K, K_PER_SPLIT are never specialized (_gemm_kernel)
+_GEMM_DIVISIBLE = ("A", "B", "C", "BIAS", "AUX", "COLSUM", "N", "stride_a", "stride_b", "stride_c",
+                   "M_BUCKET", "K_BUCKET")  # M, K, K_PER_SPLIT are never specialized (_gemm_kernel)
 _FWD_DIVISIBLE = _GEMM_DIVISIBLE
 
 _NO_EPILOGUE = {"HAS_BIAS": False, "ACTIVATION": 0, "HAS_PRE_OUT": False, "HAS_ACT_GRAD": False, "HAS_RESIDUAL": False,

@@ -23,7 +23,7 @@ def test_occupancy(arch, regs, shared, warps, expected):
 def test_mlp_cases_compile_integers_as_the_jit_specializes_them():
     # (the cases themselves are built outside the interpreter: ``aot_cases`` needs the compiled JIT)
     for divisible in (kernel._GEMM_DIVISIBLE, kernel._FWD_DIVISIBLE):
-        assert {"N", "stride_a", "stride_b", "A", "C"} <= set(divisible)
+        assert {"N", "stride_a", "stride_b", "stride_c", "A", "C", "AUX"} <= set(divisible)
         # batch x tokens (e.g. 256 x 197) and the reduction lengths are never specialized (one compile for
         # every token count)
         assert not {"M", "K", "K_PER_SPLIT"} & set(divisible)

@@ -381,8 +381,8 @@ def test_unaligned_activated_operand_is_activated_first(monkeypatch):
 
 
 def test_kernel_signatures_stay_short():
-    """No @triton.jit function of these kernel files takes more than 32 parameters (the GEMM's C, Z and the
-    residual are contiguous [M, N]: their row stride is N; GROUP_M is the engine's constant)."""
+    """No @triton.jit function of these kernel files takes more than 32 parameters (the GEMM's epilogue has one
+    [M, N] operand, AUX, for the pre-activation or the residual; GROUP_M is the engine's constant)."""
     import ast
     import inspect
 
