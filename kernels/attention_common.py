@@ -253,8 +253,7 @@ _config_key = config_key
 
 
 def _arch(named_args) -> int:
-    major, minor = runtime.capability(named_args["Q"].device) if "Q" in named_args else (0, 0)
-    return 10 * major + minor
+    return runtime.launch_arch(named_args, "Q")
 
 
 def launch(block_d: int, arch: int = 0, dtype="fp16", bias_kind: int = NO_BIAS) -> Launch:

@@ -26,6 +26,7 @@ from clipfast.gpu_check import run as check
 from clipfast.gpu_check.targets import TARGETS
 from clipfast.kernels import attention as attention_kernel
 from clipfast.kernels import mlp as mlp_kernel
+from clipfast.kernels import runtime
 
 from .conftest import DEVICE, ON_GPU
 from .numerics import assert_op_matches, randn
@@ -124,7 +125,7 @@ def test_mlp_every_tile_matches_float64(tile, dtype):
     config = mlp_kernel._gemm_kernel.shipped_configs[tile]
     if ON_GPU:  # a tile the offer rules never run on this GPU in this dtype (``why_not_offered``: the persistent
         # TMA variant before sm_90; sm_86/89 refuse the fp16 128x128x64, 128x256 and 256x128 tiles by shared memory)
-        arch = mlp_kernel._arch({"A": torch.empty(0, device=DEVICE)})
+        arch = runtime.device_arch(torch.device(DEVICE))
         kinds = mlp_kernel._product_kinds({"A": torch.empty(0, dtype=dtype)})
         reason = mlp_kernel.why_not_offered(mlp_kernel._tile(config), kinds, True, arch)
         if reason:
