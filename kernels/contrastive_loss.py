@@ -62,7 +62,7 @@ atomics, a partial of one side per program along the other (O(N * M * d / tile) 
 for the 256-row local loss O(S * N * d), but with an fp32 read-modify-write of a 64 x BLOCK_D partial per
 tile: ~80 FLOP/byte, L2-bound on H100); keeping every chunk's accumulator of a row block in registers is
 the 512-wide tile (a 64 x 768 fp32 accumulator does not fit: 16 warps spill at their 128-register cap).
-The 256-wide chunk stays a dispatch candidate (``clipfast.candidates``): twice the column tile re-reads
+The 256-wide chunk stays a dispatch candidate (``clipfast.dispatching.candidates``): twice the column tile re-reads
 the row operand half as often, which may win on a GPU despite the passes.
 The programs of the first d-chunk on the A side also sum ``G_ij`` and ``G_ij * z_ij`` per row in fp32,
 from which the gradients of the bias and of the scale follow (for fp32 operands the scale's gradient
