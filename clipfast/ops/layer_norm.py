@@ -31,10 +31,6 @@ def _use_kernel(x: Tensor) -> bool:
     return kernel_takes_width("layer_norm", x, kernel.MAX_COLS)
 
 
-def _empty() -> Tensor:
-    return torch.empty(0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Eager reference: ``F.layer_norm``, the parameters in the activations' dtype (what PyTorch code runs)
 # ----------------------------------------------------------------------------------------------
